@@ -1,0 +1,1 @@
+"""Model adapters: one small interface in front of every supported model."""

@@ -1,0 +1,64 @@
+"""The one interface every supported model sits behind.
+
+Nothing above this module knows which model it talks to. An adapter prepares requests with the
+model's own chat template, returns last-token hidden states at chosen decoder layers, and
+generates text.
+
+Layer convention: "layer k" is the output of decoder block k, 0-based; in Hugging Face terms
+``hidden_states[k + 1]``. The final norm is never applied to a stored state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Request:
+    """One user turn: an optional image and the text typed next to it."""
+
+    text: str
+    image: Path | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What identifies a model for provenance checks on activation stores."""
+
+    name: str
+    revision: str
+    num_layers: int
+    hidden_size: int
+    dtype: str
+
+
+class ModelAdapter(Protocol):
+    """A vision-language model behind LSI-Guard's interface."""
+
+    info: ModelInfo
+
+    def last_token_states(self, requests: Sequence[Request], layers: Sequence[int]) -> torch.Tensor:
+        """Hidden states of the last prompt token for each request.
+
+        Returns a float32 CPU tensor of shape ``(len(requests), len(layers), hidden_size)``;
+        entry ``[i, j]`` is the output of decoder block ``layers[j]`` at the last real token of
+        request ``i``'s chat-formatted prompt (generation prompt included).
+        """
+        ...
+
+    def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
+        """Greedy answers to each request, special tokens stripped."""
+        ...
+
+
+def check_layers(layers: Sequence[int], num_layers: int) -> None:
+    """Refuse layer indices outside ``[0, num_layers)`` with a message naming them."""
+    bad = [k for k in layers if not 0 <= k < num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: this model has decoder blocks 0..{num_layers - 1}")
+    if not layers:
+        raise ValueError("at least one layer must be requested")

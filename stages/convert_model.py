@@ -1,0 +1,42 @@
+"""DVC stage ``convert_model``: turn the shipped SmolLM2 GGUF into a safetensors folder, once.
+
+Only the embedded default needs this. For a Hugging Face model folder the stage writes a small
+note, ``data/model/external_model.json``, so the stage has its output either way.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline.config import load_params
+from pipeline.models.embedded import convert_gguf_to_folder
+from stages.common import run_stage
+
+
+def main() -> None:
+    """Convert into a temporary folder beside the target and rename it into place when complete."""
+    params = load_params()
+    if params.model.kind != "embedded":
+        note = Path("data/model/external_model.json")
+        note.parent.mkdir(parents=True, exist_ok=True)
+        note.write_text(json.dumps({"kind": params.model.kind, "path": params.model.path}, indent=2))
+        print(f"model.kind is {params.model.kind!r}: nothing to convert (using {params.model.path})")
+        return
+    target = Path(params.model.path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        convert_gguf_to_folder(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"converted default model -> {target}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,55 @@
+"""params.yaml validation: clear errors naming the section and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, Params, load_params, params_from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_params_load() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.train.fusion_layer in params.extract.layers
+    assert dict(params.prepare.split_fractions)["train"] == pytest.approx(0.5)
+
+
+def test_unknown_key_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learning_rate'\] in params section 'train'"):
+        params_from_dict({"train": {"learning_rate": 0.1}})
+
+
+def test_unknown_section_is_named() -> None:
+    with pytest.raises(ConfigError, match="unknown params section"):
+        params_from_dict({"trian": {}})
+
+
+def test_probe_layers_must_be_stored() -> None:
+    with pytest.raises(ConfigError, match=r"train.fusion_layer=20 is not among extract.layers"):
+        params_from_dict({"train": {"fusion_layer": 20}})
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"model": {"kind": "onnx"}}, "model.kind"),
+        ({"calibrate": {"target_fpr": 1.5}}, "target_fpr"),
+        ({"prepare": {"splits": {"train": 0.9, "test": 0.1}}}, "prepare.splits"),
+        ({"prompts": {"benign": "no placeholder"}}, "prompts.benign"),
+        ({"train": {"lr": -1}}, "train.lr"),
+    ],
+)
+def test_bad_values_are_refused(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        params_from_dict(raw)
+
+
+def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match=str(path)):
+        load_params(path)

@@ -1,0 +1,129 @@
+"""The whole DVC pipeline in a temporary git+DVC repository, on a tiny random LLaVA and tiny data.
+
+Also checks what users rely on: a probe-parameter change reruns no extraction, and a second
+clone that pulls the activation store from a shared remote reruns the probe stages without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.integration
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    """Run a command with this interpreter's environment first on PATH; fail with its output."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(cwd)  # the repository's own copy of the code, not the editable install
+    env["DVC_NO_ANALYTICS"] = "1"
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(cmd)} failed in {cwd}:\n{output[-4000:]}"
+    return output
+
+
+def stages_run(output: str) -> set[str]:
+    """Names of the stages ``dvc repro`` ran (not those it skipped)."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def tiny_requests(path: Path, per_group: int = 3) -> None:
+    """A small, still varied slice of the demo data: a few rows per label and category."""
+    seen: dict[tuple[str, str], int] = {}
+    keep = []
+    for line in (PROJECT_ROOT / "data" / "demo" / "requests.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        key = (row["label"], row["category"])
+        if seen.get(key, 0) < per_group:
+            seen[key] = seen.get(key, 0) + 1
+            keep.append(line)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(keep) + "\n")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, tiny_llava_folder: Path) -> Path:
+    """A fresh repository with the project's code, dvc.yaml and tiny params, after one full ``dvc repro``."""
+    root = tmp_path_factory.mktemp("study")
+    for name in ("pipeline", "stages"):
+        shutil.copytree(PROJECT_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
+    (root / ".gitignore").write_text((PROJECT_ROOT / ".gitignore").read_text())
+    tiny_requests(root / "data" / "demo" / "requests.jsonl")
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["model"].update(kind="hf", path=str(tiny_llava_folder))
+    params["extract"].update(layers=[0, 1, 2, 3], batch_size=8)
+    params["train"].update(fusion_layer=3, safety_layer=1, epochs=3)
+    params["guard"].update(sample_size=4, max_new_tokens=4)
+    params["ecso"].update(sample_size=2, max_new_tokens=4)
+    params["attribute"].update(examples=2, steps=4)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], root)
+    run(["git", "config", "user.email", "test@example.com"], root)
+    run(["git", "config", "user.name", "test"], root)
+    run(["dvc", "init", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "study"], root)
+    output = run(["dvc", "repro"], root)
+    assert {"prepare", "extract", "train", "calibrate", "evaluate", "guard", "ecso", "attribute"} <= stages_run(output)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "results"], root)
+    return root
+
+
+def test_full_pipeline_writes_every_output(repo: Path) -> None:
+    metrics = json.loads((repo / "data/eval/metrics.json").read_text())
+    assert {"lsi", "logreg_hs_delta", "length_only", "style_only"} <= set(metrics["detectors"])
+    assert 0.0 <= metrics["detectors"]["lsi"]["auroc"] <= 1.0
+    assert sorted(p.name for p in (repo / "data/eval/roc").iterdir()) == [
+        "length_only.csv", "logreg_hs_delta.csv", "lsi.csv", "style_only.csv"
+    ]
+    assert (repo / "data/eval/roc.png").stat().st_size > 0
+    assert (repo / "data/probe/probe.safetensors").is_file()
+    assert "tau" in json.loads((repo / "data/calibration/calibration.json").read_text())
+    guard_rows = (repo / "data/guard/responses.jsonl").read_text().splitlines()
+    assert len(guard_rows) == 4 and all("refused" in json.loads(r) for r in guard_rows)
+    assert len((repo / "data/ecso/records.jsonl").read_text().splitlines()) == 2
+    assert list((repo / "data/attribution").glob("*_tokens.png"))
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], repo)
+
+
+def test_probe_parameter_change_skips_extraction(repo: Path) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["lr"] = 0.001
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = stages_run(run(["dvc", "repro"], repo))
+    assert "train" in ran and "calibrate" in ran and "evaluate" in ran
+    assert not ran & {"convert_model", "prepare", "extract", "ecso"}
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "lr"], repo)
+
+
+def test_second_clone_pulls_the_store_and_reruns_probe_stages(repo: Path, tmp_path: Path) -> None:
+    remote = tmp_path / "team-remote"
+    run(["dvc", "remote", "add", "-d", "team", str(remote)], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "remote"], repo)
+    run(["dvc", "push"], repo)
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    run(["dvc", "pull"], clone)
+    assert (clone / "data/activations/store.zarr/zarr.json").is_file()
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["train"]["epochs"] = 2
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = stages_run(run(["dvc", "repro", "evaluate"], clone))
+    assert ran == {"train", "calibrate", "evaluate"}
+    assert json.loads((clone / "data/probe/train_metrics.json").read_text())["best_epoch"] <= 1
