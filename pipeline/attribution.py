@@ -15,6 +15,10 @@ attribute it to the request's own token embeddings and to the image:
   (``(0 - mean) / std`` per channel in normalised space, not zeros there). The saliency map is
   ``|attribution|`` summed over channels.
 
+The path integral is cut in two (see :func:`_integrate`) so that the sharp start of the path
+from zero embeddings gets its share of interpolation points; the result is still plain
+integrated gradients along the straight path.
+
 Tokens are located by character offsets in the prompt each adapter renders itself, so the
 token ids, and therefore the signal, are exactly those of the adapter's own forward pass.
 """
@@ -38,6 +42,7 @@ from matplotlib.patches import Polygon, Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
 from pipeline.images import load_image  # noqa: E402
 from pipeline.models.base import ModelAdapter, Request, check_layers  # noqa: E402
@@ -55,15 +60,17 @@ Box = tuple[float, float, float, float]  # left, top, right, bottom in image pix
 DEFAULT_INTERNAL_BATCH = 8
 NO_LINE = -1  # an OCR token (the newline between lines) that belongs to no line
 CMAP = "coolwarm"  # red raises the intent signal, blue lowers it
+# Where the integration path is cut (fractions of the way from baseline to input); see _integrate.
+PATH_SEGMENTS: tuple[float, ...] = (0.0, 0.1, 1.0)
 
 
 @dataclass(frozen=True)
 class Attribution:
     """Integrated-gradients attribution of one request's harmful-intent signal.
 
-    Scores are signed: positive raises ``||delta_h||``. Completeness says that the sum of all
-    scores (request tokens, OCR tokens, pixels) equals ``signal - baseline_signal`` up to the
-    integral's discretisation error, ``convergence_delta``.
+    Scores are signed: positive raises ``||delta_h||``. ``image_score`` is the image's share: the
+    sum over its OCR tokens or its pixels. Completeness says that request tokens plus image sum to
+    ``signal - baseline_signal`` up to the integral's discretisation error, ``convergence_delta``.
     """
 
     request: str
@@ -88,7 +95,7 @@ class Attribution:
     @property
     def total(self) -> float:
         """Sum of every attribution; completeness makes it ``signal - baseline_signal``."""
-        return float(sum(self.token_scores) + sum(self.ocr_token_scores) + self.image_score)
+        return float(sum(self.token_scores) + self.image_score)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,12 +118,13 @@ def overlapping_tokens(offsets: Sequence[tuple[int, int]], start: int, stop: int
 def token_pieces(text: str, offsets: Sequence[tuple[int, int]], start: int, stop: int) -> list[str]:
     """The text each token of a span stands for, clipped to ``[start, stop)``.
 
-    Each piece runs from its token's start to the next token's start, so leading spaces are kept
-    however the tokenizer trims offsets, and the pieces join back to ``text[start:stop]``.
+    Each piece runs from the previous token's end to its own end, so a space between words goes
+    with the word after it (as byte-level BPE spells it) whether or not the tokenizer trims
+    offsets, and the pieces join back to ``text[start:stop]``.
     """
-    starts = [max(s, start) for s, _ in offsets]
-    starts[0] = start
-    ends = starts[1:] + [stop]
+    ends = [min(e, stop) for _, e in offsets]
+    ends[-1] = stop
+    starts = [start] + ends[:-1]
     return [text[a:b] for a, b in zip(starts, ends)]
 
 
@@ -215,23 +223,94 @@ def splice(base: torch.Tensor, parts: Sequence[tuple[Span, torch.Tensor]]) -> to
     return torch.cat(pieces, dim=1)
 
 
-def fusion_state(forward: Callable[[], object], blocks: nn.ModuleList, layer: int, length: int, batch: int) -> torch.Tensor:
-    """Last-token output of block ``layer``, ``(batch, hidden)`` float32, stopping the forward there.
+def shared_prefix_length(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """Length of the common start of two token-id lists, at most ``limit``."""
+    n = 0
+    for x, y in zip(a[:limit], b[:limit]):
+        if x != y:
+            break
+        n += 1
+    return n
 
-    The early stop raises from a hook after the state is captured; the autograd graph up to that
-    block is intact, so gradients flow back to the inputs.
+
+class FusionRunner:
+    """Runs a decoder up to the fusion block on given input embeddings and returns last-token states.
+
+    Tokens before every attributed input (system prompt, chat header, the templates' common start)
+    are the same in both framings and at every interpolation step, so their keys and values are
+    computed once, without gradients, and reused: the forward then covers only the tail.
     """
-    mask = torch.ones(batch, length, dtype=torch.long)
-    return run_to_layers(forward, blocks, [layer], mask)[:, 0]
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, layer: int, prefix_ids: Sequence[int]) -> None:
+        self.model = model
+        self.blocks = blocks
+        self.layer = layer
+        self.prefix_len = len(prefix_ids)
+        self.prefix_kv = self._prefix_kv(list(prefix_ids)) if prefix_ids else []
+
+    def _prefix_kv(self, prefix_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        device = next(self.model.parameters()).device
+        cache = DynamicCache()
+        ids = torch.tensor([prefix_ids], device=device)
+        with torch.no_grad():
+            # Only blocks up to the fusion layer ever read the cache; the early stop skips the rest.
+            run_to_layers(
+                lambda: self.model(input_ids=ids, past_key_values=cache, use_cache=True),
+                self.blocks,
+                [self.layer],
+                torch.ones_like(ids),
+            )
+        return [(cache.layers[k].keys, cache.layers[k].values) for k in range(self.layer + 1)]
+
+    def states(self, embeds: torch.Tensor, **extra: Any) -> torch.Tensor:
+        """Fusion-layer last-token states ``(S, hidden)`` float32 for full-prompt embeddings ``(S, L, H)``.
+
+        The early stop raises from a hook after the state is captured; the autograd graph up to
+        that block is intact, so gradients flow back to the inputs.
+        """
+        steps = embeds.shape[0]
+        tail = embeds[:, self.prefix_len :]
+        if self.prefix_kv:
+            # A fresh cache per call: the forward appends the tail's keys and values to it.
+            extra["past_key_values"] = DynamicCache(
+                [(k.expand(steps, -1, -1, -1), v.expand(steps, -1, -1, -1)) for k, v in self.prefix_kv]
+            )
+        mask = torch.ones(steps, tail.shape[1], dtype=torch.long)
+        forward = lambda: self.model(inputs_embeds=tail, use_cache=bool(self.prefix_kv), **extra)  # noqa: E731
+        return run_to_layers(forward, self.blocks, [self.layer], mask)[:, 0]
 
 
 @dataclass(frozen=True)
 class _Framing:
-    """One framed prompt: its token ids, input embeddings and where the attributed spans sit."""
+    """One framed prompt, tokenised as its adapter does, with where the attributed spans sit.
+
+    ``pieces[name]`` is the text each token of span ``name`` stands for and ``starts[name]`` where
+    each piece starts, relative to the span's first character.
+    """
 
     input_ids: list[int]
     embeds: torch.Tensor  # (L, H), detached
     spans: dict[str, Span]
+    pieces: dict[str, list[str]]
+    starts: dict[str, list[int]]
+
+
+def _framing(
+    adapter_model: nn.Module, ids: list[int], prompt: str, offsets: list[tuple[int, int]], chars: dict[str, Span]
+) -> _Framing:
+    """A :class:`_Framing` from a prompt's token ids, the offsets of its text tokens and character spans."""
+    spans: dict[str, Span] = {}
+    pieces: dict[str, list[str]] = {}
+    starts: dict[str, list[int]] = {}
+    for name, (start, stop) in chars.items():
+        first, last = overlapping_tokens(offsets, start, stop)
+        spans[name] = (first, last)
+        pieces[name] = token_pieces(prompt, offsets[first:last], start, stop)
+        starts[name] = [0] + [min(e, stop) - start for _, e in offsets[first : last - 1]]
+    device = next(adapter_model.parameters()).device
+    with torch.no_grad():
+        embeds = adapter_model.get_input_embeddings()(torch.tensor([ids], device=device))[0].detach()
+    return _Framing(ids, embeds, spans, pieces, starts)
 
 
 def _check_same_tokens(benign: _Framing, malicious: _Framing, name: str) -> None:
@@ -245,22 +324,68 @@ def _check_same_tokens(benign: _Framing, malicious: _Framing, name: str) -> None
         )
 
 
+def _contrast(
+    runner: FusionRunner, benign: _Framing, malicious: _Framing, names: Sequence[str], with_pixels: bool
+) -> Callable[..., torch.Tensor]:
+    """``f(span embeddings..., [pixel_values]) = ||h_m - h_b||``, the same inputs spliced into both framings."""
+
+    def states(framing: _Framing, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        embeds = splice(framing.embeds, [(framing.spans[n], x) for n, x in zip(names, inputs)])
+        extra = {"pixel_values": inputs[len(names)]} if with_pixels else {}
+        return runner.states(embeds, **extra)
+
+    def signal(*inputs: torch.Tensor) -> torch.Tensor:
+        return (states(malicious, inputs) - states(benign, inputs)).norm(dim=-1)
+
+    return signal
+
+
+def _runner(
+    model: nn.Module, blocks: nn.ModuleList, layer: int, benign: _Framing, malicious: _Framing, limit: int
+) -> FusionRunner:
+    """A runner caching the framings' common start, up to the first attributed token."""
+    first_input = min([limit] + [start for start, _ in (*benign.spans.values(), *malicious.spans.values())])
+    length = shared_prefix_length(benign.input_ids, malicious.input_ids, first_input)
+    return FusionRunner(model, blocks, layer, benign.input_ids[:length])
+
+
+def split_steps(steps: int, pieces: int) -> list[int]:
+    """``steps`` interpolation points shared as evenly as possible over ``pieces`` segments."""
+    return [steps // pieces + (1 if i < steps % pieces else 0) for i in range(pieces)]
+
+
 def _integrate(
     signal: Callable[..., torch.Tensor],
     inputs: tuple[torch.Tensor, ...],
     baselines: tuple[torch.Tensor, ...],
     steps: int,
     internal_batch_size: int,
+    segments: Sequence[float] = PATH_SEGMENTS,
 ) -> tuple[tuple[torch.Tensor, ...], float, float]:
-    """IG attributions per input, plus the signal at the input and at the baseline."""
+    """IG attributions per input, plus the signal at the input and at the baseline.
+
+    The straight path from baseline to input is integrated piecewise, each piece with its own
+    Gauss-Legendre points. By additivity of the path integral the sum over pieces is exactly
+    integrated gradients over the whole path; the cut only puts more points where the integrand
+    changes fast. It does near a zero-embedding baseline: RMSNorm rescales a scaled embedding
+    back to full size once ``alpha * rms(x)`` exceeds ``sqrt(eps)``, so on SmolLM2 the signal rises
+    by a quarter and falls again within the first tenth of the path. With 64 points on OCR
+    requests, cutting at 0.1 shrank the share of the signal change left unaccounted for from
+    9-20% to about 1%.
+    """
     with torch.no_grad():
         at_input = float(signal(*inputs)[0])
         at_baseline = float(signal(*baselines)[0])
     ig = IntegratedGradients(signal)
-    attributions = ig.attribute(
-        inputs, baselines=baselines, n_steps=steps, internal_batch_size=internal_batch_size
-    )
-    return tuple(a.detach().float().cpu()[0] for a in attributions), at_input, at_baseline
+    totals = [torch.zeros_like(x, dtype=torch.float32, device="cpu") for x in inputs]
+    bounds = list(zip(segments[:-1], segments[1:]))
+    for (lo, hi), n in zip(bounds, split_steps(steps, len(bounds))):
+        start = tuple(b + lo * (x - b) for x, b in zip(inputs, baselines))
+        stop = tuple(b + hi * (x - b) for x, b in zip(inputs, baselines))
+        attributions = ig.attribute(stop, baselines=start, n_steps=n, internal_batch_size=internal_batch_size)
+        for total, a in zip(totals, attributions):
+            total += a.detach().float().cpu()
+    return tuple(t[0] for t in totals), at_input, at_baseline
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,10 +402,8 @@ class _FixedReader:
         return self.result
 
 
-def _embedded_framing(
-    adapter: EmbeddedAdapter, request: Request, template: str, ocr: OCRResult | None
-) -> tuple[_Framing, str, dict[str, Span]]:
-    """Tokenise one framing; return it, its prompt, and the character spans of request and OCR text."""
+def _embedded_framing(adapter: EmbeddedAdapter, request: Request, template: str, ocr: OCRResult | None) -> _Framing:
+    """Tokenise one framing as the adapter does; spans for the request and, if any, the OCR text."""
     framed = template.replace(PLACEHOLDER, request.text)
     prompt = adapter.prompt_text(Request(framed, request.image))
     chars = {"request": locate_request(prompt, framed, template, request.text)}
@@ -288,13 +411,30 @@ def _embedded_framing(
         chars["ocr"] = locate_ocr_text(prompt, ocr.text)
     # The adapter tokenises the rendered prompt without extra special tokens; so do we.
     encoded = adapter.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"])
-    offsets = [tuple(o) for o in encoded["offset_mapping"]]
-    spans = {name: overlapping_tokens(offsets, *span) for name, span in chars.items()}
-    device = next(adapter.model.parameters()).device
-    with torch.no_grad():
-        embeds = adapter.model.get_input_embeddings()(torch.tensor([ids], device=device))[0].detach()
-    return _Framing(ids, embeds, spans), prompt, chars
+    offsets = [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
+    return _framing(adapter.model, list(encoded["input_ids"]), prompt, offsets, chars)
+
+
+def _ocr_fields(ocr: OCRResult, framing: _Framing | None, scores: list[float]) -> dict[str, Any]:
+    """The OCR part of an :class:`Attribution`: token scores, each token's line, and line totals."""
+    texts = [line.text for line in ocr.lines]
+    fields: dict[str, Any] = {
+        "image_kind": "ocr_lines",
+        "line_texts": texts,
+        "line_boxes": [[[float(x), float(y)] for x, y in line.box] for line in ocr.lines],
+        "line_scores": [0.0] * len(texts),
+    }
+    if framing is not None:
+        tokens = framing.pieces["ocr"]
+        lines = assign_lines(tokens, framing.starts["ocr"], line_char_ranges(texts))
+        fields.update(
+            ocr_tokens=tokens,
+            ocr_token_scores=scores,
+            ocr_token_lines=lines,
+            line_scores=sum_by_line(scores, lines, len(texts)),
+            image_score=float(sum(scores)),
+        )
+    return fields
 
 
 def _embedded_attribution(
@@ -308,68 +448,33 @@ def _embedded_attribution(
     """IG over the request tokens and the OCR text tokens; OCR lines scored by their tokens."""
     ocr = adapter.reader.read(Path(request.image)) if request.image is not None else None
     # One OCR reading serves both framings (without an OCR cache the reader would run again).
-    view = EmbeddedAdapter(adapter.model, adapter.tokenizer, _FixedReader(ocr), adapter.info) if ocr else adapter
-    benign, prompt, chars = _embedded_framing(view, request, prompts.benign, ocr)
-    malicious, _, _ = _embedded_framing(view, request, prompts.malicious, ocr)
-    names = list(benign.spans)  # "request" first, then "ocr" when the image has text
+    reader = _FixedReader(ocr) if ocr is not None else adapter.reader
+    view = EmbeddedAdapter(adapter.model, adapter.tokenizer, reader, adapter.info)  # type: ignore[arg-type]
+    benign = _embedded_framing(view, request, prompts.benign, ocr)
+    malicious = _embedded_framing(view, request, prompts.malicious, ocr)
+    names = list(benign.spans)  # "request", then "ocr" when the image has text
     for name in names:
         _check_same_tokens(benign, malicious, name)
     base = adapter.model.model
-    blocks = base.layers
-
-    def states(framing: _Framing, blocks_in: Sequence[torch.Tensor]) -> torch.Tensor:
-        embeds = splice(framing.embeds, [(framing.spans[n], x) for n, x in zip(names, blocks_in)])
-        return fusion_state(
-            lambda: base(inputs_embeds=embeds, use_cache=False), blocks, fusion_layer, embeds.shape[1], embeds.shape[0]
-        )
-
-    def signal(*blocks_in: torch.Tensor) -> torch.Tensor:
-        return (states(malicious, blocks_in) - states(benign, blocks_in)).norm(dim=-1)
-
+    runner = _runner(base, base.layers, fusion_layer, benign, malicious, len(benign.input_ids))
+    signal = _contrast(runner, benign, malicious, names, with_pixels=False)
     inputs = tuple(benign.embeds[slice(*benign.spans[n])].unsqueeze(0) for n in names)
     baselines = tuple(torch.zeros_like(x) for x in inputs)
     attributions, at_input, at_baseline = _integrate(signal, inputs, baselines, steps, internal_batch_size)
     scores = {n: a.sum(dim=-1).tolist() for n, a in zip(names, attributions)}
 
-    encoded = adapter.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = [tuple(o) for o in encoded["offset_mapping"]]
-
-    def pieces(name: str) -> tuple[list[str], list[int]]:
-        span_offsets = offsets[slice(*benign.spans[name])]
-        texts = token_pieces(prompt, span_offsets, *chars[name])
-        starts = [max(s, chars[name][0]) for s, _ in span_offsets]
-        starts[0] = chars[name][0]
-        return texts, starts
-
-    tokens, _ = pieces("request")
-    result: dict[str, Any] = {}
-    if ocr is not None:
-        result["image_kind"] = "ocr_lines"
-        result["line_texts"] = [line.text for line in ocr.lines]
-        result["line_boxes"] = [[[float(x), float(y)] for x, y in line.box] for line in ocr.lines]
-        result["line_scores"] = [0.0] * len(ocr.lines)
-    if "ocr" in names:
-        ocr_tokens, starts = pieces("ocr")
-        relative = [s - chars["ocr"][0] for s in starts]
-        lines = assign_lines(ocr_tokens, relative, line_char_ranges([line.text for line in ocr.lines]))
-        result.update(
-            ocr_tokens=ocr_tokens,
-            ocr_token_scores=scores["ocr"],
-            ocr_token_lines=lines,
-            line_scores=sum_by_line(scores["ocr"], lines, len(ocr.lines)),
-            image_score=float(sum(scores["ocr"])),
-        )
+    fields = {} if ocr is None else _ocr_fields(ocr, benign if "ocr" in names else None, scores.get("ocr", []))
     total = sum(sum(v) for v in scores.values())
     return Attribution(
         request=request.text,
-        tokens=tokens,
+        tokens=benign.pieces["request"],
         token_scores=scores["request"],
         signal=at_input,
         baseline_signal=at_baseline,
         convergence_delta=float(total - (at_input - at_baseline)),
         fusion_layer=fusion_layer,
         steps=steps,
-        **result,
+        **fields,
     )
 
 
@@ -379,8 +484,8 @@ def _embedded_attribution(
 
 def _hf_framing(
     adapter: HFVisionLanguageAdapter, request: Request, template: str
-) -> tuple[_Framing, torch.Tensor | None, list[str]]:
-    """Tokenise one framing exactly as the adapter does; return it, its pixels and the request's token pieces.
+) -> tuple[_Framing, torch.Tensor | None]:
+    """Tokenise one framing exactly as the adapter does; return it and its ``pixel_values``.
 
     The processor expands ``<image>`` into many tokens, which shifts every later position; the
     request sits after the image, so its span is found in the unexpanded text and counted from
@@ -391,26 +496,32 @@ def _hf_framing(
     prompt = adapter.prompt_text(framed_request)
     chars = locate_request(prompt, framed, template, request.text)
     text = adapter.tokenizer(prompt, return_offsets_mapping=True)
-    offsets = [tuple(o) for o in text["offset_mapping"]]
-    first, stop = overlapping_tokens(offsets, *chars)
+    text_offsets = [(int(a), int(b)) for a, b in text["offset_mapping"]]
     batch = adapter._encode([framed_request])
     ids = batch["input_ids"][0].tolist()
-    from_end = len(offsets) - first
-    span = (len(ids) - from_end, len(ids) - from_end + (stop - first))
-    if ids[slice(*span)] != list(text["input_ids"][first:stop]):
+    # Map text-token positions to positions in the expanded ids by their distance from the end.
+    shift = len(ids) - len(text_offsets)
+    offsets = [(0, 0)] * shift + text_offsets if shift >= 0 else text_offsets[-shift:]
+    framing = _framing(adapter.model, ids, prompt, offsets, {"request": chars})
+    first, stop = framing.spans["request"]
+    if ids[first:stop] != list(text["input_ids"][first - shift : stop - shift]):
         raise RuntimeError("the processor tokenised the request differently from the tokenizer alone")
-    with torch.no_grad():
-        embeds = adapter.model.get_input_embeddings()(batch["input_ids"])[0].detach()
     pixels = batch["pixel_values"] if "pixel_values" in batch else None
-    pieces = token_pieces(prompt, offsets[first:stop], *chars)
-    return _Framing(ids, embeds, {"request": span}), pixels, pieces
+    return framing, pixels
 
 
 def black_pixels(adapter: HFVisionLanguageAdapter, size: tuple[int, int]) -> torch.Tensor:
     """``pixel_values`` of an all-black image of ``size``, through the model's own image processor."""
     black = Image.new("RGB", size, (0, 0, 0))
-    values = adapter.processor.image_processor(images=[black], return_tensors="pt")["pixel_values"]  # type: ignore[attr-defined]
+    image_processor = adapter.processor.image_processor  # type: ignore[attr-defined]
+    values = image_processor(images=[black], return_tensors="pt")["pixel_values"]
     return values.to(adapter.device, adapter.dtype)
+
+
+def _first_image_token(adapter: HFVisionLanguageAdapter, ids: list[int]) -> int:
+    """Position of the first image token: nothing from there on can be cached, it depends on the pixels."""
+    image_token = getattr(adapter.model.config, "image_token_id", None)
+    return ids.index(image_token) if image_token in ids else len(ids)
 
 
 def _hf_attribution(
@@ -422,54 +533,44 @@ def _hf_attribution(
     internal_batch_size: int,
 ) -> Attribution:
     """IG over the request tokens and, with an image, over its pixels."""
-    benign, pixels, tokens = _hf_framing(adapter, request, prompts.benign)
-    malicious, _, _ = _hf_framing(adapter, request, prompts.malicious)
+    benign, pixels = _hf_framing(adapter, request, prompts.benign)
+    malicious, _ = _hf_framing(adapter, request, prompts.malicious)
     _check_same_tokens(benign, malicious, "request")
-
-    def states(framing: _Framing, words: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
-        embeds = splice(framing.embeds, [(framing.spans["request"], words)])
-        extra = {} if image is None else {"pixel_values": image}
-        return fusion_state(
-            lambda: adapter.model(inputs_embeds=embeds, use_cache=False, **extra),
-            adapter.blocks,
-            fusion_layer,
-            embeds.shape[1],
-            embeds.shape[0],
-        )
-
-    def signal(words: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
-        return (states(malicious, words, image) - states(benign, words, image)).norm(dim=-1)
+    with_pixels = pixels is not None and request.image is not None
+    limit = _first_image_token(adapter, benign.input_ids)
+    runner = _runner(adapter.model, adapter.blocks, fusion_layer, benign, malicious, limit)
+    signal = _contrast(runner, benign, malicious, ["request"], with_pixels)
 
     words = benign.embeds[slice(*benign.spans["request"])].unsqueeze(0)
     inputs: tuple[torch.Tensor, ...] = (words,)
     baselines: tuple[torch.Tensor, ...] = (torch.zeros_like(words),)
-    size: tuple[int, int] | None = None
-    if pixels is not None and request.image is not None:
+    fields: dict[str, Any] = {}
+    if with_pixels:
+        assert pixels is not None and request.image is not None
         size = load_image(request.image).size
         inputs += (pixels,)
         baselines += (black_pixels(adapter, size),)
     attributions, at_input, at_baseline = _integrate(signal, inputs, baselines, steps, internal_batch_size)
     token_scores = attributions[0].sum(dim=-1).tolist()
-    result: dict[str, Any] = {}
-    if size is not None:
-        pixel_attr = attributions[1]  # (channels, height, width)
-        result = {
+    if with_pixels:
+        pixel_attr = attributions[1][0] if attributions[1].dim() == 4 else attributions[1]  # (channels, h, w)
+        fields = {
             "image_kind": "pixels",
             "pixel_map": pixel_attr.abs().sum(dim=0).numpy().astype(np.float32),
             "pixel_box": crop_region(adapter.processor.image_processor, size),  # type: ignore[attr-defined]
             "image_score": float(pixel_attr.sum()),
         }
-    total = sum(token_scores) + result.get("image_score", 0.0)
+    total = sum(token_scores) + fields.get("image_score", 0.0)
     return Attribution(
         request=request.text,
-        tokens=tokens,
+        tokens=benign.pieces["request"],
         token_scores=token_scores,
         signal=at_input,
         baseline_signal=at_baseline,
         convergence_delta=float(total - (at_input - at_baseline)),
         fusion_layer=fusion_layer,
         steps=steps,
-        **result,
+        **fields,
     )
 
 
@@ -491,8 +592,8 @@ def intent_attribution(
     how many of them go through the model at once.
     """
     check_layers([fusion_layer], adapter.info.num_layers)
-    if steps < 2:
-        raise ValueError(f"steps must be at least 2, got {steps}")
+    if steps < len(PATH_SEGMENTS) - 1:
+        raise ValueError(f"steps must be at least {len(PATH_SEGMENTS) - 1} (one per path segment), got {steps}")
     if not request.text:
         raise ValueError("cannot attribute an empty request text")
     if isinstance(adapter, EmbeddedAdapter):
@@ -590,7 +691,7 @@ def plot_token_heatmap(attribution: Attribution, path: Path, width: int = 72, ti
         layout.append((name, shown, list(scores), wrap_tokens(shown, width)))
     rows = sum(len(lines) + 1 for *_, lines in layout)
 
-    fig_width, title_in, bar_in = 11.0, 0.5, 0.9
+    fig_width, title_in, bar_in = 11.0, (0.75 if title else 0.5), 0.9
     # Monospace glyphs advance 0.6 em: pick the font size that fits `width` characters per line.
     font_size = min(13.0, fig_width * 0.9 * 72 / width / 0.6)
     body_in = rows * font_size * 1.9 / 72
@@ -612,12 +713,43 @@ def plot_token_heatmap(attribution: Attribution, path: Path, width: int = 72, ti
             row += 1
     bar_ax = fig.add_axes((0.3, 0.5 / height, 0.4, 0.14 / height))
     _colorbar(fig, plt.cm.ScalarMappable(norm=norm, cmap=cmap), label="attribution", cax=bar_ax)
-    heading = title or (
+    heading = (
         f"integrated gradients of ||h_m - h_b|| at layer {attribution.fusion_layer} "
         f"(signal {attribution.signal:.3g}, baseline {attribution.baseline_signal:.3g})"
     )
-    fig.suptitle(heading, fontsize=10, y=1 - 0.25 / height, va="center")
+    fig.suptitle(f"{title}\n{heading}" if title else heading, fontsize=10, y=1 - title_in / 2 / height, va="center")
     _save(fig, path)
+
+
+def _draw_ocr_lines(ax: plt.Axes, attribution: Attribution) -> plt.cm.ScalarMappable | None:
+    """Fill each OCR line's box with the colour of its summed token score, and label it."""
+    if not attribution.line_boxes:
+        ax.set_title("no text found in the image: nothing of it reaches the model", fontsize=9)
+        return None
+    norm = _symmetric_norm(attribution.line_scores)
+    cmap = plt.get_cmap(CMAP)
+    for box, score in zip(attribution.line_boxes, attribution.line_scores):
+        ax.add_patch(Polygon(box, closed=True, facecolor=cmap(norm(score)), alpha=0.55, edgecolor="black", lw=0.8))
+        left, top = min(x for x, _ in box), min(y for _, y in box)
+        label_box = {"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 1}
+        ax.text(left, top, f"{score:+.2g}", fontsize=8, va="bottom", color="black", bbox=label_box)
+    return plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+
+
+def _draw_saliency(ax: plt.Axes, attribution: Attribution, size: tuple[int, int]) -> plt.cm.ScalarMappable:
+    """Overlay the pixel map on the part of the image the processor kept, stretched to fit it."""
+    width, height = size
+    left, top, right, bottom = attribution.pixel_box or (0.0, 0.0, float(width), float(height))
+    saliency = attribution.pixel_map
+    assert saliency is not None
+    peak = float(saliency.max()) or 1.0
+    shown = ax.imshow(
+        saliency, extent=(left, right, bottom, top), cmap="inferno", alpha=0.6,
+        interpolation="bilinear", vmin=0.0, vmax=peak,
+    )
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    return shown
 
 
 def plot_image_map(attribution: Attribution, image_path: Path, path: Path, title: str | None = None) -> None:
@@ -630,29 +762,16 @@ def plot_image_map(attribution: Attribution, image_path: Path, path: Path, title
     ax.set_yticks([])
     mappable: plt.cm.ScalarMappable | None = None
     if attribution.image_kind == "ocr_lines":
-        norm = _symmetric_norm(attribution.line_scores)
-        cmap = plt.get_cmap(CMAP)
-        for box, score in zip(attribution.line_boxes, attribution.line_scores):
-            ax.add_patch(Polygon(box, closed=True, facecolor=cmap(norm(score)), alpha=0.55, edgecolor="black", lw=0.8))
-            left, top = min(x for x, _ in box), min(y for _, y in box)
-            ax.text(left, top, f"{score:+.2g}", fontsize=8, va="bottom", color="black",
-                    bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 1})
-        mappable = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
-        if not attribution.line_boxes:
-            ax.set_title("no text found in the image: nothing of it reaches the model", fontsize=9)
-    elif attribution.image_kind == "pixels" and attribution.pixel_map is not None:
-        left, top, right, bottom = attribution.pixel_box or (0.0, 0.0, float(image.width), float(image.height))
-        saliency = attribution.pixel_map
-        peak = float(saliency.max()) or 1.0
-        shown = ax.imshow(saliency, extent=(left, right, bottom, top), cmap="inferno", alpha=0.6,
-                          interpolation="bilinear", vmin=0.0, vmax=peak)
-        ax.set_xlim(0, image.width)
-        ax.set_ylim(image.height, 0)
-        mappable = shown
+        mappable = _draw_ocr_lines(ax, attribution)
+        what, label = "OCR lines", "summed attribution of the line's tokens"
+    else:
+        if attribution.pixel_map is not None:
+            mappable = _draw_saliency(ax, attribution, image.size)
+        what, label = "pixel saliency", "|attribution|"
     if mappable is not None:
-        label = "summed attribution of the line's tokens" if attribution.image_kind == "ocr_lines" else "|attribution|"
         _colorbar(fig, mappable, label=label, ax=ax)
-    fig.suptitle(title or f"image attribution ({attribution.image_kind}), layer {attribution.fusion_layer}", fontsize=10)
+    heading = f"{what}, integrated gradients of ||h_m - h_b|| at layer {attribution.fusion_layer}"
+    fig.suptitle(f"{title}\n{heading}" if title else heading, fontsize=10)
     _save(fig, path)
 
 

@@ -111,6 +111,7 @@ class GuardConfig:
     sample_size: int = 12
     max_new_tokens: int = 64
     seed: int = 0
+    refusal_message: str = "I'm sorry, but I can't help with that request."
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class ECSOConfig:
 
     sample_size: int = 8
     max_new_tokens: int = 64
+    judge_max_new_tokens: int = 8
     seed: int = 0
     harm_check_prompt: str = (
         "Here is a request and a response to it.\nRequest: {q}\nResponse: {answer}\n"

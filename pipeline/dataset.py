@@ -166,7 +166,7 @@ def read_requests(path: str | Path) -> list[RequestRecord]:
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such request source") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -211,7 +211,12 @@ def assign_splits(groups: Sequence[str], strata: Sequence[str], config: PrepareC
     n_groups = len(set(groups))
     if n_groups < len(SPLITS):
         raise DatasetError(f"need at least {len(SPLITS)} distinct requests to fill {list(SPLITS)}, got {n_groups}")
-    n_folds = min(SPLIT_FOLDS, n_groups)
+    largest = max(Counter(strata).values())
+    if largest < len(SPLITS):
+        # Too few rows per stratum to stratify at all (tiny sources): keep only the grouping.
+        strata, largest = ["all"] * len(groups), len(groups)
+    # scikit-learn refuses more folds than the largest stratum has rows.
+    n_folds = min(SPLIT_FOLDS, n_groups, largest)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=config.seed)
     fold_of = np.empty(len(groups), dtype=np.int64)
     with warnings.catch_warnings():
@@ -279,7 +284,9 @@ def read_sources(sources: Iterable[str | Path]) -> list[RequestRecord]:
     return records
 
 
-def index_frame(records: Sequence[RequestRecord], images: Sequence[tuple[str, str] | None], splits: Sequence[str]) -> pl.DataFrame:
+def index_frame(
+    records: Sequence[RequestRecord], images: Sequence[tuple[str, str] | None], splits: Sequence[str]
+) -> pl.DataFrame:
     """The index table, one row per record in source order."""
     return pl.DataFrame(
         {

@@ -104,7 +104,8 @@ class ECSO:
             Request(text=fill(cfg.harm_check_prompt, q=r.text, answer=a), image=r.image)
             for r, a in zip(requests, answers)
         ]
-        raws = _generate(self.adapter, checks, tokens)
+        # Only the first word of the verdict counts, so a short budget loses nothing.
+        raws = _generate(self.adapter, checks, cfg.judge_max_new_tokens)
         harmful = [is_yes(raw) for raw in raws]
 
         # Step 3: caption only what was judged harmful and has an image to describe.

@@ -52,6 +52,29 @@ def decide(score: float, tau: float, fusion_layer: int, safety_layer: int) -> Gu
     return GuardDecision(score=float(score), tau=float(tau), refused=refused, reason=reason)
 
 
+# The fields of a probe's store provenance that must match the live model and prompts.
+_MATCHED_FIELDS = ("model_name", "model_revision", "template_benign", "template_malicious")
+
+
+def probe_mismatches(meta: ProbeMeta, adapter: ModelAdapter, prompts: ContrastivePrompts) -> list[str]:
+    """Where the probe's training setup (from its store's provenance) differs from the live one.
+
+    A probe records nothing when trained outside a store (empty provenance): nothing to check.
+    """
+    recorded = meta.store_provenance
+    live = {
+        "model_name": adapter.info.name,
+        "model_revision": adapter.info.revision,
+        "template_benign": prompts.benign,
+        "template_malicious": prompts.malicious,
+    }
+    return [
+        f"{key}: probe has {recorded[key]!r}, live setup has {live[key]!r}"
+        for key in _MATCHED_FIELDS
+        if key in recorded and recorded[key] != live[key]
+    ]
+
+
 class Guard:
     """A model behind an LSI probe: refuse when the probe's score exceeds tau, else answer greedily."""
 
@@ -73,6 +96,9 @@ class Guard:
                 f"{adapter.info.hidden_size}; retrain the probe for this model"
             )
         check_layers([meta.fusion_layer, meta.safety_layer], adapter.info.num_layers)
+        mismatches = probe_mismatches(meta, adapter, prompts)
+        if mismatches:
+            raise ValueError("probe was trained under a different setup: " + "; ".join(mismatches))
         self.adapter = adapter
         self.probe = probe
         self.meta = meta

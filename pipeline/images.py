@@ -2,7 +2,7 @@
 
 Typography images follow the FigStep / MM-SafetyBench TYPO style (the request typed into a
 white picture). Scenes are ordinary pictures drawn from a seed, so the demo data needs no
-binary files in git and renders the same bytes on every machine.
+binary files in git; a given Pillow version renders the same bytes every time.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ TYPOGRAPHY_FONT_SIZE = 40
 TYPOGRAPHY_MARGIN = 24
 TYPOGRAPHY_LINE_SPACING = 12
 SCENE_BLUR = 1.2
+
+RGB = tuple[int, int, int]
 
 
 class ImageError(ValueError):
@@ -46,8 +48,8 @@ def _wrap(text: str, font: ImageFont.FreeTypeFont, max_width: int) -> list[str]:
 def render_typography(text: str, width: int = 760) -> Image.Image:
     """Render ``text`` as black, word-wrapped sans-serif on white (RGB, ``width`` px wide).
 
-    The font is the FreeType face bundled with Pillow, so no system font is needed and the
-    result is identical across machines. The height grows with the number of lines.
+    The font is the FreeType face bundled with Pillow, so no system font is needed. The image
+    is at least square and grows taller when the text needs more lines.
     """
     if not text.strip():
         raise ValueError("typography text must not be empty")
@@ -58,7 +60,9 @@ def render_typography(text: str, width: int = 760) -> Image.Image:
     lines = _wrap(text.strip(), font, width - 2 * TYPOGRAPHY_MARGIN)
     ascent, descent = font.getmetrics()
     line_height = ascent + descent + TYPOGRAPHY_LINE_SPACING
-    height = 2 * TYPOGRAPHY_MARGIN + line_height * len(lines)
+    # Square at least, as FigStep images are: OCR detectors upscale the short side, and a
+    # one-line strip blown up that far comes back as overlapping, duplicated fragments.
+    height = max(width, 2 * TYPOGRAPHY_MARGIN + line_height * len(lines))
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     for i, line in enumerate(lines):
@@ -66,12 +70,12 @@ def render_typography(text: str, width: int = 760) -> Image.Image:
     return image
 
 
-def _lerp(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> tuple[int, int, int]:
+def _lerp(a: RGB, b: RGB, t: float) -> RGB:
     """Linear blend of two RGB colours."""
     return (round(a[0] + (b[0] - a[0]) * t), round(a[1] + (b[1] - a[1]) * t), round(a[2] + (b[2] - a[2]) * t))
 
 
-def _gradient(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], top: tuple[int, int, int], bottom: tuple[int, int, int]) -> None:
+def _gradient(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], top: RGB, bottom: RGB) -> None:
     """Fill ``box`` with a vertical gradient, one row at a time."""
     x0, y0, x1, y1 = box
     span = max(y1 - y0 - 1, 1)
@@ -91,7 +95,8 @@ def _house(draw: ImageDraw.ImageDraw, rng: random.Random, x: int, base: int, siz
     shade = _lerp(wall, (60, 50, 40), 0.3)
     draw.rectangle([x + size // 2 - door_w // 2, base - size // 2, x + size // 2 + door_w // 2, base], fill=shade)
     win = max(size // 4, 3)
-    draw.rectangle([x + size // 8, top + size // 5, x + size // 8 + win, top + size // 5 + win], fill=_lerp(wall, (180, 220, 250), 0.4))
+    wx, wy = x + size // 8, top + size // 5
+    draw.rectangle([wx, wy, wx + win, wy + win], fill=_lerp(wall, (180, 220, 250), 0.4))
 
 
 def _tree(draw: ImageDraw.ImageDraw, rng: random.Random, x: int, base: int, size: int) -> None:
@@ -103,7 +108,8 @@ def _tree(draw: ImageDraw.ImageDraw, rng: random.Random, x: int, base: int, size
         r = size // 2
         draw.ellipse([x - r, base - size - r // 2, x + r, base - size // 2 + r // 2], fill=green)
     else:
-        draw.polygon([(x - size // 2, base - size // 3), (x, base - size - size // 3), (x + size // 2, base - size // 3)], fill=green)
+        foot = base - size // 3
+        draw.polygon([(x - size // 2, foot), (x, foot - size), (x + size // 2, foot)], fill=green)
 
 
 @dataclass(frozen=True)
@@ -189,7 +195,8 @@ def _ground_shape(draw: ImageDraw.ImageDraw, image: Image.Image, rng: random.Ran
     """A loose shape on the grass (a ball, a pond, a rock), half-blended into it."""
     x, y, r = rng.randint(0, size - 1), rng.randint(horizon, size - 1), rng.randint(size // 40, size // 14)
     ground = image.getpixel((x, y))
-    colour = _lerp(ground, (rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255)), 0.5)  # type: ignore[arg-type]
+    tint = (rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255))
+    colour = _lerp(ground, tint, 0.5)  # type: ignore[arg-type]
     if rng.random() < 0.5:
         draw.ellipse([x - r, y - r // 2, x + r, y + r // 2], fill=colour)
     else:
@@ -222,7 +229,7 @@ def save_png(image: Image.Image, path: str | Path) -> str:
     """Save ``image`` as a deterministic PNG at ``path``; return the file's sha256."""
     data = png_bytes(image)
     write_bytes_atomic(path, data)
-    return hashlib.sha256(data).hexdigest()
+    return sha256_bytes(data)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -113,7 +113,7 @@ def train_probe(
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimiser.step()
-            total += float(loss) * len(rows)
+            total += loss.detach().item() * len(rows)
         model.eval()
         with torch.no_grad():
             val_logits = model(val_h_s, val_delta)

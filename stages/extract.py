@@ -27,11 +27,11 @@ def main() -> None:
     if partial.exists():
         shutil.rmtree(partial)
     partial.parent.mkdir(parents=True, exist_ok=True)
-    store = extract_to_store(adapter, index, params.prompts, params.extract, partial)
+    extract_to_store(adapter, index, params.prompts, params.extract, partial)
     if STORE.exists():
         shutil.rmtree(STORE)
     partial.rename(STORE)
-    print(f"stored {store.num_rows} rows x {len(params.extract.layers)} layers -> {STORE}")
+    print(f"stored {len(index)} rows x {len(params.extract.layers)} layers -> {STORE}")
 
 
 if __name__ == "__main__":

@@ -121,7 +121,9 @@ def main() -> None:
     sample = balanced_test_sample(read_index(INDEX), params.guard.sample_size, params.guard.seed)
     probe, meta = load_probe(PROBE_DIR)
     calibration = load_calibration(CALIBRATION)
-    guard = Guard(load_adapter(params.model), probe, meta, calibration.tau, params.prompts)
+    guard = Guard(
+        load_adapter(params.model), probe, meta, calibration.tau, params.prompts, params.guard.refusal_message
+    )
 
     rows = sample.to_dicts()
     records: list[dict[str, Any]] = []

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 import polars as pl
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -176,6 +178,18 @@ def test_empty_batch(guard: Guard, adapter: FakeAdapter) -> None:
     assert guard.check([]) == []
     assert guard.generate([], max_new_tokens=4) == []
     assert adapter.state_calls == [] and adapter.generate_calls == []
+
+
+def test_guard_refuses_a_probe_trained_under_other_prompts_or_model(adapter: FakeAdapter) -> None:
+    probe, meta = hand_set_probe()
+    recorded = {"model_name": "fake", "model_revision": "0", "template_benign": "B {q}", "template_malicious": "M {q}"}
+    trained = replace(meta, store_provenance=recorded)
+    Guard(adapter, probe, trained, TAU, ContrastivePrompts(benign="B {q}", malicious="M {q}"))  # same setup: fine
+    with pytest.raises(ValueError, match=r"template_malicious: probe has 'M \{q\}'"):
+        Guard(adapter, probe, trained, TAU, ContrastivePrompts(benign="B {q}", malicious="Evil {q}"))
+    with pytest.raises(ValueError, match="model_revision"):
+        Guard(adapter, probe, replace(trained, store_provenance={**recorded, "model_revision": "1"}), TAU,
+              ContrastivePrompts(benign="B {q}", malicious="M {q}"))
 
 
 def test_guard_refuses_a_probe_for_another_model(adapter: FakeAdapter) -> None:

@@ -9,27 +9,24 @@ from typing import Sequence
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from pipeline.images import ImageError
 from pipeline.models.base import Request
 from pipeline.models.hf_vlm import HFVisionLanguageAdapter, ModelLoadError
-from pipeline.models.smollm2_files import find_smollm2_gguf
 from pipeline.models.tiny import build_tiny_llava
 
 ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerBase:
-    """The embedded default model's tokenizer; loading it from the GGUF file takes seconds, so once."""
-    gguf = find_smollm2_gguf()
-    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+def tokenizer(gguf_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    return gguf_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerBase) -> Path:
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), tokenizer)
+def tiny_folder(tiny_llava_folder: Path) -> Path:
+    return tiny_llava_folder
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,75 @@
+"""The ``prepare`` stage end to end, from a params file in a temporary working directory."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from pipeline.dataset import read_index
+from stages import prepare
+from stages.common import run_stage
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "data" / "demo" / "requests.jsonl"
+
+
+def _params(folder: Path, sources: list[str], **prepare_extra: object) -> Path:
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump({"prepare": {"sources": sources, "output_dir": "out", **prepare_extra}}))
+    return path
+
+
+def test_stage_prepares_the_demo_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _params(tmp_path, [str(DEMO)])
+    monkeypatch.chdir(tmp_path)
+    prepare.main()
+    printed = capsys.readouterr().out
+    assert "rows from 1 source(s)" in printed and "out/index.parquet" in printed
+    index = read_index("out/index.parquet")
+    assert index.height >= 340 and index["source"].unique().to_list() == ["requests"]
+    images = index.filter(pl.col("image_path").is_not_null())
+    # Image paths are relative to the working directory the stage ran in.
+    assert all(Path(p).is_file() and p.startswith("out/images/") for p in images["image_path"])
+    assert len(list(Path("out/images").iterdir())) == images["image_sha256"].n_unique()
+    summary = json.loads(Path("out/summary.json").read_text())
+    assert summary["rows"] == index.height and set(summary["splits"]) == {"train", "val", "calib", "test"}
+
+
+def test_bad_params_end_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _params(tmp_path, [str(DEMO)], shuffle=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        run_stage(prepare.main)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "shuffle" in err and err.count("\n") == 1
+    assert not Path("out").exists()
+
+
+def test_bad_source_exits_1_without_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "bad.jsonl"
+    source.write_text(
+        json.dumps({"request_id": "a", "category": "c", "label": "benign", "text": "fine"}) + "\n"
+        + json.dumps({"request_id": "b", "category": "c", "label": "maybe", "text": "not fine"}) + "\n"
+    )
+    _params(tmp_path, [str(source)])
+    monkeypatch.chdir(tmp_path)
+    # Run the module as ``python -m stages.prepare`` does, through its __main__ block.
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(ROOT / "stages" / "prepare.py"), run_name="__main__")
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert "bad.jsonl:2" in err and "unknown label 'maybe'" in err
+    assert not (tmp_path / "out" / "index.parquet").exists()
