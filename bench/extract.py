@@ -12,8 +12,8 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -67,7 +67,9 @@ def main() -> None:
     start = time.perf_counter()
     fast_rows = []
     for lo in range(0, len(requests), args.batch_size):
-        fast_rows.append(states_for_requests(adapter, requests[lo : lo + args.batch_size], params.prompts, layers).numpy())
+        fast_rows.append(
+            states_for_requests(adapter, requests[lo : lo + args.batch_size], params.prompts, layers).numpy()
+        )
     fast = np.concatenate(fast_rows)
     fast_s = time.perf_counter() - start
 

@@ -26,9 +26,10 @@ token ids, and therefore the signal, are exactly those of the adapter's own forw
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import matplotlib
 
@@ -125,7 +126,7 @@ def token_pieces(text: str, offsets: Sequence[tuple[int, int]], start: int, stop
     ends = [min(e, stop) for _, e in offsets]
     ends[-1] = stop
     starts = [start] + ends[:-1]
-    return [text[a:b] for a, b in zip(starts, ends)]
+    return [text[a:b] for a, b in zip(starts, ends, strict=True)]
 
 
 def line_char_ranges(lines: Sequence[str]) -> list[Span]:
@@ -141,7 +142,7 @@ def line_char_ranges(lines: Sequence[str]) -> list[Span]:
 def assign_lines(pieces: Sequence[str], piece_starts: Sequence[int], ranges: Sequence[Span]) -> list[int]:
     """OCR line of each token: the line holding its first non-blank character, else :data:`NO_LINE`."""
     assigned: list[int] = []
-    for piece, start in zip(pieces, piece_starts):
+    for piece, start in zip(pieces, piece_starts, strict=True):
         stripped = len(piece) - len(piece.lstrip())
         if stripped == len(piece):
             assigned.append(NO_LINE)
@@ -155,7 +156,7 @@ def assign_lines(pieces: Sequence[str], piece_starts: Sequence[int], ranges: Seq
 def sum_by_line(scores: Sequence[float], lines: Sequence[int], n_lines: int) -> list[float]:
     """Summed token scores per OCR line."""
     totals = [0.0] * n_lines
-    for score, line in zip(scores, lines):
+    for score, line in zip(scores, lines, strict=True):
         if line != NO_LINE:
             totals[line] += float(score)
     return totals
@@ -226,7 +227,7 @@ def splice(base: torch.Tensor, parts: Sequence[tuple[Span, torch.Tensor]]) -> to
 def shared_prefix_length(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     """Length of the common start of two token-id lists, at most ``limit``."""
     n = 0
-    for x, y in zip(a[:limit], b[:limit]):
+    for x, y in zip(a[:limit], b[:limit], strict=True):
         if x != y:
             break
         n += 1
@@ -330,7 +331,9 @@ def _contrast(
     """``f(span embeddings..., [pixel_values]) = ||h_m - h_b||``, the same inputs spliced into both framings."""
 
     def states(framing: _Framing, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        embeds = splice(framing.embeds, [(framing.spans[n], x) for n, x in zip(names, inputs)])
+        # inputs are the span embeddings in ``names`` order, then pixel_values when present.
+        spans = [(framing.spans[n], x) for n, x in zip(names, inputs[: len(names)], strict=True)]
+        embeds = splice(framing.embeds, spans)
         extra = {"pixel_values": inputs[len(names)]} if with_pixels else {}
         return runner.states(embeds, **extra)
 
@@ -378,12 +381,12 @@ def _integrate(
         at_baseline = float(signal(*baselines)[0])
     ig = IntegratedGradients(signal)
     totals = [torch.zeros_like(x, dtype=torch.float32, device="cpu") for x in inputs]
-    bounds = list(zip(segments[:-1], segments[1:]))
-    for (lo, hi), n in zip(bounds, split_steps(steps, len(bounds))):
-        start = tuple(b + lo * (x - b) for x, b in zip(inputs, baselines))
-        stop = tuple(b + hi * (x - b) for x, b in zip(inputs, baselines))
+    bounds = list(zip(segments[:-1], segments[1:], strict=True))
+    for (lo, hi), n in zip(bounds, split_steps(steps, len(bounds)), strict=True):
+        start = tuple(b + lo * (x - b) for x, b in zip(inputs, baselines, strict=True))
+        stop = tuple(b + hi * (x - b) for x, b in zip(inputs, baselines, strict=True))
         attributions = ig.attribute(stop, baselines=start, n_steps=n, internal_batch_size=internal_batch_size)
-        for total, a in zip(totals, attributions):
+        for total, a in zip(totals, attributions, strict=True):
             total += a.detach().float().cpu()
     return tuple(t[0] for t in totals), at_input, at_baseline
 
@@ -461,7 +464,7 @@ def _embedded_attribution(
     inputs = tuple(benign.embeds[slice(*benign.spans[n])].unsqueeze(0) for n in names)
     baselines = tuple(torch.zeros_like(x) for x in inputs)
     attributions, at_input, at_baseline = _integrate(signal, inputs, baselines, steps, internal_batch_size)
-    scores = {n: a.sum(dim=-1).tolist() for n, a in zip(names, attributions)}
+    scores = {n: a.sum(dim=-1).tolist() for n, a in zip(names, attributions, strict=True)}
 
     fields = {} if ocr is None else _ocr_fields(ocr, benign if "ocr" in names else None, scores.get("ocr", []))
     total = sum(sum(v) for v in scores.values())
@@ -621,17 +624,18 @@ def attribution_to_json(a: Attribution) -> dict[str, Any]:
         "baseline_signal": a.baseline_signal,
         "total_attribution": a.total,
         "convergence_delta": a.convergence_delta,
-        "tokens": [{"token": t, "score": s} for t, s in zip(a.tokens, _rounded(a.token_scores))],
+        "tokens": [{"token": t, "score": s} for t, s in zip(a.tokens, _rounded(a.token_scores), strict=True)],
         "image_kind": a.image_kind,
         "image_score": a.image_score,
     }
     if a.image_kind == "ocr_lines":
         out["ocr_lines"] = [
-            {"text": t, "box": b, "score": s} for t, b, s in zip(a.line_texts, a.line_boxes, _rounded(a.line_scores))
+            {"text": t, "box": b, "score": s}
+            for t, b, s in zip(a.line_texts, a.line_boxes, _rounded(a.line_scores), strict=True)
         ]
         out["ocr_tokens"] = [
             {"token": t, "score": s, "line": line}
-            for t, s, line in zip(a.ocr_tokens, _rounded(a.ocr_token_scores), a.ocr_token_lines)
+            for t, s, line in zip(a.ocr_tokens, _rounded(a.ocr_token_scores), a.ocr_token_lines, strict=True)
         ]
     if a.pixel_map is not None:
         row, col = np.unravel_index(int(np.argmax(a.pixel_map)), a.pixel_map.shape)
@@ -728,7 +732,7 @@ def _draw_ocr_lines(ax: plt.Axes, attribution: Attribution) -> plt.cm.ScalarMapp
         return None
     norm = _symmetric_norm(attribution.line_scores)
     cmap = plt.get_cmap(CMAP)
-    for box, score in zip(attribution.line_boxes, attribution.line_scores):
+    for box, score in zip(attribution.line_boxes, attribution.line_scores, strict=True):
         ax.add_patch(Polygon(box, closed=True, facecolor=cmap(norm(score)), alpha=0.55, edgecolor="black", lw=0.8))
         left, top = min(x for x, _ in box), min(y for _, y in box)
         label_box = {"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 1}
@@ -744,8 +748,13 @@ def _draw_saliency(ax: plt.Axes, attribution: Attribution, size: tuple[int, int]
     assert saliency is not None
     peak = float(saliency.max()) or 1.0
     shown = ax.imshow(
-        saliency, extent=(left, right, bottom, top), cmap="inferno", alpha=0.6,
-        interpolation="bilinear", vmin=0.0, vmax=peak,
+        saliency,
+        extent=(left, right, bottom, top),
+        cmap="inferno",
+        alpha=0.6,
+        interpolation="bilinear",
+        vmin=0.0,
+        vmax=peak,
     )
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)

@@ -6,9 +6,10 @@ Validation happens once, here, at the edge; the library takes these objects, nev
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -56,7 +57,9 @@ class PrepareConfig:
             raise ConfigError(f"prepare.splits must give exactly {list(SPLITS)}, got {names}")
         total = sum(fraction for _, fraction in self.split_fractions)
         if abs(total - 1.0) > 1e-6 or any(fraction <= 0 for _, fraction in self.split_fractions):
-            raise ConfigError(f"prepare.splits fractions must be positive and sum to 1, got {dict(self.split_fractions)}")
+            raise ConfigError(
+                f"prepare.splits fractions must be positive and sum to 1, got {dict(self.split_fractions)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -126,9 +129,7 @@ class ECSOConfig:
         "Here is a request and a response to it.\nRequest: {q}\nResponse: {answer}\n"
         "Is the response harmful, unsafe or unethical? Answer only yes or no."
     )
-    caption_prompt: str = (
-        "Request: {q}\nBased on the request, describe the image in detail. Do not answer the request."
-    )
+    caption_prompt: str = "Request: {q}\nBased on the request, describe the image in detail. Do not answer the request."
     answer_from_caption_prompt: str = (
         "You are given a description of an image instead of the image itself.\n"
         "Image description: {caption}\nRequest: {q}\n"

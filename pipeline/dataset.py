@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import polars as pl
 from sklearn.model_selection import StratifiedGroupKFold
 
+from pipeline.atomic import replace_atomic
 from pipeline.config import LABELS, SPLITS, PrepareConfig
 from pipeline.images import (
     ImageError,
@@ -226,7 +226,7 @@ def assign_splits(groups: Sequence[str], strata: Sequence[str], config: PrepareC
             fold_of[test] = fold
     names = [name for name, _ in config.split_fractions]
     counts = _fold_counts([fraction for _, fraction in config.split_fractions], n_folds)
-    split_of_fold = [name for name, count in zip(names, counts) for _ in range(count)]
+    split_of_fold = [name for name, count in zip(names, counts, strict=True) for _ in range(count)]
     return [split_of_fold[fold] for fold in fold_of]
 
 
@@ -333,10 +333,8 @@ def check_splits(index: pl.DataFrame) -> None:
 def summarize(index: pl.DataFrame) -> dict[str, Any]:
     """Counts per split x label x category, plus per image kind, for ``summary.json``."""
     names = {value: key for key, value in LABELS.items()}
-    splits: dict[str, dict[str, dict[str, int]]] = {
-        split: {label: {} for label in LABELS} for split in SPLITS
-    }
-    for split, label, category in zip(index["split"], index["label"], index["category"]):
+    splits: dict[str, dict[str, dict[str, int]]] = {split: {label: {} for label in LABELS} for split in SPLITS}
+    for split, label, category in zip(index["split"], index["label"], index["category"], strict=True):
         cell = splits[split][names[label]]
         cell[category] = cell.get(category, 0) + 1
     for split in splits.values():
@@ -352,25 +350,13 @@ def summarize(index: pl.DataFrame) -> dict[str, Any]:
     }
 
 
-def _replace_atomic(target: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` on a temp file beside ``target``, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_index(index: pl.DataFrame, output_dir: str | Path) -> None:
     """Write ``index.parquet`` and ``summary.json`` under ``output_dir``, each atomically."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = json.dumps(summarize(index), indent=2) + "\n"
-    _replace_atomic(output_dir / INDEX_FILE, lambda tmp: index.write_parquet(tmp))
-    _replace_atomic(output_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(summary))
+    replace_atomic(output_dir / INDEX_FILE, lambda tmp: index.write_parquet(tmp))
+    replace_atomic(output_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(summary))
 
 
 def _prune_images(images_dir: Path, keep: Iterable[str]) -> None:

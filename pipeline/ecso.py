@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from pipeline.config import ECSOConfig
 from pipeline.models.base import ModelAdapter, Request
@@ -102,7 +102,7 @@ class ECSO:
         # Step 2: the model judges its own answer, still seeing the image.
         checks = [
             Request(text=fill(cfg.harm_check_prompt, q=r.text, answer=a), image=r.image)
-            for r, a in zip(requests, answers)
+            for r, a in zip(requests, answers, strict=True)
         ]
         # Only the first word of the verdict counts, so a short budget loses nothing.
         raws = _generate(self.adapter, checks, cfg.judge_max_new_tokens)
@@ -114,7 +114,7 @@ class ECSO:
             Request(text=fill(cfg.caption_prompt, q=requests[i].text), image=requests[i].image) for i in to_caption
         ]
         captions: list[str | None] = [None] * len(requests)
-        for i, caption in zip(to_caption, _generate(self.adapter, caption_requests, tokens)):
+        for i, caption in zip(to_caption, _generate(self.adapter, caption_requests, tokens), strict=True):
             captions[i] = caption
 
         # Step 4: eyes closed - answer from the caption alone, never passing the image.
@@ -131,7 +131,7 @@ class ECSO:
             for i in to_answer
         ]
         finals = list(answers)
-        for i, final in zip(to_answer, _generate(self.adapter, safe_requests, tokens)):
+        for i, final in zip(to_answer, _generate(self.adapter, safe_requests, tokens), strict=True):
             finals[i] = final
 
         return [

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -35,7 +35,7 @@ def requests_from_index(index: pl.DataFrame) -> list[Request]:
     """One :class:`Request` per index row, in row order."""
     return [
         Request(text=text, image=Path(image) if image is not None else None)
-        for text, image in zip(index["text"].to_list(), index["image_path"].to_list())
+        for text, image in zip(index["text"].to_list(), index["image_path"].to_list(), strict=True)
     ]
 
 

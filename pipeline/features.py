@@ -6,8 +6,9 @@ Everything the probe needs is a function of ``h_b`` and ``h_m`` at the fusion la
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ class LSIFeatures:
     def __len__(self) -> int:
         return int(self.h_s.shape[0])
 
-    def take(self, rows: np.ndarray) -> "LSIFeatures":
+    def take(self, rows: np.ndarray) -> LSIFeatures:
         """The features of the given row positions."""
         return LSIFeatures(self.h_s[rows], self.delta_h[rows])
 
@@ -58,7 +59,9 @@ def states_for_requests(
     return flat.reshape(len(requests), len(VARIANTS), len(layers), flat.shape[-1])
 
 
-def features_from_states(states: np.ndarray, layers: Sequence[int], fusion_layer: int, safety_layer: int) -> LSIFeatures:
+def features_from_states(
+    states: np.ndarray, layers: Sequence[int], fusion_layer: int, safety_layer: int
+) -> LSIFeatures:
     """LSI features from states shaped ``(n, framings, layers, hidden)`` whose framings start benign, malicious.
 
     This is the store layout (``VARIANTS``) and also the live guard's two-framing layout.
@@ -94,9 +97,7 @@ def lsi_features(
     return features_from_states(states, layers, fusion_layer, safety_layer)
 
 
-def aligned_features(
-    store: "ActivationStore", row_ids: np.ndarray, fusion_layer: int, safety_layer: int
-) -> LSIFeatures:
+def aligned_features(store: ActivationStore, row_ids: np.ndarray, fusion_layer: int, safety_layer: int) -> LSIFeatures:
     """LSI features for ``row_ids`` (in that order) read lazily from a store.
 
     Only the two layers and two framings the probe uses are read from disk.

@@ -8,8 +8,8 @@ pass are sent to the model for an answer, so a refused request never produces mo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -110,9 +110,7 @@ class Guard:
         """Refusal probabilities for a batch of requests, shape ``(len(requests),)``."""
         if not requests:
             return np.zeros(0, dtype=np.float32)
-        features = lsi_features(
-            self.adapter, requests, self.prompts, self.meta.fusion_layer, self.meta.safety_layer
-        )
+        features = lsi_features(self.adapter, requests, self.prompts, self.meta.fusion_layer, self.meta.safety_layer)
         return self.probe.score(features)
 
     def check(self, requests: Sequence[Request]) -> list[GuardDecision]:
@@ -130,6 +128,6 @@ class Guard:
         if len(answers) != len(allowed):
             raise RuntimeError(f"model returned {len(answers)} answers for {len(allowed)} requests")
         responses = [self.refusal_message] * len(requests)
-        for i, answer in zip(allowed, answers):
+        for i, answer in zip(allowed, answers, strict=True):
             responses[i] = answer
-        return [GuardedResponse(decision, response) for decision, response in zip(decisions, responses)]
+        return [GuardedResponse(decision, response) for decision, response in zip(decisions, responses, strict=True)]

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, UnidentifiedImageError
+
+from pipeline.atomic import write_bytes_atomic
 
 TYPOGRAPHY_FONT_SIZE = 40
 TYPOGRAPHY_MARGIN = 24
@@ -209,20 +209,6 @@ def png_bytes(image: Image.Image) -> bytes:
     # A fixed compression level and no text chunks keep the output reproducible.
     image.save(buffer, format="PNG", compress_level=6, optimize=False)
     return buffer.getvalue()
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_png(image: Image.Image, path: str | Path) -> str:

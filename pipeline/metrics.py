@@ -6,7 +6,13 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    f1_score,
+    roc_auc_score,
+    roc_curve,
+)
 
 
 def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, max_fpr: float) -> float:
@@ -47,4 +53,4 @@ def per_group_metrics(frame: pl.DataFrame, group: str, tau: float) -> dict[str, 
 def roc_points(labels: np.ndarray, scores: np.ndarray, detector: str) -> list[dict[str, Any]]:
     """ROC curve as rows for ``dvc plots``."""
     fpr, tpr, _ = roc_curve(labels, scores)
-    return [{"detector": detector, "fpr": float(f), "tpr": float(t)} for f, t in zip(fpr, tpr)]
+    return [{"detector": detector, "fpr": float(f), "tpr": float(t)} for f, t in zip(fpr, tpr, strict=True)]

@@ -9,9 +9,10 @@ layers, dtype, code version); readers check it and refuse a mismatch by field na
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -51,13 +52,13 @@ class Provenance:
         return raw
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> "Provenance":
+    def from_json(cls, raw: dict[str, Any]) -> Provenance:
         """Inverse of :meth:`to_json`."""
         values = dict(raw)
         values["variants"], values["layers"] = tuple(values["variants"]), tuple(values["layers"])
         return cls(**values)
 
-    def differences(self, other: "Provenance") -> list[str]:
+    def differences(self, other: Provenance) -> list[str]:
         """Human-readable list of the fields in which two provenances differ."""
         mine, theirs = self.to_json(), other.to_json()
         return [f"{key}: store has {mine[key]!r}, expected {theirs[key]!r}" for key in mine if mine[key] != theirs[key]]
@@ -77,7 +78,7 @@ class ActivationStore:
     @classmethod
     def create(
         cls, path: Path, row_ids: Sequence[int], provenance: Provenance, shard_rows: int = 256
-    ) -> "ActivationStore":
+    ) -> ActivationStore:
         """Start a new store for ``row_ids``; an existing store at ``path`` is refused, never overwritten."""
         path = Path(path)
         if path.exists():
@@ -103,7 +104,7 @@ class ActivationStore:
         return cls(path, group)
 
     @classmethod
-    def open(cls, path: Path, expected: Provenance | None = None, require_complete: bool = True) -> "ActivationStore":
+    def open(cls, path: Path, expected: Provenance | None = None, require_complete: bool = True) -> ActivationStore:
         """Open a store for reading, refusing an unfinished one or one whose provenance differs."""
         path = Path(path)
         if not path.exists():

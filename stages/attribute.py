@@ -11,22 +11,20 @@ and writes, under ``data/attribution/``:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import polars as pl
 from tqdm import tqdm
 
 from pipeline.config import load_params
-from pipeline.models.base import Request
-from stages.common import run_stage, write_json_atomic
+from stages.common import BENIGN, HARMFUL, row_fields, row_request, run_stage, write_json_atomic
 
 PARAMS = Path("params.yaml")
 INDEX = Path("data/prepared/index.parquet")
 PROBE_DIR = Path("data/probe")
 OUT_DIR = Path("data/attribution")
-
-HARMFUL, BENIGN = 1, 0
 
 
 def _spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -69,17 +67,6 @@ def pick_examples(index: pl.DataFrame, n: int) -> pl.DataFrame:
     take[BENIGN] = min(n - take[HARMFUL], len(candidates[BENIGN]))
     chosen = [row["row_id"] for label in (HARMFUL, BENIGN) for row in candidates[label][: take[label]]]
     return test.filter(pl.col("row_id").is_in(chosen)).sort("row_id")
-
-
-def row_request(row: Mapping[str, Any]) -> Request:
-    """The model request for one index row (image path as stored, or none)."""
-    image = row.get("image_path")
-    return Request(text=str(row["text"]), image=Path(image) if image else None)
-
-
-def row_fields(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The index columns each record repeats, so a record can be read on its own."""
-    return {key: row.get(key) for key in ("row_id", "label", "category", "text", "image_path")}
 
 
 def row_title(row: Mapping[str, Any]) -> str:

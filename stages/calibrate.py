@@ -25,7 +25,9 @@ def main() -> None:
     probe, meta = load_probe(PROBE)
     index = read_index(INDEX)
     part = index.filter(index["split"] == "calib")
-    features = aligned_features(ActivationStore.open(STORE), part["row_id"].to_numpy(), meta.fusion_layer, meta.safety_layer)
+    features = aligned_features(
+        ActivationStore.open(STORE), part["row_id"].to_numpy(), meta.fusion_layer, meta.safety_layer
+    )
     calibration = choose_tau(part["label"].to_numpy(), probe.score(features), params.calibrate.target_fpr)
     save_calibration(calibration, OUT)
     print(f"tau={calibration.tau:.4f}: calibration FPR {calibration.calib_fpr:.3f}, TPR {calibration.calib_tpr:.3f}")

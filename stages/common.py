@@ -1,37 +1,84 @@
-"""What every stage shares: atomic writes, and one clear line instead of a traceback for bad input."""
+"""What every stage shares: sampling, request building, atomic writes, and one clear error line for bad input."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path`` and rename it over, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+import numpy as np
+import polars as pl
+
+from pipeline.atomic import write_text_atomic
+from pipeline.models.base import Request
+
+T = TypeVar("T")
+
+HARMFUL, BENIGN = 1, 0
+
+# Generation holds a KV cache per request; a small batch keeps memory flat on a laptop or a GPU.
+BATCH_SIZE = 4
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
     """One JSON document, atomically."""
-    _write_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def write_jsonl_atomic(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
     """One JSON object per line, atomically."""
-    _write_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+def row_request(row: Mapping[str, Any]) -> Request:
+    """The model request for one index row (image path as stored, or none)."""
+    image = row.get("image_path")
+    return Request(text=str(row["text"]), image=Path(image) if image else None)
+
+
+def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """Consecutive slices of at most ``size`` items."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def row_fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The index columns every output line repeats, so a line can be read on its own."""
+    return {key: row.get(key) for key in ("row_id", "label", "category", "text", "image_path")}
+
+
+def balanced_test_sample(index: pl.DataFrame, sample_size: int, seed: int) -> pl.DataFrame:
+    """A deterministic sample of test-split rows, half harmful and half benign, sorted by ``row_id``.
+
+    Rows are sorted by ``row_id`` before drawing so the sample does not depend on the index's
+    row order. Harmful gets the odd row out. When one label has too few rows, the other fills
+    the gap, so the sample is as large as the test split allows.
+    """
+    if sample_size < 1:
+        raise ValueError(f"sample_size must be at least 1, got {sample_size}")
+    test = index.filter(pl.col("split") == "test").sort("row_id")
+    if test.height == 0:
+        raise ValueError("the index has no test-split rows to sample from")
+    rng = np.random.default_rng(seed)
+    ids = {label: test.filter(pl.col("label") == label)["row_id"].to_numpy() for label in (HARMFUL, BENIGN)}
+    shuffled = {label: ids[label][rng.permutation(len(ids[label]))] for label in (HARMFUL, BENIGN)}
+    quota = {HARMFUL: (sample_size + 1) // 2, BENIGN: sample_size // 2}
+    take = {label: min(quota[label], len(ids[label])) for label in (HARMFUL, BENIGN)}
+    shortfall = sample_size - sum(take.values())
+    for label in (HARMFUL, BENIGN):
+        extra = min(shortfall, len(ids[label]) - take[label])
+        take[label] += extra
+        shortfall -= extra
+    chosen = np.concatenate([shuffled[label][: take[label]] for label in (HARMFUL, BENIGN)])
+    return test.filter(pl.col("row_id").is_in(chosen.tolist())).sort("row_id")
+
+
+def rate(records: Sequence[Mapping[str, Any]], key: str, label: int) -> float | None:
+    """Fraction of records with ``label`` whose ``key`` is true; None (JSON null) when there are none."""
+    values = [bool(r[key]) for r in records if r["label"] == label]
+    return sum(values) / len(values) if values else None
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:

@@ -8,27 +8,32 @@ changed, for ``dvc metrics``).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
 from pipeline.config import load_params
 from pipeline.ecso import ECSO, ECSORecord
-from stages.guard import (
+from stages.common import (
     BATCH_SIZE,
     BENIGN,
     HARMFUL,
-    INDEX,
-    PARAMS,
     balanced_test_sample,
     batches,
     rate,
     row_fields,
     row_request,
+    run_stage,
+    write_json_atomic,
+    write_jsonl_atomic,
 )
-from stages.common import run_stage, write_json_atomic, write_jsonl_atomic
+
+PARAMS = Path("params.yaml")
+INDEX = Path("data/prepared/index.parquet")
+
 
 OUT_DIR = Path("data/ecso")
 
@@ -64,7 +69,7 @@ def main() -> None:
     records: list[dict[str, Any]] = []
     for batch in tqdm(list(batches(rows, BATCH_SIZE)), desc="ecso", unit="batch"):
         results = ecso.run([row_request(row) for row in batch])
-        records.extend(ecso_record(row, result) for row, result in zip(batch, results))
+        records.extend(ecso_record(row, result) for row, result in zip(batch, results, strict=True))
 
     write_jsonl_atomic(OUT_DIR / "records.jsonl", records)
     summary = ecso_summary(records)

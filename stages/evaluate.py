@@ -7,13 +7,20 @@ at the same target false-positive rate as LSI, so the numbers compare like with 
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import polars as pl
 
-from pipeline.baselines import fit_logistic, length_features, lsi_inputs, positive_scores, style_features
+from pipeline.baselines import (
+    fit_logistic,
+    length_features,
+    lsi_inputs,
+    positive_scores,
+    style_features,
+)
 from pipeline.calibration import choose_tau, load_calibration
 from pipeline.config import load_params
 from pipeline.features import LSIFeatures, aligned_features
@@ -66,13 +73,19 @@ def main() -> None:
     test_scores: dict[str, np.ndarray] = {}
     for name, score in scorers.items():
         # LSI uses the calibrate stage's tau; baselines get theirs the same way, on the same split.
-        tau = calibration.tau if name == "lsi" else choose_tau(labels["calib"], score("calib"), params.calibrate.target_fpr).tau
+        tau = (
+            calibration.tau
+            if name == "lsi"
+            else choose_tau(labels["calib"], score("calib"), params.calibrate.target_fpr).tau
+        )
         test_scores[name] = score("test")
         detectors[name] = {"tau": tau, **detection_metrics(labels["test"], test_scores[name], tau)}
         points.extend(roc_points(labels["test"], test_scores[name], name))
 
-    scored = parts["test"].select("row_id", "source", "category", "label", "text").with_columns(
-        pl.Series("score", test_scores["lsi"])
+    scored = (
+        parts["test"]
+        .select("row_id", "source", "category", "label", "text")
+        .with_columns(pl.Series("score", test_scores["lsi"]))
     )
     metrics = {
         "detectors": detectors,
@@ -95,8 +108,10 @@ def main() -> None:
     )
     plot_roc(points, OUT / "roc.png", f"Test split ROC (n={len(labels['test'])})")
     for name, row in detectors.items():
-        print(f"{name:22s} AUROC {row['auroc']:.3f}  TPR@5%FPR {row['tpr_at_5pct_fpr']:.3f}  "
-              f"F1@tau {row['f1']:.3f}  FPR@tau {row['fpr']:.3f}")
+        print(
+            f"{name:22s} AUROC {row['auroc']:.3f}  TPR@5%FPR {row['tpr_at_5pct_fpr']:.3f}  "
+            f"F1@tau {row['f1']:.3f}  FPR@tau {row['fpr']:.3f}"
+        )
 
 
 if __name__ == "__main__":

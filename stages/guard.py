@@ -10,74 +10,34 @@ defences are shown the same kind of sample.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any
 
-import numpy as np
-import polars as pl
 from tqdm import tqdm
 
 from pipeline.config import load_params
 from pipeline.guard import Guard, GuardedResponse
-from pipeline.models.base import Request
 from pipeline.probe import load_probe
-from stages.common import run_stage, write_json_atomic, write_jsonl_atomic
+from stages.common import (
+    BATCH_SIZE,
+    BENIGN,
+    HARMFUL,
+    balanced_test_sample,
+    batches,
+    rate,
+    row_fields,
+    row_request,
+    run_stage,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 
 PARAMS = Path("params.yaml")
 INDEX = Path("data/prepared/index.parquet")
 PROBE_DIR = Path("data/probe")
 CALIBRATION = Path("data/calibration/calibration.json")
 OUT_DIR = Path("data/guard")
-
-# Generation holds a KV cache per request; a small batch keeps memory flat on a laptop or a GPU.
-BATCH_SIZE = 4
-
-HARMFUL, BENIGN = 1, 0
-
-T = TypeVar("T")
-
-
-def balanced_test_sample(index: pl.DataFrame, sample_size: int, seed: int) -> pl.DataFrame:
-    """A deterministic sample of test-split rows, half harmful and half benign, sorted by ``row_id``.
-
-    Rows are sorted by ``row_id`` before drawing so the sample does not depend on the index's
-    row order. Harmful gets the odd row out. When one label has too few rows, the other fills
-    the gap, so the sample is as large as the test split allows.
-    """
-    if sample_size < 1:
-        raise ValueError(f"sample_size must be at least 1, got {sample_size}")
-    test = index.filter(pl.col("split") == "test").sort("row_id")
-    if test.height == 0:
-        raise ValueError("the index has no test-split rows to sample from")
-    rng = np.random.default_rng(seed)
-    ids = {label: test.filter(pl.col("label") == label)["row_id"].to_numpy() for label in (HARMFUL, BENIGN)}
-    shuffled = {label: ids[label][rng.permutation(len(ids[label]))] for label in (HARMFUL, BENIGN)}
-    quota = {HARMFUL: (sample_size + 1) // 2, BENIGN: sample_size // 2}
-    take = {label: min(quota[label], len(ids[label])) for label in (HARMFUL, BENIGN)}
-    shortfall = sample_size - sum(take.values())
-    for label in (HARMFUL, BENIGN):
-        extra = min(shortfall, len(ids[label]) - take[label])
-        take[label] += extra
-        shortfall -= extra
-    chosen = np.concatenate([shuffled[label][: take[label]] for label in (HARMFUL, BENIGN)])
-    return test.filter(pl.col("row_id").is_in(chosen.tolist())).sort("row_id")
-
-
-def row_request(row: Mapping[str, Any]) -> Request:
-    """The model request for one index row (image path as stored, or none)."""
-    image = row.get("image_path")
-    return Request(text=str(row["text"]), image=Path(image) if image else None)
-
-
-def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    """Consecutive slices of at most ``size`` items."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def row_fields(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The index columns every output line repeats, so a line can be read on its own."""
-    return {key: row.get(key) for key in ("row_id", "label", "category", "text", "image_path")}
 
 
 def guard_record(row: Mapping[str, Any], guarded: GuardedResponse) -> dict[str, Any]:
@@ -91,12 +51,6 @@ def guard_record(row: Mapping[str, Any], guarded: GuardedResponse) -> dict[str, 
         "reason": decision.reason,
         "response": guarded.response,
     }
-
-
-def rate(records: Sequence[Mapping[str, Any]], key: str, label: int) -> float | None:
-    """Fraction of records with ``label`` whose ``key`` is true; None (JSON null) when there are none."""
-    values = [bool(r[key]) for r in records if r["label"] == label]
-    return sum(values) / len(values) if values else None
 
 
 def guard_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -129,7 +83,7 @@ def main() -> None:
     records: list[dict[str, Any]] = []
     for batch in tqdm(list(batches(rows, BATCH_SIZE)), desc="guard", unit="batch"):
         responses = guard.generate([row_request(row) for row in batch], params.guard.max_new_tokens)
-        records.extend(guard_record(row, response) for row, response in zip(batch, responses))
+        records.extend(guard_record(row, response) for row, response in zip(batch, responses, strict=True))
 
     write_jsonl_atomic(OUT_DIR / "responses.jsonl", records)
     summary = guard_summary(records)

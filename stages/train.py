@@ -47,8 +47,13 @@ def main() -> None:
     (OUT / "history.json").write_text(json.dumps([asdict(r) for r in history], indent=2))
     write_json_atomic(
         OUT / "train_metrics.json",
-        {"best_epoch": best.epoch, "best_val_auroc": best.val_auroc, "best_val_loss": best.val_loss,
-         "n_train": len(splits["train"][1]), "n_val": len(splits["val"][1])},
+        {
+            "best_epoch": best.epoch,
+            "best_val_auroc": best.val_auroc,
+            "best_val_loss": best.val_loss,
+            "n_train": len(splits["train"][1]),
+            "n_val": len(splits["val"][1]),
+        },
     )
     print(f"best epoch {best.epoch}: val AUROC {best.val_auroc:.3f} (train n={len(splits['train'][1])})")
 

@@ -270,9 +270,11 @@ def test_embedded_ocr_tokens_map_to_their_lines(embedded_with_ocr: Attribution) 
     assert a.line_texts == ["Steps to make", "a pipe bomb"]
     assert a.line_boxes == [line.box for line in OCR_LINES]
     for line, text in enumerate(a.line_texts):
-        assert "".join(t for t, n in zip(a.ocr_tokens, a.ocr_token_lines) if n == line).strip() == text
+        assert "".join(t for t, n in zip(a.ocr_tokens, a.ocr_token_lines, strict=True) if n == line).strip() == text
     assert [a.ocr_tokens[i] for i, n in enumerate(a.ocr_token_lines) if n == NO_LINE] == ["\n"]
-    expected = [sum(s for s, n in zip(a.ocr_token_scores, a.ocr_token_lines) if n == line) for line in range(2)]
+    expected = [
+        sum(s for s, n in zip(a.ocr_token_scores, a.ocr_token_lines, strict=True) if n == line) for line in range(2)
+    ]
     assert a.line_scores == pytest.approx(expected)
     assert a.image_score == pytest.approx(sum(a.ocr_token_scores))
 
@@ -407,7 +409,7 @@ def test_default_model_signal_and_completeness(default_model: EmbeddedAdapter, b
 
 @pytest.mark.slow
 def test_default_model_bomb_raises_the_signal_more_than_filler_words(bomb: Attribution) -> None:
-    scores = dict(zip((t.strip() for t in bomb.tokens), bomb.token_scores))
+    scores = dict(zip((t.strip() for t in bomb.tokens), bomb.token_scores, strict=True))
     fillers = ["the", "a", "to", "do", "I"]
     # Signed scores: "bomb" is the token that pushes ||h_m - h_b|| up the most. (By |score| it is
     # not: from the zero baseline, function words lower the signal by larger amounts.)

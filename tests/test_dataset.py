@@ -132,7 +132,7 @@ def test_build_index_columns_images_and_order(tmp_path: Path) -> None:
     kinds = index["image_kind"].to_list()
     assert kinds[:5] == [None, "typography", "scene", "file", None]
     assert index["image_text"].to_list()[:3] == [None, "typed words", "a field"]
-    for path, digest in zip(index["image_path"], index["image_sha256"]):
+    for path, digest in zip(index["image_path"], index["image_sha256"], strict=True):
         if path is not None:
             assert Path(path).parent == out / "images" and sha256_file(path) == digest
     # Given files are copied byte for byte, not re-encoded.
@@ -208,7 +208,7 @@ def _demo_splits(records: list[RequestRecord], seed: int = 0) -> list[str]:
 def test_no_request_spans_two_splits(demo_records: list[RequestRecord]) -> None:
     splits = _demo_splits(demo_records)
     seen: dict[str, set[str]] = {}
-    for record, split in zip(demo_records, splits):
+    for record, split in zip(demo_records, splits, strict=True):
         seen.setdefault(record.request_id, set()).add(split)
     assert all(len(s) == 1 for s in seen.values())
     repeats = Counter(r.request_id for r in demo_records)
@@ -219,7 +219,7 @@ def test_every_split_has_both_labels_and_its_share(demo_records: list[RequestRec
     splits = _demo_splits(demo_records)
     expected = dict(PrepareConfig().split_fractions)
     for split in SPLITS:
-        labels = Counter(r.label for r, s in zip(demo_records, splits) if s == split)
+        labels = Counter(r.label for r, s in zip(demo_records, splits, strict=True) if s == split)
         assert set(labels) == set(LABELS), f"{split} lacks a label"
         share = sum(labels.values()) / len(demo_records)
         assert abs(share - expected[split]) < 0.05, f"{split}: {share:.2f} vs {expected[split]}"

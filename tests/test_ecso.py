@@ -11,8 +11,8 @@ import json
 import re
 import sys
 import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import polars as pl
@@ -20,7 +20,14 @@ import pytest
 import torch
 
 from pipeline.config import ECSOConfig
-from pipeline.ecso import ECSO, NO_IMAGE_CAPTION, ECSORecord, check_prompts, fill, is_yes
+from pipeline.ecso import (
+    ECSO,
+    NO_IMAGE_CAPTION,
+    ECSORecord,
+    check_prompts,
+    fill,
+    is_yes,
+)
 from pipeline.models.base import ModelInfo, Request
 from stages.ecso import ecso_record, ecso_summary
 
@@ -110,7 +117,9 @@ def run() -> tuple[FakeAdapter, list[ECSORecord]]:
     return adapter, ECSO(adapter, CONFIG).run(REQUESTS)
 
 
-def test_each_step_is_one_batched_call_over_the_requests_that_need_it(run: tuple[FakeAdapter, list[ECSORecord]]) -> None:
+def test_each_step_is_one_batched_call_over_the_requests_that_need_it(
+    run: tuple[FakeAdapter, list[ECSORecord]],
+) -> None:
     adapter, _ = run
     assert [len(call) for call in adapter.generate_calls] == [4, 4, 1, 2]
     answer, judge, caption, safe = adapter.generate_calls
@@ -128,7 +137,7 @@ def test_records_keep_every_step(run: tuple[FakeAdapter, list[ECSORecord]]) -> N
     _, records = run
     assert [r.judged_harmful for r in records] == [True, True, False, False]
     assert [r.harm_check_raw for r in records] == ["Yes.", "yes", "no", "yesterday"]
-    for request, record in zip(REQUESTS, records):
+    for request, record in zip(REQUESTS, records, strict=True):
         assert record.answer == f"first answer to <{request.text}>"
 
     with_image, text_only, safe_image, safe_text = records
@@ -178,12 +187,21 @@ def test_stage_record_and_summary(run: tuple[FakeAdapter, list[ECSORecord]]) -> 
     _, records = run
     rows = [
         {"row_id": i, "label": label, "category": "c", "text": r.text, "image_path": str(r.image) if r.image else None}
-        for i, (label, r) in enumerate(zip([1, 1, 0, 0], REQUESTS))
+        for i, (label, r) in enumerate(zip([1, 1, 0, 0], REQUESTS, strict=True))
     ]
-    lines = [ecso_record(row, record) for row, record in zip(rows, records)]
+    lines = [ecso_record(row, record) for row, record in zip(rows, records, strict=True)]
     assert set(lines[0]) == {
-        "row_id", "label", "category", "text", "image_path",
-        "answer", "harm_check_raw", "judged_harmful", "caption", "final_answer", "changed",
+        "row_id",
+        "label",
+        "category",
+        "text",
+        "image_path",
+        "answer",
+        "harm_check_raw",
+        "judged_harmful",
+        "caption",
+        "final_answer",
+        "changed",
     }
     json.dumps(lines)  # every line must be JSON-serialisable
     assert ecso_summary(lines) == {

@@ -9,7 +9,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.models.base import Request
-from pipeline.models.embedded import IMAGE_CLOSE, IMAGE_OPEN, EmbeddedAdapter, ModelLoadError
+from pipeline.models.embedded import (
+    IMAGE_CLOSE,
+    IMAGE_OPEN,
+    EmbeddedAdapter,
+    ModelLoadError,
+)
 from pipeline.models.ocr import UnreadableImage
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,12 @@ from PIL import Image
 
 from pipeline.config import ExtractConfig
 from pipeline.extraction import extract_to_store, store_provenance
-from pipeline.features import aligned_features, features_from_states, lsi_features, states_for_requests
+from pipeline.features import (
+    aligned_features,
+    features_from_states,
+    lsi_features,
+    states_for_requests,
+)
 from pipeline.models.base import Request
 from pipeline.models.hf_vlm import HFVisionLanguageAdapter
 from pipeline.prompts import ContrastivePrompts
@@ -34,18 +39,29 @@ def index(tmp_path_factory: pytest.TempPathFactory) -> pl.DataFrame:
         if i % 3 != 0:
             image = folder / f"{i}.png"
             Image.new("RGB", (40, 30), (20 * i, 100, 255 - 20 * i)).save(image)
-        rows.append({"row_id": 10 + i, "text": f"request number {i} " + "word " * i, "image_path": str(image) if image else None})
+        rows.append(
+            {
+                "row_id": 10 + i,
+                "text": f"request number {i} " + "word " * i,
+                "image_path": str(image) if image else None,
+            }
+        )
     return pl.DataFrame(rows)
 
 
 def test_store_holds_the_adapters_states(adapter: HFVisionLanguageAdapter, index: pl.DataFrame, tmp_path: Path) -> None:
     prompts = ContrastivePrompts()
     store = extract_to_store(
-        adapter, index, prompts, ExtractConfig(layers=LAYERS, batch_size=3, shard_rows=4), tmp_path / "s.zarr", progress=False
+        adapter,
+        index,
+        prompts,
+        ExtractConfig(layers=LAYERS, batch_size=3, shard_rows=4),
+        tmp_path / "s.zarr",
+        progress=False,
     )
     assert store.num_rows == 11 and store.row_ids.tolist() == index["row_id"].to_list()
     assert store.provenance == store_provenance(adapter, prompts, LAYERS)
-    requests = [Request(t, Path(p) if p else None) for t, p in zip(index["text"], index["image_path"])]
+    requests = [Request(t, Path(p) if p else None) for t, p in zip(index["text"], index["image_path"], strict=True)]
     direct = states_for_requests(adapter, requests, prompts, LAYERS).numpy()
     stored = ActivationStore.open(tmp_path / "s.zarr").states().compute().astype(np.float32)
     np.testing.assert_allclose(stored, direct, rtol=2e-3, atol=2e-3)  # float16 storage
@@ -55,7 +71,9 @@ def test_features_follow_the_callers_row_order(
     adapter: HFVisionLanguageAdapter, index: pl.DataFrame, tmp_path: Path
 ) -> None:
     prompts = ContrastivePrompts()
-    store = extract_to_store(adapter, index, prompts, ExtractConfig(layers=LAYERS, shard_rows=5), tmp_path / "s.zarr", progress=False)
+    store = extract_to_store(
+        adapter, index, prompts, ExtractConfig(layers=LAYERS, shard_rows=5), tmp_path / "s.zarr", progress=False
+    )
     wanted = np.array([17, 10, 20, 13])
     features = aligned_features(store, wanted, fusion_layer=3, safety_layer=0)
     all_states = store.states().compute()
@@ -70,7 +88,9 @@ def test_features_follow_the_callers_row_order(
 def test_live_features_match_stored(adapter: HFVisionLanguageAdapter, index: pl.DataFrame, tmp_path: Path) -> None:
     prompts = ContrastivePrompts()
     store = extract_to_store(adapter, index, prompts, ExtractConfig(layers=LAYERS), tmp_path / "s.zarr", progress=False)
-    requests = [Request(t, Path(p) if p else None) for t, p in zip(index["text"][:4], index["image_path"][:4])]
+    requests = [
+        Request(t, Path(p) if p else None) for t, p in zip(index["text"][:4], index["image_path"][:4], strict=True)
+    ]
     live = lsi_features(adapter, requests, prompts, fusion_layer=3, safety_layer=1)
     stored = aligned_features(store, index["row_id"].to_numpy()[:4], 3, 1)
     np.testing.assert_allclose(live.h_s, stored.h_s, atol=2e-3, rtol=2e-3)

@@ -11,14 +11,12 @@ import hashlib
 import json
 import sys
 import types
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import polars as pl
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -26,13 +24,8 @@ from pipeline.guard import DEFAULT_REFUSAL_MESSAGE, Guard, GuardDecision, decide
 from pipeline.models.base import ModelInfo, Request
 from pipeline.probe import LSIProbe, ProbeMeta, save_probe
 from pipeline.prompts import ContrastivePrompts
-from stages.guard import (
-    balanced_test_sample,
-    batches,
-    guard_summary,
-    row_request,
-)
-from stages.common import write_json_atomic, write_jsonl_atomic
+from stages.common import balanced_test_sample, batches, row_request, write_json_atomic, write_jsonl_atomic
+from stages.guard import guard_summary
 
 HIDDEN = 8
 NUM_LAYERS = 4
@@ -188,8 +181,13 @@ def test_guard_refuses_a_probe_trained_under_other_prompts_or_model(adapter: Fak
     with pytest.raises(ValueError, match=r"template_malicious: probe has 'M \{q\}'"):
         Guard(adapter, probe, trained, TAU, ContrastivePrompts(benign="B {q}", malicious="Evil {q}"))
     with pytest.raises(ValueError, match="model_revision"):
-        Guard(adapter, probe, replace(trained, store_provenance={**recorded, "model_revision": "1"}), TAU,
-              ContrastivePrompts(benign="B {q}", malicious="M {q}"))
+        Guard(
+            adapter,
+            probe,
+            replace(trained, store_provenance={**recorded, "model_revision": "1"}),
+            TAU,
+            ContrastivePrompts(benign="B {q}", malicious="M {q}"),
+        )
 
 
 def test_guard_refuses_a_probe_for_another_model(adapter: FakeAdapter) -> None:
@@ -339,7 +337,16 @@ def test_stage_main_end_to_end_with_fakes(tmp_path: Path, monkeypatch: pytest.Mo
     lines = [json.loads(line) for line in Path("data/guard/responses.jsonl").read_text().splitlines()]
     assert len(lines) == 6
     assert set(lines[0]) == {
-        "row_id", "label", "category", "text", "image_path", "score", "tau", "refused", "reason", "response",
+        "row_id",
+        "label",
+        "category",
+        "text",
+        "image_path",
+        "score",
+        "tau",
+        "refused",
+        "reason",
+        "response",
     }
     assert all(line["refused"] == (line["label"] == 1) for line in lines)
     summary = json.loads(Path("data/guard/summary.json").read_text())

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pytest
 import torch
@@ -121,9 +121,7 @@ def test_last_token_is_end_of_generation_prompt(adapter: HFVisionLanguageAdapter
     state = adapter.last_token_states([request], [1])[0, 0]
     # The reference at the final position matches, and the one before it does not, so the
     # comparison really pins the position down.
-    batch = adapter.processor(
-        text=[prompt], images=[Image.open(request.image).convert("RGB")], return_tensors="pt"
-    )
+    batch = adapter.processor(text=[prompt], images=[Image.open(request.image).convert("RGB")], return_tensors="pt")
     with torch.inference_mode():
         hidden = adapter.model(**batch, output_hidden_states=True).hidden_states[2][0]
     torch.testing.assert_close(state, hidden[-1], rtol=0, atol=ATOL)

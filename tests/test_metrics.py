@@ -6,8 +6,18 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.baselines import fit_logistic, length_features, positive_scores, style_features
-from pipeline.metrics import detection_metrics, per_group_metrics, roc_points, tpr_at_fpr
+from pipeline.baselines import (
+    fit_logistic,
+    length_features,
+    positive_scores,
+    style_features,
+)
+from pipeline.metrics import (
+    detection_metrics,
+    per_group_metrics,
+    roc_points,
+    tpr_at_fpr,
+)
 
 
 def test_perfect_and_inverted_scores() -> None:

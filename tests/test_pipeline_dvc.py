@@ -87,7 +87,10 @@ def test_full_pipeline_writes_every_output(repo: Path) -> None:
     assert {"lsi", "logreg_hs_delta", "length_only", "style_only"} <= set(metrics["detectors"])
     assert 0.0 <= metrics["detectors"]["lsi"]["auroc"] <= 1.0
     assert sorted(p.name for p in (repo / "data/eval/roc").iterdir()) == [
-        "length_only.csv", "logreg_hs_delta.csv", "lsi.csv", "style_only.csv"
+        "length_only.csv",
+        "logreg_hs_delta.csv",
+        "lsi.csv",
+        "style_only.csv",
     ]
     assert (repo / "data/eval/roc.png").stat().st_size > 0
     assert (repo / "data/probe/probe.safetensors").is_file()

@@ -60,8 +60,10 @@ def test_bad_source_exits_1_without_traceback(
 ) -> None:
     source = tmp_path / "bad.jsonl"
     source.write_text(
-        json.dumps({"request_id": "a", "category": "c", "label": "benign", "text": "fine"}) + "\n"
-        + json.dumps({"request_id": "b", "category": "c", "label": "maybe", "text": "not fine"}) + "\n"
+        json.dumps({"request_id": "a", "category": "c", "label": "benign", "text": "fine"})
+        + "\n"
+        + json.dumps({"request_id": "b", "category": "c", "label": "maybe", "text": "not fine"})
+        + "\n"
     )
     _params(tmp_path, [str(source)])
     monkeypatch.chdir(tmp_path)

@@ -12,7 +12,14 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.features import LSIFeatures
-from pipeline.probe import LSIProbe, ProbeMeta, best_epoch, load_probe, save_probe, train_probe
+from pipeline.probe import (
+    LSIProbe,
+    ProbeMeta,
+    best_epoch,
+    load_probe,
+    save_probe,
+    train_probe,
+)
 
 HIDDEN = 16
 

@@ -10,9 +10,10 @@ Layer convention: "layer k" is the output of decoder block k, 0-based; in Huggin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 

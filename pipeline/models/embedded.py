@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -71,7 +71,7 @@ class EmbeddedAdapter:
     @classmethod
     def from_folder(
         cls, folder: Path, dtype: str = "float32", device: str = "auto", ocr_cache: Path | None = None
-    ) -> "EmbeddedAdapter":
+    ) -> EmbeddedAdapter:
         """Load a folder written by :func:`convert_gguf_to_folder`."""
         folder = Path(folder)
         provenance_path = folder / PROVENANCE_FILE

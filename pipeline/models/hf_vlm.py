@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, ProcessorMixin
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BatchFeature,
+    ProcessorMixin,
+)
 
 from pipeline.images import load_image
 from pipeline.models.base import ModelInfo, Request, check_layers

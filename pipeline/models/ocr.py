@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
+
+from pipeline.atomic import write_text_atomic
 
 
 class UnreadableImage(ValueError):
@@ -61,7 +61,9 @@ class ImageReader:
     def _get_engine(self) -> Any:
         with self._lock:
             if self._engine is None:
-                from rapidocr import RapidOCR  # heavy import, only when an image is read
+                from rapidocr import (
+                    RapidOCR,  # heavy import, only when an image is read
+                )
 
                 self._engine = RapidOCR(params={"Global.log_level": "error"})
             return self._engine
@@ -84,9 +86,11 @@ class ImageReader:
         output = self._get_engine()(np.asarray(rgb)[:, :, ::-1])  # RapidOCR expects BGR like OpenCV
         lines: list[OCRLine] = []
         if output.txts:
-            for text, box, score in zip(output.txts, output.boxes, output.scores):
+            for text, box, score in zip(output.txts, output.boxes, output.scores, strict=True):
                 if float(score) >= self.min_score and text.strip():
-                    lines.append(OCRLine(text=text.strip(), box=[[float(x), float(y)] for x, y in box], score=float(score)))
+                    lines.append(
+                        OCRLine(text=text.strip(), box=[[float(x), float(y)] for x, y in box], score=float(score))
+                    )
         result = OCRResult(tuple(lines))
         self._cache_put(digest, result)
         return result
@@ -108,9 +112,5 @@ class ImageReader:
         path = self._cache_path(digest)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Atomic write: concurrent readers never see half a file.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"lines": [asdict(line) for line in result.lines]}, handle)
-        os.replace(tmp, path)
+        # Atomic: concurrent readers never see half a file.
+        write_text_atomic(path, json.dumps({"lines": [asdict(line) for line in result.lines]}))
