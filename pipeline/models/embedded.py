@@ -121,7 +121,10 @@ class EmbeddedAdapter:
         mask = batch["attention_mask"]
         return run_to_layers(
             lambda: self.model.model(
-                input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask)
+                input_ids=batch["input_ids"],
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
+                use_cache=False,
             ),
             self.model.model.layers,
             layers,

@@ -26,7 +26,7 @@ from transformers import (
 
 from pipeline.images import load_image
 from pipeline.models.base import ModelInfo, Request, check_layers
-from pipeline.models.hooks import find_decoder_layers, run_to_layers
+from pipeline.models.hooks import find_decoder_layers, position_ids_from_mask, run_to_layers
 
 # model_type in config.json -> what it is. Only architectures whose chat template, image
 # handling and decoder layout have been checked end to end belong here.
@@ -133,16 +133,6 @@ def _chunks(items: Sequence[Request], size: int) -> Iterator[Sequence[Request]]:
         yield items[start : start + size]
 
 
-def _positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 at each row's first real token, as generation computes them.
-
-    Without them a left-padded row's tokens would sit at shifted positions; RoPE makes that
-    nearly harmless, but the states would then differ from the unbatched ones by rounding.
-    """
-    positions = attention_mask.long().cumsum(dim=-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)
-
-
 class HFVisionLanguageAdapter:
     """A local Hugging Face image-text-to-text model and its processor, behind :class:`ModelAdapter`."""
 
@@ -243,7 +233,7 @@ class HFVisionLanguageAdapter:
         for chunk in _chunks(requests, self.batch_size):
             batch = self._encode(chunk)
             mask = batch["attention_mask"]
-            positions = _positions_from_mask(mask)
+            positions = position_ids_from_mask(mask)
 
             def forward(batch: BatchFeature = batch, positions: torch.Tensor = positions) -> object:
                 return self.model(**batch, position_ids=positions, use_cache=False)
