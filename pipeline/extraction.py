@@ -16,6 +16,10 @@ from pipeline.prompts import VARIANTS, ContrastivePrompts
 from pipeline.store import ActivationStore, Provenance
 
 
+class ExtractionError(ValueError):
+    """A request the model could not read, named by its index rows."""
+
+
 def store_provenance(adapter: ModelAdapter, prompts: ContrastivePrompts, layers: Sequence[int]) -> Provenance:
     """The provenance a store written by ``adapter`` under these prompts and layers carries."""
     info = adapter.info
@@ -58,17 +62,19 @@ def extract_to_store(
     """
     index = index.sort("row_id")
     requests = requests_from_index(index)
-    store = ActivationStore.create(
-        path, index["row_id"].to_list(), store_provenance(adapter, prompts, config.layers), config.shard_rows
-    )
-    bar = tqdm(total=len(requests), desc="extract", unit="req", disable=not progress)
-    for shard_start, shard_end in _batches(len(requests), store.shard_rows):
-        blocks: list[np.ndarray] = []
-        for lo, hi in _batches(shard_end, config.batch_size, start=shard_start):
-            states = states_for_requests(adapter, requests[lo:hi], prompts, config.layers)
-            blocks.append(states.numpy())
-            bar.update(hi - lo)
-        store.write_block(shard_start, np.concatenate(blocks))
-    bar.close()
+    row_ids = index["row_id"].to_list()
+    store = ActivationStore.create(path, row_ids, store_provenance(adapter, prompts, config.layers), config.shard_rows)
+    # The context manager ends the progress line even on error, so the error starts on its own line.
+    with tqdm(total=len(requests), desc="extract", unit="req", disable=not progress) as bar:
+        for shard_start, shard_end in _batches(len(requests), store.shard_rows):
+            blocks: list[np.ndarray] = []
+            for lo, hi in _batches(shard_end, config.batch_size, start=shard_start):
+                try:
+                    states = states_for_requests(adapter, requests[lo:hi], prompts, config.layers)
+                except ValueError as exc:  # unreadable images and the like: say which rows
+                    raise ExtractionError(f"index rows {row_ids[lo:hi]}: {exc}") from exc
+                blocks.append(states.numpy())
+                bar.update(hi - lo)
+            store.write_block(shard_start, np.concatenate(blocks))
     store.mark_complete()
     return store

@@ -88,6 +88,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConfigError, StoreError, FileNotFoundError]
     for module, name in (
         ("pipeline.dataset", "DatasetError"),
+        ("pipeline.extraction", "ExtractionError"),
         ("pipeline.images", "ImageError"),
         ("pipeline.models.ocr", "UnreadableImage"),
         ("pipeline.models.embedded", "ModelLoadError"),

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ExtractConfig
-from pipeline.extraction import extract_to_store, store_provenance
+from pipeline.extraction import ExtractionError, extract_to_store, store_provenance
 from pipeline.features import (
     aligned_features,
     features_from_states,
@@ -20,7 +20,7 @@ from pipeline.features import (
 from pipeline.models.base import Request
 from pipeline.models.hf_vlm import HFVisionLanguageAdapter
 from pipeline.prompts import ContrastivePrompts
-from pipeline.store import ActivationStore
+from pipeline.store import ActivationStore, StoreError
 
 LAYERS = (0, 1, 3)
 
@@ -95,3 +95,18 @@ def test_live_features_match_stored(adapter: HFVisionLanguageAdapter, index: pl.
     stored = aligned_features(store, index["row_id"].to_numpy()[:4], 3, 1)
     np.testing.assert_allclose(live.h_s, stored.h_s, atol=2e-3, rtol=2e-3)
     np.testing.assert_allclose(live.delta_h, stored.delta_h, atol=4e-3, rtol=4e-3)
+
+
+def test_unreadable_image_names_the_rows(adapter: HFVisionLanguageAdapter, index: pl.DataFrame, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    bad = index.with_columns(
+        pl.when(pl.col("row_id") == 15).then(pl.lit(str(broken))).otherwise(pl.col("image_path")).alias("image_path")
+    )
+    with pytest.raises(ExtractionError, match=r"index rows \[.*15.*\]: .*broken.png"):
+        extract_to_store(
+            adapter, bad, ContrastivePrompts(), ExtractConfig(layers=LAYERS), tmp_path / "s.zarr", progress=False
+        )
+    # the unfinished store is never mistaken for a finished one
+    with pytest.raises(StoreError, match="did not finish"):
+        ActivationStore.open(tmp_path / "s.zarr")
