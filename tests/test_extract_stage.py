@@ -17,7 +17,13 @@ from stages.common import run_stage
 
 def write_index(root: Path, image: Path) -> None:
     rows = [
-        {"row_id": i, "text": f"request {i}", "image_path": str(image) if i % 2 else None, "split": "train", "label": i % 2}
+        {
+            "row_id": i,
+            "text": f"request {i}",
+            "image_path": str(image) if i % 2 else None,
+            "split": "train",
+            "label": i % 2,
+        }
         for i in range(6)
     ]
     folder = root / "data" / "prepared"
