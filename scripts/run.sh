@@ -7,4 +7,16 @@ source scripts/bootstrap.sh
 [ -d .git ] || git init -q
 [ -d .dvc ] || dvc init -q
 dvc repro "$@"
-dvc metrics show
+# A short summary; `dvc metrics show` and `dvc plots show` give everything.
+python - <<'PY'
+import json
+from pathlib import Path
+
+metrics = Path("data/eval/metrics.json")
+if metrics.is_file():
+    detectors = json.loads(metrics.read_text())["detectors"]
+    print(f"\n{'detector':18s} {'AUROC':>6s} {'AUPRC':>6s} {'TPR@5%':>7s} {'F1@tau':>7s} {'FPR@tau':>8s}")
+    for name, row in detectors.items():
+        print(f"{name:18s} {row['auroc']:6.3f} {row['auprc']:6.3f} {row['tpr_at_5pct_fpr']:7.3f} {row['f1']:7.3f} {row['fpr']:8.3f}")
+    print("\noutputs: data/eval (metrics, ROC), data/guard, data/ecso, data/attribution")
+PY
