@@ -78,13 +78,8 @@ def row_title(row: Mapping[str, Any]) -> str:
 def main() -> None:
     """Pick rows, attribute each, write figures and the JSON records."""
     # Imported here so the pure helpers above load without the model stack.
-    from pipeline.attribution import (
-        attribution_to_json,
-        intent_attribution,
-        plot_image_map,
-        plot_token_heatmap,
-        safe_name,
-    )
+    from pipeline.attribution import attribution_to_json, intent_attribution, safe_name
+    from pipeline.attribution_plots import plot_image_map, plot_token_heatmap
     from pipeline.dataset import read_index
     from pipeline.models.registry import load_adapter
     from pipeline.probe import load_probe

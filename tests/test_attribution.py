@@ -24,15 +24,13 @@ from pipeline.attribution import (
     intent_attribution,
     line_char_ranges,
     overlapping_tokens,
-    plot_image_map,
-    plot_token_heatmap,
     shared_prefix_length,
     splice,
     split_steps,
     sum_by_line,
     token_pieces,
-    wrap_tokens,
 )
+from pipeline.attribution_plots import plot_image_map, plot_token_heatmap, wrap_tokens
 from pipeline.models.base import ModelAdapter, ModelInfo, Request
 from pipeline.models.embedded import EmbeddedAdapter
 from pipeline.models.hf_vlm import HFVisionLanguageAdapter
