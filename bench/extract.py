@@ -26,6 +26,7 @@ from pipeline.models.base import Request
 from pipeline.models.embedded import EmbeddedAdapter
 from pipeline.models.registry import load_adapter
 from pipeline.prompts import VARIANTS
+from stages.common import INDEX
 
 
 def naive_states(adapter: EmbeddedAdapter, requests: Sequence[Request], prompts, layers: Sequence[int]) -> np.ndarray:
@@ -54,7 +55,7 @@ def main() -> None:
     adapter = load_adapter(params.model)
     if not isinstance(adapter, EmbeddedAdapter):
         raise SystemExit("this benchmark's naive reference is written for the embedded default model")
-    index = read_index(Path(params.prepare.output_dir) / "index.parquet").sort("row_id").head(args.requests)
+    index = read_index(INDEX).sort("row_id").head(args.requests)
     requests = requests_from_index(index)
     layers = list(params.extract.layers)
     for request in requests:  # warm the OCR cache so both paths time the model alone

@@ -45,7 +45,6 @@ class PrepareConfig:
     """Where the request sources are and how to split them."""
 
     sources: tuple[str, ...] = ("data/demo/requests.jsonl",)
-    output_dir: str = "data/prepared"
     split_fractions: tuple[tuple[str, float], ...] = (("train", 0.5), ("val", 0.15), ("calib", 0.15), ("test", 0.2))
     seed: int = 0
 

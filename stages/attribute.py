@@ -19,11 +19,18 @@ import polars as pl
 from tqdm import tqdm
 
 from pipeline.config import load_params
-from stages.common import BENIGN, HARMFUL, row_fields, row_request, run_stage, write_json_atomic
+from stages.common import (
+    BENIGN,
+    HARMFUL,
+    INDEX,
+    PARAMS,
+    PROBE_DIR,
+    row_fields,
+    row_request,
+    run_stage,
+    write_json_atomic,
+)
 
-PARAMS = Path("params.yaml")
-INDEX = Path("data/prepared/index.parquet")
-PROBE_DIR = Path("data/probe")
 OUT_DIR = Path("data/attribution")
 
 

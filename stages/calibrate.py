@@ -9,11 +9,8 @@ from pipeline.config import load_params
 from pipeline.features import aligned_features
 from pipeline.probe import load_probe
 from pipeline.store import ActivationStore
-from stages.common import run_stage
+from stages.common import INDEX, PROBE_DIR, STORE, run_stage
 
-INDEX = Path("data/prepared/index.parquet")
-STORE = Path("data/activations/store.zarr")
-PROBE = Path("data/probe")
 OUT = Path("data/calibration/calibration.json")
 
 
@@ -22,7 +19,7 @@ def main() -> None:
     from pipeline.dataset import read_index
 
     params = load_params()
-    probe, meta = load_probe(PROBE)
+    probe, meta = load_probe(PROBE_DIR)
     index = read_index(INDEX)
     part = index.filter(index["split"] == "calib")
     features = aligned_features(

@@ -18,6 +18,13 @@ T = TypeVar("T")
 
 HARMFUL, BENIGN = 1, 0
 
+# Where stages meet; dvc.yaml names the same paths as outputs and dependencies.
+PARAMS = Path("params.yaml")
+INDEX = Path("data/prepared/index.parquet")
+STORE = Path("data/activations/store.zarr")
+PROBE_DIR = Path("data/probe")
+CALIBRATION = Path("data/calibration/calibration.json")
+
 # Generation holds a KV cache per request; a small batch keeps memory flat on a laptop or a GPU.
 BATCH_SIZE = 4
 

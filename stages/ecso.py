@@ -21,6 +21,8 @@ from stages.common import (
     BATCH_SIZE,
     BENIGN,
     HARMFUL,
+    INDEX,
+    PARAMS,
     balanced_test_sample,
     batches,
     rate,
@@ -30,10 +32,6 @@ from stages.common import (
     write_json_atomic,
     write_jsonl_atomic,
 )
-
-PARAMS = Path("params.yaml")
-INDEX = Path("data/prepared/index.parquet")
-
 
 OUT_DIR = Path("data/ecso")
 

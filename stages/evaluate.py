@@ -28,12 +28,8 @@ from pipeline.metrics import detection_metrics, per_group_metrics, roc_points
 from pipeline.plots import plot_roc
 from pipeline.probe import load_probe
 from pipeline.store import ActivationStore
-from stages.common import run_stage, write_json_atomic
+from stages.common import CALIBRATION, INDEX, PROBE_DIR, STORE, run_stage, write_json_atomic
 
-INDEX = Path("data/prepared/index.parquet")
-STORE = Path("data/activations/store.zarr")
-PROBE = Path("data/probe")
-CALIBRATION = Path("data/calibration/calibration.json")
 OUT = Path("data/eval")
 
 
@@ -51,7 +47,7 @@ def main() -> None:
     from pipeline.dataset import read_index
 
     params = load_params()
-    probe, meta = load_probe(PROBE)
+    probe, meta = load_probe(PROBE_DIR)
     calibration = load_calibration(CALIBRATION)
     index = read_index(INDEX)
     store = ActivationStore.open(STORE)

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.extraction import extract_to_store
 from pipeline.models.registry import load_adapter
-from stages.common import run_stage
-
-INDEX = Path("data/prepared/index.parquet")
-STORE = Path("data/activations/store.zarr")
+from stages.common import INDEX, STORE, run_stage
 
 
 def main() -> None:

@@ -22,7 +22,11 @@ from pipeline.probe import load_probe
 from stages.common import (
     BATCH_SIZE,
     BENIGN,
+    CALIBRATION,
     HARMFUL,
+    INDEX,
+    PARAMS,
+    PROBE_DIR,
     balanced_test_sample,
     batches,
     rate,
@@ -33,10 +37,6 @@ from stages.common import (
     write_jsonl_atomic,
 )
 
-PARAMS = Path("params.yaml")
-INDEX = Path("data/prepared/index.parquet")
-PROBE_DIR = Path("data/probe")
-CALIBRATION = Path("data/calibration/calibration.json")
 OUT_DIR = Path("data/guard")
 
 

@@ -1,17 +1,15 @@
 """DVC stage ``prepare``: validate the request sources, render their images, split them.
 
-Writes ``<prepare.output_dir>/index.parquet``, ``images/`` and ``summary.json``.
+Writes ``data/prepared/index.parquet``, ``images/`` and ``summary.json``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import polars as pl
 
 from pipeline.config import SPLITS, load_params
-from pipeline.dataset import INDEX_FILE, build_index
-from stages.common import run_stage
+from pipeline.dataset import build_index
+from stages.common import INDEX, run_stage
 
 
 def describe(index: pl.DataFrame) -> str:
@@ -27,9 +25,9 @@ def describe(index: pl.DataFrame) -> str:
 def main() -> None:
     """Build the index from ``params.yaml``'s ``prepare`` section and print a summary."""
     config = load_params().prepare
-    index = build_index(config.sources, config.output_dir, config)
+    index = build_index(config.sources, INDEX.parent, config)
     print(describe(index))
-    print(f"wrote {Path(config.output_dir) / INDEX_FILE}")
+    print(f"wrote {INDEX}")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,8 @@ from pipeline.config import load_params
 from pipeline.features import aligned_features
 from pipeline.probe import ProbeMeta, best_epoch, save_probe, train_probe
 from pipeline.store import ActivationStore
-from stages.common import run_stage, write_json_atomic
+from stages.common import INDEX, STORE, run_stage, write_json_atomic
 
-INDEX = Path("data/prepared/index.parquet")
-STORE = Path("data/activations/store.zarr")
 OUT = Path("data/probe")
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -238,15 +236,8 @@ def test_stage_main_end_to_end_with_fakes(tmp_path: Path, monkeypatch: pytest.Mo
         )
     index = pl.DataFrame([rows[i] for i in np.random.default_rng(1).permutation(len(rows))])
     adapter = FakeAdapter()
-    fakes = {
-        "pipeline.dataset": {"read_index": lambda path: index},
-        "pipeline.models.registry": {"load_adapter": lambda config: adapter},
-    }
-    for name, attributes in fakes.items():
-        module = types.ModuleType(name)
-        for attribute, value in attributes.items():
-            setattr(module, attribute, value)
-        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr("pipeline.dataset.read_index", lambda path: index)
+    monkeypatch.setattr("pipeline.models.registry.load_adapter", lambda config: adapter)
 
     stage.main()
 

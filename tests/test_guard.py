@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-import types
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import polars as pl
 import pytest
 import torch
 
+from pipeline.calibration import Calibration, save_calibration
 from pipeline.guard import DEFAULT_REFUSAL_MESSAGE, Guard, GuardDecision, decide
 from pipeline.models.base import ModelInfo, Request
 from pipeline.probe import LSIProbe, ProbeMeta, save_probe
@@ -300,14 +299,8 @@ def test_atomic_writers_leave_no_temp_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in target.parent.iterdir()) == ["lines.jsonl", "summary.json"]
 
 
-@dataclass(frozen=True)
-class FakeCalibration:
-    tau: float
-    target_fpr: float
-
-
 def test_stage_main_end_to_end_with_fakes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The stage's wiring, with the index, calibration and model loaders replaced by fakes."""
+    """The stage's wiring, with the index and model loaders replaced by fakes."""
     import stages.guard as stage
 
     monkeypatch.chdir(tmp_path)
@@ -321,16 +314,9 @@ def test_stage_main_end_to_end_with_fakes(tmp_path: Path, monkeypatch: pytest.Mo
         pl.when(pl.col("label") == 1).then(pl.col("text") + " bomb").otherwise(pl.col("text")).alias("text")
     )
     adapter = FakeAdapter()
-    fakes = {
-        "pipeline.dataset": {"read_index": lambda path: index},
-        "pipeline.calibration": {"load_calibration": lambda path: FakeCalibration(tau=TAU, target_fpr=0.05)},
-        "pipeline.models.registry": {"load_adapter": lambda config: adapter},
-    }
-    for name, attributes in fakes.items():
-        module = types.ModuleType(name)
-        for attribute, value in attributes.items():
-            setattr(module, attribute, value)
-        monkeypatch.setitem(sys.modules, name, module)
+    save_calibration(Calibration(TAU, 0.05, 0.0, 1.0, 10, 10), Path("data/calibration/calibration.json"))
+    monkeypatch.setattr("pipeline.dataset.read_index", lambda path: index)
+    monkeypatch.setattr("pipeline.models.registry.load_adapter", lambda config: adapter)
 
     stage.main()
 

@@ -20,7 +20,7 @@ DEMO = ROOT / "data" / "demo" / "requests.jsonl"
 
 def _params(folder: Path, sources: list[str], **prepare_extra: object) -> Path:
     path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump({"prepare": {"sources": sources, "output_dir": "out", **prepare_extra}}))
+    path.write_text(yaml.safe_dump({"prepare": {"sources": sources, **prepare_extra}}))
     return path
 
 
@@ -31,14 +31,14 @@ def test_stage_prepares_the_demo_data(
     monkeypatch.chdir(tmp_path)
     prepare.main()
     printed = capsys.readouterr().out
-    assert "rows from 1 source(s)" in printed and "out/index.parquet" in printed
-    index = read_index("out/index.parquet")
+    assert "rows from 1 source(s)" in printed and "data/prepared/index.parquet" in printed
+    index = read_index("data/prepared/index.parquet")
     assert index.height >= 340 and index["source"].unique().to_list() == ["requests"]
     images = index.filter(pl.col("image_path").is_not_null())
     # Image paths are relative to the working directory the stage ran in.
-    assert all(Path(p).is_file() and p.startswith("out/images/") for p in images["image_path"])
-    assert len(list(Path("out/images").iterdir())) == images["image_sha256"].n_unique()
-    summary = json.loads(Path("out/summary.json").read_text())
+    assert all(Path(p).is_file() and p.startswith("data/prepared/images/") for p in images["image_path"])
+    assert len(list(Path("data/prepared/images").iterdir())) == images["image_sha256"].n_unique()
+    summary = json.loads(Path("data/prepared/summary.json").read_text())
     assert summary["rows"] == index.height and set(summary["splits"]) == {"train", "val", "calib", "test"}
 
 
@@ -52,7 +52,7 @@ def test_bad_params_end_in_one_line(
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "shuffle" in err and err.count("\n") == 1
-    assert not Path("out").exists()
+    assert not Path("data/prepared").exists()
 
 
 def test_bad_source_exits_1_without_traceback(
