@@ -31,6 +31,7 @@ from stages.ecso import ecso_record, ecso_summary
 
 CONFIG = ECSOConfig(
     max_new_tokens=8,
+    judge_max_new_tokens=3,
     harm_check_prompt="JUDGE q={q} answer={answer}",
     caption_prompt="CAPTION q={q}",
     answer_from_caption_prompt="SAFE caption={caption} q={q}",
@@ -46,12 +47,14 @@ class FakeAdapter:
 
     def __init__(self) -> None:
         self.generate_calls: list[list[Request]] = []
+        self.token_budgets: list[int] = []
 
     def last_token_states(self, requests: Sequence[Request], layers: Sequence[int]) -> torch.Tensor:
         return torch.zeros(len(requests), len(layers), self.info.hidden_size)
 
     def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
         self.generate_calls.append(list(requests))
+        self.token_budgets.append(max_new_tokens)
         return [self._reply(request.text) for request in requests]
 
     @staticmethod
@@ -120,6 +123,8 @@ def test_each_step_is_one_batched_call_over_the_requests_that_need_it(
 ) -> None:
     adapter, _ = run
     assert [len(call) for call in adapter.generate_calls] == [4, 4, 1, 2]
+    # Only the verdict's first word counts, so the self-check gets its own short budget.
+    assert adapter.token_budgets == [8, 3, 8, 8]
     answer, judge, caption, safe = adapter.generate_calls
     assert answer == REQUESTS
     # The harm check sees the image and shows the first answer.
