@@ -89,24 +89,27 @@ def rate(records: Sequence[Mapping[str, Any]], key: str, label: int) -> float | 
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    """Failures caused by input or set-up, which deserve one clear line rather than a traceback."""
     from pipeline.config import ConfigError
+    from pipeline.dataset import DatasetError
+    from pipeline.extraction import ExtractionError
+    from pipeline.images import ImageError
+    from pipeline.models.base import ModelLoadError
+    from pipeline.models.ocr import UnreadableImage
+    from pipeline.models.smollm2_files import EmbeddedModelMissing
     from pipeline.store import StoreError
 
-    errors: list[type[BaseException]] = [ConfigError, StoreError, FileNotFoundError]
-    for module, name in (
-        ("pipeline.dataset", "DatasetError"),
-        ("pipeline.extraction", "ExtractionError"),
-        ("pipeline.images", "ImageError"),
-        ("pipeline.models.ocr", "UnreadableImage"),
-        ("pipeline.models.embedded", "ModelLoadError"),
-        ("pipeline.models.hf_vlm", "ModelLoadError"),
-        ("pipeline.models.smollm2_files", "EmbeddedModelMissing"),
-    ):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+    return (
+        ConfigError,
+        DatasetError,
+        ExtractionError,
+        ImageError,
+        ModelLoadError,
+        UnreadableImage,
+        EmbeddedModelMissing,
+        StoreError,
+        FileNotFoundError,
+    )
 
 
 def run_stage(main: Callable[[], None]) -> None:

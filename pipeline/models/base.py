@@ -56,6 +56,31 @@ class ModelAdapter(Protocol):
         ...
 
 
+class ModelLoadError(RuntimeError):
+    """A model folder that is missing, incomplete or of an unsupported architecture."""
+
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` means the GPU when there is one; anything else is passed to torch as is."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype for a configuration string, refusing names the store cannot describe."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} not supported; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def check_layers(layers: Sequence[int], num_layers: int) -> None:
     """Refuse layer indices outside ``[0, num_layers)`` with a message naming them."""
     bad = [k for k in layers if not 0 <= k < num_layers]

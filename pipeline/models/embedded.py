@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.models.base import ModelInfo, Request, check_layers
+from pipeline.models.base import ModelInfo, ModelLoadError, Request, check_layers, resolve_device, resolve_dtype
 from pipeline.models.hooks import position_ids_from_mask, run_to_layers
 from pipeline.models.ocr import ImageReader
 from pipeline.models.smollm2_files import find_smollm2_gguf
@@ -26,10 +26,6 @@ PROVENANCE_FILE = "lsi_guard_model.json"
 IMAGE_OPEN = "<image_text>"
 IMAGE_CLOSE = "</image_text>"
 NO_TEXT = "(no text found in the image)"
-
-
-class ModelLoadError(RuntimeError):
-    """A model folder that is missing or incomplete."""
 
 
 def convert_gguf_to_folder(output: Path, gguf: Path | None = None) -> Path:
@@ -51,12 +47,6 @@ def convert_gguf_to_folder(output: Path, gguf: Path | None = None) -> Path:
     provenance = {"name": MODEL_NAME, "source": gguf.name, "source_sha256": digest}
     (output / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
     return output
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class EmbeddedAdapter:
@@ -84,8 +74,8 @@ class EmbeddedAdapter:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         # Left padding keeps every row's last real token at position -1 for batched generate.
         tokenizer.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=getattr(torch, dtype))
-        model.to(_device(device)).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=resolve_dtype(dtype))
+        model.to(resolve_device(device)).eval()
         info = ModelInfo(
             name=provenance["name"],
             revision=provenance["source_sha256"][:16],

@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from pipeline.images import load_image
-from pipeline.models.base import ModelInfo, Request, check_layers
+from pipeline.models.base import ModelInfo, ModelLoadError, Request, check_layers, resolve_device, resolve_dtype
 from pipeline.models.hooks import find_decoder_layers, position_ids_from_mask, run_to_layers
 
 # model_type in config.json -> what it is. Only architectures whose chat template, image
@@ -34,20 +34,10 @@ SUPPORTED: dict[str, str] = {
     "llava": "LLaVA-1.5 in llava-hf format (e.g. llava-hf/llava-1.5-7b-hf)",
 }
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Files whose content decides what a prompt looks like; cheap to hash, unlike the weights.
 PROMPT_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json")
 DEFAULT_BATCH_SIZE = 8
-
-
-class ModelLoadError(RuntimeError):
-    """A model folder that is missing, incomplete or of an unsupported architecture."""
 
 
 def _how_to_get_a_model(folder: Path) -> str:
@@ -105,20 +95,6 @@ def model_revision(folder: Path) -> str:
         if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES):
             digest.update(f"{path.name}:{path.stat().st_size}".encode())
     return digest.hexdigest()[:12]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` means the GPU when there is one; anything else is passed to torch as is."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str) -> torch.dtype:
-    """The torch dtype for a configuration string, refusing names the store cannot describe."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} not supported; choose one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def _text_config(model: nn.Module) -> Any:
