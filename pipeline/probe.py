@@ -101,7 +101,7 @@ def train_probe(
 
     history: list[EpochRecord] = []
     best_state: dict[str, torch.Tensor] | None = None
-    best_key = -np.inf
+    best_key: tuple[float, float] = (-np.inf, -np.inf)
     for epoch in tqdm(range(config.epochs), desc="train probe", disable=not progress):
         model.train()
         order = torch.randperm(len(y), generator=generator)
@@ -120,8 +120,7 @@ def train_probe(
             val_loss = float(loss_fn(val_logits, val_y))
         val_auroc = _auroc(val_labels, torch.sigmoid(val_logits).numpy())
         history.append(EpochRecord(epoch, total / len(y), val_loss, val_auroc))
-        # Ties (and a NaN AUROC) fall back to the lower validation loss.
-        key = (0.0 if np.isnan(val_auroc) else val_auroc) * 1e6 - val_loss
+        key = _selection_key(history[-1])
         if key > best_key:
             best_key, best_state = key, copy.deepcopy(model.state_dict())
     assert best_state is not None
@@ -130,9 +129,14 @@ def train_probe(
     return model, history
 
 
+def _selection_key(record: EpochRecord) -> tuple[float, float]:
+    """Higher validation AUROC wins; ties (and a NaN AUROC) fall back to the lower validation loss."""
+    return (0.0 if np.isnan(record.val_auroc) else record.val_auroc, -record.val_loss)
+
+
 def best_epoch(history: list[EpochRecord]) -> EpochRecord:
-    """The epoch :func:`train_probe` kept."""
-    return max(history, key=lambda r: (0.0 if np.isnan(r.val_auroc) else r.val_auroc) * 1e6 - r.val_loss)
+    """The epoch :func:`train_probe` kept (the first of equals, as training keeps it)."""
+    return max(history, key=_selection_key)
 
 
 def save_probe(probe: LSIProbe, meta: ProbeMeta, folder: Path) -> None:
