@@ -1,9 +1,27 @@
-"""Extraction speed: the pipeline's batched, early-exit path against the naive reference, same run.
+"""Extraction speed: the pipeline's fast path against the naive reference procedure, in the same run.
 
-Naive reference (the method's straightforward procedure): one request at a time, its framings
-in one batch, the full forward with ``output_hidden_states=True``. Prints a table and writes JSON.
+Fast path (what the extract stage runs): requests in batches, the three framings of a request
+sharing one prefix pass (system prompt, image tokens, image encoded once), tails in
+length-bucketed batches, every forward stopped at the deepest stored block.
 
-    python bench/extract.py --requests 48 --out bench/results/extract.json
+Naive reference: one request at a time, its benign and malicious prompts in a batch of two, the
+full model forward at full depth with ``output_hidden_states=True``. It computes two framings;
+the fast path computes three (the store also keeps the plain request).
+
+Models:
+- ``default``: the embedded default (SmolLM2-135M + OCR) on the prepared demo index.
+- ``llava7b``: a LLaVA-1.5-7B-shaped model with random weights (speed does not depend on the
+  weight values): CLIP ViT-L/14 at 336 px (576 image tokens) and a 32-block Llama. ``--scale 1``
+  is the real shape (GPU only, fp16); on a CPU the default ``--scale 4`` divides every width by
+  4 and keeps depth and token counts. The vocabulary is the default model's (49k tokens, against
+  LLaVA's 32k), so at a quarter width the LM head weighs about four blocks instead of 0.65:
+  the naive reference is timed both with the head (the seed's full forward) and without it
+  (the base model only, a conservative lower bound on the speed-up).
+
+Prints a table and writes JSON:
+
+    python bench/extract.py --model default --requests 48
+    python bench/extract.py --model llava7b --requests 12 --layers 3 12
 """
 
 from __future__ import annotations
@@ -19,82 +37,215 @@ import numpy as np
 import torch
 
 from pipeline.config import load_params
-from pipeline.dataset import read_index
-from pipeline.extraction import requests_from_index
 from pipeline.features import states_for_requests
-from pipeline.models.base import Request
-from pipeline.models.embedded import EmbeddedAdapter
-from pipeline.models.registry import load_adapter
-from pipeline.prompts import VARIANTS
-from stages.common import INDEX
+from pipeline.models.base import ModelInfo, Request
+from pipeline.models.forward import ForwardModel, reference_states
+from pipeline.prompts import VARIANTS, ContrastivePrompts
+
+RESULTS = Path("bench/results")
 
 
-def naive_states(adapter: EmbeddedAdapter, requests: Sequence[Request], prompts, layers: Sequence[int]) -> np.ndarray:
-    """One request at a time, its three framings batched, full depth, every hidden state kept."""
-    tokenizer, model = adapter.tokenizer, adapter.model
+def naive_states(
+    model: ForwardModel,
+    requests: Sequence[Request],
+    prompts: ContrastivePrompts,
+    layers: Sequence[int],
+    with_head: bool = True,
+) -> np.ndarray:
+    """The seed's procedure: per request, benign and malicious prompts in one batch of two, full depth."""
     rows = []
     for request in requests:
         texts = prompts.variants(request.text)
-        framed = [adapter.prompt_text(Request(texts[v], request.image)) for v in VARIANTS]
-        batch = tokenizer(framed, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.inference_mode():
-            hidden = model(**batch, output_hidden_states=True).hidden_states
-        # left padding: position -1 is each prompt's last real token
-        rows.append(torch.stack([torch.stack([hidden[k + 1][v, -1] for k in layers]) for v in range(len(VARIANTS))]))
-    return torch.stack(rows).float().numpy()
+        pair = [Request(texts["benign"], request.image), Request(texts["malicious"], request.image)]
+        rows.append(reference_states(model, pair, layers, prompts_per_forward=2, with_head=with_head).numpy())
+    return np.stack(rows)
+
+
+def fast_states(
+    adapter: object, requests: Sequence[Request], prompts: ContrastivePrompts, layers: Sequence[int], batch_size: int
+) -> np.ndarray:
+    """The extract stage's path, batch by batch."""
+    parts = [
+        states_for_requests(adapter, requests[lo : lo + batch_size], prompts, layers).numpy()  # type: ignore[arg-type]
+        for lo in range(0, len(requests), batch_size)
+    ]
+    return np.concatenate(parts)
+
+
+def default_model_and_requests(count: int) -> tuple[object, list[Request]]:
+    """The embedded default and the first ``count`` requests of the prepared index (OCR cache warmed)."""
+    from pipeline.dataset import read_index
+    from pipeline.extraction import requests_from_index
+    from pipeline.models.registry import load_adapter
+    from stages.common import INDEX
+
+    params = load_params()
+    adapter = load_adapter(params.model)
+    requests = requests_from_index(read_index(INDEX).sort("row_id").head(count))
+    for request in requests:  # both paths then time the model alone
+        adapter.user_content(request)  # type: ignore[attr-defined]
+    return adapter, requests
+
+
+def llava7b_shaped_adapter(scale: int, device: str, dtype: torch.dtype) -> object:
+    """A random-weight LLaVA-1.5-7B-shaped model (widths divided by ``scale``) behind the HF adapter."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from pipeline.models.hf_vlm import HFVisionLanguageAdapter
+    from pipeline.models.smollm2_files import find_smollm2_gguf
+    from pipeline.models.tiny import IMAGE_TOKEN, LLAVA_15_CHAT_TEMPLATE, _tokenizer_with_image_token
+
+    gguf = find_smollm2_gguf()
+    tokenizer = _tokenizer_with_image_token(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
+    vision = CLIPVisionConfig(
+        hidden_size=1024 // scale,
+        intermediate_size=4096 // scale,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768 // scale,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=4096 // scale,
+        intermediate_size=11008 // scale,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=576,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_15_CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+    info = ModelInfo(
+        name=f"llava-1.5-7b-shaped/{scale}",
+        revision="random",
+        num_layers=32,
+        hidden_size=text.hidden_size,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    return HFVisionLanguageAdapter(model, processor, info, batch_size=64)
+
+
+def benchmark_requests(count: int, folder: Path) -> list[Request]:
+    """Typography-style requests: an image with a typed instruction and a short question, as in the attacks."""
+    from pipeline.images import render_typography
+
+    subjects = ["a bicycle chain", "a neighbour's door lock", "autumn rain", "money through a shop", "a garden shed"]
+    verbs = ["Replace", "Open", "Describe", "Move", "Paint", "Inspect", "Clean"]
+    questions = [
+        "The image shows a phrase of an activity. List steps in detail to perform this activity.",
+        "Answer the request in the picture.",
+        "Read the text in the image and do what it says, step by step.",
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    requests = []
+    for i in range(count):  # every request has its own image: nothing is shared across requests
+        phrase = f"{verbs[i % len(verbs)]} {subjects[i % len(subjects)]} ({i})"
+        path = folder / f"typo-{i}.png"
+        if not path.exists():
+            render_typography(phrase).save(path)
+        requests.append(Request(questions[i % len(questions)], path))
+    return requests
+
+
+def timed(fn, *args):  # noqa: ANN001, ANN202 - a two-line helper
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=48, help="requests to extract (from the prepared index)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/extract.json"))
+    parser.add_argument("--model", choices=("default", "llava7b"), default="default")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16, help="requests per fast-path batch")
+    parser.add_argument("--layers", type=int, nargs="+", help="stored layers (default: params.yaml extract.layers)")
+    parser.add_argument("--scale", type=int, default=4, help="llava7b: divide widths by this (1 = real shape)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: float16 on GPU")
+    parser.add_argument("--out", type=Path, help="JSON path (default: bench/results/extract-<model>.json)")
     args = parser.parse_args()
 
     params = load_params()
-    adapter = load_adapter(params.model)
-    if not isinstance(adapter, EmbeddedAdapter):
-        raise SystemExit("this benchmark's naive reference is written for the embedded default model")
-    index = read_index(INDEX).sort("row_id").head(args.requests)
-    requests = requests_from_index(index)
-    layers = list(params.extract.layers)
-    for request in requests:  # warm the OCR cache so both paths time the model alone
-        adapter.user_content(request)
+    dtype_name = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    if args.model == "default":
+        adapter, requests = default_model_and_requests(args.requests)
+        layers = args.layers or list(params.extract.layers)
+    else:
+        adapter = llava7b_shaped_adapter(args.scale, args.device, getattr(torch, dtype_name))
+        requests = benchmark_requests(args.requests, RESULTS / "images")
+        layers = args.layers or [3, 12]
 
-    start = time.perf_counter()
-    naive = naive_states(adapter, requests, params.prompts, layers)
-    naive_s = time.perf_counter() - start
+    # Warm-up (allocator, lazy inits) on one request, outside the timings.
+    fast_states(adapter, requests[:1], params.prompts, layers, args.batch_size)
+    naive_states(adapter, requests[:1], params.prompts, layers)  # type: ignore[arg-type]
 
-    start = time.perf_counter()
-    fast_rows = []
-    for lo in range(0, len(requests), args.batch_size):
-        fast_rows.append(
-            states_for_requests(adapter, requests[lo : lo + args.batch_size], params.prompts, layers).numpy()
-        )
-    fast = np.concatenate(fast_rows)
-    fast_s = time.perf_counter() - start
-
-    max_rel = float(np.abs(fast - naive).max() / np.abs(naive).max())
+    naive, naive_s = timed(naive_states, adapter, requests, params.prompts, layers, True)
+    fast, fast_s = timed(fast_states, adapter, requests, params.prompts, layers, args.batch_size)
+    # Without the vocabulary projection: the naive procedure at its cheapest.
+    _, naive_base_s = timed(naive_states, adapter, requests, params.prompts, layers, False)
+    framed = fast[:, : VARIANTS.index("malicious") + 1]
+    max_rel = float(np.abs(framed - naive).max() / np.abs(naive).max())
+    info = adapter.info  # type: ignore[attr-defined]
     result = {
-        "model": adapter.info.name,
+        "model": info.name,
+        "device": args.device,
+        "dtype": info.dtype,
         "requests": len(requests),
         "layers": layers,
+        "num_layers": info.num_layers,
         "batch_size": args.batch_size,
         "naive_seconds": naive_s,
+        "naive_without_head_seconds": naive_base_s,
         "fast_seconds": fast_s,
         "naive_requests_per_s": len(requests) / naive_s,
         "fast_requests_per_s": len(requests) / fast_s,
         "speedup": naive_s / fast_s,
+        "speedup_vs_naive_without_head": naive_base_s / fast_s,
+        "naive_prompts_per_request": 2,
+        "fast_prompts_per_request": len(VARIANTS),
         "max_abs_diff_relative": max_rel,
         "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(),
     }
-    print(f"{'path':8s} {'seconds':>8s} {'req/s':>8s}")
-    print(f"{'naive':8s} {naive_s:8.2f} {result['naive_requests_per_s']:8.2f}")
-    print(f"{'fast':8s} {fast_s:8.2f} {result['fast_requests_per_s']:8.2f}")
-    print(f"speed-up {result['speedup']:.2f}x; max |diff| / max |state| = {max_rel:.2e}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    print(
+        f"{info.name} on {args.device} ({info.dtype}), {len(requests)} requests, layers {layers} of {info.num_layers}"
+    )
+    print(f"{'path':24s} {'seconds':>8s} {'req/s':>8s} {'fast is':>8s}")
+    for name, seconds in (("naive (full forward)", naive_s), ("naive (no LM head)", naive_base_s), ("fast", fast_s)):
+        print(f"{name:24s} {seconds:8.2f} {len(requests) / seconds:8.2f} {seconds / fast_s:7.2f}x")
+    print(f"max |diff| / max |state| (benign, malicious) = {max_rel:.2e}")
+    out = args.out or RESULTS / f"extract-{args.model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

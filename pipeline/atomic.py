@@ -1,14 +1,19 @@
 """Atomic file writes: a temp file beside the target, then ``os.replace``.
 
-Readers never see half a file, and a failed write leaves the previous file untouched.
+Readers never see half a file, and a failed write leaves the previous file untouched. The
+durable variants (used by activation stores) also fsync the file and its folder, so the same
+holds after a power cut, and name their temp files so that leftovers can be recognised.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def replace_atomic(target: str | Path, write: Callable[[Path], object]) -> None:
@@ -33,3 +38,70 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     replace_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+# Durable writes: a SIGKILL or a power cut at any moment leaves either the old file or the new
+# one, never a truncated one. Temp files are hidden, named after their target, and recognisable,
+# so whoever resumes after a crash can sweep the ones a killed writer left behind.
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temp file of :func:`write_bytes_durable` (a leftover if its writer is gone)."""
+    return _TEMP_NAME.match(name) is not None
+
+
+def _sync_file(file: BinaryIO) -> None:
+    """Push a file's bytes to the disk before it is renamed into place."""
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make renames and new entries in ``folder`` survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs_durable(folder: str | Path) -> None:
+    """``mkdir -p`` whose new folders survive a power cut (each one synced into its parent)."""
+    folder = Path(folder)
+    missing: list[Path] = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        fsync_dir(new.parent)
+
+
+def write_bytes_durable(path: str | Path, data: bytes | memoryview, exclusive: bool = False) -> None:
+    """Write ``data`` to ``path`` through a synced temp file and a rename; ``exclusive`` refuses an existing file.
+
+    The temp file is created with the usual permissions (umask applies), unlike ``mkstemp``'s 0600.
+    """
+    path = Path(path)
+    make_dirs_durable(path.parent)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as file:
+            file.write(data)
+            _sync_file(file)
+        if exclusive:
+            os.link(tmp, path)  # raises FileExistsError instead of replacing
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def rename_durable(source: str | Path, target: str | Path) -> None:
+    """Rename a file or folder (atomic on one file system) and sync the folder that holds them."""
+    os.rename(source, target)
+    fsync_dir(Path(target).parent)

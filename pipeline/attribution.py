@@ -493,7 +493,7 @@ def _hf_framing(
     chars = locate_request(prompt, framed, template, request.text)
     text = adapter.tokenizer(prompt, return_offsets_mapping=True)
     text_offsets = [(int(a), int(b)) for a, b in text["offset_mapping"]]
-    batch = adapter._encode([framed_request])
+    batch = adapter.encode([framed_request])
     ids = batch["input_ids"][0].tolist()
     # Map text-token positions to positions in the expanded ids by their distance from the end.
     shift = len(ids) - len(text_offsets)

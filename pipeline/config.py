@@ -29,15 +29,15 @@ class ModelConfig:
 
     kind: str = "embedded"
     path: str = "data/model/smollm2-135m"
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "auto"
     ocr_cache: str = "data/cache/ocr"
 
     def __post_init__(self) -> None:
         if self.kind not in ("embedded", "hf"):
             raise ConfigError(f"model.kind must be 'embedded' or 'hf', got {self.kind!r}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ConfigError(f"model.dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ConfigError(f"model.dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)

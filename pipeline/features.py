@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pipeline.models.base import ModelAdapter, Request
+from pipeline.models.base import ModelAdapter, Request, RequestGroup
 from pipeline.prompts import VARIANTS, ContrastivePrompts
 
 if TYPE_CHECKING:
@@ -42,21 +42,26 @@ class LSIFeatures:
         return LSIFeatures(self.h_s[rows], self.delta_h[rows])
 
 
-def variant_requests(requests: Sequence[Request], prompts: ContrastivePrompts) -> list[Request]:
-    """Each request under every framing, request-major: [r0/benign, r0/malicious, r0/plain, r1/benign, ...]."""
-    framed: list[Request] = []
+def variant_groups(
+    requests: Sequence[Request], prompts: ContrastivePrompts, variants: Sequence[str] = VARIANTS
+) -> list[RequestGroup]:
+    """One group per request: its text under each of ``variants``, next to its image."""
+    groups = []
     for request in requests:
         texts = prompts.variants(request.text)
-        framed.extend(Request(text=texts[name], image=request.image) for name in VARIANTS)
-    return framed
+        groups.append(RequestGroup(texts=tuple(texts[name] for name in variants), image=request.image))
+    return groups
 
 
 def states_for_requests(
     adapter: ModelAdapter, requests: Sequence[Request], prompts: ContrastivePrompts, layers: Sequence[int]
 ) -> torch.Tensor:
-    """Last-token states ``(n, len(VARIANTS), len(layers), hidden)`` for each request and framing."""
-    flat = adapter.last_token_states(variant_requests(requests, prompts), layers)
-    return flat.reshape(len(requests), len(VARIANTS), len(layers), flat.shape[-1])
+    """Last-token states ``(n, len(VARIANTS), len(layers), hidden)`` for each request and framing.
+
+    The framings of one request share their prompt up to the template text; the adapter runs
+    that shared part (and the image) once per request.
+    """
+    return adapter.group_states(variant_groups(requests, prompts), layers)
 
 
 def features_from_states(
@@ -87,13 +92,9 @@ def lsi_features(
 
     The plain variant is not needed here, so only the two framed prompts are run.
     """
-    framed: list[Request] = []
-    for request in requests:
-        texts = prompts.variants(request.text)
-        framed.append(Request(text=texts["benign"], image=request.image))
-        framed.append(Request(text=texts["malicious"], image=request.image))
     layers = sorted({fusion_layer, safety_layer})
-    states = adapter.last_token_states(framed, layers).reshape(len(requests), 2, len(layers), -1).numpy()
+    groups = variant_groups(requests, prompts, variants=("benign", "malicious"))
+    states = adapter.group_states(groups, layers).numpy()
     return features_from_states(states, layers, fusion_layer, safety_layer)
 
 

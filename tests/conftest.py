@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.models.smollm2_files import find_smollm2_gguf
-from pipeline.models.tiny import build_tiny_llava
+from pipeline.models.tiny import build_tiny_llava, build_tiny_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_BENCHMARKS = PROJECT_ROOT.parent / "shared" / "benchmarks"
@@ -25,6 +26,26 @@ def gguf_tokenizer() -> PreTrainedTokenizerBase:
 def tiny_llava_folder(tmp_path_factory: pytest.TempPathFactory, gguf_tokenizer: PreTrainedTokenizerBase) -> Path:
     """A tiny random LLaVA saved as a local Hugging Face folder."""
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), gguf_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_folder(
+    tmp_path_factory: pytest.TempPathFactory, gguf_tokenizer: PreTrainedTokenizerBase
+) -> Callable[[str], Path]:
+    """Tiny random model folders per family (see ``pipeline.models.tiny.TINY_FAMILIES``), built once on first use.
+
+    Their attention is sharp: wrong position ids then change block outputs far beyond the
+    equivalence tests' tolerance, which the usual near-uniform random attention would not.
+    """
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            folder = tmp_path_factory.mktemp(f"tiny-{family}")
+            built[family] = build_tiny_model(family, folder, gguf_tokenizer, sharp_attention=True)
+        return built[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ from pipeline.ecso import (
     fill,
     is_yes,
 )
-from pipeline.models.base import ModelInfo, Request
+from pipeline.models.base import ModelInfo, Request, RequestGroup
 from stages.ecso import ecso_record, ecso_summary
 
 CONFIG = ECSOConfig(
@@ -51,6 +51,10 @@ class FakeAdapter:
 
     def last_token_states(self, requests: Sequence[Request], layers: Sequence[int]) -> torch.Tensor:
         return torch.zeros(len(requests), len(layers), self.info.hidden_size)
+
+    def group_states(self, groups: Sequence[RequestGroup], layers: Sequence[int]) -> torch.Tensor:
+        flat = self.last_token_states([request for group in groups for request in group.requests()], layers)
+        return flat.reshape(len(groups), len(groups[0].texts), len(layers), -1)
 
     def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
         self.generate_calls.append(list(requests))

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.calibration import Calibration, save_calibration
 from pipeline.guard import DEFAULT_REFUSAL_MESSAGE, Guard, GuardDecision, decide
-from pipeline.models.base import ModelInfo, Request
+from pipeline.models.base import ModelInfo, Request, RequestGroup
 from pipeline.probe import LSIProbe, ProbeMeta, save_probe
 from pipeline.prompts import ContrastivePrompts
 from stages.common import balanced_test_sample, batches, row_request, write_json_atomic, write_jsonl_atomic
@@ -56,6 +56,10 @@ class FakeAdapter:
                 vector[0] += 10.0
             rows.append(np.stack([vector + 0.001 * layer for layer in layers]))
         return torch.from_numpy(np.stack(rows)).float()
+
+    def group_states(self, groups: Sequence[RequestGroup], layers: Sequence[int]) -> torch.Tensor:
+        flat = self.last_token_states([request for group in groups for request in group.requests()], layers)
+        return flat.reshape(len(groups), len(groups[0].texts), len(layers), -1)
 
     def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
         self.generate_calls.append(list(requests))

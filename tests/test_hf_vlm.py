@@ -106,7 +106,7 @@ def test_batched_early_exit_states_equal_naive_reference(
 ) -> None:
     # The last block is left out: in transformers 5 hidden_states[-1] carries the final norm.
     layers = [0, 1, 2]
-    batch = adapter._encode(mixed_requests)
+    batch = adapter.encode(mixed_requests)
     assert (batch["attention_mask"] == 0).any(), "the batch must actually be padded"
     states = adapter.last_token_states(mixed_requests, layers)
     torch.testing.assert_close(states, naive_states(adapter, mixed_requests, layers), rtol=0, atol=ATOL)

@@ -27,6 +27,21 @@ class Request:
 
 
 @dataclass(frozen=True)
+class RequestGroup:
+    """Several texts asked next to one image: the framings of one request that LSI compares.
+
+    Their prompts share everything up to where the texts differ, which adapters compute once.
+    """
+
+    texts: tuple[str, ...]
+    image: Path | None = None
+
+    def requests(self) -> list[Request]:
+        """One :class:`Request` per text, in order."""
+        return [Request(text=text, image=self.image) for text in self.texts]
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What identifies a model for provenance checks on activation stores."""
 
@@ -51,6 +66,14 @@ class ModelAdapter(Protocol):
         """
         ...
 
+    def group_states(self, groups: Sequence[RequestGroup], layers: Sequence[int]) -> torch.Tensor:
+        """Last-token states ``(len(groups), group_size, len(layers), hidden_size)`` of every text in every group.
+
+        Equal to :meth:`last_token_states` on the flattened requests (within float tolerance); the
+        part of the prompts a group shares is computed once.
+        """
+        ...
+
     def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
         """Greedy answers to each request, special tokens stripped."""
         ...
@@ -72,6 +95,16 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def resolve_dtype_name(dtype: str, device: torch.device) -> str:
+    """``"auto"`` means float16 on a GPU (half the memory, tensor cores) and float32 on a CPU.
+
+    States are stored as float16 either way; on a CPU half precision is slower, not faster.
+    """
+    if dtype == "auto":
+        return "float16" if device.type == "cuda" else "float32"
+    return dtype
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:

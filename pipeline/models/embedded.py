@@ -16,8 +16,17 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.models.base import ModelInfo, ModelLoadError, Request, check_layers, resolve_device, resolve_dtype
-from pipeline.models.hooks import position_ids_from_mask, run_to_layers
+from pipeline.models.base import (
+    ModelInfo,
+    ModelLoadError,
+    Request,
+    RequestGroup,
+    resolve_device,
+    resolve_dtype,
+    resolve_dtype_name,
+)
+from pipeline.models.forward import grouped_states, single_pass_states
+from pipeline.models.hooks import position_ids_from_mask
 from pipeline.models.ocr import ImageReader
 from pipeline.models.smollm2_files import find_smollm2_gguf
 
@@ -52,15 +61,20 @@ def convert_gguf_to_folder(output: Path, gguf: Path | None = None) -> Path:
 class EmbeddedAdapter:
     """SmolLM2 + RapidOCR behind the :class:`~pipeline.models.base.ModelAdapter` interface."""
 
+    # The OCR text lives in the token sequence itself: there are no image tokens to keep together.
+    image_token_ids: frozenset[int] = frozenset()
+
     def __init__(self, model: torch.nn.Module, tokenizer: object, reader: ImageReader, info: ModelInfo) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.reader = reader
         self.info = info
+        self.blocks = model.model.layers
+        self.pad_token_id = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
 
     @classmethod
     def from_folder(
-        cls, folder: Path, dtype: str = "float32", device: str = "auto", ocr_cache: Path | None = None
+        cls, folder: Path, dtype: str = "auto", device: str = "auto", ocr_cache: Path | None = None
     ) -> EmbeddedAdapter:
         """Load a folder written by :func:`convert_gguf_to_folder`."""
         folder = Path(folder)
@@ -74,8 +88,10 @@ class EmbeddedAdapter:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         # Left padding keeps every row's last real token at position -1 for batched generate.
         tokenizer.padding_side = "left"
+        torch_device = resolve_device(device)
+        dtype = resolve_dtype_name(dtype, torch_device)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=resolve_dtype(dtype))
-        model.to(resolve_device(device)).eval()
+        model.to(torch_device).eval()
         info = ModelInfo(
             name=provenance["name"],
             revision=provenance["source_sha256"][:16],
@@ -97,34 +113,33 @@ class EmbeddedAdapter:
         messages = [{"role": "user", "content": self.user_content(request)}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _encode(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
+    def encode(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
+        """Chat-formatted prompts tokenised as one left-padded batch on the model's device."""
         prompts = [self.prompt_text(r) for r in requests]
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         device = next(self.model.parameters()).device
         return {k: v.to(device) for k, v in batch.items()}
 
+    def position_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_inputs: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Positions counted from each row's first real token, so left padding changes nothing."""
+        return position_ids_from_mask(attention_mask)
+
     @torch.inference_mode()
     def last_token_states(self, requests: Sequence[Request], layers: Sequence[int]) -> torch.Tensor:
         """Block outputs at the last real token, stopping after the deepest requested block."""
-        check_layers(layers, self.info.num_layers)
-        batch = self._encode(requests)
-        mask = batch["attention_mask"]
-        return run_to_layers(
-            lambda: self.model.model(
-                input_ids=batch["input_ids"],
-                attention_mask=mask,
-                position_ids=position_ids_from_mask(mask),
-                use_cache=False,
-            ),
-            self.model.model.layers,
-            layers,
-            mask,
-        )
+        return single_pass_states(self, requests, layers)
+
+    @torch.inference_mode()
+    def group_states(self, groups: Sequence[RequestGroup], layers: Sequence[int]) -> torch.Tensor:
+        """Block outputs at the last token of every text of every group, each group's shared prefix run once."""
+        return grouped_states(self, groups, layers)
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
         """Greedy answers, new tokens only."""
-        batch = self._encode(requests)
+        batch = self.encode(requests)
         output = self.model.generate(
             **batch,
             max_new_tokens=max_new_tokens,

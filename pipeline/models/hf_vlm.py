@@ -1,9 +1,11 @@
-"""Hugging Face image-text-to-text models (LLaVA-1.5 in llava-hf format first) behind :class:`ModelAdapter`.
+"""Hugging Face image-text-to-text models behind :class:`ModelAdapter`.
 
-Prompts go through the processor's own chat template, so the "last token" is whatever that
-template ends the generation prompt with (``"ASSISTANT:"`` for LLaVA-1.5). Batches are padded
-on the left and positions are counted from the attention mask, so a request's states do not
-depend on its neighbours in the batch.
+Supported families: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3 and SmolVLM, each as a
+local folder in the hub's layout. Prompts go through the processor's own chat template, so the
+"last token" is whatever that template ends the generation prompt with (``"ASSISTANT:"`` for
+LLaVA-1.5, the newline after ``<|im_start|>assistant`` for Qwen2-VL). Batches are padded on
+the left and positions are computed from the attention mask (Qwen's three-axis M-RoPE
+positions included), so a request's states do not depend on its neighbours in the batch.
 """
 
 from __future__ import annotations
@@ -17,22 +19,35 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from transformers import (
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    BatchFeature,
-    ProcessorMixin,
-)
+from transformers import AutoModelForImageTextToText, BatchFeature, ProcessorMixin
 
 from pipeline.images import load_image
-from pipeline.models.base import ModelInfo, ModelLoadError, Request, check_layers, resolve_device, resolve_dtype
-from pipeline.models.hooks import find_decoder_layers, position_ids_from_mask, run_to_layers
+from pipeline.models.base import (
+    ModelInfo,
+    ModelLoadError,
+    Request,
+    RequestGroup,
+    check_layers,
+    resolve_device,
+    resolve_dtype,
+    resolve_dtype_name,
+)
+from pipeline.models.forward import grouped_states, single_pass_states
+from pipeline.models.hooks import find_decoder_layers, position_ids_from_mask
+from pipeline.models.processors import load_processor
 
 # model_type in config.json -> what it is. Only architectures whose chat template, image
 # handling and decoder layout have been checked end to end belong here.
 SUPPORTED: dict[str, str] = {
     "llava": "LLaVA-1.5 in llava-hf format (e.g. llava-hf/llava-1.5-7b-hf)",
+    "llava_next": "LLaVA-NeXT in llava-hf format (e.g. llava-hf/llava-v1.6-mistral-7b-hf)",
+    "qwen2_vl": "Qwen2-VL (e.g. Qwen/Qwen2-VL-7B-Instruct)",
+    "qwen2_5_vl": "Qwen2.5-VL (e.g. Qwen/Qwen2.5-VL-7B-Instruct)",
+    "idefics3": "Idefics3 (e.g. HuggingFaceM4/Idefics3-8B-Llama3)",
+    "smolvlm": "SmolVLM (e.g. HuggingFaceTB/SmolVLM-Instruct)",
 }
+# Families whose rotary positions have three axes (time, height, width) for image tokens.
+MROPE_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl"})
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Files whose content decides what a prompt looks like; cheap to hash, unlike the weights.
@@ -103,7 +118,17 @@ def _text_config(model: nn.Module) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config.text_config
 
 
-def _chunks(items: Sequence[Request], size: int) -> Iterator[Sequence[Request]]:
+def _image_token_ids(config: Any) -> frozenset[int]:
+    """Ids of the tokens that image features replace, as the model's config names them."""
+    ids = set()
+    for name in ("image_token_id", "image_token_index", "video_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            ids.add(value)
+    return frozenset(ids)
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     """Consecutive slices of at most ``size`` items."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -134,13 +159,16 @@ class HFVisionLanguageAdapter:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
+        self.pad_token_id = int(tokenizer.pad_token_id)
         self.blocks = find_decoder_layers(model, info.num_layers)
+        self.image_token_ids = _image_token_ids(model.config)
+        self.model_type = str(model.config.model_type)
 
     @classmethod
     def from_folder(
         cls,
         path: Path,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str = "auto",
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> HFVisionLanguageAdapter:
@@ -148,10 +176,12 @@ class HFVisionLanguageAdapter:
         folder = Path(path).expanduser()
         config = read_model_config(folder)
         check_supported(config, folder)
+        torch_device = resolve_device(device)
+        dtype = resolve_dtype_name(dtype, torch_device)
         torch_dtype = resolve_dtype(dtype)
-        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        processor = load_processor(folder)
         model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, dtype=torch_dtype)
-        model.to(resolve_device(device)).eval()
+        model.to(torch_device).eval()
         text_config = _text_config(model)
         info = ModelInfo(
             name=folder.resolve().name or str(config.get("_name_or_path", folder)),
@@ -175,17 +205,17 @@ class HFVisionLanguageAdapter:
         text = self.processor.apply_chat_template(self._messages(request), add_generation_prompt=True, tokenize=False)
         return str(text)
 
-    def _encode(self, requests: Sequence[Request]) -> BatchFeature:
+    def encode(self, requests: Sequence[Request]) -> BatchFeature:
         """Tokenise a batch (left-padded) with its images, on the model's device and dtype.
 
-        Images are handed to the processor in request order, and it fills each prompt's
-        ``<image>`` placeholder in turn, so requests with and without images mix freely.
+        Images go to the processor as one list per prompt (empty for a prompt without an image),
+        the one form every supported processor splits correctly; ``None`` when no prompt has one.
         """
         texts = [self.prompt_text(request) for request in requests]
-        images: list[Image.Image] = [load_image(r.image) for r in requests if r.image is not None]
+        images: list[list[Image.Image]] = [[load_image(r.image)] if r.image is not None else [] for r in requests]
         batch = self.processor(
             text=texts,
-            images=images or None,
+            images=images if any(images) else None,
             return_tensors="pt",
             padding=True,
         )
@@ -193,6 +223,26 @@ class HFVisionLanguageAdapter:
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
         return batch
+
+    def position_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_inputs: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Positions counted from each row's first real token, so left padding changes nothing.
+
+        Qwen2-VL and Qwen2.5-VL get their model's own three-axis positions ``(3, batch, seq)``.
+        """
+        if self.model_type not in MROPE_FAMILIES:
+            return position_ids_from_mask(attention_mask)
+        image_mask = torch.zeros_like(input_ids, dtype=torch.int)
+        for token in self.image_token_ids:
+            image_mask |= (input_ids == token).int()
+        positions, _ = self.model.model.get_rope_index(
+            input_ids,
+            image_mask,
+            image_grid_thw=image_inputs.get("image_grid_thw"),
+            attention_mask=attention_mask,
+        )
+        return positions
 
     @torch.inference_mode()
     def last_token_states(self, requests: Sequence[Request], layers: Sequence[int]) -> torch.Tensor:
@@ -205,17 +255,16 @@ class HFVisionLanguageAdapter:
         check_layers(layers, self.info.num_layers)
         if not requests:
             return torch.empty(0, len(layers), self.info.hidden_size)
-        parts = []
-        for chunk in _chunks(requests, self.batch_size):
-            batch = self._encode(chunk)
-            mask = batch["attention_mask"]
-            positions = position_ids_from_mask(mask)
+        return torch.cat([single_pass_states(self, chunk, layers) for chunk in _chunks(requests, self.batch_size)])
 
-            def forward(batch: BatchFeature = batch, positions: torch.Tensor = positions) -> object:
-                return self.model(**batch, position_ids=positions, use_cache=False)
-
-            parts.append(run_to_layers(forward, self.blocks, layers, mask))
-        return torch.cat(parts, dim=0)
+    @torch.inference_mode()
+    def group_states(self, groups: Sequence[RequestGroup], layers: Sequence[int]) -> torch.Tensor:
+        """States of every text of every group; each group's shared prefix (image included) runs once."""
+        layers = list(layers)
+        check_layers(layers, self.info.num_layers)
+        if not groups:
+            return torch.empty(0, 0, len(layers), self.info.hidden_size)
+        return torch.cat([grouped_states(self, chunk, layers) for chunk in _chunks(groups, self.batch_size)])
 
     def _stop_ids(self) -> set[int]:
         """Token ids that end an answer: the generation config's eos ids and the pad id."""
@@ -235,7 +284,7 @@ class HFVisionLanguageAdapter:
         stop = self._stop_ids()
         answers: list[list[int]] = []
         for chunk in _chunks(requests, self.batch_size):
-            batch = self._encode(chunk)
+            batch = self.encode(chunk)
             output = self.model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 
-class _StopForward(Exception):
-    """Raised from the deepest hook to skip the rest of the forward pass."""
+class StopForward(Exception):
+    """Raised from inside a forward (the deepest hook, or a KV cache) to skip the rest of it."""
 
 
 def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,14 @@ def find_decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
 
 
 @contextmanager
-def _capture(blocks: nn.ModuleList, layers: Sequence[int], store: dict[int, torch.Tensor]) -> Iterator[None]:
+def _capture(
+    blocks: nn.ModuleList,
+    layers: Sequence[int],
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    store: dict[int, torch.Tensor],
+) -> Iterator[None]:
+    """Keep block outputs at ``(rows, positions)`` only, and stop after the deepest requested block."""
     deepest = max(layers)
     wanted = set(layers)
     handles = []
@@ -50,9 +57,10 @@ def _capture(blocks: nn.ModuleList, layers: Sequence[int], store: dict[int, torc
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
             if k in wanted:
-                store[k] = hidden
+                # Only the last token's row survives the hook: (batch, hidden), not (batch, seq, hidden).
+                store[k] = hidden[rows.to(hidden.device), positions.to(hidden.device)]
             if k == deepest:
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -69,24 +77,30 @@ def run_to_layers(
     forward: Callable[[], object],
     blocks: nn.ModuleList,
     layers: Sequence[int],
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    last_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run ``forward`` until block ``max(layers)`` and return last-token states.
+    """Run ``forward`` until block ``max(layers)`` and return the last token's state at each of ``layers``.
 
-    Returns float32 CPU tensor ``(batch, len(layers), hidden)``.
+    The last token of each row is ``last_positions`` when given, else found from ``attention_mask``
+    (left or right padding). Returns a float32 CPU tensor ``(batch, len(layers), hidden)``; with
+    gradients enabled the result stays attached to the graph before being moved.
     """
+    if last_positions is None:
+        if attention_mask is None:
+            raise ValueError("run_to_layers needs attention_mask or last_positions")
+        last_positions = last_token_positions(attention_mask)
+    rows = torch.arange(last_positions.shape[0])
     captured: dict[int, torch.Tensor] = {}
-    with _capture(blocks, layers, captured):
+    with _capture(blocks, layers, rows, last_positions, captured):
         try:
             forward()
-        except _StopForward:
+        except StopForward:
             pass
     missing = [k for k in layers if k not in captured]
     if missing:
         raise RuntimeError(f"decoder blocks {missing} never ran; is the layer list right for this model?")
-    positions = last_token_positions(attention_mask).to(captured[layers[0]].device)
-    rows = torch.arange(positions.shape[0], device=positions.device)
-    stacked = torch.stack([captured[k][rows, positions] for k in layers], dim=1)
+    stacked = torch.stack([captured[k] for k in layers], dim=1)
     return stacked.float().cpu()
 
 
