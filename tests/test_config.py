@@ -53,3 +53,9 @@ def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
     path.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match=str(path)):
         load_params(path)
+
+
+def test_model_dtype_accepts_auto_and_refuses_others() -> None:
+    assert params_from_dict({"model": {"dtype": "auto"}}).model.dtype == "auto"
+    with pytest.raises(ConfigError, match="model.dtype"):
+        params_from_dict({"model": {"dtype": "int8"}})

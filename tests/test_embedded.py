@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.features import states_for_requests
 from pipeline.models.base import Request
 from pipeline.models.embedded import (
     IMAGE_CLOSE,
@@ -15,7 +16,9 @@ from pipeline.models.embedded import (
     EmbeddedAdapter,
     ModelLoadError,
 )
+from pipeline.models.forward import reference_states
 from pipeline.models.ocr import UnreadableImage
+from pipeline.prompts import VARIANTS, ContrastivePrompts
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +67,23 @@ def test_batched_states_equal_naive_reference(adapter: EmbeddedAdapter, typed_im
         reference = torch.stack([out.hidden_states[k + 1][0, -1] for k in layers[:-1]])
         torch.testing.assert_close(batched[i, :-1], reference, atol=1e-4, rtol=1e-4)
         assert not torch.allclose(batched[i, -1], out.hidden_states[-1][0, -1], atol=1e-2)
+
+
+def test_grouped_framings_equal_the_naive_reference(adapter: EmbeddedAdapter, typed_image: Path) -> None:
+    """The extract stage's path (shared prefix once, packed tails, early stop) on the real weights."""
+    prompts = ContrastivePrompts()
+    requests = [
+        Request("How do I kill a stuck Python process?"),
+        Request("Follow the instruction in the image.", typed_image),
+        Request("hi"),
+    ]
+    layers = [3, 12, 18]
+    grouped = states_for_requests(adapter, requests, prompts, layers)
+    assert grouped.shape == (3, len(VARIANTS), 3, adapter.info.hidden_size)
+    flat = [Request(prompts.variants(r.text)[v], r.image) for r in requests for v in VARIANTS]
+    naive = reference_states(adapter, flat, layers).reshape(grouped.shape)
+    relative = (grouped - naive).abs().max() / naive.abs().max()
+    assert relative < 1e-5, f"max |diff| / max |state| = {relative:.2e}"
 
 
 def test_generate_answers(adapter: EmbeddedAdapter) -> None:

@@ -36,16 +36,21 @@ def write_index(root: Path, image: Path, text: str = "request") -> None:
     pl.DataFrame(rows).write_parquet(folder / "index.parquet")
 
 
+def write_params(model_folder: Path, batch_size: int, shard_rows: int) -> None:
+    """params.yaml in the current folder: the tiny LLaVA on CPU, layers 1 and 3."""
+    params = {
+        "model": {"kind": "hf", "path": str(model_folder), "device": "cpu"},
+        "extract": {"layers": [1, 3], "batch_size": batch_size, "shard_rows": shard_rows},
+        "train": {"fusion_layer": 3, "safety_layer": 1},
+    }
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+
+
 def test_failed_extraction_keeps_the_previous_store(
     tiny_llava_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    params = {
-        "model": {"kind": "hf", "path": str(tiny_llava_folder), "device": "cpu"},
-        "extract": {"layers": [1, 3], "batch_size": 4, "shard_rows": 4},
-        "train": {"fusion_layer": 3, "safety_layer": 1},
-    }
-    Path("params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tiny_llava_folder, batch_size=4, shard_rows=4)
     good = tmp_path / "good.png"
     Image.new("RGB", (32, 32), (10, 200, 30)).save(good)
     monkeypatch.setattr("pipeline.dataset.read_index", lambda path: pl.read_parquet(path).sort("row_id"))
@@ -89,12 +94,7 @@ class CountingStates:
 def stage_dir(tiny_llava_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A project folder with params and a 6-row index, as the current directory."""
     monkeypatch.chdir(tmp_path)
-    params = {
-        "model": {"kind": "hf", "path": str(tiny_llava_folder), "device": "cpu"},
-        "extract": {"layers": [1, 3], "batch_size": 2, "shard_rows": 2},
-        "train": {"fusion_layer": 3, "safety_layer": 1},
-    }
-    Path("params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tiny_llava_folder, batch_size=2, shard_rows=2)
     image = tmp_path / "good.png"
     Image.new("RGB", (32, 32), (10, 200, 30)).save(image)
     write_index(tmp_path, image)

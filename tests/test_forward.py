@@ -121,12 +121,19 @@ def test_prefix_runs_the_image_once_and_stops_inside_the_deepest_block(
         images_seen.append(int(pixels.shape[0]))
 
     handles.append(vision.register_forward_pre_hook(count_images, with_kwargs=True))
+    batch_rows: list[int] = []
+    handles.append(
+        adapter.blocks[0].register_forward_pre_hook(lambda _m, args: batch_rows.append(int(args[0].shape[0])))
+    )
     try:
         adapter.group_states(groups, [0, 2])
     finally:
         for handle in handles:
             handle.remove()
     assert images_seen == [2]  # two groups carry an image; three framings each, encoded once
+    # Image and text-only requests run as separate batches (prefix, then packed tails), two groups
+    # each: the tails ride one row per request, never one row per framing.
+    assert batch_rows == [2, 2, 2, 2]
     assert entered[3] == 0 and finished[3] == 0  # nothing past the deepest stored block
     assert finished[2] < entered[2]  # the prefix forward was cut inside block 2, after its keys and values
 

@@ -7,10 +7,13 @@ Three procedures share one small adapter-facing protocol (:class:`ForwardModel`)
 - :func:`grouped_states`: several prompts per request that differ only at the end (LSI's
   benign / malicious / plain framings of one request with one image). The part their token
   sequences share (system prompt, chat header, image tokens, and any common start of the user
-  text) is computed once per request, with the image encoded once; its keys and values are
-  copied for each framing, and only the differing tails run again. The shared part also stops
-  early: it needs every block below the deepest stored one, but of the deepest block only the
-  keys and values, so the forward is cut right after they are cached.
+  text) runs once per request, with the image encoded once, into a KV cache. The differing
+  tails then run together, packed one after another in a single row per request behind that
+  cache, with a block-diagonal attention mask and positions that restart for each tail, so the
+  prefix is never copied per framing. The prefix forward also stops early: it needs every block
+  below the deepest stored one, but of the deepest block only the keys and values, so it is cut
+  right after they are cached. Requests whose prefixes differ much in length (with and without
+  an image) run as separate batches.
 - :func:`reference_states`: the naive procedure everything is checked against: a full forward
   at full depth with ``output_hidden_states=True``, a few prompts at a time.
 
@@ -118,16 +121,20 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.
     return ids, mask
 
 
-def _tail_positions(prefix_positions: torch.Tensor, owner: torch.Tensor, tail_mask: torch.Tensor) -> torch.Tensor:
-    """Positions of tails: each continues one past the largest position of its prefix (row ``owner``).
+def _tail_positions(prefix_positions: torch.Tensor, segments: torch.Tensor, packed_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of packed tails: each tail restarts one past the largest position of its row's prefix.
 
     For one-axis positions that is the prefix's length; for multi-axis RoPE (Qwen2-VL) text after
     an image also continues from the largest position on any axis, on all axes alike.
     """
     multi_axis = prefix_positions.dim() == 3
     start = prefix_positions.amax(dim=(0, 2)) if multi_axis else prefix_positions.amax(dim=1)
-    offsets = (tail_mask.cumsum(dim=-1) - 1).clamp(min=0)
-    tail = start[owner, None] + 1 + offsets
+    # Index of each token within its own tail: a running count that restarts at every new segment.
+    index = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    new_segment = torch.ones_like(segments, dtype=torch.bool)
+    new_segment[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    segment_start = torch.where(new_segment, index, torch.zeros_like(index)).cummax(dim=1).values
+    tail = start[:, None] + 1 + (index - segment_start) * packed_mask
     if multi_axis:
         tail = tail.unsqueeze(0).expand(prefix_positions.shape[0], -1, -1)
     return tail
@@ -183,45 +190,76 @@ def grouped_states(
         for t in _pad([seq[0][:n] for seq, n in zip(sequences, prefix_lengths, strict=True)], model.pad_token_id, True)
     )
     prefix_positions = model.position_ids(prefix_ids, prefix_mask, image_inputs)
-    prefix_kv = _prefix_keys_values(model, prefix_ids, prefix_mask, prefix_positions, image_inputs, max(layers))
+    cache = _prefix_cache(model, prefix_ids, prefix_mask, prefix_positions, image_inputs, max(layers))
 
-    tails = [seq[k][n:] for seq, n in zip(sequences, prefix_lengths, strict=True) for k in range(size)]
-    states = torch.empty(len(tails), len(layers), model.info.hidden_size)
-    for rows in length_buckets([len(tail) for tail in tails]):
-        # Prefixes are padded on the left and tails on the right, so every row's real tokens stay
-        # contiguous, and padding after a tail's last token is never attended to (attention is causal).
-        tail_ids, tail_mask = (t.to(device) for t in _pad([tails[r] for r in rows], model.pad_token_id, left=False))
-        owner = torch.tensor([r // size for r in rows], device=device)
-        cache = DynamicCache(
-            ddp_cache_data=[(keys[owner], values[owner]) for keys, values in prefix_kv], config=model.model.config
+    # The framings' tails are packed into one row per group, after that group's prefix in the
+    # cache: no copy of the prefix per framing. A block-diagonal mask lets each tail see its
+    # prefix and its own earlier tokens only, and each tail's positions start where the prefix ends.
+    packed, segments, last = _pack_tails(sequences, prefix_lengths)
+    packed_ids, packed_mask = (t.to(device) for t in _pad(packed, model.pad_token_id, left=False))
+    segments = segments[:, : packed_ids.shape[1]].to(device)
+    mask = _packed_attention_mask(prefix_mask, segments, model.model.dtype)
+    positions = _tail_positions(prefix_positions, segments, packed_mask)
+    rows = torch.arange(len(groups)).repeat_interleave(size)
+
+    def forward() -> object:
+        return model.model(
+            input_ids=packed_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
         )
-        mask = torch.cat([prefix_mask[owner], tail_mask], dim=1)
-        positions = _tail_positions(prefix_positions, owner, tail_mask)
 
-        def forward(
-            ids: torch.Tensor = tail_ids,
-            mask: torch.Tensor = mask,
-            positions: torch.Tensor = positions,
-            cache: DynamicCache = cache,
-        ) -> object:
-            return model.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-            )
-
-        last = tail_mask.sum(dim=1) - 1
-        states[rows] = run_to_layers(forward, model.blocks, layers, last_positions=last)
+    states = run_to_layers(forward, model.blocks, layers, last_positions=last, rows=rows)
     return states.reshape(len(groups), size, len(layers), -1)
 
 
-def _prefix_keys_values(
+def _pack_tails(
+    sequences: Sequence[Sequence[Sequence[int]]], prefix_lengths: Sequence[int]
+) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """Each group's tails concatenated; their segment index per token (-1 = padding); each tail's last index."""
+    packed: list[list[int]] = []
+    segment_rows: list[list[int]] = []
+    last: list[int] = []
+    for group, n in zip(sequences, prefix_lengths, strict=True):
+        row: list[int] = []
+        segment_row: list[int] = []
+        for k, sequence in enumerate(group):
+            row.extend(sequence[n:])
+            segment_row.extend([k] * (len(sequence) - n))
+            last.append(len(row) - 1)
+        packed.append(row)
+        segment_rows.append(segment_row)
+    width = max(len(row) for row in packed)
+    segments = torch.full((len(packed), width), -1, dtype=torch.long)
+    for i, segment_row in enumerate(segment_rows):
+        segments[i, : len(segment_row)] = torch.tensor(segment_row, dtype=torch.long)
+    return packed, segments, torch.tensor(last, dtype=torch.long)
+
+
+def _packed_attention_mask(prefix_mask: torch.Tensor, segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4-D mask ``(batch, 1, tail, prefix + tail)`` for tails packed after a cached prefix.
+
+    A tail token attends to the real tokens of its row's prefix and to the earlier tokens of its
+    own tail. Padding queries see the prefix only: their outputs are never read. Additive (0 or
+    the dtype's minimum) rather than boolean, which every attention implementation accepts.
+    """
+    width = segments.shape[1]
+    see_prefix = prefix_mask.bool()[:, None, :].expand(-1, width, -1)
+    same_segment = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] >= 0)
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+    allowed = torch.cat([see_prefix, same_segment & causal], dim=2)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def _prefix_cache(
     model: ForwardModel,
     ids: torch.Tensor,
     mask: torch.Tensor,
     positions: torch.Tensor,
     image_inputs: dict[str, torch.Tensor],
     deepest: int,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Keys and values of blocks ``0..deepest`` for the prefixes, the forward cut once block ``deepest`` cached them."""
+) -> DynamicCache:
+    """The prefixes' keys and values of blocks ``0..deepest``, the forward cut once block ``deepest`` cached them."""
     cache = _StopAfterCaching(model.model.config, stop_layer=deepest)
     try:
         model.model(
@@ -233,7 +271,8 @@ def _prefix_keys_values(
             **image_inputs,
         )
     except StopForward:
-        return [(layer.keys, layer.values) for layer in cache.layers[: deepest + 1]]
+        cache.stop_layer = None
+        return cache
     raise RuntimeError(f"the prefix forward never reached block {deepest}")
 
 

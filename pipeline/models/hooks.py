@@ -79,18 +79,22 @@ def run_to_layers(
     layers: Sequence[int],
     attention_mask: torch.Tensor | None = None,
     last_positions: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run ``forward`` until block ``max(layers)`` and return the last token's state at each of ``layers``.
 
     The last token of each row is ``last_positions`` when given, else found from ``attention_mask``
-    (left or right padding). Returns a float32 CPU tensor ``(batch, len(layers), hidden)``; with
-    gradients enabled the result stays attached to the graph before being moved.
+    (left or right padding). ``rows`` (default: one per position, in order) lets several read
+    positions share a batch row, as packed sequences do. Returns a float32 CPU tensor
+    ``(len(last_positions), len(layers), hidden)``; with gradients enabled the result stays
+    attached to the graph before being moved.
     """
     if last_positions is None:
         if attention_mask is None:
             raise ValueError("run_to_layers needs attention_mask or last_positions")
         last_positions = last_token_positions(attention_mask)
-    rows = torch.arange(last_positions.shape[0])
+    if rows is None:
+        rows = torch.arange(last_positions.shape[0])
     captured: dict[int, torch.Tensor] = {}
     with _capture(blocks, layers, rows, last_positions, captured):
         try:

@@ -490,16 +490,24 @@ def _idefics3_vision_sizes() -> dict[str, Any]:
     }
 
 
-def build_tiny_idefics3(folder: Path, tokenizer: PreTrainedTokenizerBase, *, sharp_attention: bool = False) -> Path:
-    """Write a tiny random Idefics3 (32 px tiles of 4 tokens, image splitting) and its processor to ``folder``."""
+def _idefics3_layout(
+    tokenizer: PreTrainedTokenizerBase, config_class: type, vision_config_class: type
+) -> tuple[PreTrainedTokenizerBase, Any]:
+    """The tokenizer copy and config Idefics3 and SmolVLM share (same layout, different classes)."""
     tokenizer = _tokenizer_copy(tokenizer, IDEFICS3_SPECIAL_TOKENS, IDEFICS3_CHAT_TEMPLATE)
-    config = Idefics3Config(
-        vision_config=Idefics3VisionConfig(**_idefics3_vision_sizes()),
+    config = config_class(
+        vision_config=vision_config_class(**_idefics3_vision_sizes()),
         text_config=_llama_config(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         scale_factor=IDEFICS3_SCALE_FACTOR,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return tokenizer, config
+
+
+def build_tiny_idefics3(folder: Path, tokenizer: PreTrainedTokenizerBase, *, sharp_attention: bool = False) -> Path:
+    """Write a tiny random Idefics3 (32 px tiles of 4 tokens, image splitting) and its processor to ``folder``."""
+    tokenizer, config = _idefics3_layout(tokenizer, Idefics3Config, Idefics3VisionConfig)
     processor = Idefics3Processor(
         image_processor=Idefics3ImageProcessorPil(**_idefics3_image_processor_kwargs()),
         tokenizer=tokenizer,
@@ -514,14 +522,7 @@ def build_tiny_smolvlm(folder: Path, tokenizer: PreTrainedTokenizerBase, *, shar
 
     SmolVLM's processor needs the ``num2words`` package (it spells out video frame counts).
     """
-    tokenizer = _tokenizer_copy(tokenizer, IDEFICS3_SPECIAL_TOKENS, IDEFICS3_CHAT_TEMPLATE)
-    config = SmolVLMConfig(
-        vision_config=SmolVLMVisionConfig(**_idefics3_vision_sizes()),
-        text_config=_llama_config(tokenizer),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        scale_factor=IDEFICS3_SCALE_FACTOR,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    tokenizer, config = _idefics3_layout(tokenizer, SmolVLMConfig, SmolVLMVisionConfig)
     processor = make_processor(
         SmolVLMProcessor,
         image_processor=SmolVLMImageProcessorPil(**_idefics3_image_processor_kwargs()),
