@@ -92,20 +92,18 @@ def llava7b_shaped_adapter(scale: int, device: str, dtype: torch.dtype) -> objec
     """A random-weight LLaVA-1.5-7B-shaped model (widths divided by ``scale``) behind the HF adapter."""
     from transformers import (
         AutoTokenizer,
-        CLIPImageProcessorPil,
         CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
-        LlavaProcessor,
     )
 
     from pipeline.models.hf_vlm import HFVisionLanguageAdapter
     from pipeline.models.smollm2_files import find_smollm2_gguf
-    from pipeline.models.tiny import IMAGE_TOKEN, LLAVA_15_CHAT_TEMPLATE, _tokenizer_with_image_token
+    from pipeline.models.tiny import IMAGE_TOKEN, tiny_llava_processor, tokenizer_with_image_token
 
     gguf = find_smollm2_gguf()
-    tokenizer = _tokenizer_with_image_token(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
+    tokenizer = tokenizer_with_image_token(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
     vision = CLIPVisionConfig(
         hidden_size=1024 // scale,
         intermediate_size=4096 // scale,
@@ -136,15 +134,7 @@ def llava7b_shaped_adapter(scale: int, device: str, dtype: torch.dtype) -> objec
     torch.manual_seed(0)
     with torch.device(device):
         model = LlavaForConditionalGeneration(config).to(dtype).eval()
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_15_CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN,
-    )
+    processor = tiny_llava_processor(tokenizer, image_size=336, patch_size=14)
     info = ModelInfo(
         name=f"llava-1.5-7b-shaped/{scale}",
         revision="random",

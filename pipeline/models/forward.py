@@ -144,9 +144,7 @@ def _image_tokens(tokens: Sequence[int], image_token_ids: frozenset[int]) -> int
     return sum(1 for token in tokens if token in image_token_ids)
 
 
-def grouped_states(
-    model: ForwardModel, groups: Sequence[RequestGroup], layers: Sequence[int], split_by_length: bool = True
-) -> torch.Tensor:
+def grouped_states(model: ForwardModel, groups: Sequence[RequestGroup], layers: Sequence[int]) -> torch.Tensor:
     """States ``(n_groups, group_size, len(layers), hidden)``, the groups' shared prefixes computed once.
 
     Groups whose prefixes differ much in length (a request with an image next to one without:
@@ -159,13 +157,14 @@ def grouped_states(
     size = len(groups[0].texts)
     if any(len(group.texts) != size for group in groups):
         raise ValueError("every group must hold the same number of texts")
-    flat = [request for group in groups for request in group.requests()]
     if size == 1:
+        flat = [request for group in groups for request in group.requests()]
         return single_pass_states(model, flat, layers).reshape(len(groups), 1, len(layers), -1)
 
     # One batch per framing: the first also carries the image inputs, used once per group.
     member_batches = [model.encode([group.requests()[k] for group in groups]) for k in range(size)]
     image_inputs = image_inputs_of(member_batches[0])
+    device = member_batches[0]["input_ids"].device
     members = [_unpadded(batch) for batch in member_batches]
     sequences = [[members[k][g] for k in range(size)] for g in range(len(groups))]
     prefix_lengths = [shared_prefix_length(group) for group in sequences]
@@ -174,17 +173,38 @@ def grouped_states(
         for group, length in zip(sequences, prefix_lengths, strict=True)
         for k in range(size)
     ):
-        states = single_pass_states(model, flat, layers)
-        return states.reshape(len(groups), size, len(layers), -1)
-    buckets = length_buckets(prefix_lengths)
-    if split_by_length and len(buckets) > 1:
-        # Re-encoding a bucket's groups costs tokenisation only; the image inputs then hold its images alone.
-        out = torch.empty(len(groups), size, len(layers), model.info.hidden_size)
-        for bucket in buckets:
-            out[bucket] = grouped_states(model, [groups[g] for g in bucket], layers, split_by_length=False)
-        return out
+        flat = [request for group in groups for request in group.requests()]
+        return single_pass_states(model, flat, layers).reshape(len(groups), size, len(layers), -1)
 
-    device = member_batches[0]["input_ids"].device
+    buckets = length_buckets(prefix_lengths)
+    if len(buckets) == 1:
+        return _shared_prefix_states(model, sequences, prefix_lengths, image_inputs, layers, device)
+    out = torch.empty(len(groups), size, len(layers), model.info.hidden_size)
+    for bucket in buckets:
+        # The token ids are kept; only image inputs are encoded again, to hold this bucket's images alone.
+        first_framing = [groups[g].requests()[0] for g in bucket]
+        bucket_images = image_inputs_of(model.encode(first_framing)) if image_inputs else {}
+        out[bucket] = _shared_prefix_states(
+            model,
+            [sequences[g] for g in bucket],
+            [prefix_lengths[g] for g in bucket],
+            bucket_images,
+            layers,
+            device,
+        )
+    return out
+
+
+def _shared_prefix_states(
+    model: ForwardModel,
+    sequences: Sequence[Sequence[Sequence[int]]],
+    prefix_lengths: Sequence[int],
+    image_inputs: dict[str, torch.Tensor],
+    layers: list[int],
+    device: torch.device,
+) -> torch.Tensor:
+    """One prefix forward into a cache, then one forward of the packed tails: ``(groups, size, layers, hidden)``."""
+    size = len(sequences[0])
     prefix_ids, prefix_mask = (
         t.to(device)
         for t in _pad([seq[0][:n] for seq, n in zip(sequences, prefix_lengths, strict=True)], model.pad_token_id, True)
@@ -197,10 +217,10 @@ def grouped_states(
     # prefix and its own earlier tokens only, and each tail's positions start where the prefix ends.
     packed, segments, last = _pack_tails(sequences, prefix_lengths)
     packed_ids, packed_mask = (t.to(device) for t in _pad(packed, model.pad_token_id, left=False))
-    segments = segments[:, : packed_ids.shape[1]].to(device)
+    segments = segments.to(device)
     mask = _packed_attention_mask(prefix_mask, segments, model.model.dtype)
     positions = _tail_positions(prefix_positions, segments, packed_mask)
-    rows = torch.arange(len(groups)).repeat_interleave(size)
+    rows = torch.arange(len(sequences)).repeat_interleave(size)
 
     def forward() -> object:
         return model.model(
@@ -208,7 +228,7 @@ def grouped_states(
         )
 
     states = run_to_layers(forward, model.blocks, layers, last_positions=last, rows=rows)
-    return states.reshape(len(groups), size, len(layers), -1)
+    return states.reshape(len(sequences), size, len(layers), -1)
 
 
 def _pack_tails(

@@ -203,7 +203,7 @@ def _tokenizer_copy(
     return tokenizer
 
 
-def _tokenizer_with_image_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+def tokenizer_with_image_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """A copy of ``tokenizer`` that knows ``<image>`` as a special token and has a pad token."""
     return _tokenizer_copy(tokenizer, (IMAGE_TOKEN,), LLAVA_15_CHAT_TEMPLATE)
 
@@ -292,19 +292,21 @@ def tiny_llava_config(tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
     )
 
 
-def tiny_llava_processor(tokenizer: PreTrainedTokenizerBase) -> LlavaProcessor:
-    """LLaVA-1.5 style processor for 32 px images around an ``<image>``-aware ``tokenizer``."""
+def tiny_llava_processor(
+    tokenizer: PreTrainedTokenizerBase, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE
+) -> LlavaProcessor:
+    """LLaVA-1.5 style processor for ``image_size`` px images around an ``<image>``-aware ``tokenizer``."""
     # The PIL backend needs no torchvision and gives the same pixels on every machine.
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
     )
     # CLIP prepends a class token that the "default" strategy drops again: without the +1 the
     # processor would write one image token fewer than the vision tower yields features.
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=LLAVA_15_CHAT_TEMPLATE,
@@ -321,7 +323,7 @@ def build_tiny_llava(folder: Path, tokenizer: PreTrainedTokenizerBase, *, sharp_
     ``sharp_attention`` draws the language model's query and key weights wide enough that
     position ids matter measurably (see :data:`ATTENTION_INIT_STD`).
     """
-    tokenizer = _tokenizer_with_image_token(tokenizer)
+    tokenizer = tokenizer_with_image_token(tokenizer)
     config = tiny_llava_config(tokenizer)
     processor = tiny_llava_processor(tokenizer)
     return _save(folder, tokenizer, lambda: LlavaForConditionalGeneration(config), processor, sharp_attention)
