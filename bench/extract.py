@@ -167,6 +167,15 @@ def benchmark_requests(count: int, folder: Path) -> list[Request]:
     return requests
 
 
+def counted_flops(fn, *args) -> int:  # noqa: ANN001 - any callable
+    """Floating-point operations torch dispatches while ``fn`` runs (matrix products and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return int(counter.get_total_flops())
+
+
 def timed(fn, *args):  # noqa: ANN001, ANN202 - a two-line helper
     start = time.perf_counter()
     result = fn(*args)
@@ -211,6 +220,12 @@ def main() -> None:
         # Without the vocabulary projection: the naive procedure at its cheapest.
         _, seconds = timed(naive_states, adapter, requests, params.prompts, layers, False)
         naive_base_s = min(naive_base_s, seconds)
+    # The work each path does, counted on two requests: the speed-up a perfectly efficient machine would
+    # show. The fast path cannot beat it by more than its better batching; it bounds what to expect.
+    sample = requests[:2]
+    naive_flops = counted_flops(naive_states, adapter, sample, params.prompts, layers, True)
+    naive_base_flops = counted_flops(naive_states, adapter, sample, params.prompts, layers, False)
+    fast_flops = counted_flops(fast_states, adapter, sample, params.prompts, layers, args.batch_size)
     framed = fast[:, : VARIANTS.index("malicious") + 1]
     max_rel = float(np.abs(framed - naive).max() / np.abs(naive).max())
     info = adapter.info  # type: ignore[attr-defined]
@@ -230,6 +245,11 @@ def main() -> None:
         "fast_requests_per_s": len(requests) / fast_s,
         "speedup": naive_s / fast_s,
         "speedup_vs_naive_without_head": naive_base_s / fast_s,
+        "flops_per_request_naive": naive_flops / len(sample),
+        "flops_per_request_naive_without_head": naive_base_flops / len(sample),
+        "flops_per_request_fast": fast_flops / len(sample),
+        "flop_ratio": naive_flops / fast_flops,
+        "flop_ratio_without_head": naive_base_flops / fast_flops,
         "naive_prompts_per_request": 2,
         "fast_prompts_per_request": len(VARIANTS),
         "max_abs_diff_relative": max_rel,
@@ -243,6 +263,11 @@ def main() -> None:
     for name, seconds in (("naive (full forward)", naive_s), ("naive (no LM head)", naive_base_s), ("fast", fast_s)):
         print(f"{name:24s} {seconds:8.2f} {len(requests) / seconds:8.2f} {seconds / fast_s:7.2f}x")
     print(f"max |diff| / max |state| (benign, malicious) = {max_rel:.2e}")
+    print(
+        f"work ratio (FLOPs, torch's counter): {naive_flops / fast_flops:.2f}x "
+        f"({naive_base_flops / fast_flops:.2f}x without the head); "
+        f"measured speed-up {naive_s / fast_s:.2f}x ({naive_base_s / fast_s:.2f}x)"
+    )
     out = args.out or RESULTS / f"extract-{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -44,7 +44,7 @@ class ModelConfig:
 class PrepareConfig:
     """Where the request sources are and how to split them."""
 
-    sources: tuple[str, ...] = ("data/demo/requests.jsonl",)
+    sources: tuple[str, ...] = ("data/demo/requests.jsonl", "data/demo/lookalike.jsonl")
     split_fractions: tuple[tuple[str, float], ...] = (("train", 0.5), ("val", 0.15), ("calib", 0.15), ("test", 0.2))
     seed: int = 0
 
@@ -76,12 +76,21 @@ class ExtractConfig:
             raise ConfigError("extract.batch_size and extract.shard_rows must be at least 1")
 
 
+LAYER_CHOICE = "best"  # train.fusion_layer / train.safety_layer: take the pair the sweep stage found best
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """The LSI projector and probe, with the method's hyperparameters as defaults."""
+    """The LSI projector and probe, with the method's hyperparameters as defaults.
 
-    fusion_layer: int = 12
-    safety_layer: int = 3
+    ``fusion_layer`` and ``safety_layer`` are stored block indices, or ``"best"`` for the pair the
+    ``sweep`` stage chose (by ``select_by``). The last three options are off by default, as in
+    the method: ``standardize`` scales each input feature by training-set mean and std,
+    ``weight_decay`` is Adam's L2 term, ``class_weight: balanced`` reweights the loss by class.
+    """
+
+    fusion_layer: int | str = 12
+    safety_layer: int | str = 3
     alpha: float = 0.1
     lr: float = 5e-4
     batch_size: int = 16
@@ -89,21 +98,97 @@ class TrainConfig:
     grad_clip: float = 1.0
     init_gain: float = 0.02
     seed: int = 0
+    standardize: bool = False
+    weight_decay: float = 0.0
+    class_weight: str = "none"
+    chunk_rows: int = 4096
+    select_by: str = "cross_source"
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.grad_clip <= 0:
             raise ConfigError("train.lr, train.epochs, train.batch_size and train.grad_clip must be positive")
+        for key in ("fusion_layer", "safety_layer"):
+            value = getattr(self, key)
+            ok = value == LAYER_CHOICE or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+            if not ok:
+                raise ConfigError(f"train.{key} must be a stored block index or '{LAYER_CHOICE}', got {value!r}")
+        if not isinstance(self.standardize, bool):
+            raise ConfigError(f"train.standardize must be true or false, got {self.standardize!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.class_weight not in ("none", "balanced"):
+            raise ConfigError(f"train.class_weight must be 'none' or 'balanced', got {self.class_weight!r}")
+        if self.chunk_rows < 1:
+            raise ConfigError(f"train.chunk_rows must be at least 1, got {self.chunk_rows}")
+        if self.select_by not in ("cross_source", "val"):
+            raise ConfigError(f"train.select_by must be 'cross_source' or 'val', got {self.select_by!r}")
+
+    @property
+    def layers_fixed(self) -> bool:
+        """Whether both layers are given (no sweep result needed)."""
+        return self.fusion_layer != LAYER_CHOICE and self.safety_layer != LAYER_CHOICE
 
 
 @dataclass(frozen=True)
 class CalibrateConfig:
-    """How the refusal threshold tau is chosen on the calibration split."""
+    """How the refusal threshold tau is chosen on the calibration split, and how scores are calibrated.
+
+    ``method``: ``target_fpr`` (at most that share of benign calibration requests refused) or
+    ``best_f1``. ``scaling``: ``none``, ``platt`` (logistic fit on the score's logit) or
+    ``temperature`` (one scale on the logit); fitted on the calibration split, applied before tau.
+    ``bins``: equal-width bins for the expected calibration error and the reliability diagram.
+    """
 
     target_fpr: float = 0.05
+    method: str = "target_fpr"
+    scaling: str = "none"
+    bins: int = 10
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_fpr < 1.0:
             raise ConfigError(f"calibrate.target_fpr must be in (0, 1), got {self.target_fpr}")
+        if self.method not in ("target_fpr", "best_f1"):
+            raise ConfigError(f"calibrate.method must be 'target_fpr' or 'best_f1', got {self.method!r}")
+        if self.scaling not in ("none", "platt", "temperature"):
+            raise ConfigError(f"calibrate.scaling must be 'none', 'platt' or 'temperature', got {self.scaling!r}")
+        if self.bins < 2:
+            raise ConfigError(f"calibrate.bins must be at least 2, got {self.bins}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Baselines the evaluation reports next to LSI.
+
+    The refusal-direction score (HiddenDetect-style) projects the plain request's stored
+    last-token states through the model's final norm and LM head and sums, over
+    ``refusal_layers`` (empty: every stored layer), their cosine similarity to the
+    ``refusal_words``' tokens.
+    """
+
+    refusal_words: tuple[str, ...] = ("sorry", "Sorry", "cannot", "can't", "unable", "apologize", "illegal", "harmful")
+    refusal_layers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """The training-data builder over public benchmark files (off when ``benchmarks`` is empty).
+
+    ``benchmarks``: a folder laid out like MM-SafetyBench / MM-Vet / alpaca seed tasks (see the
+    README). ``per_source``: harmful requests per built source (benign ones are matched to them).
+    ``match_style``: build style-matched benign counterparts (true) or take benign requests as
+    they come (false, the confounded setup, for comparison).
+    """
+
+    benchmarks: str = ""
+    per_source: int = 60
+    match_style: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.per_source < 1:
+            raise ConfigError(f"build.per_source must be at least 1, got {self.per_source}")
+        if not isinstance(self.match_style, bool):
+            raise ConfigError(f"build.match_style must be true or false, got {self.match_style!r}")
 
 
 @dataclass(frozen=True)
@@ -154,17 +239,22 @@ class Params:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     ecso: ECSOConfig = field(default_factory=ECSOConfig)
     attribute: AttributeConfig = field(default_factory=AttributeConfig)
 
     def __post_init__(self) -> None:
         for key, layer in (("fusion_layer", self.train.fusion_layer), ("safety_layer", self.train.safety_layer)):
-            if layer not in self.extract.layers:
+            if layer != LAYER_CHOICE and layer not in self.extract.layers:
                 raise ConfigError(
                     f"train.{key}={layer} is not among extract.layers={list(self.extract.layers)}; "
                     "add it there (this reruns extract) or pick a stored layer"
                 )
+        missing = [layer for layer in self.evaluate.refusal_layers if layer not in self.extract.layers]
+        if missing:
+            raise ConfigError(f"evaluate.refusal_layers {missing} are not among extract.layers={list(self.extract.layers)}")
 
 
 def _build(cls: type, section: str, raw: Any) -> Any:
@@ -199,6 +289,8 @@ def params_from_dict(raw: Mapping[str, Any]) -> Params:
         "extract": ExtractConfig,
         "train": TrainConfig,
         "calibrate": CalibrateConfig,
+        "evaluate": EvaluateConfig,
+        "build": BuildConfig,
         "guard": GuardConfig,
         "ecso": ECSOConfig,
         "attribute": AttributeConfig,

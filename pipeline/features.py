@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -103,20 +103,115 @@ def aligned_features(store: ActivationStore, row_ids: np.ndarray, fusion_layer: 
 
     Only the two layers and two framings the probe uses are read from disk.
     """
-    stored_ids = store.row_ids
-    position = {int(r): i for i, r in enumerate(stored_ids)}
+    positions = store_positions(store, row_ids)
+    layers = sorted({fusion_layer, safety_layer})
+    framed = store.layer_states(layers)[:, : VARIANTS.index("malicious") + 1]
+    block = np.asarray(framed[np.sort(positions)].compute(), dtype=np.float32)
+    # Undo the sort so features follow the caller's row order.
+    block = block[np.argsort(np.argsort(positions))]
+    if np.isnan(block).any():
+        raise ValueError(f"{store.path}: NaN states (unwritten rows) among the requested rows")
+    return features_from_states(block, layers, fusion_layer, safety_layer)
+
+
+class FeatureSource(Protocol):
+    """Labelled LSI features read a block of rows at a time, so training never needs them all in memory."""
+
+    labels: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def chunk_bounds(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` row ranges, each read in one go."""
+        ...
+
+    def read(self, start: int, stop: int) -> LSIFeatures:
+        """The features of rows ``start:stop``."""
+        ...
+
+
+def _bounds(n: int, chunk_rows: int) -> list[tuple[int, int]]:
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    return [(lo, min(lo + chunk_rows, n)) for lo in range(0, n, chunk_rows)]
+
+
+@dataclass
+class InMemoryFeatures:
+    """A :class:`FeatureSource` over arrays already in memory (tests, the layer sweep, small runs)."""
+
+    features: LSIFeatures
+    labels: np.ndarray
+    chunk_rows: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels)
+        if len(self.labels) != len(self.features):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.features)} feature rows")
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def chunk_bounds(self) -> list[tuple[int, int]]:
+        return _bounds(len(self), self.chunk_rows)
+
+    def read(self, start: int, stop: int) -> LSIFeatures:
+        return self.features.take(np.arange(start, stop))
+
+
+class StoreFeatures:
+    """A :class:`FeatureSource` reading the two layers and two framings LSI needs from a store, lazily.
+
+    Rows are kept in store order (sorted positions), so each chunk reads a few contiguous shards;
+    ``labels`` follow that order. At most ``chunk_rows`` rows are in memory at a time.
+    """
+
+    def __init__(
+        self,
+        store: ActivationStore,
+        row_ids: np.ndarray,
+        labels: np.ndarray,
+        fusion_layer: int,
+        safety_layer: int,
+        chunk_rows: int,
+    ) -> None:
+        positions = store_positions(store, row_ids)
+        order = np.argsort(positions, kind="stable")
+        self.positions = positions[order]
+        self.labels = np.asarray(labels)[order]
+        self.row_ids = np.asarray(row_ids)[order]
+        self.fusion_layer, self.safety_layer = fusion_layer, safety_layer
+        self.layers = sorted({fusion_layer, safety_layer})
+        self.framed = store.layer_states(self.layers)[:, : VARIANTS.index("malicious") + 1]
+        self.path = store.path
+        self.chunk_rows = chunk_rows
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def chunk_bounds(self) -> list[tuple[int, int]]:
+        return _bounds(len(self), self.chunk_rows)
+
+    def read(self, start: int, stop: int) -> LSIFeatures:
+        block = np.asarray(self.framed[self.positions[start:stop]].compute(), dtype=np.float32)
+        if np.isnan(block).any():
+            raise ValueError(f"{self.path}: NaN states (unwritten rows) among the requested rows")
+        return features_from_states(block, self.layers, self.fusion_layer, self.safety_layer)
+
+
+def store_positions(store: ActivationStore, row_ids: np.ndarray) -> np.ndarray:
+    """Positions in the store of ``row_ids`` (in that order); rows missing from the store are an error."""
+    position = {int(r): i for i, r in enumerate(store.row_ids)}
     missing = [int(r) for r in row_ids if int(r) not in position]
     if missing:
         raise ValueError(
             f"{store.path}: rows {missing[:5]}{'...' if len(missing) > 5 else ''} of the index are not in the store; "
             "the index changed since extraction: rerun 'extract'"
         )
-    layers = sorted({fusion_layer, safety_layer})
-    framed = store.layer_states(layers)[:, : VARIANTS.index("malicious") + 1]
-    rows = np.array([position[int(r)] for r in row_ids], dtype=np.int64)
-    block = np.asarray(framed[np.sort(rows)].compute(), dtype=np.float32)
-    # Undo the sort so features follow the caller's row order.
-    block = block[np.argsort(np.argsort(rows))]
-    if np.isnan(block).any():
-        raise ValueError(f"{store.path}: NaN states (unwritten rows) among the requested rows")
-    return features_from_states(block, layers, fusion_layer, safety_layer)
+    return np.array([position[int(r)] for r in row_ids], dtype=np.int64)
+
+
+def read_all(source: FeatureSource) -> LSIFeatures:
+    """Every row of a source in memory (only for sets known to be small, such as a calibration split)."""
+    parts = [source.read(lo, hi) for lo, hi in source.chunk_bounds()]
+    return LSIFeatures(np.concatenate([p.h_s for p in parts]), np.concatenate([p.delta_h for p in parts]))

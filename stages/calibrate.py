@@ -1,21 +1,59 @@
-"""DVC stage ``calibrate``: choose tau for the target false-positive rate on the calibration split."""
+"""DVC stage ``calibrate``: fit the score scaling, choose tau on the calibration split, draw the reliability diagram."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.calibration import choose_tau, save_calibration
-from pipeline.config import load_params
+import numpy as np
+
+from pipeline.calibration import Calibration, calibrate, reliability_rows, save_calibration
+from pipeline.config import CalibrateConfig, load_params
 from pipeline.features import aligned_features
+from pipeline.plots import plot_reliability
 from pipeline.probe import load_probe
 from pipeline.store import ActivationStore
-from stages.common import INDEX, PROBE_DIR, STORE, run_stage
+from stages.common import CALIBRATION, INDEX, PROBE_DIR, STORE, run_stage, write_json_atomic
 
-OUT = Path("data/calibration/calibration.json")
+OUT = CALIBRATION
+RELIABILITY = Path("data/calibration/reliability.json")
+RELIABILITY_PNG = Path("data/calibration/reliability.png")
+
+
+def write_calibration(
+    labels: np.ndarray, raw_scores: np.ndarray, config: CalibrateConfig, out_dir: Path
+) -> Calibration:
+    """Calibrate, then write ``calibration.json``, ``reliability.json`` and ``reliability.png`` under ``out_dir``.
+
+    ``reliability.json`` holds one row per non-empty bin with a ``scaling`` field: ``raw`` always, and
+    the fitted scaling's name as well when there is one.
+    """
+    calibration = calibrate(labels, raw_scores, config)
+    curves = {"raw": reliability_rows(labels, raw_scores, config.bins)}
+    if calibration.scaling.kind != "none":
+        curves[calibration.scaling.kind] = reliability_rows(labels, calibration.probability(raw_scores), config.bins)
+    save_calibration(calibration, out_dir / OUT.name)
+    write_json_atomic(
+        out_dir / RELIABILITY.name, [{"scaling": name, **row} for name, rows in curves.items() for row in rows]
+    )
+    plot_reliability(curves, out_dir / RELIABILITY_PNG.name, f"Calibration split reliability (n={len(labels)})")
+    return calibration
+
+
+def summary_line(calibration: Calibration) -> str:
+    """One line with tau, how it was chosen, its rates on the calibration split, and the ECE raw and scaled."""
+    return (
+        f"tau={calibration.tau:.4f} ({calibration.method}): calibration FPR {calibration.calib_fpr:.3f}, "
+        f"TPR {calibration.calib_tpr:.3f}, F1 {_number(calibration.calib_f1)}; "
+        f"ECE raw {_number(calibration.ece_raw)}, {calibration.scaling.kind} {_number(calibration.ece_scaled)}"
+    )
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def main() -> None:
-    """Score the calibration split and pick tau."""
+    """Score the calibration split with the trained probe, calibrate, and write the outputs."""
     from pipeline.dataset import read_index
 
     params = load_params()
@@ -25,9 +63,8 @@ def main() -> None:
     features = aligned_features(
         ActivationStore.open(STORE), part["row_id"].to_numpy(), meta.fusion_layer, meta.safety_layer
     )
-    calibration = choose_tau(part["label"].to_numpy(), probe.score(features), params.calibrate.target_fpr)
-    save_calibration(calibration, OUT)
-    print(f"tau={calibration.tau:.4f}: calibration FPR {calibration.calib_fpr:.3f}, TPR {calibration.calib_tpr:.3f}")
+    calibration = write_calibration(part["label"].to_numpy(), probe.score(features), params.calibrate, OUT.parent)
+    print(summary_line(calibration))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ def rate(records: Sequence[Mapping[str, Any]], key: str, label: int) -> float | 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Failures caused by input or set-up, which deserve one clear line rather than a traceback."""
+    from pipeline.calibration import CalibrationError
     from pipeline.config import ConfigError
     from pipeline.dataset import DatasetError
     from pipeline.extraction import ExtractionError
@@ -100,6 +101,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from pipeline.store import StoreError
 
     return (
+        CalibrationError,
         ConfigError,
         DatasetError,
         ExtractionError,
@@ -119,3 +121,47 @@ def run_stage(main: Callable[[], None]) -> None:
     except _known_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+SWEEP = Path("data/sweep/sweep.json")
+
+
+def load_eval_data(index: pl.DataFrame, store_path: Path = STORE, refusal: np.ndarray | None = None) -> Any:
+    """Every index row's stored states (all framings and layers) in index order, as :class:`EvalData`.
+
+    ``refusal``: per-store-row refusal-direction scores, reordered here to the index's order.
+    """
+    from pipeline.evaluation import EvalData
+    from pipeline.features import store_positions
+    from pipeline.store import ActivationStore
+
+    store = ActivationStore.open(store_path)
+    positions = store_positions(store, index["row_id"].to_numpy())
+    layers = tuple(store.provenance.layers)
+    states = np.asarray(store.layer_states(list(layers))[np.sort(positions)].compute(), dtype=np.float32)
+    # Back from store order to index order.
+    states = states[np.argsort(np.argsort(positions))]
+    if np.isnan(states).any():
+        raise ValueError(f"{store_path}: NaN states (unwritten rows) among the index's rows")
+    return EvalData(index, states, layers, None if refusal is None else refusal[positions])
+
+
+def resolve_layers(fusion_layer: int | str, safety_layer: int | str, select_by: str) -> tuple[int, int]:
+    """The layers to train at: fixed ones as given, ``best`` ones from the sweep stage's results."""
+    from pipeline.config import LAYER_CHOICE
+    from pipeline.sweep import PairScore, best_pair
+
+    if fusion_layer != LAYER_CHOICE and safety_layer != LAYER_CHOICE:
+        return int(fusion_layer), int(safety_layer)
+    if not SWEEP.is_file():
+        raise FileNotFoundError(f"{SWEEP}: no layer sweep to take 'best' layers from; run 'dvc repro sweep'")
+    scores = [PairScore(**row) for row in json.loads(SWEEP.read_text())["pairs"]]
+    allowed = [
+        s
+        for s in scores
+        if fusion_layer in (LAYER_CHOICE, s.fusion_layer) and safety_layer in (LAYER_CHOICE, s.safety_layer)
+    ]
+    if not allowed:
+        raise ValueError(f"{SWEEP}: no swept pair has fusion layer {fusion_layer} and safety layer {safety_layer}")
+    best = best_pair(allowed, select_by)
+    return best.fusion_layer, best.safety_layer

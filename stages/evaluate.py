@@ -1,112 +1,149 @@
-"""DVC stage ``evaluate``: LSI and plain baselines on the test split, overall and per category.
+"""DVC stage ``evaluate``: LSI and every baseline on the same rows, in-source and held-out-source.
 
-Every baseline is fitted on the same train split and thresholded on the same calibration split
-at the same target false-positive rate as LSI, so the numbers compare like with like.
+In-source, the shipped probe and every baseline (fitted on the same train split, thresholded on
+the same calibration split by the same rule) are scored on the test split. Held out, each source
+in turn is left out of training, validation and calibration for every detector, which is then
+scored on that source's test rows: the rows of its in-source number, side by side.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from pipeline.baselines import (
-    fit_logistic,
-    length_features,
-    lsi_inputs,
-    positive_scores,
-    style_features,
-)
-from pipeline.calibration import choose_tau, load_calibration
+from pipeline.calibration import expected_calibration_error, load_calibration, reliability_rows
 from pipeline.config import load_params
-from pipeline.features import LSIFeatures, aligned_features
-from pipeline.metrics import detection_metrics, per_group_metrics, roc_points
-from pipeline.plots import plot_roc
+from pipeline.evaluation import (
+    LENGTH_ONLY,
+    STYLE_ONLY,
+    comparison_table,
+    cross_source_results,
+    fit_detectors,
+    in_source_setting,
+    per_source_metrics,
+    score_setting,
+)
+from pipeline.metrics import per_group_metrics, roc_points
+from pipeline.plots import plot_reliability, plot_roc
 from pipeline.probe import load_probe
-from pipeline.store import ActivationStore
-from stages.common import CALIBRATION, INDEX, PROBE_DIR, STORE, run_stage, write_json_atomic
+from stages.common import CALIBRATION, INDEX, PROBE_DIR, STORE, load_eval_data, run_stage, write_json_atomic
 
 OUT = Path("data/eval")
 
 
-def _baseline_inputs(frame: pl.DataFrame, features: LSIFeatures) -> dict[str, np.ndarray]:
-    texts = frame["text"].to_list()
-    return {
-        "logreg_hs_delta": lsi_inputs(features),
-        "length_only": length_features(texts),
-        "style_only": style_features(texts),
-    }
+def refusal_direction_scores(params: Any) -> np.ndarray:
+    """The training-free HiddenDetect-style score of every store row (plain framing), from the model's head."""
+    from pipeline.models.registry import load_adapter
+    from pipeline.refusal_direction import readout_from_adapter, refusal_scores, store_similarities
+    from pipeline.store import ActivationStore
+
+    readout = readout_from_adapter(load_adapter(params.model), params.evaluate.refusal_words)
+    store = ActivationStore.open(STORE)
+    similarities = store_similarities(store, readout)
+    return refusal_scores(similarities, list(store.provenance.layers), list(params.evaluate.refusal_layers))
+
+
+def _markdown(table: pl.DataFrame) -> str:
+    """A Markdown table of the side-by-side comparison, three decimals."""
+    columns = table.columns
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in table.iter_rows():
+        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    """Score the test split with LSI and every baseline; write metrics, ROC data and a PNG."""
+    """Score every detector in-source and held-out; write metrics, the comparison table, ROC data and PNGs."""
     from pipeline.dataset import read_index
 
     params = load_params()
     probe, meta = load_probe(PROBE_DIR)
     calibration = load_calibration(CALIBRATION)
     index = read_index(INDEX)
-    store = ActivationStore.open(STORE)
-    parts = {split: index.filter(pl.col("split") == split) for split in ("train", "calib", "test")}
-    features = {
-        split: aligned_features(store, part["row_id"].to_numpy(), meta.fusion_layer, meta.safety_layer)
-        for split, part in parts.items()
-    }
-    labels = {split: part["label"].to_numpy() for split, part in parts.items()}
+    data = load_eval_data(index, STORE, refusal_direction_scores(params))
+    lf, ls = meta.fusion_layer, meta.safety_layer
+    inside = in_source_setting(index)
 
-    scorers: dict[str, Callable[[str], np.ndarray]] = {"lsi": lambda split: probe.score(features[split])}
-    inputs = {split: _baseline_inputs(parts[split], features[split]) for split in parts}
-    for name in inputs["train"]:
-        model = fit_logistic(inputs["train"][name], labels["train"], seed=params.train.seed)
-        scorers[name] = lambda split, m=model, n=name: positive_scores(m, inputs[split][n])
+    scorers, chosen_layers = fit_detectors(data, inside, params.train, lf, ls, probe=probe)
+    detectors = score_setting(data, inside, scorers, params.calibrate, layers=chosen_layers)
+    taus = {name: row["tau"] for name, row in detectors.items()}
+    per_source = per_source_metrics(data, inside, scorers, taus)
+    sources = sorted(set(index["source"].to_list()))
+    cross = cross_source_results(data, params.train, params.calibrate, lf, ls, sources) if len(sources) > 1 else {}
+    table = comparison_table(per_source, cross) if cross else pl.DataFrame()
 
-    detectors: dict[str, Any] = {}
-    points: list[dict[str, Any]] = []
-    test_scores: dict[str, np.ndarray] = {}
-    for name, score in scorers.items():
-        # LSI uses the calibrate stage's tau; baselines get theirs the same way, on the same split.
-        tau = (
-            calibration.tau
-            if name == "lsi"
-            else choose_tau(labels["calib"], score("calib"), params.calibrate.target_fpr).tau
-        )
-        test_scores[name] = score("test")
-        detectors[name] = {"tau": tau, **detection_metrics(labels["test"], test_scores[name], tau)}
-        points.extend(roc_points(labels["test"], test_scores[name], name))
-
+    labels = data.labels
+    test_scores = {name: score(inside.test) for name, score in scorers.items()}
+    probabilities = calibration.probability(test_scores["lsi"])
+    reliability = reliability_rows(labels[inside.test], probabilities, params.calibrate.bins)
     scored = (
-        parts["test"]
+        index[inside.test]
         .select("row_id", "source", "category", "label", "text")
         .with_columns(pl.Series("score", test_scores["lsi"]))
     )
     metrics = {
         "detectors": detectors,
+        "per_source": per_source,
+        "cross_source": cross,
         "lsi_per_category": per_group_metrics(scored, "category", calibration.tau),
+        "lsi_test_ece": expected_calibration_error(labels[inside.test], probabilities, params.calibrate.bins),
+        "lsi_scaling": calibration.scaling.kind,
         "target_fpr": params.calibrate.target_fpr,
-        "fusion_layer": meta.fusion_layer,
-        "safety_layer": meta.safety_layer,
+        "fusion_layer": lf,
+        "safety_layer": ls,
     }
     OUT.mkdir(parents=True, exist_ok=True)
     write_json_atomic(OUT / "metrics.json", metrics)
+    # Written even with one source (header only), so the stage's outputs always exist.
+    table.write_csv(OUT / "comparison.csv")
+    (OUT / "comparison.md").write_text(
+        _markdown(table) if cross else "No held-out-source results: the index holds a single source.\n"
+    )
+    write_json_atomic(OUT / "reliability.json", reliability)
+    plot_reliability(
+        {f"lsi ({calibration.scaling.kind})": reliability}, OUT / "reliability.png", "LSI on the test split"
+    )
     # One CSV per detector: ``dvc plots`` draws each file in the folder as its own curve.
+    points: list[dict[str, Any]] = []
     (OUT / "roc").mkdir(exist_ok=True)
     for name in detectors:
+        rows = roc_points(labels[inside.test], test_scores[name], name)
+        points.extend(rows)
         with open(OUT / "roc" / f"{name}.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["fpr", "tpr"])
             writer.writeheader()
-            writer.writerows({"fpr": p["fpr"], "tpr": p["tpr"]} for p in points if p["detector"] == name)
+            writer.writerows({"fpr": p["fpr"], "tpr": p["tpr"]} for p in rows)
     scored.with_columns(*(pl.Series(f"score_{n}", s) for n, s in test_scores.items() if n != "lsi")).write_parquet(
         OUT / "test_scores.parquet"
     )
-    plot_roc(points, OUT / "roc.png", f"Test split ROC (n={len(labels['test'])})")
+    plot_roc(points, OUT / "roc.png", f"Test split ROC (n={len(inside.test)})")
+
+    print(f"in-source test split (n={len(inside.test)}), layers fusion {lf} / safety {ls}")
     for name, row in detectors.items():
         print(
-            f"{name:22s} AUROC {row['auroc']:.3f}  TPR@5%FPR {row['tpr_at_5pct_fpr']:.3f}  "
+            f"  {name:22s} AUROC {row['auroc']:.3f}  TPR@5%FPR {row['tpr_at_5pct_fpr']:.3f}  "
             f"F1@tau {row['f1']:.3f}  FPR@tau {row['fpr']:.3f}"
+        )
+    for source, rows in cross.items():
+        print(f"held out: {source}")
+        for name, row in rows.items():
+            inside_row = per_source[source][name]
+            print(
+                f"  {name:22s} AUROC in {inside_row['auroc']:.3f} / held out {row['auroc']:.3f} "
+                f"(all {row['all_rows']['n']} rows {row['all_rows']['auroc']:.3f})   "
+                f"FPR@tau in {inside_row['fpr']:.3f} / held out {row['fpr']:.3f}"
+            )
+    for source in cross:
+        best = max(
+            (n for n in cross[source] if n not in (LENGTH_ONLY, STYLE_ONLY)),
+            key=lambda n: np.nan_to_num(cross[source][n]["all_rows"]["auroc"], nan=-1),
+        )
+        print(
+            f"held out {source}: best detector {best} (AUROC {cross[source][best]['all_rows']['auroc']:.3f}, all rows)"
         )
 
 

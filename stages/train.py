@@ -1,18 +1,22 @@
-"""DVC stage ``train``: the LSI projector and probe, from the activation store (no model needed)."""
+"""DVC stage ``train``: the LSI projector and probe, from the activation store (no model needed).
+
+The store is read through dask ``train.chunk_rows`` rows at a time, so a store larger than memory
+trains. Layers set to ``best`` come from the ``sweep`` stage.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import load_params
-from pipeline.features import aligned_features
+from pipeline.features import StoreFeatures
 from pipeline.probe import ProbeMeta, best_epoch, save_probe, train_probe
 from pipeline.store import ActivationStore
-from stages.common import INDEX, STORE, run_stage, write_json_atomic
+from stages.common import INDEX, STORE, resolve_layers, run_stage, write_json_atomic
 
 OUT = Path("data/probe")
 
@@ -23,20 +27,28 @@ def main() -> None:
 
     params = load_params()
     cfg = params.train
+    fusion_layer, safety_layer = resolve_layers(cfg.fusion_layer, cfg.safety_layer, cfg.select_by)
+    cfg = replace(cfg, fusion_layer=fusion_layer, safety_layer=safety_layer)
     index = read_index(INDEX)
     store = ActivationStore.open(STORE)
-    splits = {}
+    sources = {}
     for split in ("train", "val"):
         part = index.filter(index["split"] == split)
-        features = aligned_features(store, part["row_id"].to_numpy(), cfg.fusion_layer, cfg.safety_layer)
-        splits[split] = (features, part["label"].to_numpy().astype(np.int64))
-    probe, history = train_probe(*splits["train"], *splits["val"], cfg)
+        sources[split] = StoreFeatures(
+            store,
+            part["row_id"].to_numpy(),
+            part["label"].to_numpy().astype(np.int64),
+            fusion_layer,
+            safety_layer,
+            chunk_rows=cfg.chunk_rows,
+        )
+    probe, history = train_probe(sources["train"], sources["val"], cfg)
     best = best_epoch(history)
     meta = ProbeMeta(
-        hidden_size=int(splits["train"][0].h_s.shape[1]),
+        hidden_size=int(probe.projector.in_features),
         alpha=cfg.alpha,
-        fusion_layer=cfg.fusion_layer,
-        safety_layer=cfg.safety_layer,
+        fusion_layer=fusion_layer,
+        safety_layer=safety_layer,
         best_epoch=best.epoch,
         best_val_auroc=best.val_auroc,
         store_provenance=store.provenance.to_json(),
@@ -46,14 +58,20 @@ def main() -> None:
     write_json_atomic(
         OUT / "train_metrics.json",
         {
+            "fusion_layer": fusion_layer,
+            "safety_layer": safety_layer,
             "best_epoch": best.epoch,
             "best_val_auroc": best.val_auroc,
             "best_val_loss": best.val_loss,
-            "n_train": len(splits["train"][1]),
-            "n_val": len(splits["val"][1]),
+            "n_train": len(sources["train"]),
+            "n_val": len(sources["val"]),
+            "options": {k: getattr(cfg, k) for k in ("standardize", "weight_decay", "class_weight", "chunk_rows")},
         },
     )
-    print(f"best epoch {best.epoch}: val AUROC {best.val_auroc:.3f} (train n={len(splits['train'][1])})")
+    print(
+        f"layers fusion {fusion_layer} / safety {safety_layer}: best epoch {best.epoch}, "
+        f"val AUROC {best.val_auroc:.3f} (train n={len(sources['train'])})"
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_shipped_params_load() -> None:
     params = load_params(ROOT / "params.yaml")
     assert isinstance(params, Params)
-    assert params.train.fusion_layer in params.extract.layers
+    for layer in (params.train.fusion_layer, params.train.safety_layer):
+        assert layer == "best" or layer in params.extract.layers
     assert dict(params.prepare.split_fractions)["train"] == pytest.approx(0.5)
 
 
@@ -41,6 +42,14 @@ def test_probe_layers_must_be_stored() -> None:
         ({"prepare": {"splits": {"train": 0.9, "test": 0.1}}}, "prepare.splits"),
         ({"prompts": {"benign": "no placeholder"}}, "prompts.benign"),
         ({"train": {"lr": -1}}, "train.lr"),
+        ({"train": {"fusion_layer": "deepest"}}, "train.fusion_layer"),
+        ({"train": {"class_weight": "inverse"}}, "train.class_weight"),
+        ({"train": {"weight_decay": -0.1}}, "train.weight_decay"),
+        ({"train": {"select_by": "test"}}, "train.select_by"),
+        ({"calibrate": {"method": "youden"}}, "calibrate.method"),
+        ({"calibrate": {"scaling": "isotonic"}}, "calibrate.scaling"),
+        ({"build": {"per_source": 0}}, "build.per_source"),
+        ({"evaluate": {"refusal_layers": [99]}}, "evaluate.refusal_layers"),
     ],
 )
 def test_bad_values_are_refused(raw: dict, message: str) -> None:
@@ -59,3 +68,8 @@ def test_model_dtype_accepts_auto_and_refuses_others() -> None:
     assert params_from_dict({"model": {"dtype": "auto"}}).model.dtype == "auto"
     with pytest.raises(ConfigError, match="model.dtype"):
         params_from_dict({"model": {"dtype": "int8"}})
+
+
+def test_best_layers_are_accepted() -> None:
+    params = params_from_dict({"train": {"fusion_layer": "best", "safety_layer": 3}})
+    assert params.train.fusion_layer == "best" and not params.train.layers_fixed

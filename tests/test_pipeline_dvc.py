@@ -39,10 +39,10 @@ def stages_run(output: str) -> set[str]:
 
 
 def tiny_requests(path: Path, per_group: int = 3) -> None:
-    """A small, still varied slice of the demo data: a few rows per label and category."""
+    """A small, still varied slice of a demo source (same file name): a few rows per label and category."""
     seen: dict[tuple[str, str], int] = {}
     keep = []
-    for line in (PROJECT_ROOT / "data" / "demo" / "requests.jsonl").read_text().splitlines():
+    for line in (PROJECT_ROOT / "data" / "demo" / path.name).read_text().splitlines():
         row = json.loads(line)
         key = (row["label"], row["category"])
         if seen.get(key, 0) < per_group:
@@ -61,6 +61,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_llava_folder: Path) -> P
     shutil.copy(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
     (root / ".gitignore").write_text((PROJECT_ROOT / ".gitignore").read_text())
     tiny_requests(root / "data" / "demo" / "requests.jsonl")
+    tiny_requests(root / "data" / "demo" / "lookalike.jsonl", per_group=2)
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params["model"].update(kind="hf", path=str(tiny_llava_folder))
     params["extract"].update(layers=[0, 1, 2, 3], batch_size=8)
@@ -76,7 +77,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_llava_folder: Path) -> P
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "study"], root)
     output = run(["dvc", "repro"], root)
-    assert {"prepare", "extract", "train", "calibrate", "evaluate", "guard", "ecso", "attribute"} <= stages_run(output)
+    expected = {"build", "prepare", "extract", "sweep", "train", "calibrate", "evaluate", "guard", "ecso", "attribute"}
+    assert expected <= stages_run(output)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "results"], root)
     return root
@@ -84,15 +86,23 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_llava_folder: Path) -> P
 
 def test_full_pipeline_writes_every_output(repo: Path) -> None:
     metrics = json.loads((repo / "data/eval/metrics.json").read_text())
-    assert {"lsi", "logreg_hs_delta", "length_only", "style_only"} <= set(metrics["detectors"])
+    detectors = set(metrics["detectors"])
+    baselines = {"logreg_hs_delta", "logreg_hs", "logreg_delta", "refusal_direction", "length_only", "style_only"}
+    assert {"lsi"} | baselines <= detectors
+    assert any(name.startswith("logreg_plain_L") for name in detectors)
     assert 0.0 <= metrics["detectors"]["lsi"]["auroc"] <= 1.0
-    assert sorted(p.name for p in (repo / "data/eval/roc").iterdir()) == [
-        "length_only.csv",
-        "logreg_hs_delta.csv",
-        "lsi.csv",
-        "style_only.csv",
-    ]
-    assert (repo / "data/eval/roc.png").stat().st_size > 0
+    assert sorted(p.name for p in (repo / "data/eval/roc").iterdir()) == sorted(f"{name}.csv" for name in detectors)
+    # Held out: each of the two sources, every detector, next to its in-source number on the same rows.
+    assert set(metrics["cross_source"]) == {"requests", "lookalike"}
+    for source, rows in metrics["cross_source"].items():
+        assert set(rows) == detectors
+        assert all(rows[name]["n"] == metrics["per_source"][source][name]["n"] for name in detectors)
+    assert "| lookalike | lsi |" in (repo / "data/eval/comparison.md").read_text()
+    sweep = json.loads((repo / "data/sweep/sweep.json").read_text())
+    assert len(sweep["pairs"]) == 16 and (repo / "data/sweep/cross_source_auroc.png").stat().st_size > 0
+    assert "ece_raw" in json.loads((repo / "data/calibration/calibration.json").read_text())
+    for png in ("data/eval/roc.png", "data/eval/reliability.png", "data/calibration/reliability.png"):
+        assert (repo / png).stat().st_size > 0
     assert (repo / "data/probe/probe.safetensors").is_file()
     assert "tau" in json.loads((repo / "data/calibration/calibration.json").read_text())
     guard_rows = (repo / "data/guard/responses.jsonl").read_text().splitlines()
@@ -108,9 +118,28 @@ def test_probe_parameter_change_skips_extraction(repo: Path) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = stages_run(run(["dvc", "repro"], repo))
     assert "train" in ran and "calibrate" in ran and "evaluate" in ran
-    assert not ran & {"convert_model", "prepare", "extract", "ecso"}
+    assert not ran & {"convert_model", "build", "prepare", "extract", "ecso"}
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "lr"], repo)
+
+
+def test_layer_change_or_best_layers_skip_extraction_and_the_sweep(repo: Path) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"].update(fusion_layer="best", safety_layer="best")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = stages_run(run(["dvc", "repro"], repo))
+    assert {"train", "calibrate", "evaluate"} <= ran
+    assert not ran & {"prepare", "extract", "sweep"}
+    best = json.loads((repo / "data/sweep/sweep.json").read_text())["best"]
+    trained = json.loads((repo / "data/probe/train_metrics.json").read_text())
+    assert (trained["fusion_layer"], trained["safety_layer"]) == (best["fusion_layer"], best["safety_layer"])
+    params["train"].update(fusion_layer=2, safety_layer=0)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = stages_run(run(["dvc", "repro"], repo))
+    assert "train" in ran and not ran & {"prepare", "extract", "sweep"}
+    assert json.loads((repo / "data/probe/train_metrics.json").read_text())["fusion_layer"] == 2
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "layers"], repo)
 
 
 def test_second_clone_pulls_the_store_and_reruns_probe_stages(repo: Path, tmp_path: Path) -> None:
@@ -128,5 +157,5 @@ def test_second_clone_pulls_the_store_and_reruns_probe_stages(repo: Path, tmp_pa
     params["train"]["epochs"] = 2
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = stages_run(run(["dvc", "repro", "evaluate"], clone))
-    assert ran == {"train", "calibrate", "evaluate"}
+    assert ran == {"sweep", "train", "calibrate", "evaluate"}
     assert json.loads((clone / "data/probe/train_metrics.json").read_text())["best_epoch"] <= 1

@@ -1,0 +1,78 @@
+"""DVC stage ``build``: request sources built from benchmark files, harmful and benign matched in style.
+
+Reads ``params.yaml``'s ``build`` section and writes ``data/built/<source>.jsonl`` per built
+source, ``data/built/sources.json`` (the list of those files, which the ``prepare`` stage adds
+to its sources) and ``data/built/summary.json`` (rows, median length and length-only AUROC per
+source). With ``build.benchmarks`` empty the list is empty.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.benchmarks import BenchmarkError
+from pipeline.config import load_params
+from pipeline.databuilder import build_sources, summarize_source
+from stages.common import run_stage, write_json_atomic, write_jsonl_atomic
+
+BUILT_DIR = Path("data/built")
+SOURCES_FILE = BUILT_DIR / "sources.json"
+SUMMARY_FILE = BUILT_DIR / "summary.json"
+
+
+def write_sources(sources: dict[str, list[dict[str, Any]]], folder: Path) -> list[str]:
+    """Write each source to ``folder/<name>.jsonl``, then the list of them, then drop stale ``.jsonl`` files.
+
+    Written in that order, an interrupted run never leaves ``sources.json`` naming a missing file.
+    Returns the written paths as listed in ``sources.json``.
+    """
+    written: list[str] = []
+    for name, rows in sources.items():
+        path = folder / f"{name}.jsonl"
+        write_jsonl_atomic(path, rows)
+        written.append(path.as_posix())
+    write_json_atomic(folder / SOURCES_FILE.name, written)
+    for path in folder.glob("*.jsonl"):
+        if path.as_posix() not in written:
+            path.unlink()
+    return written
+
+
+def describe(summaries: dict[str, dict[str, Any]]) -> str:
+    """One line per source: rows and median text length per label, and the length-only AUROC."""
+    if not summaries:
+        return "no sources built (build.benchmarks is empty)"
+    lines = []
+    for name, summary in summaries.items():
+        rows, median = summary["rows"], summary["median_length"]
+        line = (
+            f"{name:<14} {rows['harmful']:>4} harmful  {rows['benign']:>4} benign  "
+            f"median length {median['harmful']:.0f} / {median['benign']:.0f}  "
+            f"length AUROC {summary['length_auroc']:.3f}"
+        )
+        if summary["image_text_length_auroc"] is not None:
+            line += f"  (image text {summary['image_text_length_auroc']:.3f})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Build the sources from ``params.yaml``'s ``build`` section, write them and print a summary."""
+    config = load_params().build
+    sources: dict[str, list[dict[str, Any]]] = {}
+    if config.benchmarks:
+        folder = Path(config.benchmarks)
+        if not folder.is_dir():
+            raise BenchmarkError(f"{folder}: no such benchmark folder (build.benchmarks)")
+        sources = build_sources(folder, config)
+    summaries = {name: summarize_source(rows) for name, rows in sources.items()}
+    written = write_sources(sources, BUILT_DIR)
+    write_json_atomic(SUMMARY_FILE, summaries)
+    print(describe(summaries))
+    print(f"wrote {SOURCES_FILE} ({len(written)} source(s))")
+
+
+if __name__ == "__main__":
+    # A missing folder or a malformed benchmark file ends in one "error: ..." line and exit status 1.
+    run_stage(main)

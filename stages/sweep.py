@@ -1,0 +1,64 @@
+"""DVC stage ``sweep``: LSI at every (fusion, safety) pair of stored layers, from the store (no model needed).
+
+Writes ``data/sweep/sweep.json`` (every pair's in-source validation AUROC and mean held-out-source
+AUROC; ``train`` reads it when a layer is ``best``), ``sweep_plot.json`` for ``dvc plots`` and one
+heatmap PNG per score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.config import load_params
+from pipeline.plots import plot_heatmap
+from pipeline.sweep import best_pair, score_matrix, sweep_pairs
+from stages.common import INDEX, SWEEP, load_eval_data, run_stage, write_json_atomic
+
+OUT = SWEEP.parent
+TITLES = {
+    "val_auroc": "LSI validation AUROC, in-source",
+    "cross_source_auroc": "LSI AUROC on held-out sources (mean)",
+}
+
+
+def main() -> None:
+    """Sweep, then write the scores, the chosen pair and the heatmaps."""
+    from pipeline.dataset import read_index
+
+    params = load_params()
+    data = load_eval_data(read_index(INDEX))
+    scores = sweep_pairs(data, params.train)
+    best = best_pair(scores, params.train.select_by)
+    OUT.mkdir(parents=True, exist_ok=True)
+    for key, title in TITLES.items():
+        plot_heatmap(
+            score_matrix(scores, data.layers, key),
+            row_labels=list(data.layers),
+            col_labels=list(data.layers),
+            path=OUT / f"{key}.png",
+            title=title,
+            xlabel="safety layer (h_s)",
+            ylabel="fusion layer (delta_h)",
+        )
+    write_json_atomic(
+        SWEEP,
+        {
+            "layers": list(data.layers),
+            "select_by": params.train.select_by,
+            "best": asdict(best),
+            "pairs": [asdict(s) for s in scores],
+        },
+    )
+    write_json_atomic(
+        Path(OUT / "sweep_plot.json"),
+        [{"pair": f"lf{s.fusion_layer}-ls{s.safety_layer}", **asdict(s)} for s in scores],
+    )
+    print(
+        f"best pair by {params.train.select_by}: fusion {best.fusion_layer}, safety {best.safety_layer} "
+        f"(val AUROC {best.val_auroc:.3f}, held-out-source AUROC {best.cross_source_auroc:.3f})"
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)
