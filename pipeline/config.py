@@ -254,7 +254,9 @@ class Params:
                 )
         missing = [layer for layer in self.evaluate.refusal_layers if layer not in self.extract.layers]
         if missing:
-            raise ConfigError(f"evaluate.refusal_layers {missing} are not among extract.layers={list(self.extract.layers)}")
+            raise ConfigError(
+                f"evaluate.refusal_layers {missing} are not among extract.layers={list(self.extract.layers)}"
+            )
 
 
 def _build(cls: type, section: str, raw: Any) -> Any:

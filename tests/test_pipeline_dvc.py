@@ -87,9 +87,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_llava_folder: Path) -> P
 def test_full_pipeline_writes_every_output(repo: Path) -> None:
     metrics = json.loads((repo / "data/eval/metrics.json").read_text())
     detectors = set(metrics["detectors"])
-    baselines = {"logreg_hs_delta", "logreg_hs", "logreg_delta", "refusal_direction", "length_only", "style_only"}
-    assert {"lsi"} | baselines <= detectors
-    assert any(name.startswith("logreg_plain_L") for name in detectors)
+    baselines = {"logreg_hs_delta", "logreg_hs", "logreg_delta", "logreg_plain", "refusal_direction"}
+    assert {"lsi", "length_only", "style_only"} | baselines == detectors
+    assert metrics["detectors"]["logreg_plain"]["layer"] in (0, 1, 2, 3)
     assert 0.0 <= metrics["detectors"]["lsi"]["auroc"] <= 1.0
     assert sorted(p.name for p in (repo / "data/eval/roc").iterdir()) == sorted(f"{name}.csv" for name in detectors)
     # Held out: each of the two sources, every detector, next to its in-source number on the same rows.
