@@ -137,12 +137,15 @@ class CalibrateConfig:
     ``best_f1``. ``scaling``: ``none``, ``platt`` (logistic fit on the score's logit) or
     ``temperature`` (one scale on the logit); fitted on the calibration split, applied before tau.
     ``bins``: equal-width bins for the expected calibration error and the reliability diagram.
+    ``held_out``: choose tau (and fit the scaling) on held-out-source scores: each calibration row
+    scored by a probe trained without its source, as a request from a new source will be.
     """
 
     target_fpr: float = 0.05
     method: str = "target_fpr"
     scaling: str = "none"
     bins: int = 10
+    held_out: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_fpr < 1.0:
@@ -153,6 +156,8 @@ class CalibrateConfig:
             raise ConfigError(f"calibrate.scaling must be 'none', 'platt' or 'temperature', got {self.scaling!r}")
         if self.bins < 2:
             raise ConfigError(f"calibrate.bins must be at least 2, got {self.bins}")
+        if not isinstance(self.held_out, bool):
+            raise ConfigError(f"calibrate.held_out must be true or false, got {self.held_out!r}")
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,25 @@ def fit_lsi(data: EvalData, setting: Setting, config: TrainConfig, lf: int, ls: 
     return probe
 
 
+def held_out_lsi_scores(data: EvalData, rows: np.ndarray, config: TrainConfig, lf: int, ls: int) -> np.ndarray:
+    """LSI scores of ``rows``, each from a probe trained and validated without the row's source.
+
+    Cross-fitted by source: a threshold set on these scores is set the way requests from a new
+    source will score, not the way the training sources do.
+    """
+    sources = data.index["source"].to_numpy()
+    if len(set(sources)) < 2:
+        raise ValueError("held-out-source scores need at least two sources in the index")
+    labels, scores = data.labels, np.empty(len(rows), dtype=np.float64)
+    for source in sorted(set(sources[rows])):
+        setting = held_out_setting(data.index, source)
+        if len(np.unique(labels[setting.train])) < 2:
+            raise ValueError(f"without source {source!r} the training rows hold one label only")
+        mine = sources[rows] == source
+        scores[mine] = fit_lsi(data, setting, config, lf, ls).score(data.lsi(rows[mine], lf, ls))
+    return scores
+
+
 def fit_detectors(
     data: EvalData,
     setting: Setting,
@@ -161,15 +180,20 @@ def score_setting(
     calibration: CalibrateConfig,
     also: np.ndarray | None = None,
     layers: Mapping[str, int] | None = None,
+    taus: Mapping[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each detector's threshold from the setting's calib rows, then its metrics on the test rows.
 
     ``also``: more rows to score at the same threshold, reported under ``all_rows``.
+    ``taus``: thresholds already chosen (the calibrate stage's, for the shipped probe), used as given.
     """
     labels = data.labels
     results: dict[str, dict[str, Any]] = {}
     for name, score in scorers.items():
-        tau = choose_tau_by_method(labels[setting.calib], score(setting.calib), calibration).tau
+        if taus and name in taus:
+            tau = float(taus[name])
+        else:
+            tau = choose_tau_by_method(labels[setting.calib], score(setting.calib), calibration).tau
         results[name] = {"tau": tau, **detection_metrics(labels[setting.test], score(setting.test), tau)}
         if also is not None:
             results[name]["all_rows"] = detection_metrics(labels[also], score(also), tau)

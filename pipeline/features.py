@@ -185,6 +185,9 @@ class StoreFeatures:
         self.framed = store.layer_states(self.layers)[:, : VARIANTS.index("malicious") + 1]
         self.path = store.path
         self.chunk_rows = chunk_rows
+        # The last chunk read: a source that fits in one chunk (a validation split, scored every
+        # epoch) is read from disk once, and memory still holds at most one chunk.
+        self._last: tuple[int, int, LSIFeatures] | None = None
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -193,10 +196,14 @@ class StoreFeatures:
         return _bounds(len(self), self.chunk_rows)
 
     def read(self, start: int, stop: int) -> LSIFeatures:
+        if self._last is not None and self._last[:2] == (start, stop):
+            return self._last[2]
         block = np.asarray(self.framed[self.positions[start:stop]].compute(), dtype=np.float32)
         if np.isnan(block).any():
             raise ValueError(f"{self.path}: NaN states (unwritten rows) among the requested rows")
-        return features_from_states(block, self.layers, self.fusion_layer, self.safety_layer)
+        features = features_from_states(block, self.layers, self.fusion_layer, self.safety_layer)
+        self._last = (start, stop, features)
+        return features
 
 
 def store_positions(store: ActivationStore, row_ids: np.ndarray) -> np.ndarray:

@@ -166,13 +166,13 @@ def train_probe(
     order; with one chunk this is a plain shuffle of the whole set. Everything random draws from
     ``config.seed``: the same sources and config give the same weights.
     """
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"training needs rows in both sets, got {len(train)} training and {len(val)} validation rows")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    first = train.read(*train.chunk_bounds()[0])
-    model = LSIProbe(first.h_s.shape[1], alpha=config.alpha, init_gain=config.init_gain)
-    if config.standardize:
-        model.set_standardization(input_stats(train))
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    stats = input_stats(train) if config.standardize else None
+    model: LSIProbe | None = None  # built at the first chunk, whose width gives the hidden size
+    optimiser: torch.optim.Optimizer | None = None
     benign_weight, harmful_weight = class_weights(train.labels, config.class_weight)
     loss_fn = nn.BCEWithLogitsLoss(reduction="none")
     train_labels = torch.from_numpy(np.asarray(train.labels, dtype=np.float32))
@@ -183,11 +183,16 @@ def train_probe(
     best_key: tuple[float, float] = (-np.inf, -np.inf)
     bounds = train.chunk_bounds()
     for epoch in tqdm(range(config.epochs), desc="train probe", disable=not progress):
-        model.train()
         total = 0.0
         for chunk_index in torch.randperm(len(bounds), generator=generator).tolist():
             lo, hi = bounds[chunk_index]
-            chunk = first if len(bounds) == 1 else train.read(lo, hi)
+            chunk = train.read(lo, hi)
+            if model is None or optimiser is None:
+                model = LSIProbe(chunk.h_s.shape[1], alpha=config.alpha, init_gain=config.init_gain)
+                if stats is not None:
+                    model.set_standardization(stats)
+                optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+            model.train()
             h_s, delta_h = torch.from_numpy(chunk.h_s), torch.from_numpy(chunk.delta_h)
             y = train_labels[lo:hi]
             weight = torch.where(y > 0.5, harmful_weight, benign_weight)
@@ -208,7 +213,7 @@ def train_probe(
         key = _selection_key(history[-1])
         if key > best_key:
             best_key, best_state = key, copy.deepcopy(model.state_dict())
-    assert best_state is not None
+    assert best_state is not None and model is not None
     model.load_state_dict(best_state)
     model.eval()
     return model, history

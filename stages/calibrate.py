@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from pipeline.features import aligned_features
 from pipeline.plots import plot_reliability
 from pipeline.probe import load_probe
 from pipeline.store import ActivationStore
-from stages.common import CALIBRATION, INDEX, PROBE_DIR, STORE, run_stage, write_json_atomic
+from stages.common import CALIBRATION, INDEX, PROBE_DIR, STORE, load_eval_data, run_stage, write_json_atomic
 
 OUT = CALIBRATION
 RELIABILITY = Path("data/calibration/reliability.json")
@@ -41,10 +42,13 @@ def write_calibration(
 
 def summary_line(calibration: Calibration) -> str:
     """One line with tau, how it was chosen, its rates on the calibration split, and the ECE raw and scaled."""
+    scaled = (
+        "" if calibration.scaling.kind == "none" else f", {calibration.scaling.kind} {_number(calibration.ece_scaled)}"
+    )
     return (
         f"tau={calibration.tau:.4f} ({calibration.method}): calibration FPR {calibration.calib_fpr:.3f}, "
-        f"TPR {calibration.calib_tpr:.3f}, F1 {_number(calibration.calib_f1)}; "
-        f"ECE raw {_number(calibration.ece_raw)}, {calibration.scaling.kind} {_number(calibration.ece_scaled)}"
+        f"TPR {calibration.calib_tpr:.3f}, F1 {_number(calibration.calib_f1)}; ECE raw {_number(calibration.ece_raw)}"
+        + scaled
     )
 
 
@@ -60,10 +64,21 @@ def main() -> None:
     probe, meta = load_probe(PROBE_DIR)
     index = read_index(INDEX)
     part = index.filter(index["split"] == "calib")
-    features = aligned_features(
-        ActivationStore.open(STORE), part["row_id"].to_numpy(), meta.fusion_layer, meta.safety_layer
-    )
-    calibration = write_calibration(part["label"].to_numpy(), probe.score(features), params.calibrate, OUT.parent)
+    if params.calibrate.held_out:
+        # Each calibration row scored by a probe trained without its source (same recipe and layers).
+        from pipeline.evaluation import held_out_lsi_scores
+
+        config = replace(params.train, fusion_layer=meta.fusion_layer, safety_layer=meta.safety_layer)
+        data = load_eval_data(index)
+        rows = np.flatnonzero(index["split"].to_numpy() == "calib")
+        scores = held_out_lsi_scores(data, rows, config, meta.fusion_layer, meta.safety_layer)
+        print(f"tau from held-out-source scores of {len(rows)} calibration rows")
+    else:
+        features = aligned_features(
+            ActivationStore.open(STORE), part["row_id"].to_numpy(), meta.fusion_layer, meta.safety_layer
+        )
+        scores = probe.score(features)
+    calibration = write_calibration(part["label"].to_numpy(), scores, params.calibrate, OUT.parent)
     print(summary_line(calibration))
 
 

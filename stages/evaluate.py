@@ -69,7 +69,10 @@ def main() -> None:
     inside = in_source_setting(index)
 
     scorers, chosen_layers = fit_detectors(data, inside, params.train, lf, ls, probe=probe)
-    detectors = score_setting(data, inside, scorers, params.calibrate, layers=chosen_layers)
+    # The shipped probe keeps the calibrate stage's tau (however it was chosen); baselines get theirs here.
+    detectors = score_setting(
+        data, inside, scorers, params.calibrate, layers=chosen_layers, taus={"lsi": calibration.tau}
+    )
     taus = {name: row["tau"] for name, row in detectors.items()}
     per_source = per_source_metrics(data, inside, scorers, taus)
     sources = sorted(set(index["source"].to_list()))

@@ -158,3 +158,31 @@ def test_resolve_layers_takes_best_from_the_sweep(tmp_path: Path, monkeypatch: p
     assert common.resolve_layers("best", 3, "val") == (9, 3)  # only pairs with safety layer 3
     with pytest.raises(ValueError, match="no swept pair"):
         common.resolve_layers("best", 15, "val")
+
+
+def test_held_out_scores_come_from_probes_that_never_saw_the_row_source() -> None:
+    from pipeline.evaluation import held_out_lsi_scores
+
+    data = synthetic_data(refusal=False)
+    rows = np.flatnonzero(data.index["split"].to_numpy() == "calib")
+    scores = held_out_lsi_scores(data, rows, CONFIG, 3, 1)
+    assert scores.shape == (len(rows),) and ((scores >= 0) & (scores <= 1)).all()
+    # Equal to scoring each source's rows with a probe fitted on the held-out setting by hand.
+    sources = data.index["source"].to_numpy()
+    from pipeline.evaluation import fit_lsi
+
+    beta = rows[sources[rows] == "beta"]
+    by_hand = fit_lsi(data, held_out_setting(data.index, "beta"), CONFIG, 3, 1).score(data.lsi(beta, 3, 1))
+    np.testing.assert_allclose(scores[sources[rows] == "beta"], by_hand, rtol=1e-6)
+    single = replace(data, index=data.index.with_columns(pl.lit("only").alias("source")))
+    with pytest.raises(ValueError, match="at least two sources"):
+        held_out_lsi_scores(single, rows, CONFIG, 3, 1)
+
+
+def test_given_taus_are_used_as_given() -> None:
+    data = synthetic_data(refusal=False)
+    inside = in_source_setting(data.index)
+    scorers, _ = fit_detectors(data, inside, CONFIG, 3, 1)
+    results = score_setting(data, inside, scorers, CalibrateConfig(), taus={"lsi": 2.0})
+    assert results["lsi"]["tau"] == 2.0 and results["lsi"]["tpr"] == 0.0  # nothing scores above 2
+    assert results["logreg_hs_delta"]["tau"] < 1.0

@@ -79,3 +79,18 @@ def test_missing_rows_are_named(tmp_path: Path) -> None:
     store = ActivationStore.open(tmp_path / "s.zarr")
     with pytest.raises(ValueError, match=r"rows \[5\].*rerun 'extract'"):
         StoreFeatures(store, np.array([1000, 5]), np.array([0, 1]), 3, 1, chunk_rows=2)
+
+
+def test_a_one_chunk_source_is_read_from_disk_once(tmp_path: Path) -> None:
+    row_ids, labels = separable_store(tmp_path / "s.zarr", 24, shard_rows=8)
+    source = StoreFeatures(ActivationStore.open(tmp_path / "s.zarr"), row_ids, labels, 3, 1, chunk_rows=100)
+    computed = []
+
+    class Spy(dask.callbacks.Callback):
+        def _start(self, dsk):  # noqa: ANN001, ANN202 - dask's callback signature
+            computed.append(1)
+
+    with Spy():
+        first = source.read(0, 24)
+        again = source.read(0, 24)
+    assert len(computed) == 1 and again is first

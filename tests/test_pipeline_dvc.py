@@ -115,9 +115,12 @@ def test_full_pipeline_writes_every_output(repo: Path) -> None:
 def test_probe_parameter_change_skips_extraction(repo: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["lr"] = 0.001
+    params["calibrate"]["held_out"] = True
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    ran = stages_run(run(["dvc", "repro"], repo))
+    output = run(["dvc", "repro"], repo)
+    ran = stages_run(output)
     assert "train" in ran and "calibrate" in ran and "evaluate" in ran
+    assert "tau from held-out-source scores" in output
     assert not ran & {"convert_model", "build", "prepare", "extract", "ecso"}
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "lr"], repo)
