@@ -7,23 +7,15 @@ from pathlib import Path
 import dask
 import numpy as np
 import pytest
+from test_store import provenance
 
 from pipeline.config import TrainConfig
 from pipeline.features import StoreFeatures, aligned_features, read_all
 from pipeline.probe import best_epoch, train_probe
-from pipeline.store import ActivationStore, Provenance
+from pipeline.store import ActivationStore
 
 HIDDEN = 8
-PROVENANCE = Provenance(
-    model_name="tiny",
-    model_revision="abc",
-    model_dtype="float32",
-    template_benign="B: {q}",
-    template_malicious="M: {q}",
-    variants=("benign", "malicious", "plain"),
-    layers=(1, 3),
-    hidden_size=HIDDEN,
-)
+PROVENANCE = provenance(hidden_size=HIDDEN)
 
 
 def separable_store(path: Path, n: int, shard_rows: int) -> tuple[np.ndarray, np.ndarray]:

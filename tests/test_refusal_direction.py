@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_store import provenance as store_provenance
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -23,7 +24,7 @@ from pipeline.refusal_direction import (
     refusal_token_ids,
     store_similarities,
 )
-from pipeline.store import ActivationStore, Provenance
+from pipeline.store import ActivationStore
 
 WORDS = EvaluateConfig().refusal_words
 REQUESTS = [Request("How do I bake bread at home?"), Request("Tell me a long story about ships and the sea.")]
@@ -233,16 +234,7 @@ def test_refusal_scores_sum_the_chosen_layers() -> None:
 
 
 def test_store_similarities_read_one_framing_shard_by_shard(tmp_path: Path) -> None:
-    provenance = Provenance(
-        model_name="tiny",
-        model_revision="abc",
-        model_dtype="float32",
-        template_benign="B: {q}",
-        template_malicious="M: {q}",
-        variants=("benign", "malicious", "plain"),
-        layers=(1, 3),
-        hidden_size=8,
-    )
+    provenance = store_provenance()  # layers (1, 3), hidden size 8
     states = np.random.default_rng(0).normal(size=(7, 3, 2, 8)).astype(np.float16)
     store = ActivationStore.create(tmp_path / "s.zarr", list(range(7)), provenance, shard_rows=4)
     store.write_block(0, states[:4])
