@@ -18,5 +18,11 @@ if metrics.is_file():
     print(f"\n{'detector':18s} {'AUROC':>6s} {'AUPRC':>6s} {'TPR@5%':>7s} {'F1@tau':>7s} {'FPR@tau':>8s}")
     for name, row in detectors.items():
         print(f"{name:18s} {row['auroc']:6.3f} {row['auprc']:6.3f} {row['tpr_at_5pct_fpr']:7.3f} {row['f1']:7.3f} {row['fpr']:8.3f}")
-    print("\noutputs: data/eval (metrics, ROC), data/guard, data/ecso, data/attribution")
+    cross = json.loads(metrics.read_text())["cross_source"]
+    if cross:
+        print("\nheld-out sources (AUROC on all their rows; data/eval/comparison.md has everything)")
+        for source, rows in cross.items():
+            cells = "  ".join(f"{n} {rows[n]['all_rows']['auroc']:.3f}" for n in ("lsi", "length_only", "style_only"))
+            print(f"  {source:14s} {cells}")
+    print("\noutputs: data/eval (metrics, comparison, ROC), data/sweep, data/guard, data/ecso, data/attribution")
 PY
