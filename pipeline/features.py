@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+import dask.array as da
 import numpy as np
 import torch
 
@@ -103,15 +105,22 @@ def aligned_features(store: ActivationStore, row_ids: np.ndarray, fusion_layer: 
 
     Only the two layers and two framings the probe uses are read from disk.
     """
-    positions = store_positions(store, row_ids)
     layers = sorted({fusion_layer, safety_layer})
     framed = store.layer_states(layers)[:, : VARIANTS.index("malicious") + 1]
-    block = np.asarray(framed[np.sort(positions)].compute(), dtype=np.float32)
-    # Undo the sort so features follow the caller's row order.
+    block = rows_in_order(framed, store_positions(store, row_ids), store.path)
+    return features_from_states(block, layers, fusion_layer, safety_layer)
+
+
+def rows_in_order(lazy: da.Array, positions: np.ndarray, path: Path) -> np.ndarray:
+    """Rows ``positions`` of a lazy store array, in that order, as float32; unwritten (NaN) rows are an error.
+
+    Rows are read in store order, a few contiguous shards at a time, then put back in the caller's order.
+    """
+    block = np.asarray(lazy[np.sort(positions)].compute(), dtype=np.float32)
     block = block[np.argsort(np.argsort(positions))]
     if np.isnan(block).any():
-        raise ValueError(f"{store.path}: NaN states (unwritten rows) among the requested rows")
-    return features_from_states(block, layers, fusion_layer, safety_layer)
+        raise ValueError(f"{path}: NaN states (unwritten rows) among the requested rows")
+    return block
 
 
 class FeatureSource(Protocol):

@@ -137,8 +137,8 @@ class ProbeMeta:
     store_provenance: dict[str, Any]
 
 
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    # AUROC is undefined on a one-class split; NaN keeps that visible instead of crashing.
+def auroc_or_nan(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC, or NaN on a one-class set (undefined there; NaN keeps that visible instead of crashing)."""
     return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else float("nan")
 
 
@@ -209,7 +209,7 @@ def train_probe(
         model.eval()
         val_scores = model.score_source(val)
         val_loss = _bce(val_labels, val_scores)
-        history.append(EpochRecord(epoch, total / len(train), val_loss, _auroc(val_labels, val_scores)))
+        history.append(EpochRecord(epoch, total / len(train), val_loss, auroc_or_nan(val_labels, val_scores)))
         key = _selection_key(history[-1])
         if key > best_key:
             best_key, best_state = key, copy.deepcopy(model.state_dict())

@@ -13,11 +13,11 @@ from itertools import product
 
 import numpy as np
 import polars as pl
-from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from pipeline.config import TrainConfig
 from pipeline.evaluation import EvalData, Setting, fit_lsi, in_source_setting, two_class_sources
+from pipeline.probe import auroc_or_nan
 
 
 @dataclass(frozen=True)
@@ -28,10 +28,6 @@ class PairScore:
     safety_layer: int
     val_auroc: float
     cross_source_auroc: float
-
-
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else float("nan")
 
 
 def held_out_validation(index: pl.DataFrame, source: str) -> Setting:
@@ -57,9 +53,10 @@ def sweep_pairs(data: EvalData, config: TrainConfig, progress: bool = True) -> l
     pairs = list(product(data.layers, data.layers))
     for lf, ls in tqdm(pairs, desc="layer sweep", disable=not progress):
         probe = fit_lsi(data, inside, config, lf, ls)
-        val_auroc = _auroc(labels[inside.val], probe.score(data.lsi(inside.val, lf, ls)))
+        val_auroc = auroc_or_nan(labels[inside.val], probe.score(data.lsi(inside.val, lf, ls)))
         cross = [
-            _auroc(labels[s.test], fit_lsi(data, s, config, lf, ls).score(data.lsi(s.test, lf, ls))) for s in held_out
+            auroc_or_nan(labels[s.test], fit_lsi(data, s, config, lf, ls).score(data.lsi(s.test, lf, ls)))
+            for s in held_out
         ]
         results.append(PairScore(lf, ls, val_auroc, float(np.mean(cross)) if cross else float("nan")))
     return results

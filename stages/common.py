@@ -132,17 +132,13 @@ def load_eval_data(index: pl.DataFrame, store_path: Path = STORE, refusal: np.nd
     ``refusal``: per-store-row refusal-direction scores, reordered here to the index's order.
     """
     from pipeline.evaluation import EvalData
-    from pipeline.features import store_positions
+    from pipeline.features import rows_in_order, store_positions
     from pipeline.store import ActivationStore
 
     store = ActivationStore.open(store_path)
     positions = store_positions(store, index["row_id"].to_numpy())
     layers = tuple(store.provenance.layers)
-    states = np.asarray(store.layer_states(list(layers))[np.sort(positions)].compute(), dtype=np.float32)
-    # Back from store order to index order.
-    states = states[np.argsort(np.argsort(positions))]
-    if np.isnan(states).any():
-        raise ValueError(f"{store_path}: NaN states (unwritten rows) among the index's rows")
+    states = rows_in_order(store.layer_states(list(layers)), positions, store_path)
     return EvalData(index, states, layers, None if refusal is None else refusal[positions])
 
 
