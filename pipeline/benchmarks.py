@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.dataset import DatasetError
+from pipeline.dataset import DatasetError, json_lines
 
 MMSB_DIR = "MM-SafetyBench"
 MMSB_QUESTIONS_DIR = "processed_questions"
@@ -217,20 +217,9 @@ def _first_input(task: dict[str, Any], where: str) -> str:
 def read_alpaca_seed(folder: str | Path) -> list[BenignQuestion]:
     """The alpaca seed tasks (benign): each instruction, plus its first non-empty input after a newline."""
     path = _locate(folder, ALPACA_DIR, ALPACA_FILE)
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BenchmarkError(f"{path}: cannot read ({exc})") from None
     tasks: list[BenignQuestion] = []
     seen: set[str] = set()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            task = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BenchmarkError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    for number, where, task in json_lines(path, BenchmarkError, "benchmark file"):
         record_id = _text_field(task, "id", where)
         where = f"{path}:{number} (id {record_id!r})"
         if record_id in seen:

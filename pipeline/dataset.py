@@ -18,7 +18,7 @@ import json
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,26 +165,36 @@ def read_requests(path: str | Path) -> list[RequestRecord]:
     Blank lines are skipped. A string ``image`` is a path relative to the source's folder.
     """
     path = Path(path)
+    records = [
+        parse_request(row, where, path.stem, number, path.parent)
+        for number, where, row in json_lines(path, DatasetError, "request source")
+    ]
+    if not records:
+        raise DatasetError(f"{path}: no requests in file")
+    _check_groups(records, path)
+    return records
+
+
+def json_lines(path: Path, error: type[Exception], what: str) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, "path:line", decoded value)`` for each non-blank line of a JSON-lines file.
+
+    A missing or unreadable file and a line that is not JSON raise ``error`` naming the file (and
+    line); ``what`` names the kind of file in those messages.
+    """
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
-        raise DatasetError(f"{path}: no such request source") from None
+        raise error(f"{path}: no such {what}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: cannot read request source ({exc})") from None
-    records: list[RequestRecord] = []
+        raise error(f"{path}: cannot read {what} ({exc})") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
-            row = json.loads(line)
+            yield number, where, json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        records.append(parse_request(row, where, path.stem, number, path.parent))
-    if not records:
-        raise DatasetError(f"{path}: no requests in file")
-    _check_groups(records, path)
-    return records
+            raise error(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
 
 
 def _fold_counts(fractions: Sequence[float], n_folds: int) -> list[int]:
