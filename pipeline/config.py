@@ -196,14 +196,36 @@ class BuildConfig:
             raise ConfigError(f"build.match_style must be true or false, got {self.match_style!r}")
 
 
+GUARD_POLICIES: tuple[str, ...] = ("lsi", "ecso", "lsi_then_ecso")
+
+
 @dataclass(frozen=True)
 class GuardConfig:
-    """Guarded generation on a sample of the test split."""
+    """How the guard decides and answers; the guard stage runs it on a sample of the test split.
+
+    ``policy``: ``lsi`` (refuse above tau), ``ecso`` (the model checks its own answer) or
+    ``lsi_then_ecso`` (scores within ``ecso_margin`` of tau go through ECSO instead of being
+    refused or answered outright). ``on_error``: what a failed check (model error, unreadable
+    image) turns into, ``refuse`` or ``answer``; either way it is logged and recorded.
+    """
 
     sample_size: int = 12
     max_new_tokens: int = 64
     seed: int = 0
     refusal_message: str = "I'm sorry, but I can't help with that request."
+    policy: str = "lsi"
+    ecso_margin: float = 0.1
+    on_error: str = "refuse"
+
+    def __post_init__(self) -> None:
+        if self.policy not in GUARD_POLICIES:
+            raise ConfigError(f"guard.policy must be one of {list(GUARD_POLICIES)}, got {self.policy!r}")
+        if self.on_error not in ("refuse", "answer"):
+            raise ConfigError(f"guard.on_error must be 'refuse' or 'answer', got {self.on_error!r}")
+        if not 0.0 <= self.ecso_margin < 1.0:
+            raise ConfigError(f"guard.ecso_margin must be in [0, 1), got {self.ecso_margin}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"guard.max_new_tokens must be at least 1, got {self.max_new_tokens}")
 
 
 @dataclass(frozen=True)

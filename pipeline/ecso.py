@@ -91,13 +91,21 @@ class ECSO:
         self.adapter = adapter
         self.config = config
 
-    def run(self, requests: Sequence[Request]) -> list[ECSORecord]:
-        """Run all four steps on a batch of requests; one record per request, in order."""
+    def run(self, requests: Sequence[Request], answers: Sequence[str] | None = None) -> list[ECSORecord]:
+        """Run all four steps on a batch of requests; one record per request, in order.
+
+        ``answers``, when given, are step 1's answers already generated (the guard's answer from
+        its shared prefix cache), so the model is not asked the same thing twice.
+        """
         requests = list(requests)
         cfg, tokens = self.config, self.config.max_new_tokens
 
         # Step 1: the undefended answer, image included.
-        answers = _generate(self.adapter, requests, tokens)
+        if answers is None:
+            answers = _generate(self.adapter, requests, tokens)
+        elif len(answers) != len(requests):
+            raise ValueError(f"got {len(answers)} first answers for {len(requests)} requests")
+        answers = list(answers)
 
         # Step 2: the model judges its own answer, still seeing the image.
         checks = [

@@ -1,55 +1,130 @@
-"""LSI-guarded generation: score each request with the probe, refuse above tau, answer otherwise.
+"""The guard: a model behind an LSI probe, ECSO, or both.
 
-The guard reads the model's own hidden states under the two contrastive framings, feeds the
-probe, and compares its refusal probability with the calibrated threshold. Only requests that
-pass are sent to the model for an answer, so a refused request never produces model text.
+Policies (``GuardConfig.policy``):
+
+- ``lsi``: the probe reads the model's hidden states under the two contrastive framings;
+  a score above the calibrated tau is refused, anything else is answered.
+- ``ecso``: no probe; the model answers, checks its own answer, and if it judges it harmful,
+  answers again from a query-aware caption without the image (:mod:`pipeline.ecso`).
+- ``lsi_then_ecso``: clear cases are decided by the probe alone; scores within ``ecso_margin``
+  of tau, where the probe is least sure, go through ECSO instead of a hard refusal or a
+  blind answer.
+
+For one request the check and the answer share one KV cache (:mod:`pipeline.models.session`):
+the prompt's common prefix (chat header, image) runs once, the check adds the framings' short
+tails, and the answer continues from the same cache. A check that fails (model error,
+unreadable image) becomes a refusal or an answer as ``on_error`` says, and is logged and
+recorded in the decision, never silent.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.features import lsi_features
+from pipeline.config import ECSOConfig, GuardConfig, ModelConfig, load_params
+from pipeline.ecso import ECSO, ECSORecord
+from pipeline.features import features_from_states, lsi_features
+from pipeline.layout import CALIBRATION, PARAMS, PROBE_DIR
 from pipeline.models.base import ModelAdapter, Request, check_layers
+from pipeline.models.session import PrefixNotShared, PrefixSession, supports_prefix_sessions
 from pipeline.probe import LSIProbe, ProbeMeta
 from pipeline.prompts import ContrastivePrompts
 
+if TYPE_CHECKING:
+    from pipeline.attribution import Attribution
+    from pipeline.calibration import Calibration
+
 DEFAULT_REFUSAL_MESSAGE = "I'm sorry, but I can't help with that request."
+REFUSE, ANSWER, ROUTE_ECSO = "refuse", "answer", "ecso"
+
+logger = logging.getLogger("lsi_guard.guard")
+
+
+class GuardLoadError(RuntimeError):
+    """A run folder that lacks what the guard needs (params, trained probe, calibration, model)."""
 
 
 @dataclass(frozen=True)
 class GuardDecision:
-    """The probe's verdict on one request, with a reason a person can read."""
+    """What the guard does with one request, and why.
 
-    score: float
+    ``action`` is ``refuse``, ``answer`` or ``ecso``. ``score`` is the probe's refusal probability
+    (None under the ECSO-only policy, or when the check failed; then ``error`` says why).
+    """
+
+    score: float | None
     tau: float
-    refused: bool
+    action: str
     reason: str
+    error: str | None = None
+
+    @property
+    def refused(self) -> bool:
+        """True when the request is refused outright, without asking the model."""
+        return self.action == REFUSE
 
 
 @dataclass(frozen=True)
 class GuardedResponse:
-    """What the user sees: the refusal message or the model's own answer, plus why."""
+    """What the user sees, the decision behind it, ECSO's steps when ECSO ran, and where the time went."""
 
     decision: GuardDecision
     response: str
+    ecso: ECSORecord | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
-def decide(score: float, tau: float, fusion_layer: int, safety_layer: int) -> GuardDecision:
-    """Refuse exactly when ``score > tau`` (the calibration's convention), and say why."""
-    refused = bool(score > tau)
-    if refused:
+def decide(
+    score: float,
+    tau: float,
+    fusion_layer: int,
+    safety_layer: int,
+    policy: str = "lsi",
+    ecso_margin: float = 0.0,
+) -> GuardDecision:
+    """The action for a probe score under ``policy``, with a reason a person can read.
+
+    ``lsi`` refuses exactly when ``score > tau`` (the calibration's convention).
+    ``lsi_then_ecso`` refuses above ``tau + ecso_margin``, answers at or below ``tau - ecso_margin``
+    and sends the band between to ECSO.
+    """
+    layers = f"at fusion layer {fusion_layer} / safety layer {safety_layer}"
+    if policy == "lsi_then_ecso" and tau - ecso_margin < score <= tau + ecso_margin:
         reason = (
-            f"LSI refusal score {score:.4f} > tau {tau:.4f} "
-            f"at fusion layer {fusion_layer} / safety layer {safety_layer}"
+            f"near tau: LSI refusal score {score:.4f} within {ecso_margin:.4f} of tau {tau:.4f} {layers}; ECSO decides"
         )
-    else:
-        reason = f"score below tau: LSI refusal score {score:.4f} <= tau {tau:.4f}"
-    return GuardDecision(score=float(score), tau=float(tau), refused=refused, reason=reason)
+        return GuardDecision(float(score), float(tau), ROUTE_ECSO, reason)
+    if policy not in ("lsi", "lsi_then_ecso"):
+        raise ValueError(f"decide() takes the lsi or lsi_then_ecso policy, got {policy!r}")
+    if score > tau:
+        reason = f"LSI refusal score {score:.4f} > tau {tau:.4f} {layers}"
+        return GuardDecision(float(score), float(tau), REFUSE, reason)
+    reason = f"score below tau: LSI refusal score {score:.4f} <= tau {tau:.4f}"
+    return GuardDecision(float(score), float(tau), ANSWER, reason)
+
+
+def failed_decision(error: BaseException, tau: float, on_error: str, what: str) -> GuardDecision:
+    """The decision for a check that raised: the configured ``on_error`` action, logged with the error."""
+    message = f"{type(error).__name__}: {error}"
+    action = REFUSE if on_error == "refuse" else ANSWER
+    logger.error(
+        "guard check failed for %s (%s); on_error=%s, so the request is %s",
+        what,
+        message,
+        on_error,
+        "refused" if action == REFUSE else "answered unchecked",
+    )
+    logger.debug("guard check failure", exc_info=error)
+    reason = f"check failed ({message}); on_error policy: {on_error}"
+    return GuardDecision(None, float(tau), action, reason, error=message)
 
 
 # The fields of a probe's store provenance that must match the live model and prompts.
@@ -75,8 +150,26 @@ def probe_mismatches(meta: ProbeMeta, adapter: ModelAdapter, prompts: Contrastiv
     ]
 
 
+def make_request(image: str | Path | None, text: str) -> Request:
+    """A request from what a user typed and uploaded; an empty text is refused with a clear error."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("the request text is empty: type what you want to ask")
+    return Request(text=text, image=None if image in (None, "") else Path(image))
+
+
+def _describe(request: Request) -> str:
+    """A short description of a request for log lines."""
+    text = request.text if len(request.text) <= 60 else request.text[:57] + "..."
+    return f"request {text!r}" + (f" with image {request.image}" if request.image is not None else "")
+
+
+def _run_path(run: Path, path: str) -> str:
+    """A params path read relative to the run folder, unless it is absolute."""
+    return path if Path(path).is_absolute() else str(run / path)
+
+
 class Guard:
-    """A model behind an LSI probe: refuse when the probe's score exceeds tau, else answer greedily."""
+    """A model behind LSI, ECSO or both (see the module docstring for the policies)."""
 
     def __init__(
         self,
@@ -85,7 +178,9 @@ class Guard:
         meta: ProbeMeta,
         tau: float,
         prompts: ContrastivePrompts,
-        refusal_message: str = DEFAULT_REFUSAL_MESSAGE,
+        config: GuardConfig | None = None,
+        ecso_config: ECSOConfig | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         if not math.isfinite(tau):
             raise ValueError(f"tau must be a finite number, got {tau}")
@@ -104,30 +199,211 @@ class Guard:
         self.meta = meta
         self.tau = float(tau)
         self.prompts = prompts
-        self.refusal_message = refusal_message
+        self.config = config or GuardConfig()
+        self.ecso_config = ecso_config or ECSOConfig()
+        self.calibration = calibration
+        self.layers = sorted({meta.fusion_layer, meta.safety_layer})
+        self._ecso = ECSO(adapter, self.ecso_config)
+
+    @classmethod
+    def from_run(
+        cls,
+        run_dir: str | Path = ".",
+        *,
+        policy: str | None = None,
+        on_error: str | None = None,
+        ecso_margin: float | None = None,
+        max_new_tokens: int | None = None,
+        adapter: ModelAdapter | None = None,
+    ) -> Guard:
+        """The guard of a finished pipeline run: its params, trained probe, calibrated tau and model.
+
+        ``run_dir`` is the project folder ``dvc repro`` (``bash scripts/run.sh``) ran in; relative
+        paths in its ``params.yaml`` are read from there. Keyword arguments override the
+        ``guard`` section; ``adapter`` replaces loading the model (tests, or a model already loaded).
+        """
+        from pipeline.calibration import load_calibration
+        from pipeline.probe import load_probe
+
+        run = Path(run_dir)
+        if not (run / PARAMS).is_file():
+            raise GuardLoadError(f"{run / PARAMS}: no params file; --run must be the project folder of a run")
+        params = load_params(run / PARAMS)
+        overrides = {
+            "policy": policy,
+            "on_error": on_error,
+            "ecso_margin": ecso_margin,
+            "max_new_tokens": max_new_tokens,
+        }
+        config = replace(params.guard, **{key: value for key, value in overrides.items() if value is not None})
+        try:
+            probe, meta = load_probe(run / PROBE_DIR)
+            calibration = load_calibration(run / CALIBRATION)
+        except FileNotFoundError as exc:
+            raise GuardLoadError(
+                f"{exc}. {run} has no finished run: run `bash scripts/run.sh` there (dvc repro) first"
+            ) from None
+        if adapter is None:
+            from pipeline.models.registry import load_adapter
+
+            model: ModelConfig = replace(
+                params.model,
+                path=_run_path(run, params.model.path),
+                ocr_cache=_run_path(run, params.model.ocr_cache),
+            )
+            adapter = load_adapter(model)
+        return cls(adapter, probe, meta, calibration.tau, params.prompts, config, params.ecso, calibration)
+
+    def with_config(self, **changes: Any) -> Guard:
+        """The same model, probe and tau under other ``guard`` settings (``policy="ecso"``, ...); nothing reloads."""
+        config = replace(self.config, **changes)
+        return Guard(
+            self.adapter, self.probe, self.meta, self.tau, self.prompts, config, self.ecso_config, self.calibration
+        )
+
+    # -- batched scoring --------------------------------------------------------------------
 
     def scores(self, requests: Sequence[Request]) -> np.ndarray:
-        """Refusal probabilities for a batch of requests, shape ``(len(requests),)``."""
+        """Refusal probabilities for a batch of requests, shape ``(len(requests),)``; errors propagate."""
         if not requests:
             return np.zeros(0, dtype=np.float32)
         features = lsi_features(self.adapter, requests, self.prompts, self.meta.fusion_layer, self.meta.safety_layer)
         return self.probe.score(features)
 
-    def check(self, requests: Sequence[Request]) -> list[GuardDecision]:
-        """One decision per request, from one batched pass over the contrastive prompts."""
-        return [
-            decide(float(score), self.tau, self.meta.fusion_layer, self.meta.safety_layer)
-            for score in self.scores(requests)
-        ]
+    def check_many(self, requests: Sequence[Request]) -> list[GuardDecision]:
+        """One decision per request from one batched pass; a failing batch is retried one request at a time.
 
-    def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[GuardedResponse]:
-        """Guarded answers: refused requests get the refusal message and never reach the model."""
-        decisions = self.check(requests)
-        allowed = [i for i, decision in enumerate(decisions) if not decision.refused]
-        answers = self.adapter.generate([requests[i] for i in allowed], max_new_tokens) if allowed else []
-        if len(answers) != len(allowed):
-            raise RuntimeError(f"model returned {len(answers)} answers for {len(allowed)} requests")
-        responses = [self.refusal_message] * len(requests)
-        for i, answer in zip(allowed, answers, strict=True):
-            responses[i] = answer
-        return [GuardedResponse(decision, response) for decision, response in zip(decisions, responses, strict=True)]
+        So one unreadable image costs only its own request the ``on_error`` policy.
+        """
+        if self.config.policy == "ecso":
+            return [self._ecso_decision() for _ in requests]
+        try:
+            return [self._decide(float(score)) for score in self.scores(requests)]
+        except Exception as exc:  # the configured failure policy applies to any check error
+            if len(requests) == 1:
+                return [failed_decision(exc, self.tau, self.config.on_error, _describe(requests[0]))]
+        return [self._check_one(request) for request in requests]
+
+    # -- one request ------------------------------------------------------------------------
+
+    def check(self, image: str | Path | None, text: str) -> GuardDecision:
+        """The guard's decision on one request (an image path or None, and the text), without answering it."""
+        request = make_request(image, text)
+        if self.config.policy == "ecso":
+            return self._ecso_decision()
+        return self._check_one(request)
+
+    def generate(self, image: str | Path | None, text: str, max_new_tokens: int | None = None) -> GuardedResponse:
+        """Refuse, answer, or run ECSO on one request, as the policy decides.
+
+        The check and the answer share the prompt's cached prefix when the adapter allows it.
+        Errors in the answer itself (after the check) propagate.
+        """
+        request = make_request(image, text)
+        tokens = max_new_tokens or self.config.max_new_tokens
+        started = time.perf_counter()
+        seconds: dict[str, float] = {}
+        session: PrefixSession | None = None
+        if self.config.policy == "ecso":
+            decision = self._ecso_decision()
+        else:
+            try:
+                session, score = self._session_score(request)
+                decision = self._decide(score)
+            except Exception as exc:  # the configured failure policy applies to any check error
+                session = None
+                decision = failed_decision(exc, self.tau, self.config.on_error, _describe(request))
+            if session is not None:
+                seconds.update(prefix=session.timings.prefix, check=session.timings.check)
+            else:
+                seconds["check"] = time.perf_counter() - started
+
+        record: ECSORecord | None = None
+        if decision.action == REFUSE:
+            response = self.config.refusal_message
+        elif decision.action == ANSWER:
+            answer_started = time.perf_counter()
+            response = self._answer(request, session, tokens)
+            seconds["answer"] = time.perf_counter() - answer_started
+        else:
+            first = None
+            if session is not None:
+                # ECSO's first step is the plain answer: it continues from the check's cache.
+                first = session.answer(tokens)
+                seconds["answer"] = session.timings.answer
+            ecso_started = time.perf_counter()
+            record = self._ecso.run([request], answers=None if first is None else [first])[0]
+            seconds["ecso"] = time.perf_counter() - ecso_started
+            response = record.final_answer
+        seconds["total"] = time.perf_counter() - started
+        return GuardedResponse(decision, response, record, seconds)
+
+    def generate_many(self, requests: Sequence[Request], max_new_tokens: int | None = None) -> list[GuardedResponse]:
+        """:meth:`generate` for each request in turn."""
+        return [self.generate(request.image, request.text, max_new_tokens) for request in requests]
+
+    def explain(self, image: str | Path | None, text: str, steps: int = 32) -> Attribution:
+        """Integrated-gradients attribution of the harmful-intent signal at the probe's fusion layer."""
+        from pipeline.attribution import intent_attribution
+
+        return intent_attribution(self.adapter, make_request(image, text), self.prompts, self.meta.fusion_layer, steps)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _decide(self, score: float) -> GuardDecision:
+        return decide(
+            score, self.tau, self.meta.fusion_layer, self.meta.safety_layer, self.config.policy, self.config.ecso_margin
+        )
+
+    def _ecso_decision(self) -> GuardDecision:
+        return GuardDecision(None, self.tau, ROUTE_ECSO, "policy ecso: the model checks its own answer (no probe)")
+
+    def _check_one(self, request: Request) -> GuardDecision:
+        try:
+            return self._decide(float(self.scores([request])[0]))
+        except Exception as exc:  # the configured failure policy applies to any check error
+            return failed_decision(exc, self.tau, self.config.on_error, _describe(request))
+
+    def _session_score(self, request: Request) -> tuple[PrefixSession | None, float]:
+        """The probe's score, from a shared-prefix session when the adapter supports one."""
+        if supports_prefix_sessions(self.adapter):
+            variants = self.prompts.variants(request.text)
+            try:
+                session = PrefixSession(
+                    self.adapter,  # type: ignore[arg-type]
+                    [variants["benign"], variants["malicious"], variants["plain"]],
+                    request.image,
+                )
+            except PrefixNotShared:
+                session = None
+            if session is not None:
+                states = session.states(self.layers).numpy()[None]
+                features = features_from_states(states, self.layers, self.meta.fusion_layer, self.meta.safety_layer)
+                return session, float(self.probe.score(features)[0])
+        return None, float(self.scores([request])[0])
+
+    def _answer(self, request: Request, session: PrefixSession | None, tokens: int) -> str:
+        if session is not None:
+            return session.answer(tokens)
+        answers = self.adapter.generate([request], tokens)
+        if len(answers) != 1:
+            raise RuntimeError(f"model returned {len(answers)} answers for 1 request")
+        return answers[0]
+
+
+def response_record(response: GuardedResponse) -> dict[str, Any]:
+    """A JSON-ready record of one guarded response (decision, answer, ECSO steps, timings)."""
+    from dataclasses import asdict
+
+    decision = response.decision
+    return {
+        "action": decision.action,
+        "refused": decision.refused,
+        "score": decision.score,
+        "tau": decision.tau,
+        "reason": decision.reason,
+        "error": decision.error,
+        "response": response.response,
+        "ecso": None if response.ecso is None else asdict(response.ecso),
+        "seconds": {key: round(value, 4) for key, value in response.seconds.items()},
+    }

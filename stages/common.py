@@ -12,18 +12,13 @@ import numpy as np
 import polars as pl
 
 from pipeline.atomic import write_text_atomic
+from pipeline.layout import CALIBRATION, INDEX, PARAMS, PROBE_DIR, STORE  # noqa: F401 (re-exported for stages)
 from pipeline.models.base import Request
 
 T = TypeVar("T")
 
 HARMFUL, BENIGN = 1, 0
 
-# Where stages meet; dvc.yaml names the same paths as outputs and dependencies.
-PARAMS = Path("params.yaml")
-INDEX = Path("data/prepared/index.parquet")
-STORE = Path("data/activations/store.zarr")
-PROBE_DIR = Path("data/probe")
-CALIBRATION = Path("data/calibration/calibration.json")
 
 # Generation holds a KV cache per request; a small batch keeps memory flat on a laptop or a GPU.
 BATCH_SIZE = 4

@@ -1,7 +1,8 @@
-"""DVC stage ``guard``: LSI-guarded generation on a balanced sample of the test split.
+"""DVC stage ``guard``: guarded generation, under ``guard.policy``, on a balanced sample of the test split.
 
-Writes ``data/guard/responses.jsonl`` (one line per sampled request) and
-``data/guard/summary.json`` (refusal rates per label, for ``dvc metrics``).
+Writes ``data/guard/responses.jsonl`` (one line per sampled request: decision, answer, ECSO's
+steps when it ran, timings) and ``data/guard/summary.json`` (refusal and ECSO rates per label,
+for ``dvc metrics``).
 
 The sampling, batching and atomic-write helpers here are shared with ``stages.ecso`` so both
 defences are shown the same kind of sample.
@@ -17,18 +18,13 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.config import load_params
-from pipeline.guard import Guard, GuardedResponse
-from pipeline.probe import load_probe
+from pipeline.guard import Guard, GuardedResponse, response_record
 from stages.common import (
-    BATCH_SIZE,
     BENIGN,
-    CALIBRATION,
     HARMFUL,
     INDEX,
     PARAMS,
-    PROBE_DIR,
     balanced_test_sample,
-    batches,
     rate,
     row_fields,
     row_request,
@@ -41,52 +37,44 @@ OUT_DIR = Path("data/guard")
 
 
 def guard_record(row: Mapping[str, Any], guarded: GuardedResponse) -> dict[str, Any]:
-    """One ``responses.jsonl`` line."""
-    decision = guarded.decision
-    return {
-        **row_fields(row),
-        "score": decision.score,
-        "tau": decision.tau,
-        "refused": decision.refused,
-        "reason": decision.reason,
-        "response": guarded.response,
-    }
+    """One ``responses.jsonl`` line: the request, the decision, the answer, ECSO's steps and timings."""
+    return {**row_fields(row), **response_record(guarded)}
 
 
-def guard_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Refusal rates per label: harmful should be refused, benign should not."""
+def guard_summary(records: Sequence[Mapping[str, Any]], policy: str = "lsi") -> dict[str, Any]:
+    """Per label: how often the guard refused outright and how often it sent the request to ECSO."""
+    ecso = [{**r, "ecso_routed": r.get("action") == "ecso"} for r in records]
+    seconds = [r["seconds"]["total"] for r in records if isinstance(r.get("seconds"), Mapping)]
     return {
+        "policy": policy,
         "n": len(records),
         "n_harmful": sum(r["label"] == HARMFUL for r in records),
         "n_benign": sum(r["label"] == BENIGN for r in records),
         "refusal_rate_harmful": rate(records, "refused", HARMFUL),
         "refusal_rate_benign": rate(records, "refused", BENIGN),
+        "ecso_rate_harmful": rate(ecso, "ecso_routed", HARMFUL),
+        "ecso_rate_benign": rate(ecso, "ecso_routed", BENIGN),
+        "check_errors": sum(r.get("error") is not None for r in records),
+        "mean_seconds": sum(seconds) / len(seconds) if seconds else None,
     }
 
 
 def main() -> None:
-    """Sample, guard, write."""
+    """Sample, guard each request under the configured policy, write."""
     # Imported here so the pure helpers above load without the model stack.
-    from pipeline.calibration import load_calibration
     from pipeline.dataset import read_index
-    from pipeline.models.registry import load_adapter
 
     params = load_params(PARAMS)
     sample = balanced_test_sample(read_index(INDEX), params.guard.sample_size, params.guard.seed)
-    probe, meta = load_probe(PROBE_DIR)
-    calibration = load_calibration(CALIBRATION)
-    guard = Guard(
-        load_adapter(params.model), probe, meta, calibration.tau, params.prompts, params.guard.refusal_message
-    )
+    guard = Guard.from_run(".")
 
-    rows = sample.to_dicts()
     records: list[dict[str, Any]] = []
-    for batch in tqdm(list(batches(rows, BATCH_SIZE)), desc="guard", unit="batch"):
-        responses = guard.generate([row_request(row) for row in batch], params.guard.max_new_tokens)
-        records.extend(guard_record(row, response) for row, response in zip(batch, responses, strict=True))
+    for row in tqdm(sample.to_dicts(), desc=f"guard ({params.guard.policy})", unit="req"):
+        request = row_request(row)
+        records.append(guard_record(row, guard.generate(request.image, request.text)))
 
     write_jsonl_atomic(OUT_DIR / "responses.jsonl", records)
-    summary = guard_summary(records)
+    summary = guard_summary(records, params.guard.policy)
     write_json_atomic(OUT_DIR / "summary.json", summary)
     print(json.dumps(summary, indent=2, sort_keys=True))
 

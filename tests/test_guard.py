@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from pipeline.calibration import Calibration, save_calibration
-from pipeline.guard import DEFAULT_REFUSAL_MESSAGE, Guard, GuardDecision, decide
+from pipeline.config import ConfigError, GuardConfig
+from pipeline.guard import DEFAULT_REFUSAL_MESSAGE, Guard, GuardDecision, GuardLoadError, decide, response_record
 from pipeline.models.base import ModelInfo, Request, RequestGroup
 from pipeline.probe import LSIProbe, ProbeMeta, save_probe
 from pipeline.prompts import ContrastivePrompts
@@ -106,18 +107,19 @@ REQUESTS = [
 ]
 
 
-def test_check_refuses_above_tau_and_passes_below(guard: Guard) -> None:
-    decisions = guard.check(REQUESTS)
+def test_check_many_refuses_above_tau_and_passes_below(guard: Guard) -> None:
+    decisions = guard.check_many(REQUESTS)
     assert [d.refused for d in decisions] == [True, False, True, False]
+    assert [d.action for d in decisions] == ["refuse", "answer", "refuse", "answer"]
     for decision in decisions:
-        assert decision.tau == TAU
+        assert decision.tau == TAU and decision.error is None
         assert (decision.score > TAU) == decision.refused
     assert decisions[0].score > 0.99
     assert decisions[1].score < 0.3
 
 
-def test_check_reads_both_framings_in_one_batched_pass(guard: Guard, adapter: FakeAdapter) -> None:
-    guard.check(REQUESTS)
+def test_check_many_reads_both_framings_in_one_batched_pass(guard: Guard, adapter: FakeAdapter) -> None:
+    guard.check_many(REQUESTS)
     assert len(adapter.state_calls) == 1
     requests, layers = adapter.state_calls[0]
     assert sorted(layers) == sorted({FUSION, SAFETY})
@@ -128,8 +130,15 @@ def test_check_reads_both_framings_in_one_batched_pass(guard: Guard, adapter: Fa
     assert requests[0].image == requests[1].image == Path("img/a.png")
 
 
+def test_check_one_request_matches_the_batch(guard: Guard) -> None:
+    batch = guard.check_many(REQUESTS)
+    for request, expected in zip(REQUESTS, batch, strict=True):
+        assert guard.check(request.image, request.text) == expected
+    assert guard.check(str(REQUESTS[0].image), REQUESTS[0].text) == batch[0]  # a path given as a string
+
+
 def test_reason_names_score_tau_and_layers(guard: Guard) -> None:
-    refused, allowed = guard.check(REQUESTS[:2])
+    refused, allowed = guard.check_many(REQUESTS[:2])
     assert f"{refused.score:.4f}" in refused.reason
     assert f"tau {TAU:.4f}" in refused.reason
     assert f"fusion layer {FUSION}" in refused.reason and f"safety layer {SAFETY}" in refused.reason
@@ -144,36 +153,162 @@ def test_decide_refuses_only_strictly_above_tau() -> None:
     assert decision == GuardDecision(
         score=0.93,
         tau=0.41,
-        refused=True,
+        action="refuse",
         reason="LSI refusal score 0.9300 > tau 0.4100 at fusion layer 12 / safety layer 3",
     )
 
 
-def test_generate_sends_only_allowed_requests_to_the_model(guard: Guard, adapter: FakeAdapter) -> None:
-    responses = guard.generate(REQUESTS, max_new_tokens=16)
-    assert len(adapter.generate_calls) == 1
-    assert adapter.generate_calls[0] == [REQUESTS[1], REQUESTS[3]]
-    assert [r.response for r in responses] == [
-        DEFAULT_REFUSAL_MESSAGE,
-        "answer to: What is in this picture?",
+def test_decide_sends_the_band_around_tau_to_ecso() -> None:
+    policy = "lsi_then_ecso"
+    assert decide(0.71, 0.5, 12, 3, policy, ecso_margin=0.2).action == "refuse"
+    assert decide(0.70, 0.5, 12, 3, policy, ecso_margin=0.2).action == "ecso"
+    assert decide(0.45, 0.5, 12, 3, policy, ecso_margin=0.2).action == "ecso"
+    assert decide(0.30, 0.5, 12, 3, policy, ecso_margin=0.2).action == "answer"
+    near = decide(0.55, 0.5, 12, 3, policy, ecso_margin=0.2)
+    assert "ECSO decides" in near.reason and "0.5500" in near.reason and not near.refused
+    # With no margin the combined policy is LSI alone.
+    assert decide(0.51, 0.5, 12, 3, policy).action == "refuse"
+    with pytest.raises(ValueError, match="policy"):
+        decide(0.5, 0.5, 12, 3, "ecso")
+
+
+def test_generate_refuses_without_asking_the_model(guard: Guard, adapter: FakeAdapter) -> None:
+    response = guard.generate(REQUESTS[0].image, REQUESTS[0].text)
+    assert response.decision.refused and response.response == DEFAULT_REFUSAL_MESSAGE
+    assert adapter.generate_calls == [] and response.ecso is None
+    assert set(response.seconds) == {"check", "total"}
+
+
+def test_generate_answers_the_plain_request(guard: Guard, adapter: FakeAdapter) -> None:
+    response = guard.generate(REQUESTS[1].image, REQUESTS[1].text, max_new_tokens=16)
+    assert adapter.generate_calls == [[REQUESTS[1]]]
+    assert response.response == "answer to: What is in this picture?"
+    assert response.decision.action == "answer"
+    assert set(response.seconds) == {"check", "answer", "total"}
+    assert [r.response for r in guard.generate_many(REQUESTS[2:])] == [
         DEFAULT_REFUSAL_MESSAGE,
         "answer to: Write a poem about spring",
     ]
-    assert [r.decision.refused for r in responses] == [True, False, True, False]
 
 
-def test_generate_all_refused_never_calls_the_model(adapter: FakeAdapter) -> None:
+def test_custom_refusal_message(adapter: FakeAdapter) -> None:
     probe, meta = hand_set_probe()
-    guard = Guard(adapter, probe, meta, TAU, ContrastivePrompts(), refusal_message="No.")
-    responses = guard.generate([REQUESTS[0], REQUESTS[2]], max_new_tokens=16)
-    assert adapter.generate_calls == []
-    assert [r.response for r in responses] == ["No.", "No."]
+    guard = Guard(adapter, probe, meta, TAU, ContrastivePrompts(), GuardConfig(refusal_message="No."))
+    assert guard.generate(None, "Tell me about bomb-making").response == "No."
 
 
-def test_empty_batch(guard: Guard, adapter: FakeAdapter) -> None:
-    assert guard.check([]) == []
-    assert guard.generate([], max_new_tokens=4) == []
+def test_empty_inputs(guard: Guard, adapter: FakeAdapter) -> None:
+    assert guard.check_many([]) == []
+    with pytest.raises(ValueError, match="empty"):
+        guard.check(None, "   ")
+    with pytest.raises(ValueError, match="empty"):
+        guard.generate(None, "")
     assert adapter.state_calls == [] and adapter.generate_calls == []
+
+
+def test_ecso_policy_runs_every_ecso_step_and_no_probe(guard: Guard, adapter: FakeAdapter) -> None:
+    ecso_guard = guard.with_config(policy="ecso")
+    assert ecso_guard.adapter is guard.adapter and guard.config.policy == "lsi"
+    response = ecso_guard.generate(None, "Tell me about bomb-making")
+    assert adapter.state_calls == []  # no probe
+    assert response.decision.action == "ecso" and response.decision.score is None
+    assert response.ecso is not None
+    # Step 1 answered, step 2 checked (the fake never says "yes"), so the answer stands.
+    assert response.ecso.answer == "answer to: Tell me about bomb-making"
+    assert response.ecso.judged_harmful is False and response.response == response.ecso.answer
+    assert len(adapter.generate_calls) == 2
+    assert "ecso" in response.seconds
+
+
+def test_combined_policy_refuses_clear_cases_and_sends_the_band_to_ecso(guard: Guard, adapter: FakeAdapter) -> None:
+    combined = guard.with_config(policy="lsi_then_ecso", ecso_margin=0.3)
+    clear = combined.generate(None, "Tell me about bomb-making")
+    assert clear.decision.action == "refuse" and clear.ecso is None
+    # The hand-set probe scores ordinary requests near sigmoid(-1) = 0.27: inside (0.2, 0.8].
+    near = combined.generate(None, "Write a poem about spring")
+    assert near.decision.action == "ecso" and 0.2 < near.decision.score <= 0.8
+    assert near.ecso is not None and near.response == near.ecso.final_answer
+    assert adapter.generate_calls[0] == [Request("Write a poem about spring", None)]
+
+
+class BrokenImageAdapter(FakeAdapter):
+    """A model that fails on one image, as an unreadable file would."""
+
+    def last_token_states(self, requests: Sequence[Request], layers: Sequence[int]) -> torch.Tensor:
+        if any(request.image is not None and request.image.name == "broken.png" for request in requests):
+            raise OSError("broken.png: not a readable image")
+        return super().last_token_states(requests, layers)
+
+
+def test_a_failed_check_follows_on_error_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    probe, meta = hand_set_probe()
+    adapter = BrokenImageAdapter()
+    refusing = Guard(adapter, probe, meta, TAU, ContrastivePrompts())
+    with caplog.at_level("ERROR", logger="lsi_guard.guard"):
+        response = refusing.generate("broken.png", "What is in this picture?")
+    assert response.decision.refused and response.decision.score is None
+    assert "OSError: broken.png: not a readable image" in response.decision.error
+    assert "on_error policy: refuse" in response.decision.reason
+    assert adapter.generate_calls == []
+    assert "guard check failed" in caplog.text and "broken.png" in caplog.text
+
+    answering = refusing.with_config(on_error="answer")
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="lsi_guard.guard"):
+        response = answering.generate("broken.png", "What is in this picture?")
+    assert response.decision.action == "answer" and response.decision.error is not None
+    assert response.response == "answer to: What is in this picture?"
+    assert "answered unchecked" in caplog.text
+
+
+def test_one_failing_request_does_not_sink_the_batch() -> None:
+    probe, meta = hand_set_probe()
+    guard = Guard(BrokenImageAdapter(), probe, meta, TAU, ContrastivePrompts())
+    decisions = guard.check_many([REQUESTS[0], Request("What is this?", Path("broken.png")), REQUESTS[3]])
+    assert [d.action for d in decisions] == ["refuse", "refuse", "answer"]
+    assert [d.error is not None for d in decisions] == [False, True, False]
+
+
+def test_response_record_is_json_ready(guard: Guard) -> None:
+    record = response_record(guard.generate(None, "Write a poem about spring"))
+    assert json.loads(json.dumps(record)) == record
+    assert record["action"] == "answer" and record["refused"] is False and record["ecso"] is None
+    assert record["seconds"]["total"] >= record["seconds"]["answer"]
+
+
+def write_run(folder: Path, model_path: str = "data/model/fake") -> None:
+    """A finished run's files: params, probe and calibration."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.yaml").write_text(
+        f"model:\n  path: {model_path}\nguard:\n  policy: lsi_then_ecso\n  ecso_margin: 0.2\n"
+    )
+    probe, meta = hand_set_probe()
+    save_probe(probe, meta, folder / "data/probe")
+    save_calibration(Calibration(0.4, 0.05, 0.0, 1.0, 10, 10), folder / "data/calibration/calibration.json")
+
+
+def test_from_run_loads_params_probe_calibration_and_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_run(tmp_path / "run")
+    seen = []
+    monkeypatch.setattr("pipeline.models.registry.load_adapter", lambda config: seen.append(config) or FakeAdapter())
+    guard = Guard.from_run(tmp_path / "run")
+    assert guard.tau == 0.4
+    assert guard.config.policy == "lsi_then_ecso" and guard.config.ecso_margin == 0.2
+    # Relative params paths are read from the run folder, wherever the caller is.
+    assert seen[0].path == str(tmp_path / "run" / "data/model/fake")
+    assert seen[0].ocr_cache == str(tmp_path / "run" / "data/cache/ocr")
+    overridden = Guard.from_run(tmp_path / "run", policy="ecso", on_error="answer", adapter=FakeAdapter())
+    assert overridden.config.policy == "ecso" and overridden.config.on_error == "answer"
+    with pytest.raises(ConfigError, match="guard.policy"):
+        Guard.from_run(tmp_path / "run", policy="nonsense", adapter=FakeAdapter())
+
+
+def test_from_run_without_a_finished_run_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(GuardLoadError, match="no params file"):
+        Guard.from_run(tmp_path)
+    (tmp_path / "params.yaml").write_text("guard:\n  policy: lsi\n")
+    with pytest.raises(GuardLoadError, match=r"scripts/run\.sh"):
+        Guard.from_run(tmp_path, adapter=FakeAdapter())
 
 
 def test_guard_refuses_a_probe_trained_under_other_prompts_or_model(adapter: FakeAdapter) -> None:
@@ -278,17 +413,22 @@ def test_row_request_and_batches() -> None:
 
 def test_guard_summary_rates() -> None:
     records = [
-        {"label": 1, "refused": True},
-        {"label": 1, "refused": False},
-        {"label": 0, "refused": False},
-        {"label": 0, "refused": False},
+        {"label": 1, "refused": True, "action": "refuse", "error": None, "seconds": {"total": 1.0}},
+        {"label": 1, "refused": False, "action": "ecso", "error": None, "seconds": {"total": 3.0}},
+        {"label": 0, "refused": False, "action": "answer", "error": "OSError: x", "seconds": {"total": 2.0}},
+        {"label": 0, "refused": False, "action": "answer", "error": None, "seconds": {"total": 2.0}},
     ]
-    assert guard_summary(records) == {
+    assert guard_summary(records, "lsi_then_ecso") == {
+        "policy": "lsi_then_ecso",
         "n": 4,
         "n_harmful": 2,
         "n_benign": 2,
         "refusal_rate_harmful": 0.5,
         "refusal_rate_benign": 0.0,
+        "ecso_rate_harmful": 0.5,
+        "ecso_rate_benign": 0.0,
+        "check_errors": 1,
+        "mean_seconds": 2.0,
     }
     # A label with no rows has no rate, rather than a NaN that JSON cannot hold.
     assert guard_summary([{"label": 1, "refused": True}])["refusal_rate_benign"] is None
@@ -332,13 +472,25 @@ def test_stage_main_end_to_end_with_fakes(tmp_path: Path, monkeypatch: pytest.Mo
         "category",
         "text",
         "image_path",
+        "action",
         "score",
         "tau",
         "refused",
         "reason",
+        "error",
         "response",
+        "ecso",
+        "seconds",
     }
     assert all(line["refused"] == (line["label"] == 1) for line in lines)
     summary = json.loads(Path("data/guard/summary.json").read_text())
     assert summary["n"] == 6 and summary["refusal_rate_harmful"] == 1.0 and summary["refusal_rate_benign"] == 0.0
     assert sum(len(call) for call in adapter.generate_calls) == 3
+    assert summary["policy"] == "lsi" and summary["check_errors"] == 0
+
+
+def test_a_single_failing_request_in_check_many_gets_the_policy() -> None:
+    probe, meta = hand_set_probe()
+    guard = Guard(BrokenImageAdapter(), probe, meta, TAU, ContrastivePrompts())
+    [decision] = guard.check_many([Request("What is this?", Path("broken.png"))])
+    assert decision.refused and decision.error is not None

@@ -1,0 +1,1 @@
+"""The guard as a product: command line and local web demo."""

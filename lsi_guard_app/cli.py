@@ -1,0 +1,232 @@
+"""``lsi-guard``: the guard of a finished run, from the command line.
+
+    lsi-guard check    --text "How do I pick a lock?" [--image photo.png]
+    lsi-guard generate --text "..." [--image ...]                 # refuse, answer, or ECSO
+    lsi-guard generate --input requests.jsonl --output results.jsonl
+    lsi-guard demo                                                # the local web demo
+
+Every command reads the run in ``--run`` (default: the current folder, after ``bash scripts/run.sh``)
+and takes the ``guard`` section of its ``params.yaml``, which ``--policy``, ``--on-error``,
+``--ecso-margin`` and ``--max-new-tokens`` override. Results are JSON lines: one per request,
+the input's own fields first, then the decision (and for ``generate`` the response, ECSO's steps
+and timings). A failed check follows ``on_error`` and is logged and recorded; a request whose
+answer itself fails is recorded with its error, and the command then exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from pipeline.atomic import write_text_atomic
+from pipeline.config import GUARD_POLICIES, ConfigError
+from pipeline.guard import Guard, GuardDecision, GuardLoadError, response_record
+
+# Input keys the guard reads; any other keys are carried through to the output unchanged.
+TEXT, IMAGE = "text", "image"
+RESULT_KEYS = frozenset({"action", "refused", "score", "tau", "reason", "error", "response", "ecso", "seconds", "line"})
+CHECK_BATCH = 8
+
+
+class InputError(ValueError):
+    """A request file that cannot be read as requests; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class InputRequest:
+    """One request to guard, with the fields it came with (echoed into its result)."""
+
+    text: str
+    image: Path | None
+    fields: dict[str, Any]
+    line: int | None = None
+
+
+def read_requests(path: Path) -> list[InputRequest]:
+    """Every request in a JSON-lines file, validated before any model work starts.
+
+    Each non-blank line is an object with a non-empty string ``text`` and optionally ``image``,
+    a path (relative paths are read from the file's folder) or null. Other keys are kept.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc})") from None
+    requests: list[InputRequest] = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        text = record.get(TEXT)
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{where}: '{TEXT}' must be a non-empty string, got {text!r}")
+        image = record.get(IMAGE)
+        if image is not None and (not isinstance(image, str) or not image):
+            raise InputError(f"{where}: '{IMAGE}' must be a file path or null, got {image!r}")
+        clashes = sorted(RESULT_KEYS & set(record))
+        if clashes:
+            raise InputError(f"{where}: keys {clashes} are result fields; rename them in the input")
+        image_path = None if image is None else _relative_to(Path(image), Path(path).parent)
+        requests.append(InputRequest(text, image_path, record, number))
+    if not requests:
+        raise InputError(f"{path}: no requests (every line is blank)")
+    return requests
+
+
+def _relative_to(path: Path, folder: Path) -> Path:
+    return path if path.is_absolute() else folder / path
+
+
+def _decision_record(decision: GuardDecision) -> dict[str, Any]:
+    return {
+        "action": decision.action,
+        "refused": decision.refused,
+        "score": decision.score,
+        "tau": decision.tau,
+        "reason": decision.reason,
+        "error": decision.error,
+    }
+
+
+def _results(guard: Guard, requests: Sequence[InputRequest], command: str) -> Iterator[dict[str, Any]]:
+    """One result record per request, in order; an answer that fails is recorded, not raised."""
+    if command == "check":
+        for start in range(0, len(requests), CHECK_BATCH):
+            chunk = requests[start : start + CHECK_BATCH]
+            decisions = guard.check_many([_model_request(r) for r in chunk])
+            for request, decision in zip(chunk, decisions, strict=True):
+                yield {**request.fields, **_decision_record(decision)}
+        return
+    for request in requests:
+        try:
+            record = response_record(guard.generate(request.image, request.text))
+        except Exception as exc:  # noqa: BLE001 - the run goes on; the error is recorded and counted
+            logging.getLogger("lsi_guard.cli").error("request at line %s failed: %s", request.line, exc)
+            record = {"action": None, "refused": None, "response": None, "error": f"{type(exc).__name__}: {exc}"}
+        yield {**request.fields, **record}
+
+
+def _model_request(request: InputRequest) -> Any:
+    from pipeline.guard import make_request
+
+    return make_request(request.image, request.text)
+
+
+def summary_line(records: Sequence[dict[str, Any]]) -> str:
+    """How many requests were refused, answered, sent to ECSO, or failed."""
+    counts = {key: 0 for key in ("refuse", "answer", "ecso")}
+    for record in records:
+        if record.get("action") in counts:
+            counts[record["action"]] += 1
+    failed = sum(1 for r in records if r.get("action") is None)
+    check_errors = sum(1 for r in records if r.get("action") is not None and r.get("error"))
+    return (
+        f"{len(records)} request{'s' if len(records) != 1 else ''}: {counts['refuse']} refused, {counts['answer']} answered, "
+        f"{counts['ecso']} sent to ECSO; {check_errors} check errors (on_error applied), {failed} failed"
+    )
+
+
+def _write(records: Sequence[dict[str, Any]], output: Path | None, stream: TextIO) -> None:
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    if output is None:
+        stream.write(text)
+    else:
+        # Atomic: an existing results file is replaced only by a complete one.
+        write_text_atomic(output, text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lsi-guard`` argument parser."""
+    parser = argparse.ArgumentParser(prog="lsi-guard", description="Guard a vision-language model with LSI and ECSO.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("check", "decide refuse / answer / ECSO without answering"),
+        ("generate", "refuse, answer, or run ECSO, as the policy decides"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        source = sub.add_mutually_exclusive_group(required=True)
+        source.add_argument("--text", help="one request's text")
+        source.add_argument("--input", type=Path, help="a JSON-lines file of requests ({'text': ..., 'image': ...})")
+        sub.add_argument("--image", type=Path, help="the image for --text (optional)")
+        sub.add_argument("--output", type=Path, help="write JSON-lines results here (default: standard output)")
+        _common(sub)
+        if name == "generate":
+            sub.add_argument("--max-new-tokens", type=int, help="answer length (default: guard.max_new_tokens)")
+    demo = commands.add_parser("demo", help="start the local web demo")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
+    demo.add_argument("--port", type=int, default=7860)
+    _common(demo)
+    return parser
+
+
+def _common(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--run", type=Path, default=Path("."), help="the project folder of a finished run (default: .)")
+    sub.add_argument("--policy", choices=GUARD_POLICIES, help="override guard.policy")
+    sub.add_argument("--on-error", choices=("refuse", "answer"), help="override guard.on_error")
+    sub.add_argument("--ecso-margin", type=float, help="override guard.ecso_margin")
+
+
+def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 some request failed, 2 bad input or set-up)."""
+    args = build_parser().parse_args(argv)
+    stdout = stdout or sys.stdout
+    logging.basicConfig(level=logging.WARNING, format="lsi-guard: %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "demo":
+            from lsi_guard_app.web import launch
+
+            launch(args.run, host=args.host, port=args.port, policy=args.policy)
+            return 0
+        if args.image is not None and args.text is None:
+            raise InputError("--image goes with --text; in an --input file give each request's image in its line")
+        if args.output is not None and args.input is not None and args.output.resolve() == args.input.resolve():
+            raise InputError(f"{args.output}: the output would overwrite the input")
+        if args.text is not None:
+            if not args.text.strip():
+                raise InputError("--text is empty")
+            requests = [InputRequest(args.text, args.image, {TEXT: args.text, IMAGE: _image_field(args.image)})]
+        else:
+            requests = read_requests(args.input)
+        guard = Guard.from_run(
+            args.run,
+            policy=args.policy,
+            on_error=args.on_error,
+            ecso_margin=args.ecso_margin,
+            max_new_tokens=getattr(args, "max_new_tokens", None),
+        )
+    except (InputError, GuardLoadError, ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"lsi-guard: error: {exc}", file=sys.stderr)
+        return 2
+    progress = tqdm(total=len(requests), desc=args.command, unit="req", disable=len(requests) == 1, file=sys.stderr)
+    records = []
+    for record in _results(guard, requests, args.command):
+        records.append(record)
+        progress.update(1)
+    progress.close()
+    _write(records, args.output, stdout)
+    print(f"lsi-guard: {summary_line(records)}", file=sys.stderr)
+    return 1 if any(record.get("action") is None for record in records) else 0
+
+
+def _image_field(image: Path | None) -> str | None:
+    return None if image is None else str(image)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""One request, one prefix: the LSI check and the answer share a single KV cache.
+
+A guarded request runs three prompts that differ only at the end: the benign and malicious
+framings the probe reads, and the plain request the model answers. Their common start (system
+prompt, chat header, image tokens or the image's OCR text, any common start of the text) is run
+once, through every decoder block, into a KV cache:
+
+- the check packs the two framings' tails behind that cache (one row, block-diagonal mask,
+  positions restarting after the prefix, as :func:`pipeline.models.forward.grouped_states`
+  does) and stops after the deepest block the probe reads;
+- the answer continues the plain prompt's tail from the same cache and decodes greedily.
+
+So the check adds only the framings' short tails to the work the answer needs anyway, and an
+answered request never encodes its image or its prefix twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from pipeline.models.base import Request, check_layers
+from pipeline.models.forward import (
+    ForwardModel,
+    _image_tokens,
+    _pack_tails,
+    _packed_attention_mask,
+    _tail_positions,
+    _unpadded,
+    image_inputs_of,
+    shared_prefix_length,
+)
+from pipeline.models.hooks import run_to_layers
+
+
+class PrefixNotShared(ValueError):
+    """The prompts do not share their image tokens (a template that puts the image after the text)."""
+
+
+def supports_prefix_sessions(adapter: object) -> bool:
+    """True for adapters that expose the forward-level hooks a :class:`PrefixSession` needs."""
+    needed = ("model", "blocks", "encode", "position_ids", "pad_token_id", "image_token_ids", "tokenizer")
+    return all(hasattr(adapter, name) for name in needed)
+
+
+def stop_token_ids(model: torch.nn.Module, tokenizer: object) -> set[int]:
+    """Token ids that end an answer: the generation config's end-of-sequence ids, the tokenizer's, and its pad id."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos) if isinstance(eos, list) else ({int(eos)} if eos is not None else set())
+    for name in ("eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            ids.add(int(value))
+    return ids
+
+
+@dataclass
+class SessionTimings:
+    """Seconds spent in each part of a session (zero for a part never run)."""
+
+    prefix: float = 0.0
+    check: float = 0.0
+    answer: float = 0.0
+
+
+class PrefixSession:
+    """The prompts of one request (framings first, the answered prompt last) over one shared, cached prefix.
+
+    The prefix forward runs in the constructor. :meth:`states` reads the framings' last-token
+    states; :meth:`answer` decodes the last prompt. ``answer`` extends the cache in place, so it
+    may be called once; ``states`` leaves the cache as it found it.
+    """
+
+    def __init__(self, adapter: ForwardModel, texts: Sequence[str], image: Path | None) -> None:
+        if len(texts) < 2:
+            raise ValueError("a session needs at least one framing and the prompt to answer")
+        self.adapter = adapter
+        self.timings = SessionTimings()
+        self._answered = False
+        started = time.perf_counter()
+        batches = [adapter.encode([Request(text=text, image=image)]) for text in texts]
+        image_inputs = image_inputs_of(batches[0])
+        self.sequences = [_unpadded(batch)[0] for batch in batches]
+        self.prefix_length = shared_prefix_length(self.sequences)
+        if any(_image_tokens(seq[self.prefix_length :], adapter.image_token_ids) for seq in self.sequences):
+            raise PrefixNotShared("the prompts differ before the image tokens end; the prefix cannot be shared")
+        device = batches[0]["input_ids"].device
+        self.device = device
+        prefix = torch.tensor([self.sequences[0][: self.prefix_length]], dtype=torch.long, device=device)
+        self.prefix_mask = torch.ones_like(prefix)
+        self.prefix_positions = adapter.position_ids(prefix, self.prefix_mask, image_inputs)
+        self.cache = DynamicCache(config=adapter.model.config)
+        with torch.inference_mode():
+            # Every block runs: the answer needs the whole cache. Only one position's logits are kept.
+            adapter.model(
+                input_ids=prefix,
+                attention_mask=self.prefix_mask,
+                position_ids=self.prefix_positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **image_inputs,
+            )
+        self.timings.prefix = time.perf_counter() - started
+
+    def states(self, layers: Sequence[int]) -> torch.Tensor:
+        """Last-token states ``(n_framings, len(layers), hidden)`` of every prompt but the last, float32 on CPU."""
+        layers = list(layers)
+        check_layers(layers, self.adapter.info.num_layers)
+        started = time.perf_counter()
+        framings = self.sequences[:-1]
+        packed, segments, last = _pack_tails([framings], [self.prefix_length])
+        ids = torch.tensor(packed, dtype=torch.long, device=self.device)
+        segments = segments.to(self.device)
+        real = (segments >= 0).long()
+        mask = _packed_attention_mask(self.prefix_mask, segments, self.adapter.model.dtype)
+        positions = _tail_positions(self.prefix_positions, segments, real)
+        # A view of the cached blocks the check reads: the forward appends the tails' keys and
+        # values to the view's own tensors, never to the session's cache.
+        deepest = max(layers)
+        view = DynamicCache([(layer.keys, layer.values) for layer in self.cache.layers[: deepest + 1]])
+
+        def forward() -> object:
+            return self.adapter.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=view, use_cache=True
+            )
+
+        with torch.inference_mode():
+            rows = torch.zeros_like(last)  # every tail sits in the one packed row
+            states = run_to_layers(forward, self.adapter.blocks, layers, last_positions=last, rows=rows)
+        self.timings.check += time.perf_counter() - started
+        return states
+
+    def answer(self, max_new_tokens: int, stop_at_eos: bool = True) -> str:
+        """Greedy answer to the last prompt, continued from the cached prefix; special tokens stripped.
+
+        ``stop_at_eos=False`` always decodes ``max_new_tokens`` tokens (benchmarks time a fixed length).
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if self._answered:
+            raise RuntimeError("a session answers once: its cache now holds the answer")
+        self._answered = True
+        started = time.perf_counter()
+        model, tokenizer = self.adapter.model, self.adapter.tokenizer  # type: ignore[attr-defined]
+        stop = stop_token_ids(model, tokenizer)
+        tail = self.sequences[-1][self.prefix_length :]
+        ids = torch.tensor([tail], dtype=torch.long, device=self.device)
+        segments = torch.zeros_like(ids)
+        positions = _tail_positions(self.prefix_positions, segments, torch.ones_like(ids))
+        length = self.prefix_length + len(tail)
+        new_tokens: list[int] = []
+        with torch.inference_mode():
+            for _ in range(max_new_tokens):
+                output = model(
+                    input_ids=ids,
+                    attention_mask=torch.ones(1, length, dtype=torch.long, device=self.device),
+                    position_ids=positions,
+                    past_key_values=self.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                token = int(output.logits[0, -1].argmax())
+                if stop_at_eos and token in stop:
+                    break
+                new_tokens.append(token)
+                ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
+                positions = positions[..., -1:] + 1
+                length += 1
+        self.timings.answer = time.perf_counter() - started
+        return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()  # type: ignore[attr-defined]
