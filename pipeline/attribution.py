@@ -8,12 +8,14 @@ attribute it to the request's own token embeddings and to the image:
   token's attribution is its effect on the contrast, not on either prompt alone. Baseline: zero
   embeddings.
 - Embedded default model (SmolLM2 + OCR): the image reaches the model only as OCR text, so the
-  OCR text's tokens are a second input (baseline zero embeddings) and each OCR line's score is
-  the sum over its tokens; the image map colours each line's box by that score.
+  OCR text's tokens are a second input (baseline zero embeddings). Each OCR word's score is the
+  sum over the tokens that start in it, each line's the sum over its tokens; the image map
+  colours each word's box in the picture by its score.
 - Hugging Face VLMs (LLaVA): the image's ``pixel_values`` are a second input. Baseline: a black
   image passed through the model's own image processor, so it is black *before* normalisation
   (``(0 - mean) / std`` per channel in normalised space, not zeros there). The saliency map is
-  ``|attribution|`` summed over channels.
+  ``|attribution|`` summed over channels; the signed attribution is also summed per patch of
+  the vision encoder's grid, the units the encoder actually sees.
 
 The path integral is cut in two (see :func:`_integrate`) so that the sharp start of the path
 from zero embeddings gets its share of interpolation points; the result is still plain
@@ -43,7 +45,7 @@ from pipeline.models.base import ModelAdapter, Request, check_layers
 from pipeline.models.embedded import IMAGE_CLOSE, IMAGE_OPEN, EmbeddedAdapter
 from pipeline.models.hf_vlm import HFVisionLanguageAdapter
 from pipeline.models.hooks import run_to_layers
-from pipeline.models.ocr import OCRResult
+from pipeline.models.ocr import OCRResult, line_words, word_spans
 from pipeline.prompts import PLACEHOLDER, ContrastivePrompts
 
 ImageKind = Literal["ocr_lines", "pixels"]
@@ -53,6 +55,8 @@ Box = tuple[float, float, float, float]  # left, top, right, bottom in image pix
 # Interpolation points per backward pass: bounds activation memory, not the result.
 DEFAULT_INTERNAL_BATCH = 8
 NO_LINE = -1  # an OCR token (the newline between lines) that belongs to no line
+NO_WORD = -1  # an OCR token (a newline, a lone space) that belongs to no word
+TOP_PATCHES = 5  # patches listed in the JSON summary
 CMAP = "coolwarm"  # red raises the intent signal, blue lowers it
 # Where the integration path is cut (fractions of the way from baseline to input); see _integrate.
 PATH_SEGMENTS: tuple[float, ...] = (0.0, 0.1, 1.0)
@@ -65,6 +69,12 @@ class Attribution:
     Scores are signed: positive raises ``||delta_h||``. ``image_score`` is the image's share: the
     sum over its OCR tokens or its pixels. Completeness says that request tokens plus image sum to
     ``signal - baseline_signal`` up to the integral's discretisation error, ``convergence_delta``.
+
+    OCR images carry per-token, per-word and per-line scores (``ocr_token_words`` and
+    ``word_lines`` say which word a token belongs to and which line a word is on). Pixel images
+    carry ``pixel_map`` (``|attribution|`` per processed pixel) and, when the pixels form one
+    image, ``patch_scores``: the signed attribution summed over each ``patch_size`` square of
+    the vision encoder's grid, rows x cols, summing to ``image_score``.
     """
 
     request: str
@@ -82,8 +92,15 @@ class Attribution:
     line_texts: list[str] = field(default_factory=list)
     line_boxes: list[list[list[float]]] = field(default_factory=list)
     line_scores: list[float] = field(default_factory=list)
+    ocr_token_words: list[int] = field(default_factory=list)
+    word_texts: list[str] = field(default_factory=list)
+    word_boxes: list[list[list[float]]] = field(default_factory=list)
+    word_scores: list[float] = field(default_factory=list)
+    word_lines: list[int] = field(default_factory=list)
     pixel_map: np.ndarray | None = None
     pixel_box: Box | None = None
+    patch_scores: np.ndarray | None = None
+    patch_size: int | None = None
     image_score: float = 0.0
 
     @property
@@ -133,7 +150,10 @@ def line_char_ranges(lines: Sequence[str]) -> list[Span]:
 
 
 def assign_lines(pieces: Sequence[str], piece_starts: Sequence[int], ranges: Sequence[Span]) -> list[int]:
-    """OCR line of each token: the line holding its first non-blank character, else :data:`NO_LINE`."""
+    """OCR line of each token: the line holding its first non-blank character, else :data:`NO_LINE`.
+
+    Works for any character ranges: given word ranges it gives each token's word.
+    """
     assigned: list[int] = []
     for piece, start in zip(pieces, piece_starts, strict=True):
         stripped = len(piece) - len(piece.lstrip())
@@ -153,6 +173,70 @@ def sum_by_line(scores: Sequence[float], lines: Sequence[int], n_lines: int) -> 
         if line != NO_LINE:
             totals[line] += float(score)
     return totals
+
+
+def word_char_ranges(lines: Sequence[Sequence[Span]], line_ranges: Sequence[Span]) -> tuple[list[Span], list[int]]:
+    """Character range of every word inside the joined OCR text, and the line it is on.
+
+    ``lines[i]`` holds line ``i``'s word ranges relative to the line's start; ``line_ranges``
+    where each line sits in the joined text (:func:`line_char_ranges`).
+    """
+    ranges: list[Span] = []
+    owners: list[int] = []
+    for line, (words, (offset, _)) in enumerate(zip(lines, line_ranges, strict=True)):
+        for start, stop in words:
+            ranges.append((offset + start, offset + stop))
+            owners.append(line)
+    return ranges, owners
+
+
+def sum_by_word(
+    scores: Sequence[float], pieces: Sequence[str], piece_starts: Sequence[int], word_ranges: Sequence[Span]
+) -> tuple[list[float], list[int]]:
+    """Summed token scores per OCR word, and each token's word.
+
+    A token counts for the word holding its first non-blank character, so a leading space goes
+    with the word after it; tokens of blanks only (newlines) count for no word (:data:`NO_WORD`).
+    """
+    owners = assign_lines(pieces, piece_starts, word_ranges)
+    return sum_by_line(scores, owners, len(word_ranges)), owners
+
+
+def patch_grid(attribution: np.ndarray, patch_size: int) -> np.ndarray:
+    """Signed attribution summed over channels and pixels of each ``patch_size`` square: rows x cols.
+
+    ``attribution`` is ``(channels, height, width)``. A vision encoder's patch embedding drops
+    pixels past the last whole patch, so they have zero attribution and the grid ignores them.
+    """
+    if attribution.ndim != 3:
+        raise ValueError(f"pixel attribution must be (channels, height, width), got shape {attribution.shape}")
+    if patch_size < 1:
+        raise ValueError(f"patch size must be positive, got {patch_size}")
+    channels, height, width = attribution.shape
+    rows, cols = height // patch_size, width // patch_size
+    if rows == 0 or cols == 0:
+        raise ValueError(f"a {height} x {width} image has no whole {patch_size}-pixel patch")
+    whole = attribution[:, : rows * patch_size, : cols * patch_size].astype(np.float64)
+    return whole.reshape(channels, rows, patch_size, cols, patch_size).sum(axis=(0, 2, 4))
+
+
+def patch_boxes(grid: tuple[int, int], region: Box) -> list[list[Box]]:
+    """Each patch's box in original-image pixels, the grid laid evenly over ``region``.
+
+    Exact when the processed image is a whole number of patches, as CLIP-style processors make it.
+    """
+    rows, cols = grid
+    left, top, right, bottom = region
+    width, height = (right - left) / cols, (bottom - top) / rows
+    return [
+        [(left + c * width, top + r * height, left + (c + 1) * width, top + (r + 1) * height) for c in range(cols)]
+        for r in range(rows)
+    ]
+
+
+def top_indices(scores: Sequence[float], k: int) -> list[int]:
+    """Indices of the ``k`` largest scores by magnitude, largest first; ties keep reading order."""
+    return sorted(range(len(scores)), key=lambda i: (-abs(scores[i]), i))[:k]
 
 
 def crop_region(image_processor: Any, size: tuple[int, int]) -> Box:
@@ -412,22 +496,34 @@ def _embedded_framing(adapter: EmbeddedAdapter, request: Request, template: str,
 
 
 def _ocr_fields(ocr: OCRResult, framing: _Framing | None, scores: list[float]) -> dict[str, Any]:
-    """The OCR part of an :class:`Attribution`: token scores, each token's line, and line totals."""
+    """The OCR part of an :class:`Attribution`: token scores, each token's line and word, line and word totals."""
     texts = [line.text for line in ocr.lines]
+    words = [line_words(line) for line in ocr.lines]
     fields: dict[str, Any] = {
         "image_kind": "ocr_lines",
         "line_texts": texts,
         "line_boxes": [[[float(x), float(y)] for x, y in line.box] for line in ocr.lines],
         "line_scores": [0.0] * len(texts),
+        "word_texts": [word.text for line in words for word in line],
+        "word_boxes": [[[float(x), float(y)] for x, y in word.box] for line in words for word in line],
+        "word_scores": [0.0] * sum(len(line) for line in words),
+        "word_lines": [i for i, line in enumerate(words) for _ in line],
     }
     if framing is not None:
-        tokens = framing.pieces["ocr"]
-        lines = assign_lines(tokens, framing.starts["ocr"], line_char_ranges(texts))
+        tokens, starts = framing.pieces["ocr"], framing.starts["ocr"]
+        line_ranges = line_char_ranges(texts)
+        lines = assign_lines(tokens, starts, line_ranges)
+        # Word ranges come from the line text itself, so they match the tokens even where the
+        # engine's word boxes were replaced by boxes cut from the line's.
+        word_ranges, _ = word_char_ranges([word_spans(text) for text in texts], line_ranges)
+        per_word, token_words = sum_by_word(scores, tokens, starts, word_ranges)
         fields.update(
             ocr_tokens=tokens,
             ocr_token_scores=scores,
             ocr_token_lines=lines,
+            ocr_token_words=token_words,
             line_scores=sum_by_line(scores, lines, len(texts)),
+            word_scores=per_word,
             image_score=float(sum(scores)),
         )
     return fields
@@ -520,6 +616,15 @@ def _first_image_token(adapter: HFVisionLanguageAdapter, ids: list[int]) -> int:
     return ids.index(image_token) if image_token in ids else len(ids)
 
 
+def _patch_fields(adapter: HFVisionLanguageAdapter, pixel_attr: np.ndarray) -> dict[str, Any]:
+    """Patch scores for one ``(channels, h, w)`` image; nothing for tiled or flattened pixel layouts."""
+    vision = getattr(adapter.model.config, "vision_config", None)
+    patch_size = getattr(vision, "patch_size", None)
+    if not isinstance(patch_size, int) or pixel_attr.ndim != 3:
+        return {}
+    return {"patch_scores": patch_grid(pixel_attr, patch_size), "patch_size": patch_size}
+
+
 def _hf_attribution(
     adapter: HFVisionLanguageAdapter,
     request: Request,
@@ -554,7 +659,8 @@ def _hf_attribution(
             "image_kind": "pixels",
             "pixel_map": pixel_attr.abs().sum(dim=0).numpy().astype(np.float32),
             "pixel_box": crop_region(adapter.processor.image_processor, size),  # type: ignore[attr-defined]
-            "image_score": float(pixel_attr.sum()),
+            "image_score": float(pixel_attr.double().sum()),
+            **_patch_fields(adapter, pixel_attr.numpy()),
         }
     total = sum(token_scores) + fields.get("image_score", 0.0)
     return Attribution(
@@ -608,7 +714,12 @@ def _rounded(values: Sequence[float]) -> list[float]:
 
 
 def attribution_to_json(a: Attribution) -> dict[str, Any]:
-    """A JSON-ready summary: every token and OCR line score; the pixel map by shape, region and peak."""
+    """A JSON-ready summary: every token, OCR word and line score; pixels by map shape, region, peak and patches.
+
+    ``ocr_words`` lists each word's text, box (4 x [x, y] in image pixels), score and line;
+    ``patches`` the patch grid's size, every patch score and the strongest patches with their
+    boxes in the original image.
+    """
     out: dict[str, Any] = {
         "request": a.request,
         "fusion_layer": a.fusion_layer,
@@ -626,6 +737,10 @@ def attribution_to_json(a: Attribution) -> dict[str, Any]:
             {"text": t, "box": b, "score": s}
             for t, b, s in zip(a.line_texts, a.line_boxes, _rounded(a.line_scores), strict=True)
         ]
+        out["ocr_words"] = [
+            {"text": t, "box": b, "score": s, "line": line}
+            for t, b, s, line in zip(a.word_texts, a.word_boxes, _rounded(a.word_scores), a.word_lines, strict=True)
+        ]
         out["ocr_tokens"] = [
             {"token": t, "score": s, "line": line}
             for t, s, line in zip(a.ocr_tokens, _rounded(a.ocr_token_scores), a.ocr_token_lines, strict=True)
@@ -638,4 +753,24 @@ def attribution_to_json(a: Attribution) -> dict[str, Any]:
             "abs_total": float(a.pixel_map.sum()),
             "peak": {"row": int(row), "col": int(col), "value": float(a.pixel_map[row, col])},
         }
+    if a.patch_scores is not None:
+        out["patches"] = _patches_json(a.patch_scores, a.patch_size, a.pixel_box)
     return out
+
+
+def _patches_json(scores: np.ndarray, patch_size: int | None, region: Box | None) -> dict[str, Any]:
+    """The patch grid's scores, and the strongest patches with their boxes in the original image."""
+    rows, cols = scores.shape
+    flat = scores.ravel().tolist()
+    boxes = patch_boxes((rows, cols), region) if region is not None else None
+    top = []
+    for i in top_indices(flat, TOP_PATCHES):
+        row, col = divmod(i, cols)
+        box = [float(f"{v:.6g}") for v in boxes[row][col]] if boxes is not None else None
+        top.append({"row": row, "col": col, "score": float(f"{flat[i]:.6g}"), "box": box})
+    return {
+        "grid": [rows, cols],
+        "patch_size": patch_size,
+        "scores": [_rounded(row) for row in scores.tolist()],
+        "top": top,
+    }

@@ -5,8 +5,11 @@ one benign one) it computes integrated gradients of ``||h_m - h_b||`` at the pro
 and writes, under ``data/attribution/``:
 
 - ``<row_id>_tokens.png``: the request's tokens (and any text read from the image) coloured by score;
-- ``<row_id>_image.png``: the image with OCR lines or pixel saliency coloured, when the row has one;
-- ``attributions.json``: one record per row, with every score.
+- ``<row_id>_image.png``: when the row has an image, the image with a box per word the OCR read
+  (embedded default model) or the vision encoder's patch grid (Hugging Face VLMs) coloured by
+  score, the strongest numbered and listed beside it;
+- ``attributions.json``: one record per row, with every score (tokens, OCR words and lines, or
+  patches).
 """
 
 from __future__ import annotations
