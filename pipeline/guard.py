@@ -33,7 +33,7 @@ from pipeline.config import ECSOConfig, GuardConfig, ModelConfig, load_params
 from pipeline.ecso import ECSO, ECSORecord
 from pipeline.features import features_from_states, lsi_features
 from pipeline.layout import CALIBRATION, PARAMS, PROBE_DIR
-from pipeline.models.base import ModelAdapter, Request, check_layers
+from pipeline.models.base import ModelAdapter, ModelLoadError, Request, check_layers
 from pipeline.models.session import PrefixNotShared, PrefixSession, supports_prefix_sessions
 from pipeline.probe import LSIProbe, ProbeMeta
 from pipeline.prompts import ContrastivePrompts
@@ -251,7 +251,10 @@ class Guard:
                 path=_run_path(run, params.model.path),
                 ocr_cache=_run_path(run, params.model.ocr_cache),
             )
-            adapter = load_adapter(model)
+            try:
+                adapter = load_adapter(model)
+            except (FileNotFoundError, ModelLoadError) as exc:
+                raise GuardLoadError(f"cannot load the run's model: {exc}") from None
         return cls(adapter, probe, meta, calibration.tau, params.prompts, config, params.ecso, calibration)
 
     def with_config(self, **changes: Any) -> Guard:

@@ -494,3 +494,9 @@ def test_a_single_failing_request_in_check_many_gets_the_policy() -> None:
     guard = Guard(BrokenImageAdapter(), probe, meta, TAU, ContrastivePrompts())
     [decision] = guard.check_many([Request("What is this?", Path("broken.png"))])
     assert decision.refused and decision.error is not None
+
+
+def test_from_run_with_a_missing_model_is_a_load_error(tmp_path: Path) -> None:
+    write_run(tmp_path / "run", model_path="data/model/absent")
+    with pytest.raises(GuardLoadError, match="cannot load the run's model"):
+        Guard.from_run(tmp_path / "run")
