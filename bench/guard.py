@@ -13,7 +13,9 @@ For each of ``--requests`` test-split requests of the default run (images and te
   ``generate``, to show the session's decode loop is no slower);
 - **no reuse** (the baseline the cache sharing is measured against): check alone, then the
   undefended answer from scratch, image and prefix encoded again;
-- **ECSO**: its four steps with its configured decoding (``ecso.max_new_tokens``), on the same requests.
+- **ECSO**: its four steps with its configured decoding (``ecso.max_new_tokens``, stopping at
+  end-of-sequence), on the same requests, against the undefended answer decoded the same way
+  (``adapter.generate``), since answers that stop early make the fixed-length figure unfair to ECSO.
 
 Reported: the check's added time as a fraction of the guarded generation (target <= 25%), the
 check-alone time as a fraction of it, the reuse saving, and ECSO's overhead over the undefended
@@ -118,6 +120,7 @@ def main() -> None:
     guarded(guard, warm, 2), undefended(guard, warm, 2), hf_generate(guard, warm, 2), guard.scores([warm])
 
     rows = []
+    ecso_records: list = []
     for request in requests:
         parts = guarded(guard, request, args.tokens)
         row = {
@@ -127,14 +130,19 @@ def main() -> None:
             "check_alone": timed(lambda request=request: guard.scores([request])),
             "undefended": undefended(guard, request, args.tokens),
             "undefended_hf_generate": hf_generate(guard, request, args.tokens),
-            "ecso": timed(lambda request=request: ecso.run([request])),
+            "ecso": timed(lambda request=request: ecso_records.extend(ecso.run([request]))),
+            "undefended_eos": timed(
+                lambda request=request: guard.adapter.generate([request], guard.ecso_config.max_new_tokens)
+            ),
         }
         row["no_reuse"] = row["check_alone"] + row["undefended"]
+        row["ecso_judged_harmful"] = ecso_records[-1].judged_harmful
         rows.append(row)
         print(
             f"  {'image' if row['has_image'] else 'text '}  guarded {row['guarded_total']:.2f}s "
             f"(check {parts['check']:.3f}s)  check alone {row['check_alone']:.3f}s  "
-            f"no reuse {row['no_reuse']:.2f}s  undefended {row['undefended']:.2f}s  ecso {row['ecso']:.2f}s"
+            f"no reuse {row['no_reuse']:.2f}s  undefended {row['undefended']:.2f}s  ecso {row['ecso']:.2f}s "
+            f"(vs {row['undefended_eos']:.2f}s)"
         )
 
     def mean(key: str) -> float:
@@ -154,12 +162,14 @@ def main() -> None:
             "undefended_generation": mean("undefended"),
             "undefended_hf_generate": mean("undefended_hf_generate"),
             "ecso": mean("ecso"),
+            "undefended_stopping_at_eos": mean("undefended_eos"),
         },
         "check_fraction_of_guarded_generation": check / guarded_total,
         "check_alone_fraction_of_guarded_generation": mean("check_alone") / guarded_total,
         "guarded_over_undefended": guarded_total / mean("undefended"),
         "no_reuse_over_guarded": mean("no_reuse") / guarded_total,
-        "ecso_over_undefended": mean("ecso") / mean("undefended"),
+        "ecso_over_undefended": mean("ecso") / mean("undefended_eos"),
+        "ecso_judged_harmful": sum(r["ecso_judged_harmful"] for r in rows),
         "model": guard.adapter.info.name,
         "policy_layers": {"fusion": guard.meta.fusion_layer, "safety": guard.meta.safety_layer},
         "device": str(next(guard.adapter.model.parameters()).device),  # type: ignore[attr-defined]
@@ -191,7 +201,9 @@ def main() -> None:
         f"{summary['no_reuse_over_guarded']:.2f}x the guarded generation"
     )
     print(
-        f"  ECSO (4 steps)            {m['ecso']:.3f} s   {summary['ecso_over_undefended']:.2f}x the undefended answer"
+        f"  ECSO (4 steps)            {m['ecso']:.3f} s   {summary['ecso_over_undefended']:.2f}x the undefended "
+        f"answer stopping at end-of-sequence ({m['undefended_stopping_at_eos']:.3f} s); "
+        f"{summary['ecso_judged_harmful']} of {len(rows)} answers judged harmful"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))

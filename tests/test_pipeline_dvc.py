@@ -112,6 +112,23 @@ def test_full_pipeline_writes_every_output(repo: Path) -> None:
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo)
 
 
+def test_cli_guards_requests_with_the_runs_outputs(repo: Path) -> None:
+    """``lsi-guard`` on the finished run gives the guard stage's scores for the same requests."""
+    stage_rows = [json.loads(line) for line in (repo / "data/guard/responses.jsonl").read_text().splitlines()]
+    requests = repo / "requests.jsonl"
+    requests.write_text(
+        "".join(json.dumps({"id": r["row_id"], "text": r["text"], "image": r["image_path"]}) + "\n" for r in stage_rows)
+    )
+    results = repo / "cli_results.jsonl"
+    command = [sys.executable, "-m", "lsi_guard_app.cli", "generate", "--run", str(repo), "--input", str(requests)]
+    run([*command, "--output", str(results), "--max-new-tokens", "4"], repo)
+    cli_rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["id"] for r in cli_rows] == [r["row_id"] for r in stage_rows]
+    for stage_row, cli_row in zip(stage_rows, cli_rows, strict=True):
+        assert cli_row["score"] == pytest.approx(stage_row["score"], abs=1e-5)
+        assert cli_row["action"] == stage_row["action"] and cli_row["response"] == stage_row["response"]
+
+
 def test_probe_parameter_change_skips_extraction(repo: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["lr"] = 0.001
