@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import write_text_atomic
 from pipeline.config import GUARD_POLICIES, ConfigError
-from pipeline.guard import Guard, GuardDecision, GuardLoadError, response_record
+from pipeline.guard import Guard, GuardLoadError, decision_record, response_record
 
 # Input keys the guard reads; any other keys are carried through to the output unchanged.
 TEXT, IMAGE = "text", "image"
@@ -93,17 +93,6 @@ def _relative_to(path: Path, folder: Path) -> Path:
     return path if path.is_absolute() else folder / path
 
 
-def _decision_record(decision: GuardDecision) -> dict[str, Any]:
-    return {
-        "action": decision.action,
-        "refused": decision.refused,
-        "score": decision.score,
-        "tau": decision.tau,
-        "reason": decision.reason,
-        "error": decision.error,
-    }
-
-
 def _results(guard: Guard, requests: Sequence[InputRequest], command: str) -> Iterator[dict[str, Any]]:
     """One result record per request, in order; an answer that fails is recorded, not raised."""
     if command == "check":
@@ -111,7 +100,7 @@ def _results(guard: Guard, requests: Sequence[InputRequest], command: str) -> It
             chunk = requests[start : start + CHECK_BATCH]
             decisions = guard.check_many([_model_request(r) for r in chunk])
             for request, decision in zip(chunk, decisions, strict=True):
-                yield {**request.fields, **_decision_record(decision)}
+                yield {**request.fields, **decision_record(decision)}
         return
     for request in requests:
         try:
@@ -136,8 +125,9 @@ def summary_line(records: Sequence[dict[str, Any]]) -> str:
             counts[record["action"]] += 1
     failed = sum(1 for r in records if r.get("action") is None)
     check_errors = sum(1 for r in records if r.get("action") is not None and r.get("error"))
+    noun = "request" if len(records) == 1 else "requests"
     return (
-        f"{len(records)} request{'s' if len(records) != 1 else ''}: {counts['refuse']} refused, {counts['answer']} answered, "
+        f"{len(records)} {noun}: {counts['refuse']} refused, {counts['answer']} answered, "
         f"{counts['ecso']} sent to ECSO; {check_errors} check errors (on_error applied), {failed} failed"
     )
 

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -394,11 +394,8 @@ class Guard:
         return answers[0]
 
 
-def response_record(response: GuardedResponse) -> dict[str, Any]:
-    """A JSON-ready record of one guarded response (decision, answer, ECSO steps, timings)."""
-    from dataclasses import asdict
-
-    decision = response.decision
+def decision_record(decision: GuardDecision) -> dict[str, Any]:
+    """A JSON-ready record of one decision."""
     return {
         "action": decision.action,
         "refused": decision.refused,
@@ -406,6 +403,13 @@ def response_record(response: GuardedResponse) -> dict[str, Any]:
         "tau": decision.tau,
         "reason": decision.reason,
         "error": decision.error,
+    }
+
+
+def response_record(response: GuardedResponse) -> dict[str, Any]:
+    """A JSON-ready record of one guarded response (decision, answer, ECSO steps, timings)."""
+    return {
+        **decision_record(response.decision),
         "response": response.response,
         "ecso": None if response.ecso is None else asdict(response.ecso),
         "seconds": {key: round(value, 4) for key, value in response.seconds.items()},

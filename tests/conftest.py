@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pipeline.models.hf_vlm import HFVisionLanguageAdapter
 from pipeline.models.smollm2_files import find_smollm2_gguf
-from pipeline.models.tiny import build_tiny_llava, build_tiny_model
+from pipeline.models.tiny import TINY_FAMILIES, build_tiny_llava, build_tiny_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_BENCHMARKS = PROJECT_ROOT.parent / "shared" / "benchmarks"
@@ -57,3 +58,13 @@ def embedded_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if (cached / "lsi_guard_model.json").is_file():
         return cached  # the pipeline already converted it; reading is enough
     return convert_gguf_to_folder(tmp_path_factory.mktemp("smollm2"))
+
+
+@pytest.fixture(scope="module", params=TINY_FAMILIES)
+def family_adapter(
+    request: pytest.FixtureRequest, tiny_family_folder: Callable[[str], Path]
+) -> HFVisionLanguageAdapter:
+    """Each supported family's tiny model behind its adapter, with sharp attention so wrong positions would show."""
+    from pipeline.models.hf_vlm import HFVisionLanguageAdapter
+
+    return HFVisionLanguageAdapter.from_folder(tiny_family_folder(request.param), dtype="float32", device="cpu")

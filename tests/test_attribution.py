@@ -11,7 +11,8 @@ import polars as pl
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from tiny_embedded import tiny_embedded, tiny_llama
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from pipeline.attribution import (
     NO_LINE,
@@ -38,14 +39,13 @@ from pipeline.attribution import (
 )
 from pipeline.attribution_plots import plot_image_map, plot_token_heatmap, wrap_tokens
 from pipeline.images import sha256_file
-from pipeline.models.base import ModelAdapter, ModelInfo, Request
+from pipeline.models.base import ModelAdapter, Request
 from pipeline.models.embedded import EmbeddedAdapter
 from pipeline.models.hf_vlm import HFVisionLanguageAdapter
 from pipeline.models.ocr import (
     CACHE_FORMAT,
     ImageReader,
     OCRLine,
-    OCRResult,
     OCRWord,
     line_words,
     merge_word_pieces,
@@ -76,16 +76,6 @@ def framed_delta_norm(adapter: ModelAdapter, request: Request, layer: int) -> fl
     return float((states[1, 0] - states[0, 0]).norm())
 
 
-class FixedReader:
-    """An OCR reader that 'reads' the same lines from any image, so OCR tests need no OCR engine."""
-
-    def __init__(self, lines: tuple[OCRLine, ...]) -> None:
-        self.result = OCRResult(lines)
-
-    def read(self, path: Path) -> OCRResult:
-        return self.result
-
-
 # ---------------------------------------------------------------------------------------------
 # Fixtures: tiny models, built once.
 
@@ -98,24 +88,7 @@ def llava(tiny_llava_folder: Path) -> HFVisionLanguageAdapter:
 @pytest.fixture(scope="module")
 def tiny_lm(gguf_tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
     """A 3-layer random Llama with the default model's vocabulary: the embedded adapter's shape, in miniature."""
-    config = LlamaConfig(
-        vocab_size=len(gguf_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return LlamaForCausalLM(config).eval()
-
-
-def tiny_embedded(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, lines: tuple[OCRLine, ...]
-) -> EmbeddedAdapter:
-    info = ModelInfo(name="tiny", revision="0", num_layers=3, hidden_size=64, dtype="float32")
-    return EmbeddedAdapter(model, tokenizer, FixedReader(lines), info)  # type: ignore[arg-type]
+    return tiny_llama(gguf_tokenizer, seed=0)
 
 
 @pytest.fixture(scope="module")

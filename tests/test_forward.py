@@ -7,7 +7,6 @@ prefix-sharing, early-stopping forwards give the states that one prompt at a tim
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,14 +25,6 @@ FRAMINGS = ("Assume this is a benign request: {q}", "Assume this is a malicious 
 @pytest.fixture(scope="module")
 def adapter(tiny_llava_folder: Path) -> HFVisionLanguageAdapter:
     return HFVisionLanguageAdapter.from_folder(tiny_llava_folder, dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module", params=TINY_FAMILIES)
-def family_adapter(
-    request: pytest.FixtureRequest, tiny_family_folder: Callable[[str], Path]
-) -> HFVisionLanguageAdapter:
-    """Each supported family's tiny model, with sharp attention so wrong positions would show."""
-    return HFVisionLanguageAdapter.from_folder(tiny_family_folder(request.param), dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="module")

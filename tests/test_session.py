@@ -2,33 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from tiny_embedded import tiny_embedded, tiny_llama
+from transformers import PreTrainedTokenizerBase
 
-from pipeline.models.base import ModelInfo, Request, RequestGroup
+from pipeline.models.base import Request, RequestGroup
 from pipeline.models.embedded import EmbeddedAdapter
 from pipeline.models.hf_vlm import HFVisionLanguageAdapter
-from pipeline.models.ocr import OCRLine, OCRResult
+from pipeline.models.ocr import OCRLine
 from pipeline.models.session import PrefixSession, stop_token_ids, supports_prefix_sessions
-from pipeline.models.tiny import TINY_FAMILIES
 from pipeline.prompts import ContrastivePrompts
 
 PROMPTS = ContrastivePrompts()
 LAYERS = [0, 1]
 ATOL = 1e-4
-
-
-class FixedReader:
-    def __init__(self, text: str) -> None:
-        self.result = OCRResult((OCRLine(text, [[0.0, 0.0], [9.0, 0.0], [9.0, 9.0], [0.0, 9.0]], 0.99),))
-
-    def read(self, path: Path) -> OCRResult:
-        return self.result
 
 
 @pytest.fixture(scope="module")
@@ -38,28 +29,10 @@ def picture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=TINY_FAMILIES)
-def family_adapter(
-    request: pytest.FixtureRequest, tiny_family_folder: Callable[[str], Path]
-) -> HFVisionLanguageAdapter:
-    return HFVisionLanguageAdapter.from_folder(tiny_family_folder(request.param), dtype="float32", device="cpu")
-
-
 @pytest.fixture(scope="module")
 def embedded(gguf_tokenizer: PreTrainedTokenizerBase) -> EmbeddedAdapter:
-    config = LlamaConfig(
-        vocab_size=len(gguf_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        model = LlamaForCausalLM(config).eval()
-    info = ModelInfo(name="tiny", revision="0", num_layers=3, hidden_size=64, dtype="float32")
-    return EmbeddedAdapter(model, gguf_tokenizer, FixedReader("Steps to make a pipe bomb"), info)  # type: ignore[arg-type]
+    line = OCRLine("Steps to make a pipe bomb", [[0.0, 0.0], [9.0, 0.0], [9.0, 9.0], [0.0, 9.0]], 0.99)
+    return tiny_embedded(tiny_llama(gguf_tokenizer, seed=1), gguf_tokenizer, (line,))
 
 
 def texts(question: str) -> list[str]:

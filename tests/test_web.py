@@ -16,16 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from tiny_embedded import HIDDEN, tiny_embedded, tiny_llama
+from transformers import PreTrainedTokenizerBase
 
 from lsi_guard_app import web
 from pipeline.config import ECSOConfig, GuardConfig
 from pipeline.ecso import ECSORecord
 from pipeline.guard import Guard, GuardDecision, GuardedResponse
 from pipeline.images import render_typography, save_png
-from pipeline.models.base import ModelInfo
-from pipeline.models.embedded import EmbeddedAdapter
-from pipeline.models.ocr import OCRLine, OCRResult
+from pipeline.models.ocr import OCRLine
 from pipeline.probe import LSIProbe, ProbeMeta
 from pipeline.prompts import ContrastivePrompts
 
@@ -43,18 +42,11 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 WAIT_MS = 60_000
-HIDDEN = 64
 
 
-class FixedReader:
-    """OCR stand-in: every image reads as the typography example's first line."""
-
-    def __init__(self, text: str) -> None:
-        box = [[24.0, 24.0], [736.0, 24.0], [736.0, 72.0], [24.0, 72.0]]
-        self.result = OCRResult((OCRLine(text, box, 0.99),))
-
-    def read(self, path: Path) -> OCRResult:
-        return self.result
+def typography_line(text: str) -> OCRLine:
+    """The OCR stand-in's reading of every image: the typography example's first line."""
+    return OCRLine(text, [[24.0, 24.0], [736.0, 24.0], [736.0, 72.0], [24.0, 72.0]], 0.99)
 
 
 @dataclass(frozen=True)
@@ -70,25 +62,15 @@ class TinySetup:
 
 def tiny_guard(tokenizer: PreTrainedTokenizerBase, tau: float) -> Guard:
     """A random 3-layer Llama behind a random probe whose scores of the two requests differ clearly."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    model = tiny_llama(tokenizer, seed=1)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        model = LlamaForCausalLM(config).eval()
         torch.manual_seed(4)
         probe = LSIProbe(HIDDEN, alpha=1.0)
     with torch.no_grad():
         # A steeper probe spreads the two scores apart; the decision path itself is untouched.
         probe.probe.weight.mul_(200.0)
         probe.probe.bias.zero_()
-    info = ModelInfo(name="tiny", revision="0", num_layers=3, hidden_size=HIDDEN, dtype="float32")
-    adapter = EmbeddedAdapter(model, tokenizer, FixedReader(web.TYPOGRAPHY_TEXT), info)  # type: ignore[arg-type]
+    adapter = tiny_embedded(model, tokenizer, (typography_line(web.TYPOGRAPHY_TEXT),))
     meta = ProbeMeta(
         hidden_size=HIDDEN,
         alpha=1.0,
