@@ -4,8 +4,8 @@ Writes ``data/guard/responses.jsonl`` (one line per sampled request: decision, a
 steps when it ran, timings) and ``data/guard/summary.json`` (refusal and ECSO rates per label,
 for ``dvc metrics``).
 
-The sampling, batching and atomic-write helpers here are shared with ``stages.ecso`` so both
-defences are shown the same kind of sample.
+The balanced sample and the atomic writers come from ``stages.common``, shared with
+``stages.ecso``, so both defences are shown the same kind of sample.
 """
 
 from __future__ import annotations
