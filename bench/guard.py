@@ -39,7 +39,6 @@ from pathlib import Path
 import torch
 
 from pipeline.ecso import ECSO
-from pipeline.features import features_from_states
 from pipeline.guard import Guard
 from pipeline.models.base import Request
 from pipeline.models.session import PrefixSession
@@ -56,20 +55,14 @@ def timed(run: Callable[[], object]) -> float:
 
 
 def guarded(guard: Guard, request: Request, tokens: int) -> dict[str, float]:
-    """The session path: prefix, check, answer; seconds per part."""
-    variants = guard.prompts.variants(request.text)
-    session = PrefixSession(
-        guard.adapter,  # type: ignore[arg-type]
-        [variants["benign"], variants["malicious"], variants["plain"]],
-        request.image,
-    )
-    states = session.states(guard.layers).numpy()[None]
-    guard.probe.score(features_from_states(states, guard.layers, guard.meta.fusion_layer, guard.meta.safety_layer))
-    check_done = time.perf_counter()
+    """The guard's own session path (``Guard.session_score``), then the answer; seconds per part."""
+    started = time.perf_counter()
+    session, _ = guard.session_score(request)
+    if session is None:
+        raise RuntimeError(f"{guard.adapter.info.name} cannot share the prompt prefix; nothing to benchmark")
+    check = time.perf_counter() - started - session.timings.prefix  # the framings' tails and the probe
     session.answer(tokens, stop_at_eos=False)
-    probe_seconds = time.perf_counter() - check_done - session.timings.answer
-    t = session.timings
-    return {"prefix": t.prefix, "check": t.check + max(probe_seconds, 0.0), "answer": t.answer}
+    return {"prefix": session.timings.prefix, "check": check, "answer": session.timings.answer}
 
 
 def undefended(guard: Guard, request: Request, tokens: int) -> float:

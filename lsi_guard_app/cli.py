@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import write_text_atomic
 from pipeline.config import GUARD_POLICIES, ConfigError
-from pipeline.guard import Guard, GuardLoadError, decision_record, response_record
+from pipeline.guard import Guard, GuardLoadError, decision_record, make_request, response_record
 
 # Input keys the guard reads; any other keys are carried through to the output unchanged.
 TEXT, IMAGE = "text", "image"
@@ -98,7 +98,7 @@ def _results(guard: Guard, requests: Sequence[InputRequest], command: str) -> It
     if command == "check":
         for start in range(0, len(requests), CHECK_BATCH):
             chunk = requests[start : start + CHECK_BATCH]
-            decisions = guard.check_many([_model_request(r) for r in chunk])
+            decisions = guard.check_many([make_request(r.image, r.text) for r in chunk])
             for request, decision in zip(chunk, decisions, strict=True):
                 yield {**request.fields, **decision_record(decision)}
         return
@@ -109,12 +109,6 @@ def _results(guard: Guard, requests: Sequence[InputRequest], command: str) -> It
             logging.getLogger("lsi_guard.cli").error("request at line %s failed: %s", request.line, exc)
             record = {"action": None, "refused": None, "response": None, "error": f"{type(exc).__name__}: {exc}"}
         yield {**request.fields, **record}
-
-
-def _model_request(request: InputRequest) -> Any:
-    from pipeline.guard import make_request
-
-    return make_request(request.image, request.text)
 
 
 def summary_line(records: Sequence[dict[str, Any]]) -> str:

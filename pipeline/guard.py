@@ -311,7 +311,7 @@ class Guard:
             decision = self._ecso_decision()
         else:
             try:
-                session, score = self._session_score(request)
+                session, score = self.session_score(request)
                 decision = self._decide(score)
             except Exception as exc:  # the configured failure policy applies to any check error
                 session = None
@@ -367,8 +367,11 @@ class Guard:
         except Exception as exc:  # the configured failure policy applies to any check error
             return failed_decision(exc, self.tau, self.config.on_error, _describe(request))
 
-    def _session_score(self, request: Request) -> tuple[PrefixSession | None, float]:
-        """The probe's score, from a shared-prefix session when the adapter supports one."""
+    def session_score(self, request: Request) -> tuple[PrefixSession | None, float]:
+        """The probe's score, from a shared-prefix session when the adapter supports one (else None, batched).
+
+        The session's cache then serves the answer; ``generate`` and ``bench/guard.py`` both start here.
+        """
         if supports_prefix_sessions(self.adapter):
             variants = self.prompts.variants(request.text)
             try:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tiny_embedded import tiny_embedded, tiny_llama
+from tiny_embedded import tiny_embedded, tiny_llama, tiny_probe
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.models.base import Request, RequestGroup
@@ -106,20 +106,8 @@ def test_stop_ids_and_support(embedded: EmbeddedAdapter) -> None:
 
 def test_guard_generate_uses_one_session_with_the_batched_score(embedded: EmbeddedAdapter, picture: Path) -> None:
     from pipeline.guard import Guard
-    from pipeline.probe import LSIProbe, ProbeMeta
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        probe = LSIProbe(64, alpha=1.0)
-    meta = ProbeMeta(
-        hidden_size=64,
-        alpha=1.0,
-        fusion_layer=2,
-        safety_layer=1,
-        best_epoch=0,
-        best_val_auroc=1.0,
-        store_provenance={},
-    )
+    probe, meta = tiny_probe(seed=0)
     request = Request("Describe the picture, please.", picture)
     batched = float(Guard(embedded, probe, meta, 0.5, PROMPTS).scores([request])[0])
     guard = Guard(embedded, probe, meta, batched + 0.01, PROMPTS)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tiny_embedded import HIDDEN, tiny_embedded, tiny_llama
+from tiny_embedded import tiny_embedded, tiny_llama, tiny_probe
 from transformers import PreTrainedTokenizerBase
 
 from lsi_guard_app import web
@@ -25,7 +25,6 @@ from pipeline.ecso import ECSORecord
 from pipeline.guard import Guard, GuardDecision, GuardedResponse
 from pipeline.images import render_typography, save_png
 from pipeline.models.ocr import OCRLine
-from pipeline.probe import LSIProbe, ProbeMeta
 from pipeline.prompts import ContrastivePrompts
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -63,23 +62,12 @@ class TinySetup:
 def tiny_guard(tokenizer: PreTrainedTokenizerBase, tau: float) -> Guard:
     """A random 3-layer Llama behind a random probe whose scores of the two requests differ clearly."""
     model = tiny_llama(tokenizer, seed=1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(4)
-        probe = LSIProbe(HIDDEN, alpha=1.0)
+    probe, meta = tiny_probe(seed=4)
     with torch.no_grad():
         # A steeper probe spreads the two scores apart; the decision path itself is untouched.
         probe.probe.weight.mul_(200.0)
         probe.probe.bias.zero_()
     adapter = tiny_embedded(model, tokenizer, (typography_line(web.TYPOGRAPHY_TEXT),))
-    meta = ProbeMeta(
-        hidden_size=HIDDEN,
-        alpha=1.0,
-        fusion_layer=2,
-        safety_layer=1,
-        best_epoch=0,
-        best_val_auroc=1.0,
-        store_provenance={},
-    )
     return Guard(
         adapter,
         probe,

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from pipeline.models.base import ModelInfo
 from pipeline.models.embedded import EmbeddedAdapter
 from pipeline.models.ocr import OCRLine, OCRResult
+from pipeline.probe import LSIProbe, ProbeMeta
 
 HIDDEN = 64
 LAYERS = 3
@@ -48,3 +49,20 @@ def tiny_embedded(
     """The embedded adapter around ``model``, every image reading as ``lines``."""
     info = ModelInfo(name="tiny", revision="0", num_layers=LAYERS, hidden_size=HIDDEN, dtype="float32")
     return EmbeddedAdapter(model, tokenizer, FixedReader(lines), info)  # type: ignore[arg-type]
+
+
+def tiny_probe(seed: int, fusion_layer: int = 2, safety_layer: int = 1) -> tuple[LSIProbe, ProbeMeta]:
+    """A random LSI probe for the tiny model, with metadata that records no store (nothing to match)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probe = LSIProbe(HIDDEN, alpha=1.0)
+    meta = ProbeMeta(
+        hidden_size=HIDDEN,
+        alpha=1.0,
+        fusion_layer=fusion_layer,
+        safety_layer=safety_layer,
+        best_epoch=0,
+        best_val_auroc=1.0,
+        store_provenance={},
+    )
+    return probe, meta
