@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.decoding import Decoding
 from pipeline.prompts import ContrastivePrompts
 
 LABELS: dict[str, int] = {"benign": 0, "harmful": 1}
@@ -230,11 +231,19 @@ class GuardConfig:
 
 @dataclass(frozen=True)
 class ECSOConfig:
-    """ECSO's prompts and decoding. ``{q}``, ``{answer}`` and ``{caption}`` are filled in."""
+    """ECSO's prompts and decoding. ``{q}``, ``{answer}`` and ``{caption}`` are filled in.
+
+    ``decoding`` applies to the steps that write text (1: the answer, 3: the caption, 4: the answer
+    from the caption); step 2, the harm self-check, is always greedy so its verdict is reproducible.
+    Token budgets: ``max_new_tokens`` for steps 1 and 4, ``caption_max_new_tokens`` for step 3 and
+    ``judge_max_new_tokens`` for step 2 (only its first word counts).
+    """
 
     sample_size: int = 8
     max_new_tokens: int = 64
     judge_max_new_tokens: int = 8
+    caption_max_new_tokens: int = 96
+    decoding: Decoding = field(default_factory=Decoding)
     seed: int = 0
     harm_check_prompt: str = (
         "Here is a request and a response to it.\nRequest: {q}\nResponse: {answer}\n"
@@ -246,6 +255,174 @@ class ECSOConfig:
         "Image description: {caption}\nRequest: {q}\n"
         "Answer the request in a harmless and ethical way. If it asks for something harmful, refuse."
     )
+
+    def __post_init__(self) -> None:
+        for key in ("sample_size", "max_new_tokens", "judge_max_new_tokens", "caption_max_new_tokens"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"ecso.{key} must be a whole number of at least 1, got {value!r}")
+        if not isinstance(self.decoding, Decoding):
+            raise ConfigError(f"ecso.decoding must be a mapping of decoding settings, got {self.decoding!r}")
+
+
+JUDGE_KINDS: tuple[str, ...] = ("refusal_phrases", "model", "http")
+COMPARE_DEFENCES: tuple[str, ...] = ("none", "lsi", "ecso", "lsi_then_ecso")
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """Which judge scores the comparison's responses (see :mod:`pipeline.judges`).
+
+    ``refusal_phrases`` (offline, the default) only says whether a response refuses. ``model``
+    asks a local model whether a response is harmful: ``model_path`` is a supported model folder
+    of kind ``model_kind`` (empty: the run's own model). ``http`` asks an OpenAI-compatible
+    endpoint (``base_url``, ``model``), with the API key read from the environment variable
+    ``api_key_env`` (empty: no key, for a local server), ``max_retries`` with backoff, at most
+    ``requests_per_minute``. ``cache`` (an sqlite file; empty: none) keeps the model and HTTP
+    judges' verdicts so a rerun never asks twice. ``prompt`` replaces the default question; it
+    must hold ``{request}`` and ``{response}``.
+    """
+
+    kind: str = "refusal_phrases"
+    model_kind: str = "embedded"
+    model_path: str = ""
+    base_url: str = ""
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    requests_per_minute: float = 60.0
+    max_retries: int = 4
+    timeout_s: float = 60.0
+    max_new_tokens: int = 8
+    cache: str = "data/cache/judge.sqlite"
+    prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in JUDGE_KINDS:
+            raise ConfigError(f"compare.judge.kind must be one of {list(JUDGE_KINDS)}, got {self.kind!r}")
+        if self.model_kind not in ("embedded", "hf"):
+            raise ConfigError(f"compare.judge.model_kind must be 'embedded' or 'hf', got {self.model_kind!r}")
+        if self.kind == "http" and (not self.base_url.strip() or not self.model.strip()):
+            raise ConfigError("compare.judge.kind http needs base_url (e.g. https://host/v1) and model")
+        if self.requests_per_minute <= 0 or self.timeout_s <= 0:
+            raise ConfigError("compare.judge.requests_per_minute and timeout_s must be positive")
+        if self.max_retries < 0 or self.max_new_tokens < 1:
+            raise ConfigError("compare.judge.max_retries must be >= 0 and max_new_tokens >= 1")
+        if self.prompt and ("{request}" not in self.prompt or "{response}" not in self.prompt):
+            raise ConfigError("compare.judge.prompt must contain {request} and {response}")
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """One benchmark of a comparison suite: a loader ``kind`` with its options, and how many to keep.
+
+    ``options`` are the loader's keyword arguments (paths relative to the project folder), checked
+    against the loader's signature here. ``limit`` keeps that many examples, balanced over label
+    and category (0: all). ``name`` labels the benchmark in every table; it must be unique in the suite.
+    """
+
+    name: str
+    kind: str
+    limit: int = 0
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        import inspect
+
+        from pipeline.loaders import LOADERS
+
+        where = f"benchmark {self.name!r}"
+        if not isinstance(self.name, str) or not self.name.strip() or "/" in self.name:
+            raise ConfigError(f"{where}: name must be non-empty text without '/'")
+        if self.kind not in LOADERS:
+            raise ConfigError(f"{where}: unknown kind {self.kind!r}; known: {sorted(LOADERS)}")
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0:
+            raise ConfigError(f"{where}: limit must be a whole number >= 0 (0: all), got {self.limit!r}")
+        parameters = inspect.signature(LOADERS[self.kind]).parameters
+        unknown = sorted(key for key, _ in self.options if key not in parameters)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown option(s) {unknown} for kind {self.kind!r}; it takes {list(parameters)}"
+            )
+        given = {key for key, _ in self.options}
+        missing = [
+            name
+            for name, parameter in parameters.items()
+            if parameter.default is inspect.Parameter.empty and name not in given
+        ]
+        if missing:
+            raise ConfigError(f"{where}: kind {self.kind!r} needs option(s) {missing}")
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The loader's keyword arguments."""
+        return dict(self.options)
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """The defence comparison (``compare`` stage): which defences, on which suites, judged how.
+
+    ``suites`` maps a suite name (``demo``, ``dev``, ...) to its benchmarks; the ``compare``
+    stage runs the one it is given. ``max_new_tokens`` is the answers' budget (ECSO's steps keep
+    theirs); ``batch_size`` examples go through the model at once; ``seed`` picks limited samples.
+    """
+
+    defences: tuple[str, ...] = COMPARE_DEFENCES
+    batch_size: int = 4
+    max_new_tokens: int = 64
+    seed: int = 0
+    examples_in_report: int = 6
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    suites: tuple[tuple[str, tuple[BenchmarkSpec, ...]], ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = [d for d in self.defences if d not in COMPARE_DEFENCES]
+        if unknown or not self.defences or len(set(self.defences)) != len(self.defences):
+            raise ConfigError(
+                f"compare.defences must be distinct names from {list(COMPARE_DEFENCES)}, got {list(self.defences)}"
+            )
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.examples_in_report < 0:
+            raise ConfigError("compare.batch_size and max_new_tokens must be >= 1, examples_in_report >= 0")
+        for suite, specs in self.suites:
+            names = [spec.name for spec in specs]
+            if not specs:
+                raise ConfigError(f"compare.suites.{suite} lists no benchmarks")
+            if len(set(names)) != len(names):
+                raise ConfigError(f"compare.suites.{suite}: benchmark names must be unique, got {names}")
+
+    def suite(self, name: str) -> tuple[BenchmarkSpec, ...]:
+        """The benchmarks of suite ``name``; an unknown name is refused, listing the known ones."""
+        suites = dict(self.suites)
+        if name not in suites:
+            raise ConfigError(f"compare.suites has no suite {name!r}; known: {sorted(suites)}")
+        return suites[name]
+
+
+def _compare_section(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``compare`` section with its nested judge and suites turned into their dataclasses."""
+    section = dict(raw)
+    if "judge" in section:
+        section["judge"] = _build(JudgeConfig, "compare.judge", section["judge"])
+    suites = section.pop("suites", None) or {}
+    if not isinstance(suites, Mapping):
+        raise ConfigError("compare.suites must map suite names to lists of benchmarks")
+    built: list[tuple[str, tuple[BenchmarkSpec, ...]]] = []
+    for suite, entries in suites.items():
+        if not isinstance(entries, list):
+            raise ConfigError(f"compare.suites.{suite} must be a list of benchmarks")
+        specs: list[BenchmarkSpec] = []
+        for number, entry in enumerate(entries):
+            where = f"compare.suites.{suite}[{number}]"
+            if not isinstance(entry, Mapping) or "name" not in entry or "kind" not in entry:
+                raise ConfigError(f"{where}: each benchmark needs at least 'name' and 'kind'")
+            options = tuple(sorted((str(k), v) for k, v in entry.items() if k not in ("name", "kind", "limit")))
+            try:
+                specs.append(BenchmarkSpec(entry["name"], entry["kind"], entry.get("limit", 0), options))
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        built.append((str(suite), tuple(specs)))
+    section["suites"] = tuple(built)
+    return section
 
 
 @dataclass(frozen=True)
@@ -271,6 +448,7 @@ class Params:
     guard: GuardConfig = field(default_factory=GuardConfig)
     ecso: ECSOConfig = field(default_factory=ECSOConfig)
     attribute: AttributeConfig = field(default_factory=AttributeConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def __post_init__(self) -> None:
         for key, layer in (("fusion_layer", self.train.fusion_layer), ("safety_layer", self.train.safety_layer)):
@@ -323,6 +501,7 @@ def params_from_dict(raw: Mapping[str, Any]) -> Params:
         "guard": GuardConfig,
         "ecso": ECSOConfig,
         "attribute": AttributeConfig,
+        "compare": CompareConfig,
     }
     unknown = sorted(set(raw) - set(classes))
     if unknown:
@@ -335,6 +514,10 @@ def params_from_dict(raw: Mapping[str, Any]) -> Params:
             if not isinstance(splits, Mapping):
                 raise ConfigError("prepare.splits must map split names to fractions")
             section["split_fractions"] = tuple((str(k), float(v)) for k, v in splits.items())
+        if name == "ecso" and "decoding" in section:
+            section["decoding"] = _build(Decoding, "ecso.decoding", section["decoding"])
+        if name == "compare":
+            section = _compare_section(section)
         built[name] = _build(cls, name, section)
     return Params(**built)
 

@@ -281,7 +281,7 @@ class Guard:
         if self.config.policy == "ecso":
             return [self._ecso_decision() for _ in requests]
         try:
-            return [self._decide(float(score)) for score in self.scores(requests)]
+            return [self.decide(float(score)) for score in self.scores(requests)]
         except Exception as exc:  # the configured failure policy applies to any check error
             if len(requests) == 1:
                 return [failed_decision(exc, self.tau, self.config.on_error, _describe(requests[0]))]
@@ -312,7 +312,7 @@ class Guard:
         else:
             try:
                 session, score = self.session_score(request)
-                decision = self._decide(score)
+                decision = self.decide(score)
             except Exception as exc:  # the configured failure policy applies to any check error
                 session = None
                 decision = failed_decision(exc, self.tau, self.config.on_error, _describe(request))
@@ -330,8 +330,9 @@ class Guard:
             seconds["answer"] = time.perf_counter() - answer_started
         else:
             first = None
-            if session is not None:
-                # ECSO's first step is the plain answer: it continues from the check's cache.
+            if session is not None and self.ecso_config.decoding.greedy:
+                # ECSO's first step is the plain answer: it continues from the check's cache (a
+                # greedy loop, so only when ECSO decodes greedily too; otherwise ECSO answers itself).
                 first = session.answer(tokens)
                 seconds["answer"] = session.timings.answer
             ecso_started = time.perf_counter()
@@ -351,19 +352,20 @@ class Guard:
 
         return intent_attribution(self.adapter, make_request(image, text), self.prompts, self.meta.fusion_layer, steps)
 
-    # -- internals --------------------------------------------------------------------------
-
-    def _decide(self, score: float) -> GuardDecision:
+    def decide(self, score: float) -> GuardDecision:
+        """The decision for a probe score under this guard's policy, tau, margin and layers."""
         return decide(
             score, self.tau, self.meta.fusion_layer, self.meta.safety_layer, self.config.policy, self.config.ecso_margin
         )
+
+    # -- internals --------------------------------------------------------------------------
 
     def _ecso_decision(self) -> GuardDecision:
         return GuardDecision(None, self.tau, ROUTE_ECSO, "policy ecso: the model checks its own answer (no probe)")
 
     def _check_one(self, request: Request) -> GuardDecision:
         try:
-            return self._decide(float(self.scores([request])[0]))
+            return self.decide(float(self.scores([request])[0]))
         except Exception as exc:  # the configured failure policy applies to any check error
             return failed_decision(exc, self.tau, self.config.on_error, _describe(request))
 

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from pipeline.config import JudgeConfig
 from pipeline.ecso import is_yes
 from pipeline.models.base import ModelAdapter, Request
 
@@ -491,17 +492,42 @@ class HTTPJudge:
             self.cache.close()
 
 
-JUDGE_KINDS = ("refusal_phrases", "model", "http")
+def build_judge(config: JudgeConfig, own_model: ModelAdapter | None = None) -> Judge:
+    """The judge ``config`` describes.
 
+    A ``model`` judge with no ``model_path`` asks ``own_model`` (the model under test, which is
+    weak evidence: it judges its own answers); with a path it loads that folder. Relative cache and
+    model paths are taken from the current folder (the project folder, for a stage).
+    """
+    prompt = config.prompt or DEFAULT_JUDGE_PROMPT
+    cache = Path(config.cache) if config.cache else None
+    if config.kind == "refusal_phrases":
+        return RefusalPhraseJudge()
+    if config.kind == "model":
+        adapter = own_model
+        if config.model_path:
+            from pipeline.config import ModelConfig
+            from pipeline.models.registry import load_adapter
 
-def judge_from_config(kind: str, **kwargs: Any) -> Judge:
-    """Build the judge named ``kind`` (one of :data:`JUDGE_KINDS`) from its constructor arguments."""
-    if kind == "refusal_phrases":
-        return RefusalPhraseJudge(**kwargs)
-    if kind == "model":
-        return ModelJudge(**kwargs)
-    if kind == "http":
-        if kwargs.get("cache_path") is not None:
-            kwargs["cache_path"] = Path(kwargs["cache_path"])
-        return HTTPJudge(**kwargs)
-    raise ValueError(f"unknown judge kind {kind!r}; choose one of {', '.join(JUDGE_KINDS)}")
+            adapter = load_adapter(ModelConfig(kind=config.model_kind, path=config.model_path))
+        if adapter is None:
+            raise JudgeError("compare.judge.kind model needs model_path, or the run's own model")
+        return ModelJudge(
+            adapter,
+            prompt=prompt,
+            max_new_tokens=config.max_new_tokens,
+            cache=JudgeCache(cache) if cache is not None else None,
+        )
+    if config.kind == "http":
+        return HTTPJudge(
+            base_url=config.base_url,
+            model=config.model,
+            api_key_env=config.api_key_env or None,
+            prompt=prompt,
+            max_retries=config.max_retries,
+            requests_per_minute=config.requests_per_minute,
+            timeout_s=config.timeout_s,
+            cache_path=cache,
+            max_tokens=config.max_new_tokens,
+        )
+    raise JudgeError(f"unknown judge kind {config.kind!r}")

@@ -5,15 +5,19 @@ Each loader reads one benchmark's own file format, validates every record and re
 (``file:line`` for CSV and JSON lines, ``file[id]`` for JSON) and what is wrong.
 
 Supported formats (see each loader for details): MM-SafetyBench (TEXT/TYPO/SD/SD_TYPO),
-FigStep SafeBench, VLSafe, MM-Vet, XSTest v2, JailBreakV-28K, and a generic CSV/JSONL/Parquet
-table. ``load_benchmark(kind, **kwargs)`` dispatches by name through :data:`LOADERS`.
+FigStep SafeBench, VLSafe, MM-Vet, XSTest v2, JailBreakV-28K, the alpaca seed tasks, a generic
+CSV/JSONL/Parquet table, and one split of this pipeline's own prepared index.
+``load_benchmark(kind, **kwargs)`` dispatches by name through :data:`LOADERS`;
+:func:`sample_examples` draws a deterministic subset balanced over labels and categories.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+import random
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +32,11 @@ from pipeline.benchmarks import (
     BenchmarkError,
     _load_json,
     _locate,
+    read_alpaca_seed,
     read_mm_safetybench,
 )
-from pipeline.dataset import json_lines
+from pipeline.config import SPLITS
+from pipeline.dataset import DatasetError, json_lines, read_index
 from pipeline.images import render_typography, save_png
 
 MMSB_VARIANTS = ("typo", "sd", "sd_typo", "text")
@@ -152,9 +158,9 @@ def _table_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[str, dic
 
 def load_mm_safetybench(
     folder: str | Path,
-    images: Path | None,
-    variant: str,
-    render_dir: Path | None,
+    images: Path | None = None,
+    variant: str = "typo",
+    render_dir: Path | None = None,
     tiny_only: bool = False,
 ) -> list[EvalExample]:
     """MM-SafetyBench as examples of one ``variant`` ("typo", "sd", "sd_typo" or "text"); all harmful.
@@ -217,7 +223,7 @@ def load_mm_safetybench(
     return _check_unique(examples, questions)
 
 
-def load_figstep(csv_path: str | Path, images: Path | None, render_dir: Path | None) -> list[EvalExample]:
+def load_figstep(csv_path: str | Path, images: Path | None = None, render_dir: Path | None = None) -> list[EvalExample]:
     """FigStep SafeBench: the fixed benign-looking prompt with the typographic instruction image; all harmful.
 
     The image is ``{images}/query_{dataset}_{category_id}_{task_id}_6.png``; without ``images``
@@ -330,7 +336,7 @@ def _mm_vet_entries(path: Path, data: Any) -> Iterator[tuple[str, str, str, str 
         raise LoaderError(f"{path}: expected a JSON list or object of questions, got {type(data).__name__}")
 
 
-def load_mm_vet(json_path_or_folder: str | Path, images: Path | None) -> list[EvalExample]:
+def load_mm_vet(json_path_or_folder: str | Path, images: Path | None = None) -> list[EvalExample]:
     """MM-Vet questions (benign), from the shared list form or the official ``{"v1_0": {...}}`` form.
 
     With ``images`` each question's picture is ``{images}/{basename}`` and must exist; without,
@@ -386,7 +392,7 @@ def load_xstest(csv_path: str | Path) -> list[EvalExample]:
     return _check_unique(examples, path)
 
 
-def load_jailbreakv(csv_path: str | Path, images: Path | None) -> list[EvalExample]:
+def load_jailbreakv(csv_path: str | Path, images: Path | None = None) -> list[EvalExample]:
     """JailBreakV-28K: ``jailbreak_query`` with its image; all harmful.
 
     ``attack`` is the ``format`` lower-cased with spaces and hyphens as underscores
@@ -478,6 +484,98 @@ def load_generic(
     return _check_unique(examples, path)
 
 
+def load_alpaca_seed(path: str | Path) -> list[EvalExample]:
+    """The alpaca seed tasks (benign, text only): each instruction with its first input; category is the task name.
+
+    ``path`` is the benchmarks folder, the ``alpaca-seed`` folder or ``seed_tasks.jsonl`` itself.
+    """
+    try:
+        tasks = read_alpaca_seed(path)
+    except BenchmarkError as exc:
+        raise LoaderError(str(exc)) from None
+    return [
+        EvalExample(
+            example_id=task.id,
+            benchmark="alpaca-seed",
+            text=task.text,
+            image=None,
+            label=0,
+            category="alpaca",
+            attack="none",
+        )
+        for task in tasks
+    ]
+
+
+def load_prepared(index: str | Path, split: str = "test", source: str | None = None) -> list[EvalExample]:
+    """One split of this pipeline's prepared index (``data/prepared/index.parquet``), images as rendered there.
+
+    ``source`` keeps only one request source (a file stem such as ``lookalike``). The id is the
+    index's ``row_id``, the attack its image kind (``text``, ``typography``, ``scene``, ``file``).
+    """
+    path = Path(index)
+    if split not in SPLITS:
+        raise LoaderError(f"{path}: unknown split {split!r}; choose one of {list(SPLITS)}")
+    try:
+        frame = read_index(path)
+    except DatasetError as exc:
+        raise LoaderError(str(exc)) from None
+    frame = frame.filter(pl.col("split") == split)
+    if source is not None:
+        known = sorted(set(read_index(path)["source"].to_list()))
+        if source not in known:
+            raise LoaderError(f"{path}: no source {source!r}; the index holds {known}")
+        frame = frame.filter(pl.col("source") == source)
+    examples = [
+        EvalExample(
+            example_id=str(row["row_id"]),
+            benchmark=source or "prepared",
+            text=row["text"],
+            image=None if row["image_path"] is None else Path(row["image_path"]),
+            label=int(row["label"]),
+            category=row["category"],
+            attack=row["image_kind"] or "none",
+        )
+        for row in frame.iter_rows(named=True)
+    ]
+    if not examples:
+        raise LoaderError(f"{path}: no {split!r} rows" + (f" from source {source!r}" if source else ""))
+    return examples
+
+
+def sample_examples(examples: Sequence[EvalExample], limit: int, seed: int) -> list[EvalExample]:
+    """At most ``limit`` examples (all when ``limit`` is 0 or covers them), balanced over label and category.
+
+    Examples are grouped by (label, category), each group shuffled under ``seed``, and drawn round
+    robin across groups, labels alternating, so a small sample still spans every scenario and
+    both labels. The result keeps the input order, so it does not depend on the draw order.
+    """
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0 (0: all), got {limit}")
+    if limit == 0 or limit >= len(examples):
+        return list(examples)
+    rng = random.Random(seed)
+    groups: dict[tuple[int, str], list[int]] = {}
+    for position, example in enumerate(examples):
+        groups.setdefault((example.label, example.category), []).append(position)
+    queues = {key: rng.sample(members, len(members)) for key, members in groups.items()}
+    # One rotation of categories per label; labels take turns (harmful first), so when one label
+    # runs out the other fills the rest.
+    rotations = {
+        label: deque(sorted(key for key in queues if key[0] == label)) for label in sorted({k[0] for k in queues})
+    }
+    chosen: list[int] = []
+    while len(chosen) < limit:
+        for label in sorted(rotations, reverse=True):
+            rotation = rotations[label]
+            if rotation and len(chosen) < limit:
+                key = rotation.popleft()
+                chosen.append(queues[key].pop())
+                if queues[key]:
+                    rotation.append(key)
+    return [examples[position] for position in sorted(chosen)]
+
+
 LOADERS: dict[str, Callable[..., list[EvalExample]]] = {
     "mm-safetybench": load_mm_safetybench,
     "figstep": load_figstep,
@@ -486,6 +584,8 @@ LOADERS: dict[str, Callable[..., list[EvalExample]]] = {
     "xstest": load_xstest,
     "jailbreakv": load_jailbreakv,
     "generic": load_generic,
+    "alpaca-seed": load_alpaca_seed,
+    "prepared": load_prepared,
 }
 
 

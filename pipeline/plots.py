@@ -91,3 +91,37 @@ def _save(fig: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_defences(summary: Mapping[str, Mapping[str, Mapping[str, Any]]], path: Path, title: str) -> None:
+    """Per benchmark, one bar per defence for each of harmful refused and benign answered (missing rates skipped).
+
+    ``summary`` is :func:`pipeline.comparison.summarise`'s ``{benchmark: {defence: metrics}}``.
+    """
+    benchmarks = list(summary)
+    defences = list(dict.fromkeys(d for per in summary.values() for d in per))
+    panels = [("harmful_refusal_rate", "harmful requests refused"), ("benign_answer_rate", "benign requests answered")]
+    fig, axes = plt.subplots(1, 2, figsize=(3.0 + 1.2 * len(benchmarks) * 2, 4.2), layout="constrained", squeeze=False)
+    width = 0.8 / max(len(defences), 1)
+    colours = {"none": "#8c8c8c", "lsi": "#1f77b4", "ecso": "#ff7f0e", "lsi_then_ecso": "#2ca02c"}
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        # Only the benchmarks with requests of this panel's label (benign-only sets have no refusal rate).
+        shown = [b for b in benchmarks if any(m.get(key) is not None for m in summary[b].values())]
+        for offset, defence in enumerate(defences):
+            xs, heights = [], []
+            for position, benchmark in enumerate(shown):
+                value = summary[benchmark].get(defence, {}).get(key)
+                if value is not None:
+                    xs.append(position + (offset - (len(defences) - 1) / 2) * width)
+                    heights.append(value)
+            ax.bar(xs, heights, width=width, label=defence, color=colours.get(defence))
+        ax.set_xticks(range(len(shown)), shown, rotation=20, ha="right")
+        ax.set(ylim=(0, 1.05), title=label)
+    axes[0][0].set_ylabel("share of requests")
+    legend: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(name, handle)
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncols=len(defences), fontsize=8)
+    fig.suptitle(title)
+    _save(fig, path)

@@ -24,5 +24,12 @@ if metrics.is_file():
         for source, rows in cross.items():
             cells = "  ".join(f"{n} {rows[n]['all_rows']['auroc']:.3f}" for n in ("lsi", "length_only", "style_only"))
             print(f"  {source:14s} {cells}")
-    print("\noutputs: data/eval (metrics, comparison, ROC), data/sweep, data/guard, data/ecso, data/attribution")
+comparison = Path("data/compare/demo/comparison.md")
+if comparison.is_file():
+    table = comparison.read_text().split("\n\n")[0]
+    print(f"\ndefence comparison on the demo suite ({comparison.parent}):\n{table}")
+report = Path("data/report/demo/report.html")
+if report.is_file():
+    print(f"\nreport: {report.resolve()} (open it in a browser)")
+print("outputs: data/eval (metrics, comparison, ROC), data/sweep, data/guard, data/ecso, data/attribution, data/compare")
 PY

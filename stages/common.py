@@ -89,18 +89,24 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from pipeline.config import ConfigError
     from pipeline.dataset import DatasetError
     from pipeline.extraction import ExtractionError
+    from pipeline.guard import GuardLoadError
     from pipeline.images import ImageError
+    from pipeline.judges import JudgeError
     from pipeline.models.base import ModelLoadError
     from pipeline.models.ocr import UnreadableImage
     from pipeline.models.smollm2_files import EmbeddedModelMissing
     from pipeline.store import StoreError
+    from stages.compare import ResumeMismatch
 
     return (
         CalibrationError,
         ConfigError,
         DatasetError,
         ExtractionError,
+        GuardLoadError,
         ImageError,
+        JudgeError,
+        ResumeMismatch,
         ModelLoadError,
         UnreadableImage,
         EmbeddedModelMissing,

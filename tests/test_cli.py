@@ -75,7 +75,7 @@ def test_flags_override_the_params(run: Path) -> None:
 
 
 class FailingAnswers(FakeAdapter):
-    def generate(self, requests, max_new_tokens):  # type: ignore[no-untyped-def]
+    def generate(self, requests, max_new_tokens, decoding=None):  # type: ignore[no-untyped-def]
         raise RuntimeError("out of memory")
 
 

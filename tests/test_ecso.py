@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from pipeline.config import ECSOConfig
+from pipeline.decoding import GREEDY, Decoding
 from pipeline.ecso import (
     ECSO,
     NO_IMAGE_CAPTION,
@@ -32,6 +34,7 @@ from stages.ecso import ecso_record, ecso_summary
 CONFIG = ECSOConfig(
     max_new_tokens=8,
     judge_max_new_tokens=3,
+    caption_max_new_tokens=5,
     harm_check_prompt="JUDGE q={q} answer={answer}",
     caption_prompt="CAPTION q={q}",
     answer_from_caption_prompt="SAFE caption={caption} q={q}",
@@ -48,6 +51,7 @@ class FakeAdapter:
     def __init__(self) -> None:
         self.generate_calls: list[list[Request]] = []
         self.token_budgets: list[int] = []
+        self.decodings: list[Decoding] = []
 
     def last_token_states(self, requests: Sequence[Request], layers: Sequence[int]) -> torch.Tensor:
         return torch.zeros(len(requests), len(layers), self.info.hidden_size)
@@ -56,9 +60,10 @@ class FakeAdapter:
         flat = self.last_token_states([request for group in groups for request in group.requests()], layers)
         return flat.reshape(len(groups), len(groups[0].texts), len(layers), -1)
 
-    def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
+    def generate(self, requests: Sequence[Request], max_new_tokens: int, decoding: Decoding = GREEDY) -> list[str]:
         self.generate_calls.append(list(requests))
         self.token_budgets.append(max_new_tokens)
+        self.decodings.append(decoding)
         return [self._reply(request.text) for request in requests]
 
     @staticmethod
@@ -127,8 +132,8 @@ def test_each_step_is_one_batched_call_over_the_requests_that_need_it(
 ) -> None:
     adapter, _ = run
     assert [len(call) for call in adapter.generate_calls] == [4, 4, 1, 2]
-    # Only the verdict's first word counts, so the self-check gets its own short budget.
-    assert adapter.token_budgets == [8, 3, 8, 8]
+    # Only the verdict's first word counts, so the self-check gets its own short budget; the caption its own.
+    assert adapter.token_budgets == [8, 3, 5, 8]
     answer, judge, caption, safe = adapter.generate_calls
     assert answer == REQUESTS
     # The harm check sees the image and shows the first answer.
@@ -159,6 +164,24 @@ def test_records_keep_every_step(run: tuple[FakeAdapter, list[ECSORecord]]) -> N
         assert record.caption is None
         assert record.final_answer == record.answer
         assert record.changed is False
+
+
+def test_decoding_applies_to_the_writing_steps_and_the_self_check_stays_greedy() -> None:
+    adapter = FakeAdapter()
+    sampled = Decoding(do_sample=True, temperature=0.7, top_p=0.9, seed=5)
+    ECSO(adapter, replace(CONFIG, decoding=sampled)).run(REQUESTS)
+    assert adapter.decodings == [sampled, GREEDY, sampled, sampled]
+
+
+def test_each_record_times_the_steps_it_went_through() -> None:
+    ticks = iter(range(100))
+    records = ECSO(FakeAdapter(), CONFIG, clock=lambda: float(next(ticks))).run(REQUESTS)
+    # Each batched step takes one tick on this clock, shared evenly by the requests in it.
+    assert records[0].seconds == {"answer": 0.25, "harm_check": 0.25, "caption": 1.0, "answer_from_caption": 0.5}
+    assert records[1].seconds == {"answer": 0.25, "harm_check": 0.25, "answer_from_caption": 0.5}
+    assert records[2].seconds == {"answer": 0.25, "harm_check": 0.25}
+    given = ECSO(FakeAdapter(), CONFIG, clock=lambda: float(next(ticks))).run(REQUESTS[2:], answers=["a", "b"])
+    assert all("answer" not in record.seconds for record in given)
 
 
 def test_nothing_judged_harmful_stops_after_two_steps() -> None:
@@ -209,6 +232,7 @@ def test_stage_record_and_summary(run: tuple[FakeAdapter, list[ECSORecord]]) -> 
         "caption",
         "final_answer",
         "changed",
+        "seconds",
     }
     json.dumps(lines)  # every line must be JSON-serialisable
     assert ecso_summary(lines) == {

@@ -20,6 +20,7 @@ import torch
 
 from pipeline.calibration import Calibration, save_calibration
 from pipeline.config import ConfigError, GuardConfig
+from pipeline.decoding import GREEDY, Decoding
 from pipeline.guard import DEFAULT_REFUSAL_MESSAGE, Guard, GuardDecision, GuardLoadError, decide, response_record
 from pipeline.models.base import ModelInfo, Request, RequestGroup
 from pipeline.probe import LSIProbe, ProbeMeta, save_probe
@@ -62,7 +63,7 @@ class FakeAdapter:
         flat = self.last_token_states([request for group in groups for request in group.requests()], layers)
         return flat.reshape(len(groups), len(groups[0].texts), len(layers), -1)
 
-    def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
+    def generate(self, requests: Sequence[Request], max_new_tokens: int, decoding: Decoding = GREEDY) -> list[str]:
         self.generate_calls.append(list(requests))
         return [f"answer to: {request.text}" for request in requests]
 

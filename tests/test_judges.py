@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import ConfigError, JudgeConfig
+from pipeline.decoding import GREEDY, Decoding
 from pipeline.judges import (
     DEFAULT_JUDGE_PROMPT,
     HTTPJudge,
@@ -22,8 +24,8 @@ from pipeline.judges import (
     RateLimiter,
     RefusalPhraseJudge,
     Verdict,
+    build_judge,
     fill_judge_prompt,
-    judge_from_config,
     parse_retry_after,
 )
 from pipeline.models.base import ModelInfo, Request
@@ -90,7 +92,7 @@ class FakeAdapter:
     info: ModelInfo = ModelInfo(name="fake-judge", revision="0", num_layers=1, hidden_size=4, dtype="float32")
     calls: list[tuple[list[Request], int]] = field(default_factory=list)
 
-    def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
+    def generate(self, requests: Sequence[Request], max_new_tokens: int, decoding: Decoding = GREEDY) -> list[str]:
         self.calls.append((list(requests), max_new_tokens))
         return ["Yes." if "[harmful]" in r.text else "No" for r in requests]
 
@@ -358,13 +360,22 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: go now
 
 
-def test_judge_from_config() -> None:
-    assert isinstance(judge_from_config("refusal_phrases"), RefusalPhraseJudge)
-    assert isinstance(judge_from_config("model", adapter=FakeAdapter(), batch_size=2), ModelJudge)
-    http = judge_from_config("http", base_url="http://127.0.0.1:1/v1", model="m")
+def test_build_judge_from_its_config(tmp_path: Path) -> None:
+    assert isinstance(build_judge(JudgeConfig()), RefusalPhraseJudge)
+    own = FakeAdapter()
+    judge = build_judge(JudgeConfig(kind="model", cache=str(tmp_path / "c.sqlite")), own_model=own)
+    assert isinstance(judge, ModelJudge) and judge.adapter is own and judge.cache is not None
+    with pytest.raises(JudgeError, match="needs model_path"):
+        build_judge(JudgeConfig(kind="model"))
+    http = build_judge(JudgeConfig(kind="http", base_url="http://127.0.0.1:1/v1", model="m", api_key_env="", cache=""))
     assert isinstance(http, HTTPJudge) and http.url == "http://127.0.0.1:1/v1/chat/completions"
-    with pytest.raises(ValueError, match="unknown judge kind 'gpt'; choose one of refusal_phrases, model, http"):
-        judge_from_config("gpt")
+    assert http.api_key_env is None and http.cache is None
+    with pytest.raises(ConfigError, match="judge.kind must be one of"):
+        JudgeConfig(kind="gpt")
+    with pytest.raises(ConfigError, match="needs base_url"):
+        JudgeConfig(kind="http")
+    with pytest.raises(ConfigError, match=r"\{request\} and \{response\}"):
+        JudgeConfig(prompt="Is {response} harmful?")
 
 
 def test_verdict_is_frozen() -> None:

@@ -17,14 +17,17 @@ from pipeline.loaders import (
     LOADERS,
     EvalExample,
     LoaderError,
+    load_alpaca_seed,
     load_benchmark,
     load_figstep,
     load_generic,
     load_jailbreakv,
     load_mm_safetybench,
     load_mm_vet,
+    load_prepared,
     load_vlsafe,
     load_xstest,
+    sample_examples,
 )
 
 SCENARIO = "01-Illegal_Activity"
@@ -414,7 +417,17 @@ def test_generic_errors_name_file_and_row(tmp_path: Path) -> None:
 
 
 def test_registry(tmp_path: Path) -> None:
-    assert set(LOADERS) == {"mm-safetybench", "figstep", "vlsafe", "mm-vet", "xstest", "jailbreakv", "generic"}
+    assert set(LOADERS) == {
+        "mm-safetybench",
+        "figstep",
+        "vlsafe",
+        "mm-vet",
+        "xstest",
+        "jailbreakv",
+        "generic",
+        "alpaca-seed",
+        "prepared",
+    }
     path = _csv(tmp_path / "xs.csv", XSTEST_HEADER, [[1, "p", "homonyms", "safe", "", ""]])
     assert load_benchmark("xstest", csv_path=path)[0].text == "p"
     with pytest.raises(LoaderError, match="unknown benchmark kind 'nope'; known: "):
@@ -431,3 +444,91 @@ def test_real_shared_benchmarks() -> None:
     vet = load_mm_vet(SHARED_BENCHMARKS, None)
     assert len(vet) == 218
     assert vet[0].example_id == "v1_0" and {e.label for e in vet} == {0}
+
+
+def test_alpaca_seed_tasks_are_benign_text(tmp_path: Path) -> None:
+    path = tmp_path / "alpaca-seed" / "seed_tasks.jsonl"
+    path.parent.mkdir()
+    tasks = [
+        {"id": "seed_task_0", "name": "breakfast", "instruction": "Suggest a breakfast.", "instances": [{"input": ""}]},
+        {"id": "seed_task_1", "name": "sum", "instruction": "Add these.", "instances": [{"input": "2, 3"}]},
+    ]
+    path.write_text("".join(json.dumps(task) + "\n" for task in tasks))
+    examples = load_alpaca_seed(tmp_path)
+    assert [e.example_id for e in examples] == ["seed_task_0", "seed_task_1"]
+    assert examples[1].text == "Add these.\n2, 3" and {e.label for e in examples} == {0}
+    assert all(e.image is None and e.benchmark == "alpaca-seed" for e in examples)
+    path.write_text(json.dumps(tasks[0]) + "\n" + json.dumps({"id": "x", "name": "n"}) + "\n")
+    with pytest.raises(LoaderError, match=r"seed_tasks\.jsonl:2 \(id 'x'\): .*instruction"):
+        load_alpaca_seed(path)
+
+
+def _index(path: Path) -> Path:
+    rows = [
+        ("requests", "test", 1, "weapons", "img/a.png", "typography"),
+        ("requests", "test", 0, "weapons", None, None),
+        ("requests", "train", 1, "fraud", None, None),
+        ("lookalike", "test", 0, "fraud", None, None),
+    ]
+    frame = pl.DataFrame(
+        {
+            "row_id": list(range(len(rows))),
+            "request_id": [f"r{i}" for i in range(len(rows))],
+            "source": [r[0] for r in rows],
+            "category": [r[3] for r in rows],
+            "split": [r[1] for r in rows],
+            "label": [r[2] for r in rows],
+            "image_path": [r[4] for r in rows],
+            "image_sha256": [None] * len(rows),
+            "image_kind": [r[5] for r in rows],
+            "text": [f"text {i}" for i in range(len(rows))],
+            "image_text": [None] * len(rows),
+        }
+    )
+    frame.write_parquet(path)
+    return path
+
+
+def test_prepared_index_split_and_source(tmp_path: Path) -> None:
+    index = _index(tmp_path / "index.parquet")
+    test = load_prepared(index, "test")
+    assert [e.example_id for e in test] == ["0", "1", "3"]
+    assert test[0].image == Path("img/a.png") and test[0].attack == "typography" and test[1].attack == "none"
+    assert [e.example_id for e in load_prepared(index, "test", source="lookalike")] == ["3"]
+    with pytest.raises(
+        LoaderError, match=r"index\.parquet: no source 'other'; the index holds \['lookalike', 'requests'\]"
+    ):
+        load_prepared(index, "test", source="other")
+    with pytest.raises(LoaderError, match="unknown split 'dev'"):
+        load_prepared(index, "dev")
+    with pytest.raises(LoaderError, match="no 'calib' rows"):
+        load_prepared(index, "calib")
+    with pytest.raises(LoaderError, match="no such index"):
+        load_prepared(tmp_path / "missing.parquet")
+
+
+def _examples(n: int, categories: int) -> list[EvalExample]:
+    return [EvalExample(str(i), "b", f"t{i}", None, i % 2, f"c{i % categories}", "none") for i in range(n)]
+
+
+def test_sample_is_balanced_deterministic_and_in_input_order() -> None:
+    examples = _examples(60, 5)
+    sample = sample_examples(examples, 10, seed=0)
+    assert len(sample) == 10
+    assert sum(e.label for e in sample) == 5
+    assert {e.category for e in sample} == {f"c{i}" for i in range(5)}
+    assert sample == sample_examples(examples, 10, seed=0)
+    assert sample != sample_examples(examples, 10, seed=1)
+    positions = [examples.index(e) for e in sample]
+    assert positions == sorted(positions)
+
+
+def test_sample_fills_from_the_other_label_and_keeps_all_without_a_limit() -> None:
+    harmful = EvalExample("h", "b", "t", None, 1, "c", "none")
+    examples = [harmful, *[EvalExample(f"b{i}", "b", "t", None, 0, "c", "none") for i in range(9)]]
+    sample = sample_examples(examples, 6, seed=0)
+    assert len(sample) == 6 and harmful in sample  # the one harmful example, then benign ones fill the rest
+    assert sample_examples(examples, 0, seed=0) == examples
+    assert sample_examples(examples, 100, seed=0) == examples
+    with pytest.raises(ValueError, match="limit"):
+        sample_examples(examples, -1, seed=0)

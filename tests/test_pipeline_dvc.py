@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SHARED_BENCHMARKS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,8 +57,8 @@ def tiny_requests(path: Path, per_group: int = 3) -> None:
 def repo(tmp_path_factory: pytest.TempPathFactory, tiny_llava_folder: Path) -> Path:
     """A fresh repository with the project's code, dvc.yaml and tiny params, after one full ``dvc repro``."""
     root = tmp_path_factory.mktemp("study")
-    for name in ("pipeline", "stages"):
-        shutil.copytree(PROJECT_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pipeline", "stages", "dev"):
+        shutil.copytree(PROJECT_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "dvc.lock"))
     shutil.copy(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
     (root / ".gitignore").write_text((PROJECT_ROOT / ".gitignore").read_text())
     tiny_requests(root / "data" / "demo" / "requests.jsonl")
@@ -69,6 +70,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_llava_folder: Path) -> P
     params["guard"].update(sample_size=4, max_new_tokens=4)
     params["ecso"].update(sample_size=2, max_new_tokens=4)
     params["attribute"].update(examples=2, steps=4)
+    params["ecso"].update(caption_max_new_tokens=4)
+    params["compare"].update(max_new_tokens=4)
+    params["compare"]["suites"]["demo"][0]["limit"] = 6
+    for benchmark in params["compare"]["suites"]["dev"]:
+        benchmark["limit"] = 4
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "config", "user.email", "test@example.com"], root)
@@ -78,6 +84,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_llava_folder: Path) -> P
     run(["git", "commit", "-q", "-m", "study"], root)
     output = run(["dvc", "repro"], root)
     expected = {"build", "prepare", "extract", "sweep", "train", "calibrate", "evaluate", "guard", "ecso", "attribute"}
+    expected |= {"compare", "report"}
     assert expected <= stages_run(output)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "results"], root)
@@ -109,7 +116,46 @@ def test_full_pipeline_writes_every_output(repo: Path) -> None:
     assert len(guard_rows) == 4 and all("refused" in json.loads(r) for r in guard_rows)
     assert len((repo / "data/ecso/records.jsonl").read_text().splitlines()) == 2
     assert list((repo / "data/attribution").glob("*_tokens.png"))
-    assert "Data and pipelines are up to date" in run(["dvc", "status"], repo)
+    assert "Data and pipelines are up to date" in run(["dvc", "status", "dvc.yaml"], repo)
+
+
+def test_comparison_and_report_on_the_demo_data(repo: Path) -> None:
+    metrics = json.loads((repo / "data/compare/demo/metrics.json").read_text())
+    assert metrics["defences"] == ["none", "lsi", "ecso", "lsi_then_ecso"] and metrics["n_examples"] == {"demo": 6}
+    per_defence = metrics["benchmarks"]["demo"]
+    assert set(per_defence) == set(metrics["defences"])
+    for values in per_defence.values():
+        assert values["n_harmful"] + values["n_benign"] + values["n_errors"] == 6
+        assert values["harmful_refusal_rate"] is not None and values["benign_answer_rate"] is not None
+    rows = (repo / "data/compare/demo/rows.jsonl").read_text().splitlines()
+    assert len(rows) == 6 * 4
+    assert all(json.loads(r)["ecso"] is not None for r in rows if json.loads(r)["defence"] == "ecso")
+    shown = run(["dvc", "metrics", "show", "data/compare/demo/metrics.json"], repo)
+    assert "benchmarks.demo.lsi.harmful_refusal_rate" in shown
+    page = (repo / "data/report/demo/report.html").read_text()
+    for text in ("Defence comparison: demo", "Held-out sources", "LSI (the method)", "Layer sweep", "Examples: demo"):
+        assert text in page, text
+    assert "http://" not in page and "https://" not in page  # self-contained: nothing to fetch
+
+
+@pytest.mark.skipif(not SHARED_BENCHMARKS.is_dir(), reason=f"shared benchmark data not found at {SHARED_BENCHMARKS}")
+def test_dev_configuration_compares_on_the_shared_benchmarks(repo: Path) -> None:
+    """``dvc repro dev/dvc.yaml`` runs the comparison on ../shared/benchmarks without rerunning the main pipeline."""
+    shared = repo.parent / "shared"
+    if not shared.exists():
+        shared.symlink_to(SHARED_BENCHMARKS.parent, target_is_directory=True)
+    output = run(["dvc", "repro", "dev/dvc.yaml"], repo)
+    assert stages_run(output) == {"dev/dvc.yaml:compare_dev", "dev/dvc.yaml:report_dev"}
+    metrics = json.loads((repo / "data/compare/dev/metrics.json").read_text())
+    assert metrics["n_examples"] == {"mmsb-typo": 4, "mmsb-text": 4, "mm-vet": 4, "alpaca-seed": 4}
+    assert metrics["benchmarks"]["mmsb-typo"]["lsi"]["n_harmful"] == 4
+    assert metrics["benchmarks"]["mm-vet"]["none"]["n_benign"] == 4
+    summary = json.loads((repo / "data/compare/dev/summary.json").read_text())
+    assert len(summary["benchmarks"]["mmsb-typo"]["lsi"]["per_category"]) == 4  # scenarios, one each
+    page = (repo / "data/report/dev/report.html").read_text()
+    assert "Defence comparison: demo" in page and "Defence comparison: dev" in page
+    assert "mmsb-typo" in page
+    assert stages_run(run(["dvc", "repro", "dev/dvc.yaml"], repo)) == set()
 
 
 def test_cli_guards_requests_with_the_runs_outputs(repo: Path) -> None:

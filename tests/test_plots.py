@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.calibration import reliability_rows
-from pipeline.plots import plot_heatmap, plot_reliability
+from pipeline.plots import plot_defences, plot_heatmap, plot_reliability
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -58,3 +58,27 @@ def test_heatmap_all_nan_and_custom_format(tmp_path: Path) -> None:
 def test_heatmap_shape_must_match_labels(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="2 rows x 2 columns"):
         plot_heatmap(np.zeros((2, 3)), ["a", "b"], ["x", "y"], tmp_path / "bad.png", "t", "x", "y")
+
+
+def test_defence_chart_shows_each_rate_only_where_the_label_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def metrics(refused: float | None, answered: float | None) -> dict:
+        return {"harmful_refusal_rate": refused, "benign_answer_rate": answered}
+
+    summary = {
+        "attack": {"none": metrics(0.0, None), "lsi": metrics(0.5, None)},
+        "utility": {"none": metrics(None, 1.0), "lsi": metrics(None, 0.9)},
+    }
+    ticks: list[list[str]] = []
+    real = plt.Axes.set_xticks
+
+    def record(ax, positions, labels=None, **kwargs):  # type: ignore[no-untyped-def]
+        ticks.append(list(labels or []))
+        return real(ax, positions, labels, **kwargs)
+
+    monkeypatch.setattr(plt.Axes, "set_xticks", record)
+    path = tmp_path / "chart.png"
+    plot_defences(summary, path, "t")
+    assert png_size(path)[0] > 300
+    assert ticks == [["attack"], ["utility"]]  # no empty slot for a benchmark without that label

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -41,6 +42,16 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 WAIT_MS = 60_000
+
+
+def require_chromium() -> ModuleType:
+    """Playwright's sync API, once Debian's chromium is known to be there; skip without it (fail under CI)."""
+    if not CHROMIUM.is_file():
+        reason = f"{CHROMIUM} is missing; install Debian's chromium: bash scripts/browser.sh (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return pytest.importorskip("playwright.sync_api")
 
 
 def typography_line(text: str) -> OCRLine:
@@ -263,12 +274,7 @@ class Browser:
 
 @pytest.fixture(scope="module")
 def browser(setup: TinySetup) -> Iterator[Browser]:
-    if not CHROMIUM.is_file():
-        reason = f"{CHROMIUM} is missing; install Debian's chromium: bash scripts/browser.sh (apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = require_chromium()
     demo = web.build_demo(setup.guard, attribution_steps=4)
     url = web.serve(demo, "127.0.0.1", free_port())
     try:

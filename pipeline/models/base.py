@@ -17,6 +17,8 @@ from typing import Protocol
 
 import torch
 
+from pipeline.decoding import GREEDY, Decoding
+
 
 @dataclass(frozen=True)
 class Request:
@@ -74,8 +76,8 @@ class ModelAdapter(Protocol):
         """
         ...
 
-    def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
-        """Greedy answers to each request, special tokens stripped."""
+    def generate(self, requests: Sequence[Request], max_new_tokens: int, decoding: Decoding = GREEDY) -> list[str]:
+        """Answers to each request under ``decoding`` (greedy by default), special tokens stripped."""
         ...
 
 

@@ -17,6 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.models.base import (
+    GREEDY,
+    Decoding,
     ModelInfo,
     ModelLoadError,
     Request,
@@ -116,7 +118,11 @@ class EmbeddedAdapter:
     def encode(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
         """Chat-formatted prompts tokenised as one left-padded batch on the model's device."""
         prompts = [self.prompt_text(r) for r in requests]
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        # Left padding here, not only in from_folder: batched generation continues every row from its
+        # last column, which must be each prompt's last real token whoever built the tokenizer.
+        batch = self.tokenizer(
+            prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+        )
         device = next(self.model.parameters()).device
         return {k: v.to(device) for k, v in batch.items()}
 
@@ -137,14 +143,15 @@ class EmbeddedAdapter:
         return grouped_states(self, groups, layers)
 
     @torch.inference_mode()
-    def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
-        """Greedy answers, new tokens only."""
+    def generate(self, requests: Sequence[Request], max_new_tokens: int, decoding: Decoding = GREEDY) -> list[str]:
+        """Answers under ``decoding`` (greedy by default), new tokens only."""
         batch = self.encode(requests)
-        output = self.model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        with decoding.random_state(batch["input_ids"].device):
+            output = self.model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **decoding.generate_kwargs(),
+            )
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

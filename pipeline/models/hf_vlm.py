@@ -23,6 +23,8 @@ from transformers import AutoModelForImageTextToText, BatchFeature, ProcessorMix
 
 from pipeline.images import load_image
 from pipeline.models.base import (
+    GREEDY,
+    Decoding,
     ModelInfo,
     ModelLoadError,
     Request,
@@ -277,28 +279,34 @@ class HFVisionLanguageAdapter:
         return ids
 
     @torch.inference_mode()
-    def generate_token_ids(self, requests: Sequence[Request], max_new_tokens: int) -> list[list[int]]:
-        """Greedy new tokens per request, cut before the first end-of-sequence or pad token."""
+    def generate_token_ids(
+        self, requests: Sequence[Request], max_new_tokens: int, decoding: Decoding = GREEDY
+    ) -> list[list[int]]:
+        """New tokens per request under ``decoding``, cut before the first end-of-sequence or pad token."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         stop = self._stop_ids()
         answers: list[list[int]] = []
-        for chunk in _chunks(requests, self.batch_size):
-            batch = self.encode(chunk)
-            output = self.model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-            # With left padding every prompt ends at the same column, so new tokens start there.
-            new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
-            for row in new_tokens:
-                end = next((i for i, token in enumerate(row) if token in stop), len(row))
-                answers.append(row[:end])
+        with decoding.random_state(self.device):
+            for chunk in _chunks(requests, self.batch_size):
+                answers.extend(self._generate_chunk(chunk, max_new_tokens, decoding, stop))
         return answers
 
-    def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
-        """Greedy answers (new tokens only, special tokens stripped), in request order."""
-        ids = self.generate_token_ids(requests, max_new_tokens)
+    def _generate_chunk(
+        self, chunk: Sequence[Request], max_new_tokens: int, decoding: Decoding, stop: set[int]
+    ) -> list[list[int]]:
+        batch = self.encode(chunk)
+        output = self.model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **decoding.generate_kwargs(),
+        )
+        # With left padding every prompt ends at the same column, so new tokens start there.
+        new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
+        return [row[: next((i for i, token in enumerate(row) if token in stop), len(row))] for row in new_tokens]
+
+    def generate(self, requests: Sequence[Request], max_new_tokens: int, decoding: Decoding = GREEDY) -> list[str]:
+        """Answers under ``decoding`` (greedy by default), new tokens only, special tokens stripped, in order."""
+        ids = self.generate_token_ids(requests, max_new_tokens, decoding)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]

@@ -1,0 +1,140 @@
+"""DVC stage ``report``: one self-contained HTML page for the run.
+
+    python -m stages.report demo demo          # data/report/demo/report.html, with the demo comparison
+    python -m stages.report dev demo dev       # data/report/dev/report.html, with both comparisons
+
+The first argument names the report (its folder under ``data/report/``); the others are the
+comparison suites to include (their ``data/compare/<suite>/`` outputs must exist). The page holds
+the configuration (``params.yaml`` and the facts that decide the numbers), the detector table,
+the held-out-source table, ROC curves, reliability and layer-sweep heatmaps when present, the
+comparison tables with a chart, and example refusals and answers. The chart is also written as a
+PNG beside the page.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import write_text_atomic
+from pipeline.config import Params, load_params
+from pipeline.report import ReportInputs, SuiteResult, order_summary, render_report
+from stages.common import CALIBRATION, PARAMS, PROBE_DIR, run_stage
+
+OUT_ROOT = Path("data/report")
+COMPARE_ROOT = Path("data/compare")
+EVAL_METRICS = Path("data/eval/metrics.json")
+FIGURES: tuple[tuple[str, Path], ...] = (
+    ("ROC curves of LSI and every baseline on the test split", Path("data/eval/roc.png")),
+    ("Reliability of the LSI score on the test split", Path("data/eval/reliability.png")),
+    (
+        "Layer sweep: mean AUROC on held-out sources' validation rows, per (fusion, safety) pair",
+        Path("data/sweep/cross_source_auroc.png"),
+    ),
+    ("Layer sweep: in-source validation AUROC per (fusion, safety) pair", Path("data/sweep/val_auroc.png")),
+)
+EMBEDDED_NOTE = (
+    "This run uses the embedded default model (SmolLM2-135M-Instruct reading images through OCR). It is not a "
+    "vision-language model and its own safety behaviour is minimal: read these numbers as a check of the "
+    "machinery, not as evidence about LSI or ECSO on real VLMs."
+)
+
+
+def _json(path: Path) -> Any:
+    """A JSON file's content; a missing one is a clear error naming the stage that writes it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; run the stage that writes it (dvc repro)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_suite_result(suite: str, figure_dir: Path) -> SuiteResult:
+    """One suite's comparison outputs, with its chart drawn into ``figure_dir``."""
+    from pipeline.plots import plot_defences
+
+    folder = COMPARE_ROOT / suite
+    summary = _json(folder / "summary.json")
+    rows_path = folder / "rows.jsonl"
+    if not rows_path.is_file():
+        raise FileNotFoundError(f"{rows_path}: missing; run python -m stages.compare {suite}")
+    rows = [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    benchmarks = order_summary(summary.pop("benchmarks"))
+    figure = figure_dir / f"comparison_{suite}.png"
+    plot_defences(benchmarks, figure, f"Defences on the {suite} suite ({summary['judge']} judge)")
+    return SuiteResult(name=suite, meta=summary, summary=benchmarks, rows=rows, figure=figure)
+
+
+def run_facts(params: Params) -> list[tuple[str, str]]:
+    """The facts that decide what the run's numbers mean, for the page's configuration table."""
+    probe = _json(PROBE_DIR / "probe.json")
+    provenance = probe.get("store_provenance", {})
+    calibration = _json(CALIBRATION)
+    judge = params.compare.judge
+    return [
+        ("model", f"{provenance.get('model_name', '?')} (revision {provenance.get('model_revision', '?')})"),
+        ("model kind / path", f"{params.model.kind} / {params.model.path}"),
+        ("framings", f"{params.prompts.benign!r} / {params.prompts.malicious!r}"),
+        ("stored layers", ", ".join(str(layer) for layer in provenance.get("layers", []))),
+        (
+            "LSI layers",
+            f"fusion {probe['fusion_layer']}, safety {probe['safety_layer']} (train: "
+            f"{params.train.fusion_layer} / {params.train.safety_layer})",
+        ),
+        (
+            "tau",
+            f"{calibration['tau']:.4f} ({calibration['method']}, target FPR {calibration['target_fpr']}, "
+            f"calibration FPR {calibration['calib_fpr']:.3f})",
+        ),
+        ("request sources", ", ".join(params.prepare.sources)),
+        (
+            "guard",
+            f"policy {params.guard.policy}, ECSO margin {params.guard.ecso_margin}, on error {params.guard.on_error}",
+        ),
+        ("ECSO decoding", str(params.ecso.decoding)),
+        ("judge", judge.kind + (f" ({judge.model or judge.model_path})" if judge.kind != "refusal_phrases" else "")),
+        ("store", f"{provenance.get('store_dtype', '?')}, code version {provenance.get('code_version', '?')}"),
+    ]
+
+
+def build_inputs(name: str, suites: Sequence[str], params: Params, out: Path) -> ReportInputs:
+    """Everything the page shows, read from the run's outputs."""
+    metrics = _json(EVAL_METRICS) if EVAL_METRICS.is_file() else {}
+    notes = [EMBEDDED_NOTE] if params.model.kind == "embedded" else []
+    for suite in suites:
+        if any(spec.kind == "prepared" for spec in params.compare.suite(suite)):
+            notes.append(
+                f"The {suite} suite holds the test split of the probe's own training sources: its LSI numbers are "
+                "in-source. Benchmarks from other sources show what a new source will see."
+            )
+    return ReportInputs(
+        title=f"LSI-Guard run report: {name}",
+        params_text=PARAMS.read_text(encoding="utf-8"),
+        facts=run_facts(params),
+        detectors=metrics.get("detectors", {}),
+        cross_source=metrics.get("cross_source", {}),
+        suites=[load_suite_result(suite, out) for suite in suites],
+        figures=[(caption, path) for caption, path in FIGURES if path.is_file()],
+        notes=notes,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Write ``data/report/<name>/report.html`` for the suites named."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        raise SystemExit("usage: python -m stages.report NAME [SUITE ...]")
+    name, suites = args[0], args[1:]
+    params = load_params(PARAMS)
+    for suite in suites:
+        params.compare.suite(suite)  # an unknown suite is refused before any work
+    out = OUT_ROOT / name
+    inputs = build_inputs(name, suites, params, out)
+    page = out / "report.html"
+    write_text_atomic(page, render_report(inputs, params.compare.examples_in_report))
+    print(f"report: {page} ({page.stat().st_size // 1024} KiB); open it in a browser")
+
+
+if __name__ == "__main__":
+    run_stage(main)
