@@ -382,8 +382,8 @@ def run_comparison(
 
 
 def _rate(flags: Sequence[bool]) -> float | None:
-    """The share of True flags, rounded; None (not NaN) when there are none."""
-    return round(sum(flags) / len(flags), 4) if flags else None
+    """The share of True flags, rounded (finely enough that a percentage is never rounded twice); None when empty."""
+    return round(sum(flags) / len(flags), 6) if flags else None
 
 
 def _mean(values: Sequence[float]) -> float | None:
