@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from pipeline.config import JudgeConfig
+from pipeline.config import JudgeConfig, ModelConfig
 from pipeline.ecso import is_yes
 from pipeline.models.base import ModelAdapter, Request
 
@@ -506,8 +506,7 @@ def build_judge(config: JudgeConfig, own_model: ModelAdapter | None = None) -> J
     if config.kind == "model":
         adapter = own_model
         if config.model_path:
-            from pipeline.config import ModelConfig
-            from pipeline.models.registry import load_adapter
+            from pipeline.models.registry import load_adapter  # the model stack, only when a judge model is named
 
             adapter = load_adapter(ModelConfig(kind=config.model_kind, path=config.model_path))
         if adapter is None:

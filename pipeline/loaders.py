@@ -517,12 +517,12 @@ def load_prepared(index: str | Path, split: str = "test", source: str | None = N
     if split not in SPLITS:
         raise LoaderError(f"{path}: unknown split {split!r}; choose one of {list(SPLITS)}")
     try:
-        frame = read_index(path)
+        index_rows = read_index(path)
     except DatasetError as exc:
         raise LoaderError(str(exc)) from None
-    frame = frame.filter(pl.col("split") == split)
+    frame = index_rows.filter(pl.col("split") == split)
     if source is not None:
-        known = sorted(set(read_index(path)["source"].to_list()))
+        known = sorted(set(index_rows["source"].to_list()))
         if source not in known:
             raise LoaderError(f"{path}: no source {source!r}; the index holds {known}")
         frame = frame.filter(pl.col("source") == source)
