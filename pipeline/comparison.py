@@ -32,13 +32,15 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
+from pipeline.config import COMPARE_DEFENCES
 from pipeline.ecso import ECSO, ECSORecord
 from pipeline.guard import ANSWER, REFUSE, ROUTE_ECSO, Guard, GuardDecision
 from pipeline.judges import Judge, JudgeItem, Verdict
 from pipeline.loaders import EvalExample
 from pipeline.models.base import Request
 
-DEFENCES: tuple[str, ...] = ("none", "lsi", "ecso", "lsi_then_ecso")
+# One list of defence names: the one ``compare.defences`` in params.yaml is checked against.
+DEFENCES: tuple[str, ...] = COMPARE_DEFENCES
 # The row action of the undefended model, and of a request whose generation raised (no guard action).
 NO_ACTION = "none"
 # ComparisonRow.steps keys besides ECSO's own step names.
@@ -322,11 +324,8 @@ def compare_batch(
         for i, example in enumerate(examples):
             answer = answers[i]
             if defence == "none":
-                composed = (
-                    _Composed("", NO_ACTION, {STEP_ANSWER: answer.seconds}, error=answer.error)
-                    if answer.error is not None
-                    else _Composed(str(answer.value), NO_ACTION, {STEP_ANSWER: answer.seconds})
-                )
+                response = "" if answer.error is not None else str(answer.value)
+                composed = _Composed(response, NO_ACTION, {STEP_ANSWER: answer.seconds}, error=answer.error)
             elif defence == "ecso":
                 composed = _via_ecso(answer if reused else None, records[i], {})
             else:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_text_atomic
+from pipeline.calibration import load_calibration
 from pipeline.config import Params, load_params
 from pipeline.report import ReportInputs, SuiteResult, order_summary, render_report
 from stages.common import CALIBRATION, PARAMS, PROBE_DIR, run_stage
@@ -70,7 +71,7 @@ def run_facts(params: Params) -> list[tuple[str, str]]:
     """The facts that decide what the run's numbers mean, for the page's configuration table."""
     probe = _json(PROBE_DIR / "probe.json")
     provenance = probe.get("store_provenance", {})
-    calibration = _json(CALIBRATION)
+    calibration = load_calibration(CALIBRATION)
     judge = params.compare.judge
     return [
         ("model", f"{provenance.get('model_name', '?')} (revision {provenance.get('model_revision', '?')})"),
@@ -84,8 +85,8 @@ def run_facts(params: Params) -> list[tuple[str, str]]:
         ),
         (
             "tau",
-            f"{calibration['tau']:.4f} ({calibration['method']}, target FPR {calibration['target_fpr']}, "
-            f"calibration FPR {calibration['calib_fpr']:.3f})",
+            f"{calibration.tau:.4f} ({calibration.method}, target FPR {calibration.target_fpr}, "
+            f"calibration FPR {calibration.calib_fpr:.3f})",
         ),
         ("request sources", ", ".join(params.prepare.sources)),
         (
