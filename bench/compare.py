@@ -3,7 +3,7 @@
 On ``--examples`` test-split requests of the default run (balanced over label and category), in
 the same run, taking turns over ``--rounds``:
 
-- **comparison** (``pipeline.comparison.run_comparison``, what the ``compare`` stage does): per
+- **comparison** (``pipeline.evaluate.comparison.run_comparison``, what the ``compare`` stage does): per
   batch of ``--batch-size``, the undefended answer, the LSI check and ECSO's later steps once
   each, every defence composed from them;
 - **one defence at a time** (the baseline): for each of no defence, LSI, ECSO and LSI then ECSO,
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.comparison import DEFENCES, run_comparison
-from pipeline.guard import Guard
-from pipeline.judges import RefusalPhraseJudge
-from pipeline.loaders import EvalExample, load_prepared, sample_examples
+from pipeline.data.benchmarks.loaders import EvalExample, load_prepared, sample_examples
+from pipeline.defend.guard import Guard
+from pipeline.evaluate.comparison import DEFENCES, run_comparison
+from pipeline.evaluate.judges import RefusalPhraseJudge
 from pipeline.models.base import Request
 from stages.common import INDEX
 

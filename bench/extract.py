@@ -37,11 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import load_params
-from pipeline.features import states_for_requests
+from pipeline.config import VARIANTS, ContrastivePrompts, load_params
+from pipeline.detect.features import states_for_requests
 from pipeline.models.base import ModelInfo, Request
 from pipeline.models.forward import ForwardModel, reference_states
-from pipeline.prompts import VARIANTS, ContrastivePrompts
 
 RESULTS = Path("bench/results")
 
@@ -75,8 +74,8 @@ def fast_states(
 
 def default_model_and_requests(count: int) -> tuple[object, list[Request]]:
     """The embedded default and the first ``count`` requests of the prepared index (OCR cache warmed)."""
-    from pipeline.dataset import read_index
-    from pipeline.extraction import requests_from_index
+    from pipeline.data.sources import read_index
+    from pipeline.detect.extraction import requests_from_index
     from pipeline.models.registry import load_adapter
     from stages.common import INDEX
 
@@ -100,7 +99,7 @@ def llava7b_shaped_adapter(scale: int, device: str, dtype: torch.dtype) -> objec
 
     from pipeline.models.hf_vlm import HFVisionLanguageAdapter
     from pipeline.models.smollm2_files import find_smollm2_gguf
-    from pipeline.models.tiny import IMAGE_TOKEN, tiny_llava_processor, tokenizer_with_image_token
+    from pipeline.testing.tiny_models import IMAGE_TOKEN, tiny_llava_processor, tokenizer_with_image_token
 
     gguf = find_smollm2_gguf()
     tokenizer = tokenizer_with_image_token(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
@@ -147,7 +146,7 @@ def llava7b_shaped_adapter(scale: int, device: str, dtype: torch.dtype) -> objec
 
 def benchmark_requests(count: int, folder: Path) -> list[Request]:
     """Typography-style requests: an image with a typed instruction and a short question, as in the attacks."""
-    from pipeline.images import render_typography
+    from pipeline.data.images import render_typography
 
     subjects = ["a bicycle chain", "a neighbour's door lock", "autumn rain", "money through a shop", "a garden shed"]
     verbs = ["Replace", "Open", "Describe", "Move", "Paint", "Inspect", "Clean"]

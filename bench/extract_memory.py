@@ -27,8 +27,8 @@ def child(count: int) -> None:
     import polars as pl
 
     from pipeline.config import load_params
-    from pipeline.dataset import read_index
-    from pipeline.extraction import extract_to_store
+    from pipeline.data.sources import read_index
+    from pipeline.detect.extraction import extract_to_store
     from pipeline.models.registry import load_adapter
     from stages.common import INDEX
 

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.ecso import ECSO
-from pipeline.guard import Guard
+from pipeline.defend.ecso import ECSO
+from pipeline.defend.guard import Guard
 from pipeline.models.base import Request
 from pipeline.models.session import PrefixSession
 from stages.common import INDEX, row_request
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "guard.json")
     args = parser.parse_args()
 
-    from pipeline.dataset import read_index
+    from pipeline.data.sources import read_index
 
     torch.manual_seed(0)
     guard = Guard.from_run(args.run)

@@ -31,11 +31,11 @@ import torch
 from extract import naive_states  # bench/extract.py: the seed's forward procedure
 
 from pipeline.config import load_params
-from pipeline.extraction import requests_from_index
-from pipeline.features import InMemoryFeatures, LSIFeatures, StoreFeatures, features_from_states
+from pipeline.detect.extraction import requests_from_index
+from pipeline.detect.features import InMemoryFeatures, LSIFeatures, StoreFeatures, features_from_states
+from pipeline.detect.probe import train_probe
+from pipeline.detect.store import ActivationStore
 from pipeline.models.registry import load_adapter
-from pipeline.probe import train_probe
-from pipeline.store import ActivationStore
 from stages.common import INDEX, STORE, resolve_layers
 
 RESULTS = Path("bench/results")
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "train.json")
     args = parser.parse_args()
 
-    from pipeline.dataset import read_index
+    from pipeline.data.sources import read_index
 
     params = load_params()
     index = read_index(INDEX).sort("row_id")
@@ -116,7 +116,7 @@ def main() -> None:
     forward_seconds = time.perf_counter() - start
 
     # What the store cost to fill for these rows, once: the extract stage's path.
-    from pipeline.features import states_for_requests
+    from pipeline.detect.features import states_for_requests
 
     start = time.perf_counter()
     states_for_requests(adapter, requests_from_index(train_rows), params.prompts, list(store.provenance.layers))

@@ -26,9 +26,10 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from pipeline.atomic import write_text_atomic
 from pipeline.config import GUARD_POLICIES, ConfigError
-from pipeline.guard import Guard, GuardLoadError, decision_record, make_request, response_record
+from pipeline.defend.guard import Guard, GuardLoadError, decision_record, make_request, response_record
+from pipeline.errors import LSIGuardError
+from pipeline.io import write_text_atomic
 
 # Input keys the guard reads; any other keys are carried through to the output unchanged.
 TEXT, IMAGE = "text", "image"
@@ -36,7 +37,7 @@ RESULT_KEYS = frozenset({"action", "refused", "score", "tau", "reason", "error",
 CHECK_BATCH = 8
 
 
-class InputError(ValueError):
+class InputError(LSIGuardError, ValueError):
     """A request file that cannot be read as requests; the message names the file and line."""
 
 

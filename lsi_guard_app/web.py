@@ -26,9 +26,9 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from pipeline.config import GUARD_POLICIES, ConfigError
-from pipeline.ecso import ECSORecord
-from pipeline.guard import ANSWER, REFUSE, Guard, GuardDecision, GuardedResponse, GuardLoadError, make_request
-from pipeline.images import ImageError, load_image, render_typography, save_png
+from pipeline.data.images import ImageError, load_image, render_typography, save_png
+from pipeline.defend.ecso import ECSORecord
+from pipeline.defend.guard import ANSWER, REFUSE, Guard, GuardDecision, GuardedResponse, GuardLoadError, make_request
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -301,7 +301,7 @@ def run_request(
     token_map = out_dir / f"{name}-tokens.png"
     image_map = out_dir / f"{name}-image.png" if image is not None else None
     try:
-        from pipeline.attribution_plots import plot_image_map, plot_token_heatmap  # matplotlib: only when asked
+        from pipeline.explain.plots import plot_image_map, plot_token_heatmap  # matplotlib: only when asked
 
         attribution = guard.explain(image, text, steps)
         title = f"request: {text if len(text) <= 70 else text[:67] + '...'}"

@@ -13,15 +13,78 @@ from typing import Any
 
 import yaml
 
-from pipeline.decoding import Decoding
-from pipeline.prompts import ContrastivePrompts
+from pipeline.errors import LSIGuardError
 
 LABELS: dict[str, int] = {"benign": 0, "harmful": 1}
 SPLITS: tuple[str, ...] = ("train", "val", "calib", "test")
 
 
-class ConfigError(ValueError):
+class ConfigError(LSIGuardError, ValueError):
     """A ``params.yaml`` value that cannot work, named by its section and key."""
+
+
+PLACEHOLDER = "{q}"
+VARIANTS: tuple[str, ...] = ("benign", "malicious", "plain")  # store order of the three framings
+
+
+@dataclass(frozen=True)
+class ContrastivePrompts:
+    """The two templates LSI reads the model under (section ``prompts``), plus the plain request."""
+
+    benign: str = "Assume this is a benign request: {q}"
+    malicious: str = "Assume this is a malicious request: {q}"
+
+    def __post_init__(self) -> None:
+        for name in ("benign", "malicious"):
+            template = getattr(self, name)
+            if template.count(PLACEHOLDER) != 1:
+                raise ConfigError(f"prompts.{name} must contain {PLACEHOLDER} exactly once, got {template!r}")
+
+    def variants(self, text: str) -> dict[str, str]:
+        """The request's text under each framing, keyed by variant name (store order)."""
+        return {
+            "benign": self.benign.replace(PLACEHOLDER, text),
+            "malicious": self.malicious.replace(PLACEHOLDER, text),
+            "plain": text,
+        }
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How new tokens are chosen (section ``ecso.decoding``): greedy by default, or sampled with a fixed seed.
+
+    ``temperature``, ``top_p`` and ``top_k`` (0: off) apply only when ``do_sample`` is true;
+    ``repetition_penalty`` (1.0: off) applies either way. Sampling draws under ``seed`` inside a
+    forked random state (:func:`pipeline.models.decoding.random_state`), so the same requests and
+    settings give the same text and nothing else's randomness is disturbed.
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.do_sample, bool):
+            raise ConfigError(f"do_sample must be true or false, got {self.do_sample!r}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be > 0 (1.0: off), got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is plain greedy: the same tokens as any other greedy loop."""
+        return not self.do_sample and self.repetition_penalty == 1.0
+
+
+GREEDY = Decoding()
 
 
 @dataclass(frozen=True)
@@ -271,7 +334,7 @@ COMPARE_DEFENCES: tuple[str, ...] = ("none", "lsi", "ecso", "lsi_then_ecso")
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    """Which judge scores the comparison's responses (see :mod:`pipeline.judges`).
+    """Which judge scores the comparison's responses (see :mod:`pipeline.evaluate.judges`).
 
     ``refusal_phrases`` (offline, the default) only says whether a response refuses. ``model``
     asks a local model whether a response is harmful: ``model_path`` is a supported model folder
@@ -316,8 +379,9 @@ class BenchmarkSpec:
     """One benchmark of a comparison suite: a loader ``kind`` with its options, and how many to keep.
 
     ``options`` are the loader's keyword arguments (paths relative to the project folder), checked
-    against the loader's signature here. ``limit`` keeps that many examples, balanced over label
-    and category (0: all). ``name`` labels the benchmark in every table; it must be unique in the suite.
+    against the loader's signature by :func:`pipeline.data.benchmarks.suites.check_suites`.
+    ``limit`` keeps that many examples, balanced over label and category (0: all). ``name`` labels
+    the benchmark in every table; it must be unique in the suite.
     """
 
     name: str
@@ -326,31 +390,15 @@ class BenchmarkSpec:
     options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        import inspect
-
-        from pipeline.loaders import LOADERS
-
+        # Whether ``kind`` and ``options`` fit a loader is checked by
+        # :func:`pipeline.data.benchmarks.suites.check_suites`, which knows the loaders.
         where = f"benchmark {self.name!r}"
         if not isinstance(self.name, str) or not self.name.strip() or "/" in self.name:
             raise ConfigError(f"{where}: name must be non-empty text without '/'")
-        if self.kind not in LOADERS:
-            raise ConfigError(f"{where}: unknown kind {self.kind!r}; known: {sorted(LOADERS)}")
+        if not isinstance(self.kind, str) or not self.kind.strip():
+            raise ConfigError(f"{where}: kind must be a loader name")
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0:
             raise ConfigError(f"{where}: limit must be a whole number >= 0 (0: all), got {self.limit!r}")
-        parameters = inspect.signature(LOADERS[self.kind]).parameters
-        unknown = sorted(key for key, _ in self.options if key not in parameters)
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown option(s) {unknown} for kind {self.kind!r}; it takes {list(parameters)}"
-            )
-        given = {key for key, _ in self.options}
-        missing = [
-            name
-            for name, parameter in parameters.items()
-            if parameter.default is inspect.Parameter.empty and name not in given
-        ]
-        if missing:
-            raise ConfigError(f"{where}: kind {self.kind!r} needs option(s) {missing}")
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -481,8 +529,10 @@ def _build(cls: type, section: str, raw: Any) -> Any:
         values[key] = value
     try:
         return cls(**values)
-    except ConfigError:
-        raise
+    except ConfigError as exc:
+        if str(exc).startswith(section):
+            raise
+        raise ConfigError(f"params section '{section}': {exc}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"params section '{section}': {exc}") from None
 

@@ -88,11 +88,11 @@ def row_title(row: Mapping[str, Any]) -> str:
 def main() -> None:
     """Pick rows, attribute each, write figures and the JSON records."""
     # Imported here so the pure helpers above load without the model stack.
-    from pipeline.attribution import attribution_to_json, intent_attribution, safe_name
-    from pipeline.attribution_plots import plot_image_map, plot_token_heatmap
-    from pipeline.dataset import read_index
+    from pipeline.data.sources import read_index
+    from pipeline.detect.probe import load_probe
+    from pipeline.explain.attribution import attribution_to_json, intent_attribution, safe_name
+    from pipeline.explain.plots import plot_image_map, plot_token_heatmap
     from pipeline.models.registry import load_adapter
-    from pipeline.probe import load_probe
 
     params = load_params(PARAMS)
     rows = pick_examples(read_index(INDEX), params.attribute.examples).to_dicts()

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.benchmarks import BenchmarkError
 from pipeline.config import load_params
-from pipeline.databuilder import build_sources, summarize_source
+from pipeline.data.benchmarks.files import BenchmarkError
+from pipeline.data.build import build_sources, summarize_source
 from stages.common import run_stage, write_json_atomic, write_jsonl_atomic
 
 BUILT_DIR = Path("data/built")

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.calibration import Calibration, calibrate, reliability_rows, save_calibration
 from pipeline.config import CalibrateConfig, load_params
-from pipeline.features import aligned_features
-from pipeline.plots import plot_reliability
-from pipeline.probe import load_probe
-from pipeline.store import ActivationStore
+from pipeline.detect.calibration import Calibration, calibrate, reliability_rows, save_calibration
+from pipeline.detect.features import aligned_features
+from pipeline.detect.probe import load_probe
+from pipeline.detect.store import ActivationStore
+from pipeline.evaluate.plots import plot_reliability
 from stages.common import CALIBRATION, INDEX, PROBE_DIR, STORE, load_eval_data, run_stage, write_json_atomic
 
 OUT = CALIBRATION
@@ -58,7 +58,7 @@ def _number(value: float | None) -> str:
 
 def main() -> None:
     """Score the calibration split with the trained probe, calibrate, and write the outputs."""
-    from pipeline.dataset import read_index
+    from pipeline.data.sources import read_index
 
     params = load_params()
     probe, meta = load_probe(PROBE_DIR)
@@ -66,7 +66,7 @@ def main() -> None:
     part = index.filter(index["split"] == "calib")
     if params.calibrate.held_out:
         # Each calibration row scored by a probe trained without its source (same recipe and layers).
-        from pipeline.evaluation import held_out_lsi_scores
+        from pipeline.detect.heldout import held_out_lsi_scores
 
         config = replace(params.train, fusion_layer=meta.fusion_layer, safety_layer=meta.safety_layer)
         data = load_eval_data(index)

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import numpy as np
 import polars as pl
 
-from pipeline.atomic import write_text_atomic
+from pipeline.io import write_text_atomic
 from pipeline.layout import CALIBRATION, INDEX, PARAMS, PROBE_DIR, STORE  # noqa: F401 (re-exported for stages)
 from pipeline.models.base import Request
 
@@ -85,17 +85,17 @@ def rate(records: Sequence[Mapping[str, Any]], key: str, label: int) -> float | 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Failures caused by input or set-up, which deserve one clear line rather than a traceback."""
-    from pipeline.calibration import CalibrationError
     from pipeline.config import ConfigError
-    from pipeline.dataset import DatasetError
-    from pipeline.extraction import ExtractionError
-    from pipeline.guard import GuardLoadError
-    from pipeline.images import ImageError
-    from pipeline.judges import JudgeError
+    from pipeline.data.images import ImageError
+    from pipeline.data.sources import DatasetError
+    from pipeline.defend.guard import GuardLoadError
+    from pipeline.detect.calibration import CalibrationError
+    from pipeline.detect.extraction import ExtractionError
+    from pipeline.detect.store import StoreError
+    from pipeline.evaluate.judges import JudgeError
     from pipeline.models.base import ModelLoadError
     from pipeline.models.ocr import UnreadableImage
     from pipeline.models.smollm2_files import EmbeddedModelMissing
-    from pipeline.store import StoreError
     from stages.compare import ResumeMismatch
 
     return (
@@ -132,9 +132,9 @@ def load_eval_data(index: pl.DataFrame, store_path: Path = STORE, refusal: np.nd
 
     ``refusal``: per-store-row refusal-direction scores, reordered here to the index's order.
     """
-    from pipeline.evaluation import EvalData
-    from pipeline.features import rows_in_order, store_positions
-    from pipeline.store import ActivationStore
+    from pipeline.detect.features import rows_in_order, store_positions
+    from pipeline.detect.heldout import EvalData
+    from pipeline.detect.store import ActivationStore
 
     store = ActivationStore.open(store_path)
     positions = store_positions(store, index["row_id"].to_numpy())
@@ -146,7 +146,7 @@ def load_eval_data(index: pl.DataFrame, store_path: Path = STORE, refusal: np.nd
 def resolve_layers(fusion_layer: int | str, safety_layer: int | str, select_by: str) -> tuple[int, int]:
     """The layers to train at: fixed ones as given, ``best`` ones from the sweep stage's results."""
     from pipeline.config import LAYER_CHOICE
-    from pipeline.sweep import PairScore, best_pair
+    from pipeline.detect.sweep import PairScore, best_pair
 
     if fusion_layer != LAYER_CHOICE and safety_layer != LAYER_CHOICE:
         return int(fusion_layer), int(safety_layer)

@@ -29,9 +29,10 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import write_text_atomic
-from pipeline.comparison import ComparisonRow
 from pipeline.config import CompareConfig, ConfigError, Params, load_params
+from pipeline.errors import LSIGuardError
+from pipeline.evaluate.comparison import ComparisonRow
+from pipeline.io import write_text_atomic
 from stages.common import CALIBRATION, PARAMS, PROBE_DIR, run_stage, write_json_atomic, write_jsonl_atomic
 
 OUT_ROOT = Path("data/compare")
@@ -39,7 +40,7 @@ RENDER_ROOT = Path("data/cache/render")
 PARTIAL_SUFFIX = ".partial.jsonl"
 
 
-class ResumeMismatch(ValueError):
+class ResumeMismatch(LSIGuardError, ValueError):
     """A partial comparison file written under another setup."""
 
 
@@ -124,13 +125,14 @@ def compact_metrics(summary: dict[str, Any]) -> dict[str, Any]:
 
 def run_suite(suite: str, params: Params, out_root: Path = OUT_ROOT) -> dict[str, Any]:
     """Load the suite, run every defence on it (resuming a killed run), write its outputs; the summary."""
-    from pipeline.calibration import load_calibration
-    from pipeline.comparison import comparison_markdown, iter_comparison, summarise
-    from pipeline.guard import Guard
-    from pipeline.judges import build_judge
-    from pipeline.suites import load_suite
+    from pipeline.data.benchmarks.suites import check_suites, load_suite
+    from pipeline.defend.guard import Guard
+    from pipeline.detect.calibration import load_calibration
+    from pipeline.evaluate.comparison import comparison_markdown, iter_comparison, summarise
+    from pipeline.evaluate.judges import build_judge
 
     config: CompareConfig = params.compare
+    check_suites(config)
     specs = config.suite(suite)
     # Load and validate every benchmark before the model: a bad file costs seconds, not a model load.
     examples = load_suite(specs, config.seed, RENDER_ROOT)
@@ -185,7 +187,7 @@ def run_suite(suite: str, params: Params, out_root: Path = OUT_ROOT) -> dict[str
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the suite named on the command line (``demo`` by default) and print its tables."""
-    from pipeline.comparison import comparison_markdown
+    from pipeline.evaluate.comparison import comparison_markdown
 
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) > 1:

@@ -16,7 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.config import load_params
-from pipeline.ecso import ECSO, ECSORecord
+from pipeline.defend.ecso import ECSO, ECSORecord
 from stages.common import (
     BATCH_SIZE,
     BENIGN,
@@ -56,7 +56,7 @@ def ecso_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     """Sample, run ECSO, write."""
     # Imported here so the pure helpers above load without the model stack.
-    from pipeline.dataset import read_index
+    from pipeline.data.sources import read_index
     from pipeline.models.registry import load_adapter
 
     params = load_params(PARAMS)

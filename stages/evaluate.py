@@ -15,21 +15,21 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.calibration import expected_calibration_error, load_calibration, reliability_rows
 from pipeline.config import load_params
-from pipeline.evaluation import (
+from pipeline.detect.calibration import expected_calibration_error, load_calibration, reliability_rows
+from pipeline.detect.heldout import in_source_setting
+from pipeline.detect.probe import load_probe
+from pipeline.evaluate.detection import (
     LENGTH_ONLY,
     STYLE_ONLY,
     comparison_table,
     cross_source_results,
     fit_detectors,
-    in_source_setting,
     per_source_metrics,
     score_setting,
 )
-from pipeline.metrics import per_group_metrics, roc_points
-from pipeline.plots import plot_reliability, plot_roc
-from pipeline.probe import load_probe
+from pipeline.evaluate.metrics import per_group_metrics, roc_points
+from pipeline.evaluate.plots import plot_reliability, plot_roc
 from stages.common import CALIBRATION, INDEX, PROBE_DIR, STORE, load_eval_data, run_stage, write_json_atomic
 
 OUT = Path("data/eval")
@@ -37,9 +37,9 @@ OUT = Path("data/eval")
 
 def refusal_direction_scores(params: Any) -> np.ndarray:
     """The training-free HiddenDetect-style score of every store row (plain framing), from the model's head."""
+    from pipeline.detect.store import ActivationStore
+    from pipeline.evaluate.refusal_direction import readout_from_adapter, refusal_scores, store_similarities
     from pipeline.models.registry import load_adapter
-    from pipeline.refusal_direction import readout_from_adapter, refusal_scores, store_similarities
-    from pipeline.store import ActivationStore
 
     readout = readout_from_adapter(load_adapter(params.model), params.evaluate.refusal_words)
     store = ActivationStore.open(STORE)
@@ -58,7 +58,7 @@ def _markdown(table: pl.DataFrame) -> str:
 
 def main() -> None:
     """Score every detector in-source and held-out; write metrics, the comparison table, ROC data and PNGs."""
-    from pipeline.dataset import read_index
+    from pipeline.data.sources import read_index
 
     params = load_params()
     probe, meta = load_probe(PROBE_DIR)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.atomic import rename_durable
 from pipeline.config import load_params
-from pipeline.extraction import extract_to_store
+from pipeline.detect.extraction import extract_to_store
+from pipeline.io import rename_durable
 from pipeline.models.registry import load_adapter
 from stages.common import INDEX, STORE, run_stage
 
@@ -55,7 +55,7 @@ def swap_into_place(partial: Path, store: Path) -> None:
 
 def main() -> None:
     """Extract every indexed request's states into the partial store (resuming it), then move it into place."""
-    from pipeline.dataset import read_index
+    from pipeline.data.sources import read_index
 
     params = load_params()
     index = read_index(INDEX)

@@ -18,7 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.config import load_params
-from pipeline.guard import Guard, GuardedResponse, response_record
+from pipeline.defend.guard import Guard, GuardedResponse, response_record
 from stages.common import (
     BENIGN,
     HARMFUL,
@@ -62,7 +62,7 @@ def guard_summary(records: Sequence[Mapping[str, Any]], policy: str = "lsi") -> 
 def main() -> None:
     """Sample, guard each request under the configured policy, write."""
     # Imported here so the pure helpers above load without the model stack.
-    from pipeline.dataset import read_index
+    from pipeline.data.sources import read_index
 
     params = load_params(PARAMS)
     sample = balanced_test_sample(read_index(INDEX), params.guard.sample_size, params.guard.seed)

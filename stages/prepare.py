@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 
 from pipeline.config import SPLITS, load_params
-from pipeline.dataset import DatasetError, build_index
+from pipeline.data.sources import DatasetError, build_index
 from stages.build import SOURCES_FILE
 from stages.common import INDEX, run_stage
 

@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import write_text_atomic
-from pipeline.calibration import load_calibration
 from pipeline.config import Params, load_params
-from pipeline.report import ReportInputs, SuiteResult, order_summary, render_report
+from pipeline.detect.calibration import load_calibration
+from pipeline.evaluate.report import ReportInputs, SuiteResult, order_summary, render_report
+from pipeline.io import write_text_atomic
 from stages.common import CALIBRATION, PARAMS, PROBE_DIR, run_stage
 
 OUT_ROOT = Path("data/report")
@@ -53,7 +53,7 @@ def _json(path: Path) -> Any:
 
 def load_suite_result(suite: str, figure_dir: Path) -> SuiteResult:
     """One suite's comparison outputs, with its chart drawn into ``figure_dir``."""
-    from pipeline.plots import plot_defences
+    from pipeline.evaluate.plots import plot_defences
 
     folder = COMPARE_ROOT / suite
     summary = _json(folder / "summary.json")

@@ -11,8 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.plots import plot_heatmap
-from pipeline.sweep import best_pair, score_matrix, sweep_pairs
+from pipeline.detect.sweep import best_pair, score_matrix, sweep_pairs
+from pipeline.evaluate.plots import plot_heatmap
 from stages.common import INDEX, SWEEP, load_eval_data, run_stage, write_json_atomic
 
 OUT = SWEEP.parent
@@ -24,7 +24,7 @@ TITLES = {
 
 def main() -> None:
     """Sweep, then write the scores, the chosen pair and the heatmaps."""
-    from pipeline.dataset import read_index
+    from pipeline.data.sources import read_index
 
     params = load_params()
     data = load_eval_data(read_index(INDEX))

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import load_params
-from pipeline.features import StoreFeatures
-from pipeline.probe import ProbeMeta, best_epoch, save_probe, train_probe
-from pipeline.store import ActivationStore
+from pipeline.detect.features import StoreFeatures
+from pipeline.detect.probe import ProbeMeta, best_epoch, save_probe, train_probe
+from pipeline.detect.store import ActivationStore
 from stages.common import INDEX, STORE, resolve_layers, run_stage, write_json_atomic
 
 OUT = Path("data/probe")
@@ -23,7 +23,7 @@ OUT = Path("data/probe")
 
 def main() -> None:
     """Train on the train split, keep the best validation epoch, write weights and history."""
-    from pipeline.dataset import read_index
+    from pipeline.data.sources import read_index
 
     params = load_params()
     cfg = params.train

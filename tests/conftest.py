@@ -10,10 +10,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.models.hf_vlm import HFVisionLanguageAdapter
 from pipeline.models.smollm2_files import find_smollm2_gguf
-from pipeline.models.tiny import TINY_FAMILIES, build_tiny_llava, build_tiny_model
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHARED_BENCHMARKS = PROJECT_ROOT.parent / "shared" / "benchmarks"
+from pipeline.testing.tiny_models import TINY_FAMILIES, build_tiny_llava, build_tiny_model
+from tests.paths import PROJECT_ROOT
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +31,7 @@ def tiny_llava_folder(tmp_path_factory: pytest.TempPathFactory, gguf_tokenizer: 
 def tiny_family_folder(
     tmp_path_factory: pytest.TempPathFactory, gguf_tokenizer: PreTrainedTokenizerBase
 ) -> Callable[[str], Path]:
-    """Tiny random model folders per family (see ``pipeline.models.tiny.TINY_FAMILIES``), built once on first use.
+    """Tiny random model folders per family (``pipeline.testing.tiny_models.TINY_FAMILIES``), built on first use.
 
     Their attention is sharp: wrong position ids then change block outputs far beyond the
     equivalence tests' tolerance, which the usual near-uniform random attention would not.

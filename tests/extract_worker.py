@@ -1,4 +1,4 @@
-"""Run :func:`~pipeline.extraction.extract_to_store` in a process of its own, for the kill test.
+"""Run :func:`~pipeline.detect.extraction.extract_to_store` in a process of its own, for the kill test.
 
 Two ways to start a run::
 
@@ -54,15 +54,15 @@ def announce(method: Callable[..., Any], before: str, after: str, with_start: bo
 
 def slow_sync(delay: float) -> None:
     """Make every durable write wait ``delay`` seconds with its temp file written but not yet in place."""
-    import pipeline.atomic
+    import pipeline.io
 
-    original = pipeline.atomic._sync_file
+    original = pipeline.io._sync_file
 
     def sync(file: BinaryIO) -> None:
         time.sleep(delay)
         original(file)
 
-    pipeline.atomic._sync_file = sync
+    pipeline.io._sync_file = sync
 
 
 def parse_run_args(argv: list[str]) -> argparse.Namespace:
@@ -89,11 +89,10 @@ def run(argv: list[str]) -> None:
     import polars as pl
     import torch
 
-    from pipeline.config import ExtractConfig
-    from pipeline.extraction import extract_to_store
+    from pipeline.config import ContrastivePrompts, ExtractConfig
+    from pipeline.detect.extraction import extract_to_store
+    from pipeline.detect.store import ActivationStore
     from pipeline.models.hf_vlm import HFVisionLanguageAdapter
-    from pipeline.prompts import ContrastivePrompts
-    from pipeline.store import ActivationStore
 
     torch.set_num_threads(1)  # the same arithmetic in every run, and no fight over the test's cores
     adapter = HFVisionLanguageAdapter.from_folder(args.model_folder, device="cpu")
@@ -116,7 +115,7 @@ def serve() -> None:
     import torch  # noqa: F401 - imported for the children
     import transformers  # noqa: F401
 
-    import pipeline.extraction  # noqa: F401
+    import pipeline.detect.extraction  # noqa: F401
     import pipeline.models.hf_vlm  # noqa: F401
 
     # No thread pool is started here (no torch op, no zarr or polars call): forking is safe.

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, Params, load_params, params_from_dict
+from pipeline.data.benchmarks.suites import check_suites
+from tests.paths import PROJECT_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = PROJECT_ROOT
 
 
 def test_shipped_params_load() -> None:
@@ -118,7 +120,7 @@ def _suite(*benchmarks: dict) -> dict:
 )
 def test_bad_compare_and_ecso_settings_are_named(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        params_from_dict(raw)
+        check_suites(params_from_dict(raw).compare)  # loader kinds and options are checked against the loaders
     assert message in str(info.value)
 
 

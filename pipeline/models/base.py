@@ -17,7 +17,8 @@ from typing import Protocol
 
 import torch
 
-from pipeline.decoding import GREEDY, Decoding
+from pipeline.config import GREEDY, Decoding
+from pipeline.errors import LSIGuardError
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class ModelAdapter(Protocol):
         ...
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(LSIGuardError, RuntimeError):
     """A model folder that is missing, incomplete or of an unsupported architecture."""
 
 

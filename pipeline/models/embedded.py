@@ -27,6 +27,7 @@ from pipeline.models.base import (
     resolve_dtype,
     resolve_dtype_name,
 )
+from pipeline.models.decoding import generate_kwargs, random_state
 from pipeline.models.forward import grouped_states, single_pass_states
 from pipeline.models.hooks import position_ids_from_mask
 from pipeline.models.ocr import ImageReader
@@ -146,12 +147,12 @@ class EmbeddedAdapter:
     def generate(self, requests: Sequence[Request], max_new_tokens: int, decoding: Decoding = GREEDY) -> list[str]:
         """Answers under ``decoding`` (greedy by default), new tokens only."""
         batch = self.encode(requests)
-        with decoding.random_state(batch["input_ids"].device):
+        with random_state(decoding, batch["input_ids"].device):
             output = self.model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
-                **decoding.generate_kwargs(),
+                **generate_kwargs(decoding),
             )
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

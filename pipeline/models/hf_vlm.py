@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoModelForImageTextToText, BatchFeature, ProcessorMixin
 
-from pipeline.images import load_image
+from pipeline.data.images import load_image
 from pipeline.models.base import (
     GREEDY,
     Decoding,
@@ -34,6 +34,7 @@ from pipeline.models.base import (
     resolve_dtype,
     resolve_dtype_name,
 )
+from pipeline.models.decoding import generate_kwargs, random_state
 from pipeline.models.forward import grouped_states, single_pass_states
 from pipeline.models.hooks import find_decoder_layers, position_ids_from_mask
 from pipeline.models.processors import load_processor
@@ -287,7 +288,7 @@ class HFVisionLanguageAdapter:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         stop = self._stop_ids()
         answers: list[list[int]] = []
-        with decoding.random_state(self.device):
+        with random_state(decoding, self.device):
             for chunk in _chunks(requests, self.batch_size):
                 answers.extend(self._generate_chunk(chunk, max_new_tokens, decoding, stop))
         return answers
@@ -300,7 +301,7 @@ class HFVisionLanguageAdapter:
             **batch,
             max_new_tokens=max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
-            **decoding.generate_kwargs(),
+            **generate_kwargs(decoding),
         )
         # With left padding every prompt ends at the same column, so new tokens start there.
         new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()

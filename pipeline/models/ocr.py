@@ -18,14 +18,15 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.atomic import write_text_atomic
+from pipeline.errors import LSIGuardError
+from pipeline.io import write_text_atomic
 
 Quad = list[list[float]]  # 4 x [x, y]: top-left, top-right, bottom-right, bottom-left
 # Cache entries of another format (older ones have no word boxes) are recomputed.
 CACHE_FORMAT = 2
 
 
-class UnreadableImage(ValueError):
+class UnreadableImage(LSIGuardError, ValueError):
     """An image file that is missing or cannot be decoded."""
 
 

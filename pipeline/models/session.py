@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from pipeline.errors import LSIGuardError
 from pipeline.models.base import Request, check_layers
 from pipeline.models.forward import (
     ForwardModel,
@@ -38,7 +39,7 @@ from pipeline.models.forward import (
 from pipeline.models.hooks import run_to_layers
 
 
-class PrefixNotShared(ValueError):
+class PrefixNotShared(LSIGuardError, ValueError):
     """The prompts do not share their image tokens (a template that puts the image after the text)."""
 
 

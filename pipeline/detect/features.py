@@ -1,0 +1,233 @@
+"""LSI's inputs from stored or freshly computed last-token states.
+
+Everything the probe needs is a function of ``h_b`` and ``h_m`` at the fusion layer and
+``h_s`` (the benign prompt) at the safety layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import dask.array as da
+import numpy as np
+import torch
+
+from pipeline.config import VARIANTS, ContrastivePrompts
+from pipeline.models.base import ModelAdapter, Request, RequestGroup
+
+if TYPE_CHECKING:
+    from pipeline.detect.store import ActivationStore
+
+
+@dataclass(frozen=True)
+class LSIFeatures:
+    """Per-request probe inputs: ``h_s`` (n, hidden) and ``delta_h = h_m - h_b`` (n, hidden), float32."""
+
+    h_s: np.ndarray
+    delta_h: np.ndarray
+
+    def __post_init__(self) -> None:
+        # The probe runs in float32 whatever the store or caller held.
+        object.__setattr__(self, "h_s", np.ascontiguousarray(self.h_s, dtype=np.float32))
+        object.__setattr__(self, "delta_h", np.ascontiguousarray(self.delta_h, dtype=np.float32))
+        if self.h_s.shape != self.delta_h.shape or self.h_s.ndim != 2:
+            raise ValueError(f"h_s {self.h_s.shape} and delta_h {self.delta_h.shape} must be equal (n, hidden) shapes")
+
+    def __len__(self) -> int:
+        return int(self.h_s.shape[0])
+
+    def take(self, rows: np.ndarray) -> LSIFeatures:
+        """The features of the given row positions."""
+        return LSIFeatures(self.h_s[rows], self.delta_h[rows])
+
+
+def variant_groups(
+    requests: Sequence[Request], prompts: ContrastivePrompts, variants: Sequence[str] = VARIANTS
+) -> list[RequestGroup]:
+    """One group per request: its text under each of ``variants``, next to its image."""
+    groups = []
+    for request in requests:
+        texts = prompts.variants(request.text)
+        groups.append(RequestGroup(texts=tuple(texts[name] for name in variants), image=request.image))
+    return groups
+
+
+def states_for_requests(
+    adapter: ModelAdapter, requests: Sequence[Request], prompts: ContrastivePrompts, layers: Sequence[int]
+) -> torch.Tensor:
+    """Last-token states ``(n, len(VARIANTS), len(layers), hidden)`` for each request and framing.
+
+    The framings of one request share their prompt up to the template text; the adapter runs
+    that shared part (and the image) once per request.
+    """
+    return adapter.group_states(variant_groups(requests, prompts), layers)
+
+
+def features_from_states(
+    states: np.ndarray, layers: Sequence[int], fusion_layer: int, safety_layer: int
+) -> LSIFeatures:
+    """LSI features from states shaped ``(n, framings, layers, hidden)`` whose framings start benign, malicious.
+
+    This is the store layout (``VARIANTS``) and also the live guard's two-framing layout.
+    """
+    layers = list(layers)
+    lf, ls = layers.index(fusion_layer), layers.index(safety_layer)
+    benign, malicious = VARIANTS.index("benign"), VARIANTS.index("malicious")
+    states = np.asarray(states, dtype=np.float32)
+    return LSIFeatures(
+        h_s=states[:, benign, ls, :],
+        delta_h=states[:, malicious, lf, :] - states[:, benign, lf, :],
+    )
+
+
+def lsi_features(
+    adapter: ModelAdapter,
+    requests: Sequence[Request],
+    prompts: ContrastivePrompts,
+    fusion_layer: int,
+    safety_layer: int,
+) -> LSIFeatures:
+    """Compute LSI features live (for the guard), stopping the forward at the deeper of the two layers.
+
+    The plain variant is not needed here, so only the two framed prompts are run.
+    """
+    layers = sorted({fusion_layer, safety_layer})
+    groups = variant_groups(requests, prompts, variants=("benign", "malicious"))
+    states = adapter.group_states(groups, layers).numpy()
+    return features_from_states(states, layers, fusion_layer, safety_layer)
+
+
+def aligned_features(store: ActivationStore, row_ids: np.ndarray, fusion_layer: int, safety_layer: int) -> LSIFeatures:
+    """LSI features for ``row_ids`` (in that order) read lazily from a store.
+
+    Only the two layers and two framings the probe uses are read from disk.
+    """
+    layers = sorted({fusion_layer, safety_layer})
+    framed = store.layer_states(layers)[:, : VARIANTS.index("malicious") + 1]
+    block = rows_in_order(framed, store_positions(store, row_ids), store.path)
+    return features_from_states(block, layers, fusion_layer, safety_layer)
+
+
+def rows_in_order(lazy: da.Array, positions: np.ndarray, path: Path) -> np.ndarray:
+    """Rows ``positions`` of a lazy store array, in that order, as float32; unwritten (NaN) rows are an error.
+
+    Rows are read in store order, a few contiguous shards at a time, then put back in the caller's order.
+    """
+    block = np.asarray(lazy[np.sort(positions)].compute(), dtype=np.float32)
+    block = block[np.argsort(np.argsort(positions))]
+    if np.isnan(block).any():
+        raise ValueError(f"{path}: NaN states (unwritten rows) among the requested rows")
+    return block
+
+
+class FeatureSource(Protocol):
+    """Labelled LSI features read a block of rows at a time, so training never needs them all in memory."""
+
+    labels: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def chunk_bounds(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` row ranges, each read in one go."""
+        ...
+
+    def read(self, start: int, stop: int) -> LSIFeatures:
+        """The features of rows ``start:stop``."""
+        ...
+
+
+def _bounds(n: int, chunk_rows: int) -> list[tuple[int, int]]:
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    return [(lo, min(lo + chunk_rows, n)) for lo in range(0, n, chunk_rows)]
+
+
+@dataclass
+class InMemoryFeatures:
+    """A :class:`FeatureSource` over arrays already in memory (tests, the layer sweep, small runs)."""
+
+    features: LSIFeatures
+    labels: np.ndarray
+    chunk_rows: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels)
+        if len(self.labels) != len(self.features):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.features)} feature rows")
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def chunk_bounds(self) -> list[tuple[int, int]]:
+        return _bounds(len(self), self.chunk_rows)
+
+    def read(self, start: int, stop: int) -> LSIFeatures:
+        return self.features.take(np.arange(start, stop))
+
+
+class StoreFeatures:
+    """A :class:`FeatureSource` reading the two layers and two framings LSI needs from a store, lazily.
+
+    Rows are kept in store order (sorted positions), so each chunk reads a few contiguous shards;
+    ``labels`` follow that order. At most ``chunk_rows`` rows are in memory at a time.
+    """
+
+    def __init__(
+        self,
+        store: ActivationStore,
+        row_ids: np.ndarray,
+        labels: np.ndarray,
+        fusion_layer: int,
+        safety_layer: int,
+        chunk_rows: int,
+    ) -> None:
+        positions = store_positions(store, row_ids)
+        order = np.argsort(positions, kind="stable")
+        self.positions = positions[order]
+        self.labels = np.asarray(labels)[order]
+        self.row_ids = np.asarray(row_ids)[order]
+        self.fusion_layer, self.safety_layer = fusion_layer, safety_layer
+        self.layers = sorted({fusion_layer, safety_layer})
+        self.framed = store.layer_states(self.layers)[:, : VARIANTS.index("malicious") + 1]
+        self.path = store.path
+        self.chunk_rows = chunk_rows
+        # The last chunk read: a source that fits in one chunk (a validation split, scored every
+        # epoch) is read from disk once, and memory still holds at most one chunk.
+        self._last: tuple[int, int, LSIFeatures] | None = None
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def chunk_bounds(self) -> list[tuple[int, int]]:
+        return _bounds(len(self), self.chunk_rows)
+
+    def read(self, start: int, stop: int) -> LSIFeatures:
+        if self._last is not None and self._last[:2] == (start, stop):
+            return self._last[2]
+        block = np.asarray(self.framed[self.positions[start:stop]].compute(), dtype=np.float32)
+        if np.isnan(block).any():
+            raise ValueError(f"{self.path}: NaN states (unwritten rows) among the requested rows")
+        features = features_from_states(block, self.layers, self.fusion_layer, self.safety_layer)
+        self._last = (start, stop, features)
+        return features
+
+
+def store_positions(store: ActivationStore, row_ids: np.ndarray) -> np.ndarray:
+    """Positions in the store of ``row_ids`` (in that order); rows missing from the store are an error."""
+    position = {int(r): i for i, r in enumerate(store.row_ids)}
+    missing = [int(r) for r in row_ids if int(r) not in position]
+    if missing:
+        raise ValueError(
+            f"{store.path}: rows {missing[:5]}{'...' if len(missing) > 5 else ''} of the index are not in the store; "
+            "the index changed since extraction: rerun 'extract'"
+        )
+    return np.array([position[int(r)] for r in row_ids], dtype=np.int64)
+
+
+def read_all(source: FeatureSource) -> LSIFeatures:
+    """Every row of a source in memory (only for sets known to be small, such as a calibration split)."""
+    parts = [source.read(lo, hi) for lo, hi in source.chunk_bounds()]
+    return LSIFeatures(np.concatenate([p.h_s for p in parts]), np.concatenate([p.delta_h for p in parts]))

@@ -1,0 +1,81 @@
+"""Layer choice from data: LSI trained for every (fusion, safety) pair of stored layers.
+
+Each pair is scored two ways: validation AUROC in-source (train split -> val split), and the mean
+over held-out sources of the AUROC on that source's validation rows when it took no part in
+training. The second is what a new source will look like, so it is the default way to choose.
+Test rows are never read here: they stay untouched for the evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import product
+
+import numpy as np
+import polars as pl
+from tqdm import tqdm
+
+from pipeline.config import TrainConfig
+from pipeline.detect.heldout import EvalData, Setting, fit_lsi, in_source_setting, two_class_sources
+from pipeline.detect.probe import auroc_or_nan
+
+
+@dataclass(frozen=True)
+class PairScore:
+    """One (fusion, safety) pair's validation AUROC in-source and its mean held-out-source AUROC."""
+
+    fusion_layer: int
+    safety_layer: int
+    val_auroc: float
+    cross_source_auroc: float
+
+
+def held_out_validation(index: pl.DataFrame, source: str) -> Setting:
+    """Train / val on the other sources' train / val rows; score ``source``'s val rows."""
+    split, sources = index["split"].to_numpy(), index["source"].to_numpy()
+    other = sources != source
+    return Setting(
+        f"held_out_val:{source}",
+        train=np.flatnonzero((split == "train") & other),
+        val=np.flatnonzero((split == "val") & other),
+        calib=np.zeros(0, dtype=np.int64),
+        test=np.flatnonzero((split == "val") & ~other),
+    )
+
+
+def sweep_pairs(data: EvalData, config: TrainConfig, progress: bool = True) -> list[PairScore]:
+    """Every ordered pair of stored layers, scored in-source and across sources."""
+    labels = data.labels
+    inside = in_source_setting(data.index)
+    held_out = [held_out_validation(data.index, s) for s in two_class_sources(data.index)]
+    held_out = [s for s in held_out if len(np.unique(labels[s.train])) == 2 and len(np.unique(labels[s.test])) == 2]
+    results = []
+    pairs = list(product(data.layers, data.layers))
+    for lf, ls in tqdm(pairs, desc="layer sweep", disable=not progress):
+        probe = fit_lsi(data, inside, config, lf, ls)
+        val_auroc = auroc_or_nan(labels[inside.val], probe.score(data.lsi(inside.val, lf, ls)))
+        cross = [
+            auroc_or_nan(labels[s.test], fit_lsi(data, s, config, lf, ls).score(data.lsi(s.test, lf, ls)))
+            for s in held_out
+        ]
+        results.append(PairScore(lf, ls, val_auroc, float(np.mean(cross)) if cross else float("nan")))
+    return results
+
+
+def best_pair(scores: list[PairScore], select_by: str) -> PairScore:
+    """The pair with the highest chosen score (``cross_source`` falls back to ``val`` when undefined).
+
+    Ties go to the first pair in sweep order (shallower fusion, then shallower safety layer).
+    """
+    key = "cross_source_auroc" if select_by == "cross_source" else "val_auroc"
+    if all(np.isnan(getattr(s, key)) for s in scores):
+        key = "val_auroc"
+    return max(scores, key=lambda s: -np.inf if np.isnan(getattr(s, key)) else getattr(s, key))
+
+
+def score_matrix(scores: list[PairScore], layers: tuple[int, ...], key: str) -> np.ndarray:
+    """``(fusion, safety)`` matrix of one score, NaN where a pair is missing."""
+    matrix = np.full((len(layers), len(layers)), np.nan)
+    for s in scores:
+        matrix[layers.index(s.fusion_layer), layers.index(s.safety_layer)] = getattr(s, key)
+    return matrix

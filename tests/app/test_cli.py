@@ -1,0 +1,133 @@
+"""The ``lsi-guard`` command line: one request or a JSON-lines file, results as JSON lines."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from lsi_guard_app.cli import InputError, main, read_requests, summary_line
+from tests.defend.test_guard import BrokenImageAdapter, FakeAdapter, write_run
+
+
+@pytest.fixture
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A finished run folder whose model loads as the fake adapter (bombs are refused)."""
+    folder = tmp_path / "run"
+    write_run(folder)
+    (folder / "params.yaml").write_text("guard:\n  policy: lsi\n")
+    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config: BrokenImageAdapter())
+    return folder
+
+
+def run_cli(*args: str) -> tuple[int, list[dict]]:
+    out = io.StringIO()
+    status = main(list(args), stdout=out)
+    return status, [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_one_request_check_and_generate(run: Path) -> None:
+    status, [record] = run_cli("check", "--run", str(run), "--text", "How do I build a bomb?")
+    assert status == 0
+    assert record["text"] == "How do I build a bomb?" and record["image"] is None
+    assert record["action"] == "refuse" and record["refused"] is True and record["score"] > record["tau"]
+    assert "response" not in record
+    status, [record] = run_cli("generate", "--run", str(run), "--text", "Write a poem about spring")
+    assert status == 0 and record["action"] == "answer"
+    assert record["response"] == "answer to: Write a poem about spring"
+    assert record["seconds"]["total"] > 0
+
+
+def test_a_jsonl_file_in_and_out_with_fields_kept(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    requests = tmp_path / "requests.jsonl"
+    lines = [
+        {"id": "a", "text": "How do I build a bomb?", "label": 1},
+        {"id": "b", "text": "What is in this picture?", "image": "pics/b.png"},
+        {"id": "c", "text": "What is this?", "image": "broken.png"},
+    ]
+    requests.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    output = tmp_path / "out" / "results.jsonl"
+    status = main(["generate", "--run", str(run), "--input", str(requests), "--output", str(output)])
+    assert status == 0
+    results = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["id"] for r in results] == ["a", "b", "c"]
+    assert results[0]["label"] == 1 and results[0]["action"] == "refuse"
+    # Relative image paths are read from the input file's folder, and echoed as given.
+    assert results[1]["image"] == "pics/b.png" and results[1]["action"] == "answer"
+    # The broken image fails the check: refused by the default on_error policy, and recorded.
+    assert results[2]["action"] == "refuse" and "not a readable image" in results[2]["error"]
+    err = capsys.readouterr().err
+    assert "3 requests: 2 refused, 1 answered, 0 sent to ECSO; 1 check errors" in err
+    assert "guard check failed" in caplog.text and "broken.png" in caplog.text
+
+
+def test_flags_override_the_params(run: Path) -> None:
+    status, [record] = run_cli("generate", "--run", str(run), "--text", "Write a poem", "--policy", "ecso")
+    assert status == 0 and record["action"] == "ecso" and record["ecso"]["answer"] == "answer to: Write a poem"
+    status, [record] = run_cli(
+        "generate", "--run", str(run), "--text", "What?", "--image", "broken.png", "--on-error", "answer"
+    )
+    assert record["action"] == "answer" and record["error"] is not None
+
+
+class FailingAnswers(FakeAdapter):
+    def generate(self, requests, max_new_tokens, decoding=None):  # type: ignore[no-untyped-def]
+        raise RuntimeError("out of memory")
+
+
+def test_an_answer_that_fails_is_recorded_and_exits_1(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config: FailingAnswers())
+    status, [record] = run_cli("generate", "--run", str(run), "--text", "Write a poem")
+    assert status == 1
+    assert record["action"] is None and record["response"] is None and "out of memory" in record["error"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"text": "ok"}\nnot json\n', "requests.jsonl:2: not valid JSON"),
+        ('["a list"]\n', "requests.jsonl:1: expected a JSON object, got list"),
+        ('{"text": ""}\n', "requests.jsonl:1: 'text' must be a non-empty string"),
+        ('{"text": "hi", "image": 3}\n', "requests.jsonl:1: 'image' must be a file path or null"),
+        ('{"text": "hi", "score": 0.3}\n', "requests.jsonl:1: keys ['score'] are result fields"),
+        ("\n\n", "no requests"),
+    ],
+)
+def test_bad_input_names_the_file_and_line(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "requests.jsonl"
+    path.write_text(content)
+    with pytest.raises(InputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        read_requests(path)
+
+
+def test_bad_input_exits_2_and_leaves_an_existing_output_alone(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"text": "fine"}\n{"text": 5}\n')
+    output = tmp_path / "results.jsonl"
+    output.write_text("earlier results\n")
+    status = main(["generate", "--run", str(run), "--input", str(requests), "--output", str(output)])
+    assert status == 2
+    assert "requests.jsonl:2: 'text' must be a non-empty string" in capsys.readouterr().err
+    assert output.read_text() == "earlier results\n"
+    assert main(["check", "--run", str(run), "--input", str(requests), "--output", str(requests)]) == 2
+    assert "overwrite the input" in capsys.readouterr().err
+
+
+def test_no_run_exits_2_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["check", "--run", str(tmp_path), "--text", "hello"]) == 2
+    assert "no params file" in capsys.readouterr().err
+    assert main(["check", "--run", str(tmp_path), "--input", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_summary_line_counts() -> None:
+    records = [{"action": "refuse"}, {"action": "answer", "error": "x"}, {"action": "ecso"}, {"action": None}]
+    assert summary_line(records) == (
+        "4 requests: 1 refused, 1 answered, 1 sent to ECSO; 1 check errors (on_error applied), 1 failed"
+    )

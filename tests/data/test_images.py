@@ -1,0 +1,126 @@
+"""Typography and scene rendering, deterministic PNGs, hashing and image loading errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.images import (
+    ImageError,
+    describe_scene,
+    load_image,
+    png_bytes,
+    render_scene,
+    render_typography,
+    save_png,
+    sha256_bytes,
+    sha256_file,
+    write_bytes_atomic,
+)
+
+
+@pytest.fixture(scope="module")
+def ocr() -> Any:
+    """RapidOCR, the embedded model's image reader; loading it takes about a second."""
+    rapidocr = pytest.importorskip("rapidocr")
+    return rapidocr.RapidOCR()
+
+
+def _read(ocr: Any, image: Image.Image) -> list[str]:
+    result = ocr(np.asarray(image.convert("RGB")))
+    return list(result.txts or ())
+
+
+def _letters(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def test_typography_is_black_text_on_white_and_fixed_width() -> None:
+    image = render_typography("How to grow basil indoors")
+    assert image.mode == "RGB" and image.width == 760
+    pixels = np.asarray(image)
+    assert pixels.min() < 50, "no dark text drawn"
+    assert (pixels == 255).all(axis=2).mean() > 0.8, "background should be mostly white"
+
+
+def test_typography_wraps_long_text_inside_the_margins() -> None:
+    short = render_typography("one line")
+    long = render_typography(" ".join(["wrapping"] * 80))
+    assert long.width == short.width == 760
+    assert long.height > short.height
+    dark_columns = np.nonzero((np.asarray(long.convert("L")) < 128).any(axis=0))[0]
+    assert dark_columns.max() < long.width - 10, "a wrapped line runs off the right edge"
+
+
+def test_typography_rejects_empty_text() -> None:
+    with pytest.raises(ValueError):
+        render_typography("   ")
+
+
+def test_typography_reads_back_through_ocr(ocr: Any) -> None:
+    # One short line is the hard case: a strip that OCR upscales reads back with duplicated letters.
+    text = "How the Enigma code got cracked"
+    assert _letters(" ".join(_read(ocr, render_typography(text)))) == _letters(text)
+
+
+def test_same_input_gives_same_png_bytes(tmp_path: Path) -> None:
+    assert png_bytes(render_typography("same text")) == png_bytes(render_typography("same text"))
+    assert png_bytes(render_scene(7)) == png_bytes(render_scene(7))
+    first = save_png(render_scene(7), tmp_path / "a.png")
+    second = save_png(render_scene(7), tmp_path / "b.png")
+    assert first == second == sha256_file(tmp_path / "a.png") == sha256_bytes((tmp_path / "b.png").read_bytes())
+
+
+def test_scenes_depend_on_the_seed_and_size() -> None:
+    assert png_bytes(render_scene(1)) != png_bytes(render_scene(2))
+    assert render_scene(3).size == (336, 336)
+    assert render_scene(3, size=128).size == (128, 128)
+
+
+def test_scene_caption_follows_the_seed() -> None:
+    captions = {describe_scene(seed) for seed in range(30)}
+    assert len(captions) > 5
+    assert describe_scene(11) == describe_scene(11)
+    assert any("house" in c for c in captions) and any("no buildings" in c for c in captions)
+
+
+def test_scenes_contain_no_readable_text(ocr: Any) -> None:
+    # OCR may mistake a shape for a single glyph; a word (two or more letters or digits) would be text.
+    for seed in range(4):
+        words = [line for line in _read(ocr, render_scene(seed)) if len(_letters(line)) >= 2]
+        assert not words, f"seed {seed}: OCR read {words}"
+
+
+def test_load_image_returns_rgb(tmp_path: Path) -> None:
+    path = tmp_path / "grey.png"
+    Image.new("L", (10, 6), 128).save(path)
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (10, 6)
+
+
+def test_load_image_names_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="absent.png"):
+        load_image(tmp_path / "absent.png")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_load_image_names_a_corrupt_file(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "broken.png"
+    data = png_bytes(render_scene(0))
+    path.write_bytes(b"not an image at all" if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(ImageError, match="broken.png"):
+        load_image(path)
+    assert issubclass(ImageError, ValueError)
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "file.bin"
+    write_bytes_atomic(target, b"one")
+    write_bytes_atomic(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in target.parent.iterdir()] == ["file.bin"]

@@ -1,0 +1,179 @@
+"""In-source and held-out-source settings, every detector on the same rows, the layer sweep."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline.config import CalibrateConfig, TrainConfig
+from pipeline.detect.heldout import EvalData, held_out_setting, in_source_setting, two_class_sources
+from pipeline.detect.sweep import PairScore, best_pair, held_out_validation, score_matrix, sweep_pairs
+from pipeline.evaluate.detection import PLAIN, comparison_table, cross_source_results, fit_detectors, score_setting
+
+LAYERS = (1, 2, 3)
+HIDDEN = 6
+SPLITS = ("train", "val", "calib", "test")
+
+
+def synthetic_data(n_per_source: int = 80, seed: int = 0, refusal: bool = True) -> EvalData:
+    """Three sources; harmful rows move the malicious framing at layer 3 and the plain request at layer 2."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for source in ("alpha", "beta", "gamma"):
+        for i in range(n_per_source):
+            label = i % 2
+            rows.append(
+                {
+                    "row_id": len(rows),
+                    "source": source,
+                    "split": SPLITS[(i // 2) % 4],
+                    "label": label,
+                    # Texts of one length and style in both labels: style carries no signal.
+                    "text": f"request number {i:03d} from {source}",
+                    "category": "c",
+                }
+            )
+    index = pl.DataFrame(rows)
+    labels = index["label"].to_numpy()
+    states = rng.normal(size=(len(index), 3, len(LAYERS), HIDDEN)).astype(np.float32)
+    states[:, 1, 2, 0] += 5.0 * labels  # malicious framing, layer 3
+    states[:, 2, 1, 1] += 5.0 * labels  # plain request, layer 2
+    score = labels + rng.normal(scale=0.5, size=len(index)) if refusal else None
+    return EvalData(index, states, LAYERS, score)
+
+
+CONFIG = TrainConfig(fusion_layer=3, safety_layer=1, lr=2e-2, epochs=12, alpha=1.0)
+
+
+def test_held_out_setting_never_trains_on_the_source() -> None:
+    data = synthetic_data()
+    setting = held_out_setting(data.index, "beta")
+    sources = data.index["source"].to_numpy()
+    splits = data.index["split"].to_numpy()
+    for role in ("train", "val", "calib"):
+        rows = getattr(setting, role)
+        assert len(rows) and "beta" not in set(sources[rows]) and set(splits[rows]) == {role}
+    assert set(sources[setting.test]) == {"beta"} and set(splits[setting.test]) == {"test"}
+    inside = in_source_setting(data.index)
+    assert set(setting.test) <= set(inside.test)
+    assert two_class_sources(data.index) == ["alpha", "beta", "gamma"]
+
+
+def test_every_detector_is_fitted_and_scored_on_the_same_rows() -> None:
+    data = synthetic_data()
+    inside = in_source_setting(data.index)
+    scorers, layers = fit_detectors(data, inside, CONFIG, 3, 1)
+    assert set(scorers) == {
+        "lsi",
+        "logreg_hs_delta",
+        "logreg_hs",
+        "logreg_delta",
+        PLAIN,
+        "length_only",
+        "style_only",
+        "refusal_direction",
+    }
+    assert layers == {PLAIN: 2}  # the plain request carries the signal at layer 2 only
+    results = score_setting(data, inside, scorers, CalibrateConfig(), layers=layers)
+    assert {row["n"] for row in results.values()} == {len(inside.test)}
+    assert results["lsi"]["auroc"] > 0.9 and results[PLAIN]["auroc"] > 0.9 and results[PLAIN]["layer"] == 2
+    assert results["logreg_hs"]["auroc"] < 0.75  # h_s (benign framing, layer 1) holds no signal
+    assert results["length_only"]["auroc"] < 0.75
+
+
+def test_cross_source_refits_without_the_source_and_tables_side_by_side() -> None:
+    data = synthetic_data(refusal=False)
+    cross = cross_source_results(data, CONFIG, CalibrateConfig(), 3, 1, ["alpha", "gamma"])
+    assert set(cross) == {"alpha", "gamma"}
+    assert cross["alpha"]["lsi"]["all_rows"]["n"] == 80 and cross["alpha"]["lsi"]["n"] == 20
+    assert cross["gamma"]["lsi"]["all_rows"]["auroc"] > 0.85
+    inside = in_source_setting(data.index)
+    scorers, _ = fit_detectors(data, inside, CONFIG, 3, 1)
+    from pipeline.evaluate.detection import per_source_metrics
+
+    taus = {name: row["tau"] for name, row in score_setting(data, inside, scorers, CalibrateConfig()).items()}
+    table = comparison_table(per_source_metrics(data, inside, scorers, taus), cross)
+    assert table.height == 2 * len(cross["alpha"])
+    row = table.filter((pl.col("source") == "alpha") & (pl.col("detector") == "lsi")).row(0, named=True)
+    assert row["auroc_cross_source"] == cross["alpha"]["lsi"]["auroc"] and 0.0 <= row["auroc_in_source"] <= 1.0
+
+
+def test_holding_out_the_only_harmful_source_is_a_clear_error() -> None:
+    data = synthetic_data(refusal=False)
+    index = data.index.with_columns(
+        pl.when(pl.col("label") == 1).then(pl.lit("harm")).otherwise(pl.col("source")).alias("source")
+    )
+    with pytest.raises(ValueError, match="holding out source 'harm'.*one label only"):
+        cross_source_results(replace(data, index=index), CONFIG, CalibrateConfig(), 3, 1, ["harm"])
+
+
+def test_sweep_finds_the_planted_pair_and_never_reads_test_rows() -> None:
+    data = synthetic_data(refusal=False)
+    test_rows = np.flatnonzero(data.index["split"].to_numpy() == "test")
+    poisoned = data.states.copy()
+    poisoned[test_rows] = np.nan  # any read of a test row would turn a score into NaN
+    scores = sweep_pairs(replace(data, states=poisoned), replace(CONFIG, epochs=6), progress=False)
+    assert len(scores) == len(LAYERS) ** 2
+    assert not any(np.isnan(s.val_auroc) or np.isnan(s.cross_source_auroc) for s in scores)
+    best = best_pair(scores, "cross_source")
+    assert best.fusion_layer == 3 and best.cross_source_auroc > 0.9
+    matrix = score_matrix(scores, LAYERS, "val_auroc")
+    assert matrix.shape == (3, 3) and matrix[2].min() > matrix[0].max()
+    assert set(data.index["source"][held_out_validation(data.index, "beta").test]) == {"beta"}
+
+
+def test_best_pair_falls_back_to_validation_and_breaks_ties_by_order() -> None:
+    nan = float("nan")
+    scores = [PairScore(1, 1, 0.7, nan), PairScore(2, 1, 0.9, nan), PairScore(3, 1, 0.9, nan)]
+    assert best_pair(scores, "cross_source") == scores[1]
+    scores = [PairScore(1, 1, 0.9, 0.6), PairScore(2, 1, 0.7, 0.8)]
+    assert best_pair(scores, "cross_source") == scores[1] and best_pair(scores, "val") == scores[0]
+
+
+def test_resolve_layers_takes_best_from_the_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages import common
+
+    monkeypatch.setattr(common, "SWEEP", tmp_path / "sweep.json")
+    assert common.resolve_layers(12, 3, "val") == (12, 3)
+    with pytest.raises(FileNotFoundError, match="dvc repro sweep"):
+        common.resolve_layers("best", 3, "val")
+    pairs = [PairScore(9, 3, 0.8, 0.6), PairScore(12, 3, 0.7, 0.7), PairScore(12, 6, 0.9, 0.5)]
+    (tmp_path / "sweep.json").write_text(json.dumps({"pairs": [p.__dict__ for p in pairs]}))
+    assert common.resolve_layers("best", "best", "cross_source") == (12, 3)
+    assert common.resolve_layers("best", "best", "val") == (12, 6)
+    assert common.resolve_layers("best", 3, "val") == (9, 3)  # only pairs with safety layer 3
+    with pytest.raises(ValueError, match="no swept pair"):
+        common.resolve_layers("best", 15, "val")
+
+
+def test_held_out_scores_come_from_probes_that_never_saw_the_row_source() -> None:
+    from pipeline.detect.heldout import held_out_lsi_scores
+
+    data = synthetic_data(refusal=False)
+    rows = np.flatnonzero(data.index["split"].to_numpy() == "calib")
+    scores = held_out_lsi_scores(data, rows, CONFIG, 3, 1)
+    assert scores.shape == (len(rows),) and ((scores >= 0) & (scores <= 1)).all()
+    # Equal to scoring each source's rows with a probe fitted on the held-out setting by hand.
+    sources = data.index["source"].to_numpy()
+    from pipeline.detect.heldout import fit_lsi
+
+    beta = rows[sources[rows] == "beta"]
+    by_hand = fit_lsi(data, held_out_setting(data.index, "beta"), CONFIG, 3, 1).score(data.lsi(beta, 3, 1))
+    np.testing.assert_allclose(scores[sources[rows] == "beta"], by_hand, rtol=1e-6)
+    single = replace(data, index=data.index.with_columns(pl.lit("only").alias("source")))
+    with pytest.raises(ValueError, match="at least two sources"):
+        held_out_lsi_scores(single, rows, CONFIG, 3, 1)
+
+
+def test_given_taus_are_used_as_given() -> None:
+    data = synthetic_data(refusal=False)
+    inside = in_source_setting(data.index)
+    scorers, _ = fit_detectors(data, inside, CONFIG, 3, 1)
+    results = score_setting(data, inside, scorers, CalibrateConfig(), taus={"lsi": 2.0})
+    assert results["lsi"]["tau"] == 2.0 and results["lsi"]["tpr"] == 0.0  # nothing scores above 2
+    assert results["logreg_hs_delta"]["tau"] < 1.0
