@@ -1,0 +1,163 @@
+"""The library's shape: imports point one way through the layers, and the module graph has no cycle.
+
+Every import counts, at module level, inside functions and under ``TYPE_CHECKING``: an import
+made lazy to dodge a cycle is still a cycle, and a type-only import of a higher layer is still a
+backwards dependency.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.paths import PROJECT_ROOT
+
+# Lowest first: a module may import its own layer and the ones before it, never one after it.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("base", ("pipeline", "pipeline.config", "pipeline.errors", "pipeline.layout", "pipeline.io")),
+    ("data", ("pipeline.data",)),
+    ("models", ("pipeline.models",)),
+    ("detect", ("pipeline.detect",)),
+    ("explain", ("pipeline.explain",)),
+    ("defend", ("pipeline.defend",)),
+    ("evaluate", ("pipeline.evaluate",)),
+    ("testing", ("pipeline.testing",)),
+    ("stages", ("stages",)),
+    ("app", ("lsi_guard_app",)),
+)
+PACKAGES = ("pipeline", "stages", "lsi_guard_app")
+
+
+def module_name(path: Path) -> str:
+    """``pipeline/detect/store.py`` -> ``pipeline.detect.store``; a package's ``__init__`` is the package."""
+    parts = path.relative_to(PROJECT_ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict[str, Path]:
+    """Every module of the shipped packages, by dotted name."""
+    return {
+        module_name(path): path
+        for package in PACKAGES
+        for path in sorted((PROJECT_ROOT / package).rglob("*.py"))
+        if "__pycache__" not in path.parts
+    }
+
+
+def imported_names(path: Path, name: str) -> Iterator[str]:
+    """Every dotted name one module imports (relative imports resolved), wherever the import sits."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            yield base
+            # ``from pipeline.detect import store`` imports the module pipeline.detect.store.
+            yield from (f"{base}.{alias.name}" for alias in node.names)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports."""
+    modules = project_modules()
+    return {
+        name: {target for target in imported_names(path, name) if target in modules and target != name}
+        for name, path in modules.items()
+    }
+
+
+def layer_of(name: str) -> int:
+    """The index in LAYERS of the longest prefix that owns ``name``."""
+    best, best_length = -1, -1
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            owns = name == prefix or (name.startswith(prefix + ".") and prefix != "pipeline")
+            if owns and len(prefix) > best_length:
+                best, best_length = index, len(prefix)
+    if best < 0:
+        raise AssertionError(f"{name} belongs to no layer; add its package to LAYERS in {__file__}")
+    return best
+
+
+def backwards_imports(graph: dict[str, set[str]]) -> list[str]:
+    """``a imports b`` lines where b sits in a later layer than a."""
+    found = []
+    for name, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            if layer_of(target) > layer_of(name):
+                found.append(
+                    f"{name} ({LAYERS[layer_of(name)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+                )
+    return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules (first == last), or None when the graph is acyclic."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return [*path[path.index(target) :], target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_every_module_sits_in_a_layer() -> None:
+    for name in project_modules():
+        layer_of(name)
+
+
+def test_imports_point_down_the_layers() -> None:
+    assert backwards_imports(import_graph()) == []
+
+
+def test_the_module_graph_has_no_cycle() -> None:
+    assert find_cycle(import_graph()) is None
+
+
+def test_the_library_never_imports_its_test_doubles() -> None:
+    graph = import_graph()
+    offenders = [
+        f"{name} imports {target}"
+        for name, targets in graph.items()
+        if name.startswith("pipeline.") and not name.startswith("pipeline.testing")
+        for target in targets
+        if target.startswith("pipeline.testing")
+    ]
+    assert offenders == []
+
+
+@pytest.mark.parametrize(
+    ("graph", "expected"),
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, None),
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
+        ({"a": {"a2"}, "a2": {"b"}, "b": {"b"}}, ["b", "b"]),
+    ],
+)
+def test_the_cycle_finder_finds_cycles(graph: dict[str, set[str]], expected: list[str] | None) -> None:
+    assert find_cycle(graph) == expected
+
+
+def test_a_backwards_import_is_reported() -> None:
+    graph = {"pipeline.config": {"pipeline.detect.store"}, "pipeline.detect.store": {"pipeline.config"}}
+    assert backwards_imports(graph) == ["pipeline.config (base) imports pipeline.detect.store (detect)"]
+    assert backwards_imports({"pipeline.defend.guard": {"pipeline.explain.attribution"}}) == []
