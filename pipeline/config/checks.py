@@ -107,7 +107,7 @@ def from_raw(cls: type[T], where: str, raw: Any) -> T:
     if raw is None:
         raw = {}
     mapping(where, raw)
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(str(key) for key in set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in params section '{where}'; known: {sorted(known)}")

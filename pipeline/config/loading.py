@@ -10,7 +10,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from pipeline.config.checks import ConfigError, from_raw, number, refuse
+from pipeline.config.checks import ConfigError, from_raw, refuse
 from pipeline.config.compare import CompareConfig, compare_from_raw
 from pipeline.config.sections import (
     LAYER_CHOICE,
@@ -83,9 +83,7 @@ def _prepare(raw: Any) -> PrepareConfig:
         raise ConfigError("unknown key(s) ['split_fractions'] in params section 'prepare'; write it as splits")
     if "splits" in section:
         splits = _mapping("prepare.splits", section.pop("splits"))
-        for name, fraction in splits.items():
-            number(f"prepare.splits.{name}", fraction, 0.0, 1.0, low_open=True, high_open=False)
-        section["split_fractions"] = tuple((str(name), float(fraction)) for name, fraction in splits.items())
+        section["split_fractions"] = tuple((str(name), fraction) for name, fraction in splits.items())
     return from_raw(PrepareConfig, "prepare", section)
 
 
