@@ -23,7 +23,9 @@ class ConfigError(LSIGuardError, ValueError):
 
 
 def shown(value: Any) -> str:
-    """A value as an error message shows it: its repr and its type."""
+    """A value as an error message shows it: its repr and its type (a YAML list, stored as a tuple, as a list)."""
+    if isinstance(value, tuple):
+        value = list(value)
     return f"{value!r} ({type(value).__name__})"
 
 

@@ -169,8 +169,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("fusion_layer", "safety_layer"):
             value = getattr(self, key)
-            if value != LAYER_CHOICE:
-                whole(f"train.{key}", value)  # a stored block index, or "best"
+            if value != LAYER_CHOICE and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                refuse(f"train.{key}", f"a stored block index (whole number >= 0) or '{LAYER_CHOICE}'", value)
         for key in ("alpha", "lr", "grad_clip", "init_gain"):
             positive(f"train.{key}", getattr(self, key))
         whole("train.batch_size", self.batch_size, 1)
