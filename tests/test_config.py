@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -96,26 +97,29 @@ def _suite(*benchmarks: dict) -> dict:
         (_suite({"name": "a", "kind": "nope"}), r"compare.suites.s[0]: benchmark 'a': unknown kind 'nope'"),
         (_suite({"name": "a", "kind": "xstest", "csv": "x.csv"}), r"unknown option(s) ['csv'] for kind 'xstest'"),
         (_suite({"name": "a", "kind": "xstest"}), r"kind 'xstest' needs option(s) ['csv_path']"),
-        (_suite({"name": "a", "kind": "xstest", "csv_path": "x", "limit": -1}), "limit must be a whole number"),
+        (
+            _suite({"name": "a", "kind": "xstest", "csv_path": "x", "limit": -1}),
+            "limit (0: all): expected a whole number >= 0, got -1 (int)",
+        ),
         (_suite({"kind": "xstest"}), "needs at least 'name' and 'kind'"),
         (
             _suite({"name": "a", "kind": "xstest", "csv_path": "x"}, {"name": "a", "kind": "xstest", "csv_path": "y"}),
             "benchmark names must be unique",
         ),
         ({"compare": {"suites": {"s": []}}}, "compare.suites.s lists no benchmarks"),
-        ({"compare": {"suites": ["demo"]}}, "compare.suites must map suite names"),
-        ({"compare": {"defences": ["none", "guardrails"]}}, "compare.defences must be distinct names"),
+        ({"compare": {"suites": ["demo"]}}, "compare.suites: expected a mapping of suite names"),
+        ({"compare": {"defences": ["none", "guardrails"]}}, "compare.defences: expected a list of distinct names from"),
         ({"compare": {"batch_size": 0}}, "compare.batch_size"),
-        ({"compare": {"judge": {"kind": "gpt4"}}}, "compare.judge.kind must be one of"),
+        ({"compare": {"judge": {"kind": "gpt4"}}}, "compare.judge.kind: expected one of"),
         ({"compare": {"judge": {"kind": "http"}}}, "needs base_url"),
         (
             {"compare": {"judge": {"temperature": 0}}},
             r"unknown key(s) ['temperature'] in params section 'compare.judge'",
         ),
-        ({"ecso": {"decoding": {"temperature": 0}}}, "params section 'ecso.decoding': temperature must be > 0"),
-        ({"ecso": {"decoding": {"top_p": 1.5}}}, "top_p must be in (0, 1]"),
+        ({"ecso": {"decoding": {"temperature": 0}}}, "ecso.decoding.temperature: expected a finite number > 0"),
+        ({"ecso": {"decoding": {"top_p": 1.5}}}, "ecso.decoding.top_p: expected a number in (0, 1], got 1.5 (float)"),
         ({"ecso": {"decoding": {"beams": 4}}}, r"unknown key(s) ['beams'] in params section 'ecso.decoding'"),
-        ({"ecso": {"caption_max_new_tokens": 0}}, "ecso.caption_max_new_tokens must be a whole number"),
+        ({"ecso": {"caption_max_new_tokens": 0}}, "ecso.caption_max_new_tokens: expected a whole number >= 1"),
     ],
 )
 def test_bad_compare_and_ecso_settings_are_named(raw: dict, message: str) -> None:
@@ -133,3 +137,96 @@ def test_a_benchmark_spec_keeps_its_loader_options() -> None:
     assert spec.kwargs == {"folder": "bench", "variant": "text"}
     sampled = params_from_dict({"ecso": {"decoding": {"do_sample": True, "temperature": 0.7, "seed": 3}}})
     assert sampled.ecso.decoding.do_sample and not sampled.ecso.decoding.greedy
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("raw", "where", "value"),
+    [
+        ({"train": {"epochs": 2.5}}, "train.epochs", 2.5),
+        ({"train": {"lr": INF}}, "train.lr", INF),
+        ({"train": {"alpha": NAN}}, "train.alpha", NAN),
+        ({"train": {"epochs": True}}, "train.epochs", True),
+        ({"train": {"seed": 1.5}}, "train.seed", 1.5),
+        ({"train": {"init_gain": "abc"}}, "train.init_gain", "abc"),
+        ({"train": {"lr": "5e-4"}}, "train.lr", "5e-4"),
+        ({"train": {"batch_size": None}}, "train.batch_size", None),
+        ({"train": {"grad_clip": 0}}, "train.grad_clip", 0),
+        ({"train": {"fusion_layer": 2.0}}, "train.fusion_layer", 2.0),
+        ({"guard": {"sample_size": -3}}, "guard.sample_size", -3),
+        ({"guard": {"ecso_margin": -INF}}, "guard.ecso_margin", -INF),
+        ({"guard": {"refusal_message": 3}}, "guard.refusal_message", 3),
+        ({"attribute": {"steps": 0}}, "attribute.steps", 0),
+        ({"extract": {"layers": [3, 6.5]}}, "extract.layers", [3, 6.5]),
+        ({"extract": {"layers": {"a": 1}}}, "extract.layers", {"a": 1}),
+        ({"model": {"device": "gpu"}}, "model.device", "gpu"),
+        ({"model": {"path": 42}}, "model.path", 42),
+        ({"prompts": {"benign": 42}}, "prompts.benign", 42),
+        ({"prepare": {"sources": "data/demo/requests.jsonl"}}, "prepare.sources", "data/demo/requests.jsonl"),
+        ({"prepare": {"splits": {"train": "half", "val": 0.5, "calib": 0, "test": 0}}}, "prepare.splits.train", "half"),
+        ({"prepare": {"splits": [0.5, 0.15, 0.15, 0.2]}}, "prepare.splits", [0.5, 0.15, 0.15, 0.2]),
+        ({"train": [1, 2]}, "train", [1, 2]),
+        ({"ecso": {"decoding": ["greedy"]}}, "ecso.decoding", ["greedy"]),
+        ({"ecso": {"decoding": {"seed": -1}}}, "ecso.decoding.seed", -1),
+        ({"calibrate": {"target_fpr": NAN}}, "calibrate.target_fpr", NAN),
+        ({"calibrate": {"bins": True}}, "calibrate.bins", True),
+        ({"calibrate": {"held_out": "no"}}, "calibrate.held_out", "no"),
+        ({"build": {"match_style": "yes"}}, "build.match_style", "yes"),
+        ({"evaluate": {"refusal_words": ["sorry", 3]}}, "evaluate.refusal_words", ["sorry", 3]),
+        ({"compare": {"batch_size": "4"}}, "compare.batch_size", "4"),
+        ({"compare": {"defences": "lsi"}}, "compare.defences", "lsi"),
+        ({"compare": {"judge": "http"}}, "compare.judge", "http"),
+        ({"compare": {"judge": {"timeout_s": INF}}}, "compare.judge.timeout_s", INF),
+        ({"compare": {"judge": {"max_retries": 1.0}}}, "compare.judge.max_retries", 1.0),
+    ],
+)
+def test_wrong_values_name_the_key_and_the_value(raw: dict, where: str, value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        params_from_dict(raw)
+    message = str(info.value)
+    assert message.startswith(f"{where}: expected ")
+    assert f"got {value!r} ({type(value).__name__})" in message
+
+
+def test_numbers_are_read_as_yaml_1_2(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train: {lr: 5e-4, alpha: 1e-1}\ncompare:\n  judge: {timeout_s: 1E3}\nguard: {ecso_margin: .5}\n")
+    params = load_params(path)
+    assert isinstance(params.train.lr, float) and params.train.lr == pytest.approx(5e-4)
+    assert isinstance(params.train.alpha, float) and params.train.alpha == pytest.approx(0.1)
+    assert isinstance(params.compare.judge.timeout_s, float) and params.compare.judge.timeout_s == 1000.0
+    assert isinstance(params.guard.ecso_margin, float) and params.guard.ecso_margin == 0.5
+
+
+def test_ints_and_plain_floats_are_accepted_where_floats_are_meant() -> None:
+    assert params_from_dict({"train": {"lr": 0.001}}).train.lr == 0.001
+    assert params_from_dict({"train": {"lr": 1, "alpha": 2}}).train.lr == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train:\n  lr: abc\n", "train.lr: expected a finite number > 0, got 'abc' (str)"),
+        ("train:\n  epochs: 2.5\n", "train.epochs: expected a whole number >= 1, got 2.5 (float)"),
+        ("train:\n  lr: .inf\n", "train.lr: expected a finite number > 0, got inf (float)"),
+        ("build:\n  match_style: yes\n", "build.match_style: expected true or false, got 'yes' (str)"),
+        ("- train\n", "params: expected a mapping of sections, got ['train'] (list)"),
+        ("train:\n  lr: 0.1\n  lr: 0.2\n", "duplicate key"),
+    ],
+)
+def test_file_errors_name_the_file_and_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert message in str(info.value)
+
+
+def test_replace_checks_the_new_values() -> None:
+    guard = load_params(ROOT / "params.yaml").guard
+    assert replace(guard, max_new_tokens=8).max_new_tokens == 8
+    with pytest.raises(ConfigError, match=r"guard\.sample_size: expected a whole number >= 1, got -1 \(int\)"):
+        replace(guard, sample_size=-1)

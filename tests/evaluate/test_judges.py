@@ -369,7 +369,7 @@ def test_build_judge_from_its_config(tmp_path: Path) -> None:
     http = build_judge(JudgeConfig(kind="http", base_url="http://127.0.0.1:1/v1", model="m", api_key_env="", cache=""))
     assert isinstance(http, HTTPJudge) and http.url == "http://127.0.0.1:1/v1/chat/completions"
     assert http.api_key_env is None and http.cache is None
-    with pytest.raises(ConfigError, match="judge.kind must be one of"):
+    with pytest.raises(ConfigError, match=r"compare\.judge\.kind: expected one of"):
         JudgeConfig(kind="gpt")
     with pytest.raises(ConfigError, match="needs base_url"):
         JudgeConfig(kind="http")

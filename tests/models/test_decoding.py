@@ -22,11 +22,11 @@ REQUESTS = [Request("Tell me a story about a cat."), Request("What is the capita
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"temperature": 0.0}, "temperature must be > 0"),
-        ({"top_p": 0.0}, "top_p must be in"),
-        ({"top_k": -1}, "top_k must be >= 0"),
-        ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
-        ({"do_sample": "yes"}, "do_sample must be true or false"),
+        ({"temperature": 0.0}, "temperature: expected a finite number > 0"),
+        ({"top_p": 0.0}, "top_p: expected a number in"),
+        ({"top_k": -1}, "top_k: expected a whole number >= 0"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty: expected a finite number > 0"),
+        ({"do_sample": "yes"}, "do_sample: expected true or false"),
     ],
 )
 def test_impossible_settings_are_refused(kwargs: dict, message: str) -> None:

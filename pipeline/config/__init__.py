@@ -1,0 +1,62 @@
+"""Typed configuration: each ``params.yaml`` section maps to a frozen dataclass.
+
+Validation happens once, here, at the edge; the library takes these objects, never dicts.
+``checks`` holds the field checks and the one error shape, ``sections`` and ``compare`` the
+sections, ``loading`` the whole file (read as YAML 1.2).
+"""
+
+from pipeline.config.checks import ConfigError
+from pipeline.config.compare import COMPARE_DEFENCES, JUDGE_KINDS, BenchmarkSpec, CompareConfig, JudgeConfig
+from pipeline.config.loading import Params, load_params, params_from_dict
+from pipeline.config.sections import (
+    GREEDY,
+    GUARD_POLICIES,
+    LABELS,
+    LAYER_CHOICE,
+    PLACEHOLDER,
+    SPLITS,
+    VARIANTS,
+    AttributeConfig,
+    BuildConfig,
+    CalibrateConfig,
+    ContrastivePrompts,
+    Decoding,
+    ECSOConfig,
+    EvaluateConfig,
+    ExtractConfig,
+    GuardConfig,
+    ModelConfig,
+    PrepareConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "COMPARE_DEFENCES",
+    "GREEDY",
+    "GUARD_POLICIES",
+    "JUDGE_KINDS",
+    "LABELS",
+    "LAYER_CHOICE",
+    "PLACEHOLDER",
+    "SPLITS",
+    "VARIANTS",
+    "AttributeConfig",
+    "BenchmarkSpec",
+    "BuildConfig",
+    "CalibrateConfig",
+    "CompareConfig",
+    "ConfigError",
+    "ContrastivePrompts",
+    "Decoding",
+    "ECSOConfig",
+    "EvaluateConfig",
+    "ExtractConfig",
+    "GuardConfig",
+    "JudgeConfig",
+    "ModelConfig",
+    "Params",
+    "PrepareConfig",
+    "TrainConfig",
+    "load_params",
+    "params_from_dict",
+]
