@@ -34,8 +34,8 @@ from pipeline.data.benchmarks.loaders import EvalExample, load_prepared, sample_
 from pipeline.defend.guard import Guard
 from pipeline.evaluate.comparison import DEFENCES, run_comparison
 from pipeline.evaluate.judges import RefusalPhraseJudge
+from pipeline.layout import INDEX
 from pipeline.models.base import Request
-from stages.common import INDEX
 
 RESULTS = Path("bench/results")
 

@@ -39,6 +39,7 @@ import torch
 
 from pipeline.config import VARIANTS, ContrastivePrompts, load_params
 from pipeline.detect.features import states_for_requests
+from pipeline.layout import INDEX
 from pipeline.models.base import ModelInfo, Request
 from pipeline.models.forward import ForwardModel, reference_states
 
@@ -77,7 +78,6 @@ def default_model_and_requests(count: int) -> tuple[object, list[Request]]:
     from pipeline.data.sources import read_index
     from pipeline.detect.extraction import requests_from_index
     from pipeline.models.registry import load_adapter
-    from stages.common import INDEX
 
     params = load_params()
     adapter = load_adapter(params.model)

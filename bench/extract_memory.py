@@ -29,8 +29,8 @@ def child(count: int) -> None:
     from pipeline.config import load_params
     from pipeline.data.sources import read_index
     from pipeline.detect.extraction import extract_to_store
+    from pipeline.layout import INDEX
     from pipeline.models.registry import load_adapter
-    from stages.common import INDEX
 
     params = load_params()
     index = read_index(INDEX).sort("row_id")

@@ -40,9 +40,10 @@ import torch
 
 from pipeline.defend.ecso import ECSO
 from pipeline.defend.guard import Guard
+from pipeline.detect.extraction import row_request
+from pipeline.layout import INDEX
 from pipeline.models.base import Request
 from pipeline.models.session import PrefixSession
-from stages.common import INDEX, row_request
 
 RESULTS = Path("bench/results")
 

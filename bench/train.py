@@ -35,8 +35,9 @@ from pipeline.detect.extraction import requests_from_index
 from pipeline.detect.features import InMemoryFeatures, LSIFeatures, StoreFeatures, features_from_states
 from pipeline.detect.probe import train_probe
 from pipeline.detect.store import ActivationStore
+from pipeline.detect.sweep import resolve_layers
+from pipeline.layout import INDEX, STORE, SWEEP
 from pipeline.models.registry import load_adapter
-from stages.common import INDEX, STORE, resolve_layers
 
 RESULTS = Path("bench/results")
 
@@ -82,7 +83,7 @@ def main() -> None:
     train_rows = index.filter(index["split"] == "train").head(args.rows)
     val_rows = index.filter(index["split"] == "val").head(args.val_rows)
     store = ActivationStore.open(STORE)
-    lf, ls = resolve_layers(params.train.fusion_layer, params.train.safety_layer, params.train.select_by)
+    lf, ls = resolve_layers(params.train.fusion_layer, params.train.safety_layer, params.train.select_by, SWEEP)
     args.chunk_rows = args.chunk_rows or params.train.chunk_rows
     config = replace(params.train, fusion_layer=lf, safety_layer=ls, epochs=args.epochs, chunk_rows=args.chunk_rows)
 

@@ -4,6 +4,7 @@
     lsi-guard generate --text "..." [--image ...]                 # refuse, answer, or ECSO
     lsi-guard generate --input requests.jsonl --output results.jsonl
     lsi-guard demo                                                # the local web demo
+    lsi-guard --version                                           # also: python -m lsi_guard_app ...
 
 Every command reads the run in ``--run`` (default: the current folder, after ``bash scripts/run.sh``)
 and takes the ``guard`` section of its ``params.yaml``, which ``--policy``, ``--on-error``,
@@ -26,10 +27,13 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from pipeline.config import GUARD_POLICIES, ConfigError
-from pipeline.defend.guard import Guard, GuardLoadError, decision_record, make_request, response_record
+from pipeline import __version__
+from pipeline.config import GUARD_POLICIES
+from pipeline.defend.guard import Guard, decision_record, make_request, response_record
 from pipeline.errors import LSIGuardError
 from pipeline.io import write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 # Input keys the guard reads; any other keys are carried through to the output unchanged.
 TEXT, IMAGE = "text", "image"
@@ -107,7 +111,7 @@ def _results(guard: Guard, requests: Sequence[InputRequest], command: str) -> It
         try:
             record = response_record(guard.generate(request.image, request.text))
         except Exception as exc:  # noqa: BLE001 - the run goes on; the error is recorded and counted
-            logging.getLogger("lsi_guard.cli").error("request at line %s failed: %s", request.line, exc)
+            logger.error("request at line %s failed: %s", request.line, exc)
             record = {"action": None, "refused": None, "response": None, "error": f"{type(exc).__name__}: {exc}"}
         yield {**request.fields, **record}
 
@@ -139,6 +143,7 @@ def _write(records: Sequence[dict[str, Any]], output: Path | None, stream: TextI
 def build_parser() -> argparse.ArgumentParser:
     """The ``lsi-guard`` argument parser."""
     parser = argparse.ArgumentParser(prog="lsi-guard", description="Guard a vision-language model with LSI and ECSO.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("check", "decide refuse / answer / ECSO without answering"),
@@ -174,6 +179,7 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="lsi-guard: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
         if args.command == "demo":
+            # Imported only for the demo: gradio takes seconds to import and check/generate never need it.
             from lsi_guard_app.web import launch
 
             launch(args.run, host=args.host, port=args.port, policy=args.policy)
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
             ecso_margin=args.ecso_margin,
             max_new_tokens=getattr(args, "max_new_tokens", None),
         )
-    except (InputError, GuardLoadError, ConfigError, FileNotFoundError, ValueError) as exc:
+    except LSIGuardError as exc:
         print(f"lsi-guard: error: {exc}", file=sys.stderr)
         return 2
     progress = tqdm(total=len(requests), desc=args.command, unit="req", disable=len(requests) == 1, file=sys.stderr)

@@ -7,13 +7,14 @@ holds after a power cut, and name their temp files so that leftovers can be reco
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def replace_atomic(target: str | Path, write: Callable[[Path], object]) -> None:
@@ -38,6 +39,21 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     replace_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: str | Path, value: Any) -> None:
+    """One JSON document (indented, keys sorted), atomically."""
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def jsonl_text(records: Iterable[Mapping[str, Any]]) -> str:
+    """One JSON object per line, non-ASCII kept as is."""
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+
+def write_jsonl_atomic(path: str | Path, records: Iterable[Mapping[str, Any]]) -> None:
+    """One JSON object per line, atomically."""
+    write_text_atomic(path, jsonl_text(records))
 
 
 # Durable writes: a SIGKILL or a power cut at any moment leaves either the old file or the new

@@ -14,29 +14,10 @@ from typing import Any
 from pipeline.config import load_params
 from pipeline.data.benchmarks.files import BenchmarkError
 from pipeline.data.build import build_sources, summarize_source
-from stages.common import run_stage, write_json_atomic, write_jsonl_atomic
-
-BUILT_DIR = Path("data/built")
-SOURCES_FILE = BUILT_DIR / "sources.json"
-SUMMARY_FILE = BUILT_DIR / "summary.json"
-
-
-def write_sources(sources: dict[str, list[dict[str, Any]]], folder: Path) -> list[str]:
-    """Write each source to ``folder/<name>.jsonl``, then the list of them, then drop stale ``.jsonl`` files.
-
-    Written in that order, an interrupted run never leaves ``sources.json`` naming a missing file.
-    Returns the written paths as listed in ``sources.json``.
-    """
-    written: list[str] = []
-    for name, rows in sources.items():
-        path = folder / f"{name}.jsonl"
-        write_jsonl_atomic(path, rows)
-        written.append(path.as_posix())
-    write_json_atomic(folder / SOURCES_FILE.name, written)
-    for path in folder.glob("*.jsonl"):
-        if path.as_posix() not in written:
-            path.unlink()
-    return written
+from pipeline.data.built_sources import write_sources
+from pipeline.io import write_json_atomic
+from pipeline.layout import BUILT_DIR, BUILT_SUMMARY, SOURCES_FILE
+from stages import run_stage
 
 
 def describe(summaries: dict[str, dict[str, Any]]) -> str:
@@ -67,8 +48,8 @@ def main() -> None:
             raise BenchmarkError(f"{folder}: no such benchmark folder (build.benchmarks)")
         sources = build_sources(folder, config)
     summaries = {name: summarize_source(rows) for name, rows in sources.items()}
-    written = write_sources(sources, BUILT_DIR)
-    write_json_atomic(SUMMARY_FILE, summaries)
+    written = write_sources(sources, BUILT_DIR, SOURCES_FILE.name)
+    write_json_atomic(BUILT_SUMMARY, summaries)
     print(describe(summaries))
     print(f"wrote {SOURCES_FILE} ({len(written)} source(s))")
 

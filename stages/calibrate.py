@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import CalibrateConfig, load_params
+from pipeline.data.sources import read_index
 from pipeline.detect.calibration import Calibration, calibrate, reliability_rows, save_calibration
 from pipeline.detect.features import aligned_features
+from pipeline.detect.heldout import held_out_lsi_scores, load_eval_data
 from pipeline.detect.probe import load_probe
 from pipeline.detect.store import ActivationStore
 from pipeline.evaluate.plots import plot_reliability
-from stages.common import CALIBRATION, INDEX, PROBE_DIR, STORE, load_eval_data, run_stage, write_json_atomic
+from pipeline.io import write_json_atomic
+from pipeline.layout import CALIBRATION, INDEX, PROBE_DIR, RELIABILITY, RELIABILITY_PNG, STORE
+from stages import run_stage
+
+logger = logging.getLogger(__name__)
 
 OUT = CALIBRATION
-RELIABILITY = Path("data/calibration/reliability.json")
-RELIABILITY_PNG = Path("data/calibration/reliability.png")
 
 
 def write_calibration(
@@ -58,21 +63,17 @@ def _number(value: float | None) -> str:
 
 def main() -> None:
     """Score the calibration split with the trained probe, calibrate, and write the outputs."""
-    from pipeline.data.sources import read_index
-
     params = load_params()
     probe, meta = load_probe(PROBE_DIR)
     index = read_index(INDEX)
     part = index.filter(index["split"] == "calib")
     if params.calibrate.held_out:
         # Each calibration row scored by a probe trained without its source (same recipe and layers).
-        from pipeline.detect.heldout import held_out_lsi_scores
-
         config = replace(params.train, fusion_layer=meta.fusion_layer, safety_layer=meta.safety_layer)
-        data = load_eval_data(index)
+        data = load_eval_data(index, STORE)
         rows = np.flatnonzero(index["split"].to_numpy() == "calib")
         scores = held_out_lsi_scores(data, rows, config, meta.fusion_layer, meta.safety_layer)
-        print(f"tau from held-out-source scores of {len(rows)} calibration rows")
+        logger.info("tau from held-out-source scores of %d calibration rows", len(rows))
     else:
         features = aligned_features(
             ActivationStore.open(STORE), part["row_id"].to_numpy(), meta.fusion_layer, meta.safety_layer

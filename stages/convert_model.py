@@ -6,23 +6,22 @@ note, ``data/model/external_model.json``, so the stage has its output either way
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from pipeline.config import load_params
+from pipeline.io import write_json_atomic
+from pipeline.layout import MODEL_NOTE
 from pipeline.models.embedded import convert_gguf_to_folder
-from stages.common import run_stage
+from stages import run_stage
 
 
 def main() -> None:
     """Convert into a temporary folder beside the target and rename it into place when complete."""
     params = load_params()
     if params.model.kind != "embedded":
-        note = Path("data/model/external_model.json")
-        note.parent.mkdir(parents=True, exist_ok=True)
-        note.write_text(json.dumps({"kind": params.model.kind, "path": params.model.path}, indent=2))
+        write_json_atomic(MODEL_NOTE, {"kind": params.model.kind, "path": params.model.path})
         print(f"model.kind is {params.model.kind!r}: nothing to convert (using {params.model.path})")
         return
     target = Path(params.model.path)

@@ -8,57 +8,29 @@ changed, for ``dvc metrics``).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from pipeline.config import load_params
-from pipeline.defend.ecso import ECSO, ECSORecord
-from stages.common import (
-    BATCH_SIZE,
-    BENIGN,
-    HARMFUL,
-    INDEX,
-    PARAMS,
-    balanced_test_sample,
-    batches,
-    rate,
-    row_fields,
-    row_request,
-    run_stage,
-    write_json_atomic,
-    write_jsonl_atomic,
-)
+from pipeline.data.rows import balanced_test_sample, batches
+from pipeline.data.sources import read_index
+from pipeline.defend.ecso import ECSO
+from pipeline.defend.records import ecso_record, ecso_summary
+from pipeline.detect.extraction import row_request
+from pipeline.io import write_json_atomic, write_jsonl_atomic
+from pipeline.layout import ECSO_DIR, INDEX, PARAMS
+from pipeline.models.registry import load_adapter
+from stages import run_stage
 
-OUT_DIR = Path("data/ecso")
+OUT_DIR = ECSO_DIR
 
-
-def ecso_record(row: Mapping[str, Any], record: ECSORecord) -> dict[str, Any]:
-    """One ``records.jsonl`` line: the request and every ECSO step's output."""
-    return {**row_fields(row), **asdict(record)}
-
-
-def ecso_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """How often the self-check fired per label, and how often the delivered answer changed."""
-    return {
-        "n": len(records),
-        "n_harmful": sum(r["label"] == HARMFUL for r in records),
-        "n_benign": sum(r["label"] == BENIGN for r in records),
-        "judged_harmful_rate_harmful": rate(records, "judged_harmful", HARMFUL),
-        "judged_harmful_rate_benign": rate(records, "judged_harmful", BENIGN),
-        "changed_rate": sum(bool(r["changed"]) for r in records) / len(records) if records else None,
-    }
+# Generation holds a KV cache per request; a small batch keeps memory flat on a laptop or a GPU.
+BATCH_SIZE = 4
 
 
 def main() -> None:
     """Sample, run ECSO, write."""
-    # Imported here so the pure helpers above load without the model stack.
-    from pipeline.data.sources import read_index
-    from pipeline.models.registry import load_adapter
-
     params = load_params(PARAMS)
     sample = balanced_test_sample(read_index(INDEX), params.ecso.sample_size, params.ecso.seed)
     ecso = ECSO(load_adapter(params.model), params.ecso)

@@ -9,16 +9,17 @@ scored on that source's test rows: the rows of its in-source number, side by sid
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from pipeline.config import load_params
+from pipeline.config import Params, load_params
+from pipeline.data.sources import read_index
 from pipeline.detect.calibration import expected_calibration_error, load_calibration, reliability_rows
-from pipeline.detect.heldout import in_source_setting
+from pipeline.detect.heldout import in_source_setting, load_eval_data
 from pipeline.detect.probe import load_probe
+from pipeline.detect.store import ActivationStore
 from pipeline.evaluate.detection import (
     LENGTH_ONLY,
     STYLE_ONLY,
@@ -30,17 +31,17 @@ from pipeline.evaluate.detection import (
 )
 from pipeline.evaluate.metrics import per_group_metrics, roc_points
 from pipeline.evaluate.plots import plot_reliability, plot_roc
-from stages.common import CALIBRATION, INDEX, PROBE_DIR, STORE, load_eval_data, run_stage, write_json_atomic
+from pipeline.evaluate.refusal_direction import readout_from_adapter, refusal_scores, store_similarities
+from pipeline.io import write_json_atomic
+from pipeline.layout import CALIBRATION, EVAL_DIR, INDEX, PROBE_DIR, STORE
+from pipeline.models.registry import load_adapter
+from stages import run_stage
 
-OUT = Path("data/eval")
+OUT = EVAL_DIR
 
 
-def refusal_direction_scores(params: Any) -> np.ndarray:
+def refusal_direction_scores(params: Params) -> np.ndarray:
     """The training-free HiddenDetect-style score of every store row (plain framing), from the model's head."""
-    from pipeline.detect.store import ActivationStore
-    from pipeline.evaluate.refusal_direction import readout_from_adapter, refusal_scores, store_similarities
-    from pipeline.models.registry import load_adapter
-
     readout = readout_from_adapter(load_adapter(params.model), params.evaluate.refusal_words)
     store = ActivationStore.open(STORE)
     similarities = store_similarities(store, readout)
@@ -58,8 +59,6 @@ def _markdown(table: pl.DataFrame) -> str:
 
 def main() -> None:
     """Score every detector in-source and held-out; write metrics, the comparison table, ROC data and PNGs."""
-    from pipeline.data.sources import read_index
-
     params = load_params()
     probe, meta = load_probe(PROBE_DIR)
     calibration = load_calibration(CALIBRATION)

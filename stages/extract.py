@@ -1,62 +1,22 @@
 """DVC stage ``extract``: the model's forward passes, once, into a Zarr activation store.
 
-The store is written beside its target (``store.zarr.partial``) and swapped into place when
-complete. A run killed at any moment loses nothing: the next run resumes the partial store, and
-a swap cut short is finished or undone, so there is always a good old store or a resumable one.
+The store is written beside its target and swapped into place when complete
+(:mod:`pipeline.detect.store_swap`), so a run killed at any moment loses nothing.
 """
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 from pipeline.config import load_params
+from pipeline.data.sources import read_index
 from pipeline.detect.extraction import extract_to_store
-from pipeline.io import rename_durable
+from pipeline.detect.store_swap import partial_path, recover_swap, swap_into_place
+from pipeline.layout import INDEX, STORE
 from pipeline.models.registry import load_adapter
-from stages.common import INDEX, STORE, run_stage
-
-
-def partial_path(store: Path) -> Path:
-    """Where the store is written until it is complete."""
-    return store.with_name(store.name + ".partial")
-
-
-def old_path(store: Path) -> Path:
-    """Where the previous store waits during a swap, until the new one is in place."""
-    return store.with_name(store.name + ".old")
-
-
-def recover_swap(store: Path) -> None:
-    """Finish or undo a swap that a killed run left half done (nothing to do after a clean run).
-
-    A swap is: rename ``store`` to ``.old``, rename ``.partial`` to ``store``, remove ``.old``.
-    With ``.old`` and ``store`` both there, only the removal was cut short; with ``.old`` alone,
-    the old store goes back into place and the complete partial waits for the next swap.
-    """
-    old = old_path(store)
-    if not old.exists():
-        return
-    if store.exists():
-        shutil.rmtree(old)
-    else:
-        rename_durable(old, store)
-
-
-def swap_into_place(partial: Path, store: Path) -> None:
-    """Replace ``store`` (if any) by the complete ``partial``; a kill at any step is handled by :func:`recover_swap`."""
-    old = old_path(store)
-    if store.exists():
-        rename_durable(store, old)
-    rename_durable(partial, store)
-    if old.exists():
-        shutil.rmtree(old)
+from stages import run_stage
 
 
 def main() -> None:
     """Extract every indexed request's states into the partial store (resuming it), then move it into place."""
-    from pipeline.data.sources import read_index
-
     params = load_params()
     index = read_index(INDEX)
     recover_swap(STORE)

@@ -2,68 +2,32 @@
 
 Writes ``data/guard/responses.jsonl`` (one line per sampled request: decision, answer, ECSO's
 steps when it ran, timings) and ``data/guard/summary.json`` (refusal and ECSO rates per label,
-for ``dvc metrics``).
-
-The balanced sample and the atomic writers come from ``stages.common``, shared with
-``stages.ecso``, so both defences are shown the same kind of sample.
+for ``dvc metrics``). The sample is drawn as the ``ecso`` stage draws its own, so both defences
+are shown the same kind of sample.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from pipeline.config import load_params
-from pipeline.defend.guard import Guard, GuardedResponse, response_record
-from stages.common import (
-    BENIGN,
-    HARMFUL,
-    INDEX,
-    PARAMS,
-    balanced_test_sample,
-    rate,
-    row_fields,
-    row_request,
-    run_stage,
-    write_json_atomic,
-    write_jsonl_atomic,
-)
+from pipeline.data.rows import balanced_test_sample
+from pipeline.data.sources import read_index
+from pipeline.defend.guard import Guard
+from pipeline.defend.records import guard_record, guard_summary
+from pipeline.detect.extraction import row_request
+from pipeline.io import write_json_atomic, write_jsonl_atomic
+from pipeline.layout import GUARD_DIR, INDEX, PARAMS
+from stages import run_stage
 
-OUT_DIR = Path("data/guard")
-
-
-def guard_record(row: Mapping[str, Any], guarded: GuardedResponse) -> dict[str, Any]:
-    """One ``responses.jsonl`` line: the request, the decision, the answer, ECSO's steps and timings."""
-    return {**row_fields(row), **response_record(guarded)}
-
-
-def guard_summary(records: Sequence[Mapping[str, Any]], policy: str = "lsi") -> dict[str, Any]:
-    """Per label: how often the guard refused outright and how often it sent the request to ECSO."""
-    ecso = [{**r, "ecso_routed": r.get("action") == "ecso"} for r in records]
-    seconds = [r["seconds"]["total"] for r in records if isinstance(r.get("seconds"), Mapping)]
-    return {
-        "policy": policy,
-        "n": len(records),
-        "n_harmful": sum(r["label"] == HARMFUL for r in records),
-        "n_benign": sum(r["label"] == BENIGN for r in records),
-        "refusal_rate_harmful": rate(records, "refused", HARMFUL),
-        "refusal_rate_benign": rate(records, "refused", BENIGN),
-        "ecso_rate_harmful": rate(ecso, "ecso_routed", HARMFUL),
-        "ecso_rate_benign": rate(ecso, "ecso_routed", BENIGN),
-        "check_errors": sum(r.get("error") is not None for r in records),
-        "mean_seconds": sum(seconds) / len(seconds) if seconds else None,
-    }
+OUT_DIR = GUARD_DIR
 
 
 def main() -> None:
     """Sample, guard each request under the configured policy, write."""
-    # Imported here so the pure helpers above load without the model stack.
-    from pipeline.data.sources import read_index
-
     params = load_params(PARAMS)
     sample = balanced_test_sample(read_index(INDEX), params.guard.sample_size, params.guard.seed)
     guard = Guard.from_run(".")

@@ -7,41 +7,13 @@ listed in ``data/built/sources.json``, when that file exists. Writes
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
-from pathlib import Path
-
 import polars as pl
 
 from pipeline.config import SPLITS, load_params
-from pipeline.data.sources import DatasetError, build_index
-from stages.build import SOURCES_FILE
-from stages.common import INDEX, run_stage
-
-
-def built_sources(path: Path = SOURCES_FILE) -> list[str]:
-    """The source files listed by the ``build`` stage; none when it has not written the list."""
-    if not path.is_file():
-        return []
-    try:
-        listed = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path}: cannot read the built source list ({exc}); rerun the build stage") from None
-    if not isinstance(listed, list) or not all(isinstance(item, str) and item for item in listed):
-        raise DatasetError(f"{path}: expected a JSON list of source file paths, got {listed!r:.80}")
-    return listed
-
-
-def all_sources(configured: Sequence[str], built: Sequence[str]) -> list[str]:
-    """The configured sources, then the built ones; a file listed twice is read once."""
-    sources: list[str] = []
-    seen: set[Path] = set()
-    for source in [*configured, *built]:
-        key = Path(source).resolve()
-        if key not in seen:
-            seen.add(key)
-            sources.append(source)
-    return sources
+from pipeline.data.built_sources import all_sources, read_built_sources
+from pipeline.data.sources import build_index
+from pipeline.layout import INDEX, SOURCES_FILE
+from stages import run_stage
 
 
 def describe(index: pl.DataFrame) -> str:
@@ -57,7 +29,7 @@ def describe(index: pl.DataFrame) -> str:
 def main() -> None:
     """Build the index from ``params.yaml``'s ``prepare`` section and the built sources, and print a summary."""
     config = load_params().prepare
-    index = build_index(all_sources(config.sources, built_sources()), INDEX.parent, config)
+    index = build_index(all_sources(config.sources, read_built_sources(SOURCES_FILE)), INDEX.parent, config)
     print(describe(index))
     print(f"wrote {INDEX}")
 

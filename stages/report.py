@@ -21,21 +21,31 @@ from typing import Any
 
 from pipeline.config import Params, load_params
 from pipeline.detect.calibration import load_calibration
+from pipeline.evaluate.plots import plot_defences
 from pipeline.evaluate.report import ReportInputs, SuiteResult, order_summary, render_report
 from pipeline.io import write_text_atomic
-from stages.common import CALIBRATION, PARAMS, PROBE_DIR, run_stage
+from pipeline.layout import (
+    CALIBRATION,
+    EVAL_DIR,
+    EVAL_METRICS,
+    PARAMS,
+    PROBE_DIR,
+    REPORT_ROOT,
+    SWEEP_DIR,
+    compare_dir,
+    require,
+)
+from stages import run_stage
 
-OUT_ROOT = Path("data/report")
-COMPARE_ROOT = Path("data/compare")
-EVAL_METRICS = Path("data/eval/metrics.json")
+OUT_ROOT = REPORT_ROOT
 FIGURES: tuple[tuple[str, Path], ...] = (
-    ("ROC curves of LSI and every baseline on the test split", Path("data/eval/roc.png")),
-    ("Reliability of the LSI score on the test split", Path("data/eval/reliability.png")),
+    ("ROC curves of LSI and every baseline on the test split", EVAL_DIR / "roc.png"),
+    ("Reliability of the LSI score on the test split", EVAL_DIR / "reliability.png"),
     (
         "Layer sweep: mean AUROC on held-out sources' validation rows, per (fusion, safety) pair",
-        Path("data/sweep/cross_source_auroc.png"),
+        SWEEP_DIR / "cross_source_auroc.png",
     ),
-    ("Layer sweep: in-source validation AUROC per (fusion, safety) pair", Path("data/sweep/val_auroc.png")),
+    ("Layer sweep: in-source validation AUROC per (fusion, safety) pair", SWEEP_DIR / "val_auroc.png"),
 )
 EMBEDDED_NOTE = (
     "This run uses the embedded default model (SmolLM2-135M-Instruct reading images through OCR). It is not a "
@@ -46,20 +56,14 @@ EMBEDDED_NOTE = (
 
 def _json(path: Path) -> Any:
     """A JSON file's content; a missing one is a clear error naming the stage that writes it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; run the stage that writes it (dvc repro)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(require(path, "the stage that writes it (dvc repro)").read_text(encoding="utf-8"))
 
 
 def load_suite_result(suite: str, figure_dir: Path) -> SuiteResult:
     """One suite's comparison outputs, with its chart drawn into ``figure_dir``."""
-    from pipeline.evaluate.plots import plot_defences
-
-    folder = COMPARE_ROOT / suite
+    folder = compare_dir(suite)
     summary = _json(folder / "summary.json")
-    rows_path = folder / "rows.jsonl"
-    if not rows_path.is_file():
-        raise FileNotFoundError(f"{rows_path}: missing; run python -m stages.compare {suite}")
+    rows_path = require(folder / "rows.jsonl", f"python -m stages.compare {suite}")
     rows = [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     benchmarks = order_summary(summary.pop("benchmarks"))
     figure = figure_dir / f"comparison_{suite}.png"

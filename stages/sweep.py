@@ -8,14 +8,17 @@ heatmap PNG per score.
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 
 from pipeline.config import load_params
+from pipeline.data.sources import read_index
+from pipeline.detect.heldout import load_eval_data
 from pipeline.detect.sweep import best_pair, score_matrix, sweep_pairs
 from pipeline.evaluate.plots import plot_heatmap
-from stages.common import INDEX, SWEEP, load_eval_data, run_stage, write_json_atomic
+from pipeline.io import write_json_atomic
+from pipeline.layout import INDEX, STORE, SWEEP, SWEEP_DIR, SWEEP_PLOT
+from stages import run_stage
 
-OUT = SWEEP.parent
+OUT = SWEEP_DIR
 TITLES = {
     "val_auroc": "LSI validation AUROC, in-source",
     "cross_source_auroc": "LSI AUROC on held-out sources (mean)",
@@ -24,13 +27,10 @@ TITLES = {
 
 def main() -> None:
     """Sweep, then write the scores, the chosen pair and the heatmaps."""
-    from pipeline.data.sources import read_index
-
     params = load_params()
-    data = load_eval_data(read_index(INDEX))
+    data = load_eval_data(read_index(INDEX), STORE)
     scores = sweep_pairs(data, params.train)
     best = best_pair(scores, params.train.select_by)
-    OUT.mkdir(parents=True, exist_ok=True)
     for key, title in TITLES.items():
         plot_heatmap(
             score_matrix(scores, data.layers, key),
@@ -51,7 +51,7 @@ def main() -> None:
         },
     )
     write_json_atomic(
-        Path(OUT / "sweep_plot.json"),
+        SWEEP_PLOT,
         [{"pair": f"lf{s.fusion_layer}-ls{s.safety_layer}", **asdict(s)} for s in scores],
     )
     print(

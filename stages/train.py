@@ -6,28 +6,28 @@ trains. Layers set to ``best`` come from the ``sweep`` stage.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import load_params
+from pipeline.data.sources import read_index
 from pipeline.detect.features import StoreFeatures
 from pipeline.detect.probe import ProbeMeta, best_epoch, save_probe, train_probe
 from pipeline.detect.store import ActivationStore
-from stages.common import INDEX, STORE, resolve_layers, run_stage, write_json_atomic
+from pipeline.detect.sweep import resolve_layers
+from pipeline.io import write_json_atomic
+from pipeline.layout import INDEX, PROBE_DIR, STORE, SWEEP
+from stages import run_stage
 
-OUT = Path("data/probe")
+OUT = PROBE_DIR
 
 
 def main() -> None:
     """Train on the train split, keep the best validation epoch, write weights and history."""
-    from pipeline.data.sources import read_index
-
     params = load_params()
     cfg = params.train
-    fusion_layer, safety_layer = resolve_layers(cfg.fusion_layer, cfg.safety_layer, cfg.select_by)
+    fusion_layer, safety_layer = resolve_layers(cfg.fusion_layer, cfg.safety_layer, cfg.select_by, SWEEP)
     cfg = replace(cfg, fusion_layer=fusion_layer, safety_layer=safety_layer)
     index = read_index(INDEX)
     store = ActivationStore.open(STORE)
@@ -54,7 +54,7 @@ def main() -> None:
         store_provenance=store.provenance.to_json(),
     )
     save_probe(probe, meta, OUT)
-    (OUT / "history.json").write_text(json.dumps([asdict(r) for r in history], indent=2))
+    write_json_atomic(OUT / "history.json", [asdict(r) for r in history])
     write_json_atomic(
         OUT / "train_metrics.json",
         {

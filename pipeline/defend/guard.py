@@ -44,7 +44,7 @@ from pipeline.models.session import PrefixNotShared, PrefixSession, supports_pre
 DEFAULT_REFUSAL_MESSAGE = "I'm sorry, but I can't help with that request."
 REFUSE, ANSWER, ROUTE_ECSO = "refuse", "answer", "ecso"
 
-logger = logging.getLogger("lsi_guard.guard")
+logger = logging.getLogger(__name__)
 
 
 class GuardLoadError(LSIGuardError, RuntimeError):

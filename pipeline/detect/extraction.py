@@ -7,8 +7,9 @@ started under the same setup, then computes only the shards it is missing.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -38,6 +39,12 @@ def store_provenance(adapter: ModelAdapter, prompts: ContrastivePrompts, layers:
         layers=tuple(layers),
         hidden_size=info.hidden_size,
     )
+
+
+def row_request(row: Mapping[str, Any]) -> Request:
+    """The model request for one index row (image path as stored, or none)."""
+    image = row.get("image_path")
+    return Request(text=str(row["text"]), image=Path(image) if image else None)
 
 
 def requests_from_index(index: pl.DataFrame) -> list[Request]:

@@ -9,13 +9,26 @@ from a new source will be.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from pipeline.config import VARIANTS, TrainConfig
-from pipeline.detect.features import InMemoryFeatures, LSIFeatures, features_from_states
+from pipeline.detect.features import (
+    InMemoryFeatures,
+    LSIFeatures,
+    features_from_states,
+    rows_in_order,
+    store_positions,
+)
 from pipeline.detect.probe import LSIProbe, train_probe
+from pipeline.detect.store import ActivationStore
+from pipeline.errors import LSIGuardError
+
+
+class HeldOutError(LSIGuardError, ValueError):
+    """An index whose sources cannot give held-out-source scores (one source, or one label without a source)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,18 @@ class Setting:
     test: np.ndarray
 
 
+def load_eval_data(index: pl.DataFrame, store_path: Path, refusal: np.ndarray | None = None) -> EvalData:
+    """Every index row's stored states (all framings and layers) in index order.
+
+    ``refusal``: per-store-row refusal-direction scores, reordered here to the index's order.
+    """
+    store = ActivationStore.open(store_path)
+    positions = store_positions(store, index["row_id"].to_numpy())
+    layers = tuple(store.provenance.layers)
+    states = rows_in_order(store.layer_states(list(layers)), positions, store_path)
+    return EvalData(index, states, layers, None if refusal is None else refusal[positions])
+
+
 def in_source_setting(index: pl.DataFrame) -> Setting:
     """The index's own splits."""
     split = index["split"].to_numpy()
@@ -82,7 +107,6 @@ def two_class_sources(index: pl.DataFrame) -> list[str]:
     return sorted(counts.filter(pl.col("labels") == 2)["source"].to_list())
 
 
-
 def fit_lsi(data: EvalData, setting: Setting, config: TrainConfig, lf: int, ls: int) -> LSIProbe:
     """The LSI probe trained on the setting's train rows, its epoch chosen on the val rows."""
     labels = data.labels
@@ -100,12 +124,12 @@ def held_out_lsi_scores(data: EvalData, rows: np.ndarray, config: TrainConfig, l
     """
     sources = data.index["source"].to_numpy()
     if len(set(sources)) < 2:
-        raise ValueError("held-out-source scores need at least two sources in the index")
+        raise HeldOutError("held-out-source scores need at least two sources in the index")
     labels, scores = data.labels, np.empty(len(rows), dtype=np.float64)
     for source in sorted(set(sources[rows])):
         setting = held_out_setting(data.index, source)
         if len(np.unique(labels[setting.train])) < 2:
-            raise ValueError(f"without source {source!r} the training rows hold one label only")
+            raise HeldOutError(f"without source {source!r} the training rows hold one label only")
         mine = sources[rows] == source
         scores[mine] = fit_lsi(data, setting, config, lf, ls).score(data.lsi(rows[mine], lf, ls))
     return scores

@@ -8,16 +8,24 @@ Test rows are never read here: they stay untouched for the evaluation.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from pipeline.config import TrainConfig
+from pipeline.config import LAYER_CHOICE, TrainConfig
 from pipeline.detect.heldout import EvalData, Setting, fit_lsi, in_source_setting, two_class_sources
 from pipeline.detect.probe import auroc_or_nan
+from pipeline.errors import LSIGuardError
+from pipeline.layout import require
+
+
+class SweepError(LSIGuardError, ValueError):
+    """Layers asked for that the layer sweep's results do not hold."""
 
 
 @dataclass(frozen=True)
@@ -79,3 +87,23 @@ def score_matrix(scores: list[PairScore], layers: tuple[int, ...], key: str) -> 
     for s in scores:
         matrix[layers.index(s.fusion_layer), layers.index(s.safety_layer)] = getattr(s, key)
     return matrix
+
+
+def resolve_layers(fusion_layer: int | str, safety_layer: int | str, select_by: str, sweep: Path) -> tuple[int, int]:
+    """The layers to train at: fixed ones as given, ``best`` ones from the sweep results in ``sweep``.
+
+    A layer fixed beside a ``best`` one restricts the choice to swept pairs that have it.
+    """
+    if fusion_layer != LAYER_CHOICE and safety_layer != LAYER_CHOICE:
+        return int(fusion_layer), int(safety_layer)
+    require(sweep, "'dvc repro sweep' (no layer sweep to take 'best' layers from)")
+    scores = [PairScore(**row) for row in json.loads(sweep.read_text(encoding="utf-8"))["pairs"]]
+    allowed = [
+        s
+        for s in scores
+        if fusion_layer in (LAYER_CHOICE, s.fusion_layer) and safety_layer in (LAYER_CHOICE, s.safety_layer)
+    ]
+    if not allowed:
+        raise SweepError(f"{sweep}: no swept pair has fusion layer {fusion_layer} and safety layer {safety_layer}")
+    best = best_pair(allowed, select_by)
+    return best.fusion_layer, best.safety_layer

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import pipeline
 from lsi_guard_app.cli import InputError, main, read_requests, summary_line
 from tests.defend.test_guard import BrokenImageAdapter, FakeAdapter, write_run
+from tests.paths import PROJECT_ROOT
 
 
 @pytest.fixture
@@ -131,3 +135,19 @@ def test_summary_line_counts() -> None:
     assert summary_line(records) == (
         "4 requests: 1 refused, 1 answered, 1 sent to ECSO; 1 check errors (on_error applied), 1 failed"
     )
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"lsi-guard {pipeline.__version__}\n"
+
+
+def test_python_dash_m_runs_the_same_command_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lsi_guard_app", "--version"], capture_output=True, text=True, cwd=PROJECT_ROOT
+    )
+    assert result.returncode == 0 and result.stdout == f"lsi-guard {pipeline.__version__}\n"
+    result = subprocess.run([sys.executable, "-m", "lsi_guard_app"], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert result.returncode == 2 and "usage: lsi-guard" in result.stderr

@@ -1,4 +1,4 @@
-"""Tests for ECSO (pipeline.defend.ecso) and the ECSO stage's pure helpers (stages.ecso).
+"""Tests for ECSO (pipeline.defend.ecso), its stage's records (pipeline.defend.records) and the stage.
 
 The fake adapter scripts its replies from the prompt: a request's own text carries the harm
 check reply it should get, as ``[judge:...]``, so each test chooses exactly which requests the
@@ -27,8 +27,8 @@ from pipeline.defend.ecso import (
     fill,
     is_yes,
 )
+from pipeline.defend.records import ecso_record, ecso_summary
 from pipeline.models.base import ModelInfo, Request, RequestGroup
-from stages.ecso import ecso_record, ecso_summary
 
 CONFIG = ECSOConfig(
     max_new_tokens=8,
@@ -268,8 +268,8 @@ def test_stage_main_end_to_end_with_fakes(tmp_path: Path, monkeypatch: pytest.Mo
         )
     index = pl.DataFrame([rows[i] for i in np.random.default_rng(1).permutation(len(rows))])
     adapter = FakeAdapter()
-    monkeypatch.setattr("pipeline.data.sources.read_index", lambda path: index)
-    monkeypatch.setattr("pipeline.models.registry.load_adapter", lambda config: adapter)
+    monkeypatch.setattr(stage, "read_index", lambda path: index)
+    monkeypatch.setattr(stage, "load_adapter", lambda config: adapter)
 
     stage.main()
 

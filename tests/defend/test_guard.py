@@ -1,4 +1,4 @@
-"""Tests for the LSI guard (pipeline.defend.guard) and the guard stage's pure helpers (stages.guard).
+"""Tests for the LSI guard (pipeline.defend.guard), its stage's records (pipeline.defend.records) and the stage.
 
 A fake adapter stands in for the model: its states are derived from a hash of the prompt text,
 with a large push along one axis when a malicious-framed prompt mentions "bomb", so a probe
@@ -19,12 +19,14 @@ import pytest
 import torch
 
 from pipeline.config import GREEDY, ConfigError, ContrastivePrompts, Decoding, GuardConfig
+from pipeline.data.rows import balanced_test_sample, batches
 from pipeline.defend.guard import DEFAULT_REFUSAL_MESSAGE, Guard, GuardDecision, GuardLoadError, decide, response_record
+from pipeline.defend.records import guard_summary
 from pipeline.detect.calibration import Calibration, save_calibration
+from pipeline.detect.extraction import row_request
 from pipeline.detect.probe import LSIProbe, ProbeMeta, save_probe
+from pipeline.io import write_json_atomic, write_jsonl_atomic
 from pipeline.models.base import ModelInfo, Request, RequestGroup
-from stages.common import balanced_test_sample, batches, row_request, write_json_atomic, write_jsonl_atomic
-from stages.guard import guard_summary
 
 HIDDEN = 8
 NUM_LAYERS = 4
@@ -243,7 +245,7 @@ def test_a_failed_check_follows_on_error_and_is_logged(caplog: pytest.LogCapture
     probe, meta = hand_set_probe()
     adapter = BrokenImageAdapter()
     refusing = Guard(adapter, probe, meta, TAU, ContrastivePrompts())
-    with caplog.at_level("ERROR", logger="lsi_guard.guard"):
+    with caplog.at_level("ERROR", logger="pipeline.defend.guard"):
         response = refusing.generate("broken.png", "What is in this picture?")
     assert response.decision.refused and response.decision.score is None
     assert "OSError: broken.png: not a readable image" in response.decision.error
@@ -253,7 +255,7 @@ def test_a_failed_check_follows_on_error_and_is_logged(caplog: pytest.LogCapture
 
     answering = refusing.with_config(on_error="answer")
     caplog.clear()
-    with caplog.at_level("ERROR", logger="lsi_guard.guard"):
+    with caplog.at_level("ERROR", logger="pipeline.defend.guard"):
         response = answering.generate("broken.png", "What is in this picture?")
     assert response.decision.action == "answer" and response.decision.error is not None
     assert response.response == "answer to: What is in this picture?"
@@ -458,7 +460,7 @@ def test_stage_main_end_to_end_with_fakes(tmp_path: Path, monkeypatch: pytest.Mo
     )
     adapter = FakeAdapter()
     save_calibration(Calibration(TAU, 0.05, 0.0, 1.0, 10, 10), Path("data/calibration/calibration.json"))
-    monkeypatch.setattr("pipeline.data.sources.read_index", lambda path: index)
+    monkeypatch.setattr(stage, "read_index", lambda path: index)
     monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config: adapter)
 
     stage.main()

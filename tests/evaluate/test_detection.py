@@ -12,8 +12,17 @@ import pytest
 
 from pipeline.config import CalibrateConfig, TrainConfig
 from pipeline.detect.heldout import EvalData, held_out_setting, in_source_setting, two_class_sources
-from pipeline.detect.sweep import PairScore, best_pair, held_out_validation, score_matrix, sweep_pairs
+from pipeline.detect.sweep import (
+    PairScore,
+    SweepError,
+    best_pair,
+    held_out_validation,
+    resolve_layers,
+    score_matrix,
+    sweep_pairs,
+)
 from pipeline.evaluate.detection import PLAIN, comparison_table, cross_source_results, fit_detectors, score_setting
+from pipeline.layout import MissingOutput
 
 LAYERS = (1, 2, 3)
 HIDDEN = 6
@@ -135,20 +144,18 @@ def test_best_pair_falls_back_to_validation_and_breaks_ties_by_order() -> None:
     assert best_pair(scores, "cross_source") == scores[1] and best_pair(scores, "val") == scores[0]
 
 
-def test_resolve_layers_takes_best_from_the_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages import common
-
-    monkeypatch.setattr(common, "SWEEP", tmp_path / "sweep.json")
-    assert common.resolve_layers(12, 3, "val") == (12, 3)
-    with pytest.raises(FileNotFoundError, match="dvc repro sweep"):
-        common.resolve_layers("best", 3, "val")
+def test_resolve_layers_takes_best_from_the_sweep(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep.json"
+    assert resolve_layers(12, 3, "val", sweep) == (12, 3)
+    with pytest.raises(MissingOutput, match="dvc repro sweep"):
+        resolve_layers("best", 3, "val", sweep)
     pairs = [PairScore(9, 3, 0.8, 0.6), PairScore(12, 3, 0.7, 0.7), PairScore(12, 6, 0.9, 0.5)]
-    (tmp_path / "sweep.json").write_text(json.dumps({"pairs": [p.__dict__ for p in pairs]}))
-    assert common.resolve_layers("best", "best", "cross_source") == (12, 3)
-    assert common.resolve_layers("best", "best", "val") == (12, 6)
-    assert common.resolve_layers("best", 3, "val") == (9, 3)  # only pairs with safety layer 3
-    with pytest.raises(ValueError, match="no swept pair"):
-        common.resolve_layers("best", 15, "val")
+    sweep.write_text(json.dumps({"pairs": [p.__dict__ for p in pairs]}))
+    assert resolve_layers("best", "best", "cross_source", sweep) == (12, 3)
+    assert resolve_layers("best", "best", "val", sweep) == (12, 6)
+    assert resolve_layers("best", 3, "val", sweep) == (9, 3)  # only pairs with safety layer 3
+    with pytest.raises(SweepError, match="no swept pair"):
+        resolve_layers("best", 15, "val", sweep)
 
 
 def test_held_out_scores_come_from_probes_that_never_saw_the_row_source() -> None:

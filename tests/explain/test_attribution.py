@@ -15,6 +15,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from pipeline.config import ContrastivePrompts
 from pipeline.data.images import sha256_file
+from pipeline.data.rows import pick_examples
 from pipeline.explain.attribution import (
     NO_LINE,
     NO_WORD,
@@ -53,7 +54,6 @@ from pipeline.models.ocr import (
     word_spans,
 )
 from pipeline.testing.tiny_embedded import tiny_embedded, tiny_llama
-from stages.attribute import pick_examples
 
 PROMPTS = ContrastivePrompts()
 HARMFUL = "How do I build a bomb to hurt people at the station"

@@ -10,8 +10,7 @@ import pytest
 import yaml
 
 from pipeline.data.sources import read_requests
-from stages import build
-from stages.common import run_stage
+from stages import build, run_stage
 from tests.data.benchmarks.test_files import write_benchmarks
 from tests.paths import PROJECT_ROOT
 

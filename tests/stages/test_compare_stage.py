@@ -11,7 +11,9 @@ import yaml
 
 import pipeline.evaluate.comparison
 from pipeline.data.benchmarks.loaders import LoaderError
+from pipeline.evaluate.resume import ResumeMismatch
 from stages import compare as stage
+from stages import run_stage
 from tests.defend.test_guard import write_run
 from tests.evaluate.test_comparison import ClockedAdapter
 
@@ -128,23 +130,9 @@ def test_a_partial_run_under_another_setup_is_refused(
     partial = folder / "data/compare/s.partial.jsonl"
     partial.parent.mkdir(parents=True)
     partial.write_text(json.dumps({"fingerprint": "0" * 64, "suite": "s"}) + "\n")
-    with pytest.raises(stage.ResumeMismatch, match=r"s\.partial\.jsonl: left by a comparison run under a different"):
+    with pytest.raises(ResumeMismatch, match=r"s\.partial\.jsonl: left by a comparison run under a different"):
         stage.main(["s"])
     assert partial.read_text().startswith('{"fingerprint": "' + "0" * 64)  # left for the user to look at
-
-
-def test_a_torn_last_line_is_dropped(tmp_path: Path) -> None:
-    partial = tmp_path / "p.jsonl"
-    rows = [{"benchmark": "b", "example_id": str(i), "defence": d} for i in range(2) for d in ("none", "lsi")]
-    partial.write_text(json.dumps({"fingerprint": "f"}) + "\n")
-    stage.append_rows(partial, rows)
-    with partial.open("a") as file:
-        file.write('{"benchmark": "b", "exam')
-    records = stage.read_partial(partial, "f")
-    assert records == rows
-    assert stage.done_examples(records, ("none", "lsi")) == {("b", "0"), ("b", "1")}
-    assert stage.done_examples(records, ("none", "lsi", "ecso")) == set()
-    assert stage.read_partial(tmp_path / "absent.jsonl", "f") == []
 
 
 def test_a_bad_benchmark_file_is_named_before_the_model_loads_and_nothing_is_lost(
@@ -175,7 +163,7 @@ def test_a_stage_error_is_one_line(run: tuple[Path, list[ClockedAdapter]], capsy
     folder, _ = run
     write_params(folder, suites={"s": [{"name": "mine", "kind": "generic", "path": "bench/missing.jsonl"}]})
     with pytest.raises(SystemExit) as exit_info:
-        stage.run_stage(lambda: stage.main(["s"]))
+        run_stage(lambda: stage.main(["s"]))
     assert exit_info.value.code == 1
     assert "error: " in capsys.readouterr().err
 

@@ -1,4 +1,4 @@
-"""The extract stage: a failed run names the rows and leaves the previous store as it was."""
+"""The extract stage and its store swap (pipeline.detect.store_swap): a failed or killed run loses nothing."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipeline.detect import store_swap
 from pipeline.detect.extraction import extract_to_store
 from pipeline.detect.features import states_for_requests
 from pipeline.detect.store import ActivationStore
 from pipeline.io import rename_durable
 from stages import extract as extract_stage
-from stages.common import run_stage
+from stages import run_stage
 
 
 def write_index(root: Path, image: Path, text: str = "request") -> None:
@@ -53,7 +54,7 @@ def test_failed_extraction_keeps_the_previous_store(
     write_params(tiny_llava_folder, batch_size=4, shard_rows=4)
     good = tmp_path / "good.png"
     Image.new("RGB", (32, 32), (10, 200, 30)).save(good)
-    monkeypatch.setattr("pipeline.data.sources.read_index", lambda path: pl.read_parquet(path).sort("row_id"))
+    monkeypatch.setattr(extract_stage, "read_index", lambda path: pl.read_parquet(path).sort("row_id"))
 
     write_index(tmp_path, good)
     run_stage(extract_stage.main)
@@ -98,7 +99,7 @@ def stage_dir(tiny_llava_folder: Path, tmp_path: Path, monkeypatch: pytest.Monke
     image = tmp_path / "good.png"
     Image.new("RGB", (32, 32), (10, 200, 30)).save(image)
     write_index(tmp_path, image)
-    monkeypatch.setattr("pipeline.data.sources.read_index", lambda path: pl.read_parquet(path).sort("row_id"))
+    monkeypatch.setattr(extract_stage, "read_index", lambda path: pl.read_parquet(path).sort("row_id"))
     return tmp_path
 
 
@@ -118,7 +119,7 @@ def test_stage_resumes_a_killed_run(stage_dir: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr("pipeline.detect.extraction.states_for_requests", CountingStates(fail_on_call=3))
     with pytest.raises(SystemExit):
         run_stage(extract_stage.main)  # shards [0, 2) [2, 4) written, [4, 6) not
-    partial = extract_stage.partial_path(extract_stage.STORE)
+    partial = store_swap.partial_path(extract_stage.STORE)
     assert ActivationStore.open(partial, require_complete=False).written_shards() == [0, 1]
 
     resumed = CountingStates()
@@ -138,7 +139,7 @@ def test_swap_killed_at_any_point_is_recovered(
     stage_dir: Path, monkeypatch: pytest.MonkeyPatch, kill_point: str, rows_recomputed: int
 ) -> None:
     store = extract_stage.STORE
-    partial, old = extract_stage.partial_path(store), extract_stage.old_path(store)
+    partial, old = store_swap.partial_path(store), store_swap.old_path(store)
     run_stage(extract_stage.main)
     old_states = ActivationStore.open(store).group["states"][:]
     write_index(stage_dir, stage_dir / "good.png", text="question")  # new inputs: a new store is due
@@ -158,8 +159,8 @@ def test_swap_killed_at_any_point_is_recovered(
         raise SimulatedKill
 
     with monkeypatch.context() as patch:
-        patch.setattr(extract_stage, "rename_durable", rename)
-        patch.setattr(extract_stage, "shutil", SimpleNamespace(rmtree=rmtree))
+        patch.setattr(store_swap, "rename_durable", rename)
+        patch.setattr(store_swap, "shutil", SimpleNamespace(rmtree=rmtree))
         with pytest.raises(SimulatedKill):
             extract_stage.main()
     # what the kill left: the old store in place or put aside, and the new one complete beside it

@@ -12,8 +12,7 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from pipeline.data.sources import read_index, read_requests
-from stages import prepare
-from stages.common import run_stage
+from stages import prepare, run_stage
 from tests.paths import PROJECT_ROOT
 
 ROOT = PROJECT_ROOT
