@@ -104,6 +104,10 @@ def build_demo(guard: Guard, attribution_steps: int = 16) -> gr.Blocks:
         panel = decision_html(response, margin, result.explain_seconds)
         return panel, response.response, ecso, note, token_map, image_map
 
+    def attribution_image(label: str, elem_id: str) -> gr.Image:
+        # Hidden until a request asks for the maps; read-only, filled from a PNG path.
+        return gr.Image(label=label, type="filepath", interactive=False, visible=False, elem_id=elem_id)
+
     with gr.Blocks(title="LSI-Guard demo", analytics_enabled=False) as demo:
         gr.Markdown(
             "# LSI-Guard\n"
@@ -143,20 +147,8 @@ def build_demo(guard: Guard, attribution_steps: int = 16) -> gr.Blocks:
                 answer = gr.Textbox(label="Response", lines=5, interactive=False, buttons=["copy"], elem_id="response")
                 ecso = gr.HTML(visible=False, elem_id="ecso-steps")
                 note = gr.Markdown(visible=False, elem_id="explain-note")
-                token_map = gr.Image(
-                    label="Attribution over the request's tokens",
-                    type="filepath",
-                    interactive=False,
-                    visible=False,
-                    elem_id="token-map",
-                )
-                image_map = gr.Image(
-                    label="Attribution over the image",
-                    type="filepath",
-                    interactive=False,
-                    visible=False,
-                    elem_id="image-map",
-                )
+                token_map = attribution_image("Attribution over the request's tokens", "token-map")
+                image_map = attribution_image("Attribution over the image", "image-map")
         inputs = [image, text, policy_choice, explain_box]
         outputs = [decision, answer, ecso, note, token_map, image_map]
         # Button and Enter share one concurrency group of size one: the model runs one request at a time.

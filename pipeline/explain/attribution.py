@@ -22,7 +22,7 @@ import torch
 from pipeline.config import ContrastivePrompts
 from pipeline.explain.embedded import embedded_attribution
 from pipeline.explain.hf_vlm import hf_attribution
-from pipeline.explain.integrated import DEFAULT_INTERNAL_BATCH, PATH_SEGMENTS
+from pipeline.explain.integrated import DEFAULT_INTERNAL_BATCH, PATH_SEGMENTS, IGSettings
 from pipeline.explain.record import Attribution, ImageKind, attribution_to_json, safe_name
 from pipeline.models.base import ModelAdapter, Request, check_layers
 from pipeline.models.embedded import EmbeddedAdapter
@@ -64,4 +64,4 @@ def intent_attribution(
         raise TypeError(f"no attribution for adapter type {type(adapter).__name__}")
     # Gradients are taken w.r.t. the inputs only; the model's weights stay frozen.
     with torch.enable_grad():
-        return run(adapter, request, prompts, fusion_layer, steps, internal_batch_size)  # type: ignore[arg-type]
+        return run(adapter, request, prompts, IGSettings(fusion_layer, steps, internal_batch_size))  # type: ignore[arg-type]

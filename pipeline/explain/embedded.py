@@ -11,10 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.config import PLACEHOLDER, ContrastivePrompts
-from pipeline.explain.integrated import Framing, check_same_tokens, contrast_signal, frame, integrate, prefix_runner
+from pipeline.explain.integrated import Framing, IGSettings, frame, integrate_framings
 from pipeline.explain.record import Attribution
 from pipeline.explain.spans import (
     assign_lines,
@@ -91,9 +89,7 @@ def embedded_attribution(
     adapter: EmbeddedAdapter,
     request: Request,
     prompts: ContrastivePrompts,
-    fusion_layer: int,
-    steps: int,
-    internal_batch_size: int,
+    settings: IGSettings,
 ) -> Attribution:
     """IG over the request tokens and the OCR text tokens; OCR lines scored by their tokens."""
     ocr = adapter.reader.read(Path(request.image)) if request.image is not None else None
@@ -103,14 +99,11 @@ def embedded_attribution(
     benign = _embedded_framing(view, request, prompts.benign, ocr)
     malicious = _embedded_framing(view, request, prompts.malicious, ocr)
     names = list(benign.spans)  # "request", then "ocr" when the image has text
-    for name in names:
-        check_same_tokens(benign, malicious, name)
     base = adapter.model.model
-    runner = prefix_runner(base, base.layers, fusion_layer, benign, malicious, len(benign.input_ids))
-    signal = contrast_signal(runner, benign, malicious, names, with_pixels=False)
-    inputs = tuple(benign.embeds[slice(*benign.spans[n])].unsqueeze(0) for n in names)
-    baselines = tuple(torch.zeros_like(x) for x in inputs)
-    attributions, at_input, at_baseline = integrate(signal, inputs, baselines, steps, internal_batch_size)
+    limit = len(benign.input_ids)
+    attributions, at_input, at_baseline = integrate_framings(
+        base, base.layers, benign, malicious, names, limit, settings
+    )
     scores = {n: a.sum(dim=-1).tolist() for n, a in zip(names, attributions, strict=True)}
 
     fields = {} if ocr is None else _ocr_fields(ocr, benign if "ocr" in names else None, scores.get("ocr", []))
@@ -122,7 +115,7 @@ def embedded_attribution(
         signal=at_input,
         baseline_signal=at_baseline,
         convergence_delta=float(total - (at_input - at_baseline)),
-        fusion_layer=fusion_layer,
-        steps=steps,
+        fusion_layer=settings.fusion_layer,
+        steps=settings.steps,
         **fields,
     )

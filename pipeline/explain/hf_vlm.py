@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline.config import PLACEHOLDER, ContrastivePrompts
 from pipeline.data.images import load_image
-from pipeline.explain.integrated import Framing, check_same_tokens, contrast_signal, frame, integrate, prefix_runner
+from pipeline.explain.integrated import Framing, IGSettings, frame, integrate_framings
 from pipeline.explain.patches import crop_region, patch_grid
 from pipeline.explain.record import Attribution
 from pipeline.explain.spans import locate_request
@@ -80,29 +80,22 @@ def hf_attribution(
     adapter: HFVisionLanguageAdapter,
     request: Request,
     prompts: ContrastivePrompts,
-    fusion_layer: int,
-    steps: int,
-    internal_batch_size: int,
+    settings: IGSettings,
 ) -> Attribution:
     """IG over the request tokens and, with an image, over its pixels."""
     benign, pixels = _hf_framing(adapter, request, prompts.benign)
     malicious, _ = _hf_framing(adapter, request, prompts.malicious)
-    check_same_tokens(benign, malicious, "request")
     with_pixels = pixels is not None and request.image is not None
     limit = _first_image_token(adapter, benign.input_ids)
-    runner = prefix_runner(adapter.model, adapter.blocks, fusion_layer, benign, malicious, limit)
-    signal = contrast_signal(runner, benign, malicious, ["request"], with_pixels)
-
-    words = benign.embeds[slice(*benign.spans["request"])].unsqueeze(0)
-    inputs: tuple[torch.Tensor, ...] = (words,)
-    baselines: tuple[torch.Tensor, ...] = (torch.zeros_like(words),)
     fields: dict[str, Any] = {}
+    pixel_pair = None
     if with_pixels:
         assert pixels is not None and request.image is not None
         size = load_image(request.image).size
-        inputs += (pixels,)
-        baselines += (black_pixels(adapter, size),)
-    attributions, at_input, at_baseline = integrate(signal, inputs, baselines, steps, internal_batch_size)
+        pixel_pair = (pixels, black_pixels(adapter, size))
+    attributions, at_input, at_baseline = integrate_framings(
+        adapter.model, adapter.blocks, benign, malicious, ["request"], limit, settings, pixel_pair
+    )
     token_scores = attributions[0].sum(dim=-1).tolist()
     if with_pixels:
         pixel_attr = attributions[1][0] if attributions[1].dim() == 4 else attributions[1]  # (channels, h, w)
@@ -121,7 +114,7 @@ def hf_attribution(
         signal=at_input,
         baseline_signal=at_baseline,
         convergence_delta=float(total - (at_input - at_baseline)),
-        fusion_layer=fusion_layer,
-        steps=steps,
+        fusion_layer=settings.fusion_layer,
+        steps=settings.steps,
         **fields,
     )

@@ -30,6 +30,16 @@ DEFAULT_INTERNAL_BATCH = 8
 PATH_SEGMENTS: tuple[float, ...] = (0.0, 0.1, 1.0)
 
 
+@dataclass(frozen=True)
+class IGSettings:
+    """Where and how finely one attribution integrates: the fusion layer, the interpolation points,
+    and how many points go through the model at once."""
+
+    fusion_layer: int
+    steps: int
+    internal_batch_size: int = DEFAULT_INTERNAL_BATCH
+
+
 def splice(base: torch.Tensor, parts: Sequence[tuple[Span, torch.Tensor]]) -> torch.Tensor:
     """``base`` embeddings ``(L, H)`` with ``(S, n, H)`` blocks written over token spans; returns ``(S, L, H)``."""
     steps = parts[0][1].shape[0]
@@ -208,3 +218,31 @@ def integrate(
         for total, a in zip(totals, attributions, strict=True):
             total += a.detach().float().cpu()
     return tuple(t[0] for t in totals), at_input, at_baseline
+
+
+def integrate_framings(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    benign: Framing,
+    malicious: Framing,
+    names: Sequence[str],
+    limit: int,
+    settings: IGSettings,
+    pixels: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[tuple[torch.Tensor, ...], float, float]:
+    """IG of the contrast over the named spans' embeddings (zero baseline) and, given ``pixels``, the image.
+
+    ``pixels`` is ``(pixel_values, baseline pixel_values)``; ``limit`` is the first token that
+    cannot be cached (see :func:`prefix_runner`). Returns :func:`integrate`'s result, inputs in
+    ``names`` order, then the pixels.
+    """
+    for name in names:
+        check_same_tokens(benign, malicious, name)
+    runner = prefix_runner(model, blocks, settings.fusion_layer, benign, malicious, limit)
+    signal = contrast_signal(runner, benign, malicious, names, with_pixels=pixels is not None)
+    inputs = tuple(benign.embeds[slice(*benign.spans[n])].unsqueeze(0) for n in names)
+    baselines = tuple(torch.zeros_like(x) for x in inputs)
+    if pixels is not None:
+        inputs += (pixels[0],)
+        baselines += (pixels[1],)
+    return integrate(signal, inputs, baselines, settings.steps, settings.internal_batch_size)

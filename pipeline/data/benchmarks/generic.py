@@ -9,14 +9,8 @@ from typing import Any
 import polars as pl
 
 from pipeline.config import SPLITS
-from pipeline.data.benchmarks.schema import (
-    EvalExample,
-    LoaderError,
-    check_unique,
-    existing_image,
-    str_value,
-    table_rows,
-)
+from pipeline.data.benchmarks import schema
+from pipeline.data.benchmarks.schema import EvalExample, LoaderError
 from pipeline.data.sources import DatasetError, json_lines, read_index
 
 # Accepted spellings of a binary label in generic tables.
@@ -44,7 +38,7 @@ def _generic_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[str, 
     """``(where, row)`` of a CSV, Parquet or JSON-lines table by suffix."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".parquet"):
-        yield from table_rows(path, required)
+        yield from schema.table_rows(path, required)
     elif suffix in (".jsonl", ".ndjson"):
         for _, where, row in json_lines(path, LoaderError, "benchmark file"):
             if not isinstance(row, dict):
@@ -81,19 +75,19 @@ def load_generic(
             if not isinstance(value, str):
                 raise LoaderError(f"{where}: field '{image_column}' must be a path, got {value!r}")
             candidate = Path(value.strip())
-            image = existing_image(candidate if candidate.is_absolute() else path.parent / candidate, where)
+            image = schema.existing_image(candidate if candidate.is_absolute() else path.parent / candidate, where)
         examples.append(
             EvalExample(
-                example_id=str_value(row, id_column, where) if id_column else str(number),
+                example_id=schema.str_value(row, id_column, where) if id_column else str(number),
                 benchmark=path.stem,
-                text=str_value(row, text_column, where),
+                text=schema.str_value(row, text_column, where),
                 image=image,
                 label=_generic_label(row[label_column], label_column, where),
-                category=str_value(row, category_column, where) if category_column else "unknown",
+                category=schema.str_value(row, category_column, where) if category_column else "unknown",
                 attack="none",
             )
         )
-    return check_unique(examples, path)
+    return schema.check_unique(examples, path)
 
 
 def load_prepared(index: str | Path, split: str = "test", source: str | None = None) -> list[EvalExample]:
