@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from lsi_guard_app import web
+from lsi_guard_app.web import app, handling, render
 from pipeline.config import ContrastivePrompts, ECSOConfig, GuardConfig
 from pipeline.data.images import render_typography, save_png
 from pipeline.defend.ecso import ECSORecord
@@ -77,7 +77,7 @@ def tiny_guard(tokenizer: PreTrainedTokenizerBase, tau: float) -> Guard:
         # A steeper probe spreads the two scores apart; the decision path itself is untouched.
         probe.probe.weight.mul_(200.0)
         probe.probe.bias.zero_()
-    adapter = tiny_embedded(model, tokenizer, (typography_line(web.TYPOGRAPHY_TEXT),))
+    adapter = tiny_embedded(model, tokenizer, (typography_line(app.TYPOGRAPHY_TEXT),))
     return Guard(
         adapter,
         probe,
@@ -92,7 +92,7 @@ def tiny_guard(tokenizer: PreTrainedTokenizerBase, tau: float) -> Guard:
 @pytest.fixture(scope="module")
 def setup(gguf_tokenizer: PreTrainedTokenizerBase) -> TinySetup:
     scout = tiny_guard(gguf_tokenizer, tau=0.5)
-    scores = {text: scout.check(None, text).score for text in (web.HARMFUL_EXAMPLE, web.BENIGN_EXAMPLE)}
+    scores = {text: scout.check(None, text).score for text in (app.HARMFUL_EXAMPLE, app.BENIGN_EXAMPLE)}
     assert all(score is not None for score in scores.values())
     high, low = sorted(scores, key=lambda text: scores[text], reverse=True)
     assert scores[high] - scores[low] > 1e-3, f"the probe cannot tell the requests apart: {scores}"
@@ -133,78 +133,89 @@ HARMFUL_NO_IMAGE = ECSORecord("bad answer", "yes", True, None, "I cannot help.",
 
 
 def test_headline_names_the_action_and_ecso_outcome() -> None:
-    assert web.headline(response_with("refuse")) == "Refused"
-    assert web.headline(response_with("answer", 0.2)) == "Answered"
-    assert web.headline(response_with("ecso", None, HARMFUL_RECORD)).startswith("Sent to ECSO: judged harmful")
-    assert web.headline(response_with("ecso", None, SAFE_RECORD)) == "Sent to ECSO: judged safe, first answer kept"
+    assert render.headline(response_with("refuse")) == "Refused"
+    assert render.headline(response_with("answer", 0.2)) == "Answered"
+    assert render.headline(response_with("ecso", None, HARMFUL_RECORD)).startswith("Sent to ECSO: judged harmful")
+    assert render.headline(response_with("ecso", None, SAFE_RECORD)) == "Sent to ECSO: judged safe, first answer kept"
 
 
 def test_score_summary_compares_with_tau_or_says_why_there_is_none() -> None:
-    assert web.score_summary(GuardDecision(0.73456, 0.5, "refuse", "r")) == "LSI refusal score 0.7346 > tau 0.5000"
-    assert web.score_summary(GuardDecision(0.5, 0.5, "answer", "r")) == "LSI refusal score 0.5000 <= tau 0.5000"
-    assert "ECSO policy" in web.score_summary(GuardDecision(None, 0.5, "ecso", "r"))
-    assert "check failed" in web.score_summary(GuardDecision(None, 0.5, "refuse", "r", error="ImageError: x"))
+    assert render.score_summary(GuardDecision(0.73456, 0.5, "refuse", "r")) == "LSI refusal score 0.7346 > tau 0.5000"
+    assert render.score_summary(GuardDecision(0.5, 0.5, "answer", "r")) == "LSI refusal score 0.5000 <= tau 0.5000"
+    assert "ECSO policy" in render.score_summary(GuardDecision(None, 0.5, "ecso", "r"))
+    assert "check failed" in render.score_summary(GuardDecision(None, 0.5, "refuse", "r", error="ImageError: x"))
 
 
 def test_timing_summary_lists_the_parts_and_the_total() -> None:
     seconds = {"prefix": 0.1, "check": 0.05, "answer": 0.6, "total": 0.75}
-    assert web.timing_summary(seconds) == "0.75 s in all (prefix 0.10 s, check 0.05 s, answer 0.60 s)"
-    assert web.timing_summary({"total": 2.0}, explain_seconds=1.234) == "2.00 s in all; attribution 1.23 s"
+    assert render.timing_summary(seconds) == "0.75 s in all (prefix 0.10 s, check 0.05 s, answer 0.60 s)"
+    assert render.timing_summary({"total": 2.0}, explain_seconds=1.234) == "2.00 s in all; attribution 1.23 s"
 
 
 def test_score_bar_fills_to_the_score_and_marks_tau() -> None:
-    above = web.score_bar_html(0.8, 0.5)
+    above = render.score_bar_html(0.8, 0.5)
     assert "width:80.00%" in above and "#dc2626" in above and "left:calc(50.00% - 1px)" in above
-    below = web.score_bar_html(0.25, 0.6)
+    below = render.score_bar_html(0.25, 0.6)
     assert "width:25.00%" in below and "#16a34a" in below and "#dc2626" not in below
     assert "ECSO band" not in below
-    banded = web.score_bar_html(0.55, 0.5, margin=0.1)
+    banded = render.score_bar_html(0.55, 0.5, margin=0.1)
     assert 'title="ECSO band"' in banded and "left:40.00%;width:20.00%" in banded
-    assert "width:" in web.score_bar_html(None, 0.5) and "#16a34a" not in web.score_bar_html(None, 0.5)
+    assert "width:" in render.score_bar_html(None, 0.5) and "#16a34a" not in render.score_bar_html(None, 0.5)
 
 
 def test_decision_html_shows_everything_and_escapes_model_text() -> None:
-    page = web.decision_html(response_with("refuse", reason="<script>alert(1)</script>", error="Boom: <b>"))
+    page = render.decision_html(response_with("refuse", reason="<script>alert(1)</script>", error="Boom: <b>"))
     assert "Refused" in page and "LSI refusal score 0.7000 &gt; tau 0.5000" in page
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "The check failed" in page and "Boom: &lt;b&gt;" in page
     assert "0.75 s in all" in page and "score-bar" in page
-    assert "score-bar" not in web.decision_html(response_with("ecso", None, SAFE_RECORD))
+    assert "score-bar" not in render.decision_html(response_with("ecso", None, SAFE_RECORD))
 
 
 def test_ecso_steps_show_every_step_and_why_one_was_skipped() -> None:
-    titles = [title for title, _ in web.ecso_steps(HARMFUL_RECORD)]
+    titles = [title for title, _ in render.ecso_steps(HARMFUL_RECORD)]
     assert titles[1] == "2. Harm check: harmful" and titles[3].startswith("4. Final answer, from the caption")
-    bodies = [body for _, body in web.ecso_steps(HARMFUL_RECORD)]
+    bodies = [body for _, body in render.ecso_steps(HARMFUL_RECORD)]
     assert bodies == ["bad answer", "model's verdict: Yes, it is.", "a photo of wires", "I cannot help."]
-    safe = web.ecso_steps(SAFE_RECORD)
+    safe = render.ecso_steps(SAFE_RECORD)
     assert safe[1][0] == "2. Harm check: not harmful"
     assert "judged not harmful" in safe[2][1] and "the first answer, kept" in safe[3][1]
-    assert "no image" in web.ecso_steps(HARMFUL_NO_IMAGE)[2][1]
-    page = web.ecso_html(ECSORecord("<i>x</i>", "no", False, None, "<i>x</i>", False))
+    assert "no image" in render.ecso_steps(HARMFUL_NO_IMAGE)[2][1]
+    page = render.ecso_html(ECSORecord("<i>x</i>", "no", False, None, "<i>x</i>", False))
     assert "&lt;i&gt;x&lt;/i&gt;" in page and "left the answer unchanged" in page
 
 
 def test_input_problem_names_what_is_wrong(picture: Path, broken_picture: Path, tmp_path: Path) -> None:
-    assert "empty" in (web.input_problem(None, "   ") or "")
-    assert "empty" in (web.input_problem(None, None) or "")
-    assert "not found" in (web.input_problem(tmp_path / "missing.png", "hi") or "")
-    problem = web.input_problem(broken_picture, "hi") or ""
+    assert "empty" in (handling.input_problem(None, "   ") or "")
+    assert "empty" in (handling.input_problem(None, None) or "")
+    assert "not found" in (handling.input_problem(tmp_path / "missing.png", "hi") or "")
+    problem = handling.input_problem(broken_picture, "hi") or ""
     assert "cannot be used" in problem and "broken.png" in problem
-    assert web.input_problem(picture, "hi") is None
-    assert web.input_problem(None, "hi") is None
+    assert handling.input_problem(picture, "hi") is None
+    assert handling.input_problem(None, "hi") is None
+
+
+def test_short_title_names_the_request_and_cuts_long_ones() -> None:
+    assert render.short_title("make a bomb") == "request: make a bomb"
+    cut = render.short_title("x" * 100)
+    assert cut == "request: " + "x" * 67 + "..."
+    assert render.short_title("y" * 70) == "request: " + "y" * 70
 
 
 def test_uploaded_path_reads_gradio_payloads() -> None:
-    assert web.uploaded_path({"path": "/tmp/gradio/abc/cat.png", "orig_name": "cat.png"}) == "/tmp/gradio/abc/cat.png"
-    assert web.uploaded_path("/tmp/x.png") == "/tmp/x.png"
     assert (
-        web.uploaded_path(None) is None and web.uploaded_path({"path": None}) is None and web.uploaded_path("") is None
+        handling.uploaded_path({"path": "/tmp/gradio/abc/cat.png", "orig_name": "cat.png"}) == "/tmp/gradio/abc/cat.png"
+    )
+    assert handling.uploaded_path("/tmp/x.png") == "/tmp/x.png"
+    assert (
+        handling.uploaded_path(None) is None
+        and handling.uploaded_path({"path": None}) is None
+        and handling.uploaded_path("") is None
     )
 
 
 def test_policy_guards_share_one_model(setup: TinySetup) -> None:
-    guards = web.policy_guards(setup.guard)
+    guards = handling.policy_guards(setup.guard)
     assert set(guards) == {"lsi", "ecso", "lsi_then_ecso"}
     assert guards["lsi"] is setup.guard
     for policy, guard in guards.items():
@@ -214,17 +225,17 @@ def test_policy_guards_share_one_model(setup: TinySetup) -> None:
 def test_run_request_reports_bad_input_and_draws_maps(
     setup: TinySetup, picture: Path, broken_picture: Path, tmp_path: Path
 ) -> None:
-    empty = web.run_request(setup.guard, None, "", False, 4, tmp_path, "a")
+    empty = handling.run_request(setup.guard, None, "", False, 4, tmp_path, "a")
     assert empty.response is None and "empty" in (empty.error or "")
-    broken = web.run_request(setup.guard, str(broken_picture), "hi", False, 4, tmp_path, "b")
+    broken = handling.run_request(setup.guard, str(broken_picture), "hi", False, 4, tmp_path, "b")
     assert broken.response is None and "broken.png" in (broken.error or "")
-    result = web.run_request(setup.guard, str(picture), setup.answered_text, True, 4, tmp_path, "c")
+    result = handling.run_request(setup.guard, str(picture), setup.answered_text, True, 4, tmp_path, "c")
     assert result.error is None and result.explain_note is None and result.response is not None
     assert result.token_map == tmp_path / "c-tokens.png" and result.image_map == tmp_path / "c-image.png"
     for path in (result.token_map, result.image_map):
         with Image.open(path) as image:
             assert image.format == "PNG" and image.width > 200
-    text_only = web.run_request(setup.guard, None, setup.refused_text, True, 4, tmp_path, "d")
+    text_only = handling.run_request(setup.guard, None, setup.refused_text, True, 4, tmp_path, "d")
     assert text_only.response is not None and text_only.response.decision.refused
     assert text_only.token_map is not None and text_only.image_map is None
 
@@ -238,18 +249,18 @@ def test_main_without_a_run_exits_2_with_a_hint(
     def no_serving(*args: object, **kwargs: object) -> str:
         raise AssertionError("the demo must not start without a run")
 
-    monkeypatch.setattr(web, "serve", no_serving)
-    assert web.main(["--run", str(tmp_path)]) == 2
+    monkeypatch.setattr(app, "serve", no_serving)
+    assert app.main(["--run", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no params file" in err and "bash scripts/run.sh" in err and "Traceback" not in err
 
     (tmp_path / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
-    assert web.main(["--run", str(tmp_path)]) == 2
+    assert app.main(["--run", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no finished run" in err and "bash scripts/run.sh" in err
 
     with pytest.raises(SystemExit) as exit_info:
-        web.launch(tmp_path / "nowhere")
+        app.launch(tmp_path / "nowhere")
     assert exit_info.value.code == 2
 
 
@@ -274,8 +285,8 @@ class Browser:
 @pytest.fixture(scope="module")
 def browser(setup: TinySetup) -> Iterator[Browser]:
     sync_api = require_chromium()
-    demo = web.build_demo(setup.guard, attribution_steps=4)
-    url = web.serve(demo, "127.0.0.1", free_port())
+    demo = app.build_demo(setup.guard, attribution_steps=4)
+    url = app.serve(demo, "127.0.0.1", free_port())
     try:
         with sync_api.sync_playwright() as playwright:
             chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -305,7 +316,7 @@ def reset(session: Browser, policy: str = "lsi") -> None:
     if remove.count():
         remove.click()
     page.locator("#explain input[type=checkbox]").uncheck()  # type: ignore[attr-defined]
-    page.get_by_text(web.POLICY_LABELS[policy]).click()  # type: ignore[attr-defined]
+    page.get_by_text(app.POLICY_LABELS[policy]).click()  # type: ignore[attr-defined]
 
 
 def ask(session: Browser, text: str) -> None:
@@ -369,7 +380,7 @@ def test_page_explains_a_typography_example(browser: Browser) -> None:
     page = browser.page
     reset(browser)
     page.get_by_text("Typography image (harmful text in the picture)").click()  # type: ignore[attr-defined]
-    expect(page.locator("#request textarea")).to_have_value(web.TYPOGRAPHY_REQUEST)  # type: ignore[attr-defined]
+    expect(page.locator("#request textarea")).to_have_value(app.TYPOGRAPHY_REQUEST)  # type: ignore[attr-defined]
     page.locator("#explain input[type=checkbox]").check()  # type: ignore[attr-defined]
     page.locator("#submit").click()  # type: ignore[attr-defined]
     for map_id in ("#token-map img", "#image-map img"):
@@ -389,14 +400,14 @@ def test_page_shows_ecso_steps(browser: Browser, setup: TinySetup) -> None:
     page = browser.page
     reset(browser, "ecso")
     # The example row sets the image back to none as well as the text: the record was computed without one.
-    label = "Benign request" if setup.answered_text == web.BENIGN_EXAMPLE else "Harmful request"
+    label = "Benign request" if setup.answered_text == app.BENIGN_EXAMPLE else "Harmful request"
     page.get_by_text(label, exact=True).click()  # type: ignore[attr-defined]
     expect(page.locator("#request textarea")).to_have_value(setup.answered_text)  # type: ignore[attr-defined]
     page.locator("#submit").click()  # type: ignore[attr-defined]
     expect(page.locator("#decision")).to_contain_text("Sent to ECSO", timeout=WAIT_MS)  # type: ignore[attr-defined]
     steps = page.locator("#ecso-steps")  # type: ignore[attr-defined]
     expect(steps).to_be_visible(timeout=WAIT_MS)
-    for title, _ in web.ecso_steps(setup.ecso_record):
+    for title, _ in render.ecso_steps(setup.ecso_record):
         expect(steps).to_contain_text(title)
     expect(steps).to_contain_text(setup.ecso_record.answer.strip())
     expect(page.locator("#response textarea")).to_have_value(setup.ecso_record.final_answer)  # type: ignore[attr-defined]

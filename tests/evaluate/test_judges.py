@@ -27,6 +27,7 @@ from pipeline.evaluate.judges import (
     fill_judge_prompt,
     parse_retry_after,
 )
+from pipeline.evaluate.judges.cache import judge_cached
 from pipeline.models.base import ModelInfo, Request
 
 KEY = "sk-test-secret-1234567890"
@@ -381,3 +382,23 @@ def test_verdict_is_frozen() -> None:
     verdict = Verdict(refused=True, harmful=None, raw="", judge="x")
     with pytest.raises(AttributeError):
         verdict.refused = False  # type: ignore[misc]
+
+
+def test_judge_cached_asks_only_for_the_items_not_in_the_cache(tmp_path: Path) -> None:
+    cache = JudgeCache(tmp_path / "verdicts.sqlite")
+    known = Verdict(refused=True, harmful=False, raw="no", judge="t")
+    cache.put("a", known)
+    items = [JudgeItem("ra", "a"), JudgeItem("rb", "b")]
+    asked: list[list[JudgeItem]] = []
+
+    def ask(missing: list[JudgeItem]) -> list[Verdict]:
+        asked.append(missing)
+        return [Verdict(refused=False, harmful=True, raw="yes", judge="t") for _ in missing]
+
+    verdicts = judge_cached(items, cache, lambda item: item.response, ask)
+    assert asked == [[items[1]]]
+    assert [v.cached for v in verdicts] == [True, False]
+    assert [v.harmful for v in verdicts] == [False, True]
+    with pytest.raises(JudgeError, match="0 verdicts for 1 items"):
+        judge_cached(items, cache, lambda item: item.response, lambda missing: [])
+    cache.close()

@@ -192,7 +192,7 @@ def test_the_report_stage_builds_a_page_from_a_run(
 @pytest.mark.browser
 def test_the_page_opens_in_a_browser_with_every_image_loaded(tmp_path: Path) -> None:
     """The page as a user opens it: headless chromium from a file, nothing fetched, every image decoded."""
-    from test_web import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, require_chromium
+    from tests.app.test_web import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, require_chromium
 
     sync_api = require_chromium()
     image, figure = tmp_path / "pic.png", tmp_path / "roc.png"

@@ -13,33 +13,25 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from pipeline.config import ContrastivePrompts
+from pipeline.config import PLACEHOLDER, ContrastivePrompts
 from pipeline.data.images import sha256_file
 from pipeline.data.rows import pick_examples
-from pipeline.explain.attribution import (
+from pipeline.explain.attribution import Attribution, attribution_to_json, intent_attribution, safe_name
+from pipeline.explain.integrated import FusionRunner, integrate, shared_prefix_length, splice, split_steps
+from pipeline.explain.patches import crop_region, patch_boxes, patch_grid, top_indices
+from pipeline.explain.plots import plot_image_map, plot_token_heatmap, wrap_tokens
+from pipeline.explain.spans import (
     NO_LINE,
     NO_WORD,
-    Attribution,
-    FusionRunner,
-    _integrate,
     assign_lines,
-    attribution_to_json,
-    crop_region,
-    intent_attribution,
     line_char_ranges,
+    locate_request,
     overlapping_tokens,
-    patch_boxes,
-    patch_grid,
-    shared_prefix_length,
-    splice,
-    split_steps,
     sum_by_line,
     sum_by_word,
     token_pieces,
-    top_indices,
     word_char_ranges,
 )
-from pipeline.explain.plots import plot_image_map, plot_token_heatmap, wrap_tokens
 from pipeline.models.base import ModelAdapter, Request
 from pipeline.models.embedded import EmbeddedAdapter
 from pipeline.models.hf_vlm import HFVisionLanguageAdapter
@@ -298,8 +290,8 @@ def test_piecewise_path_is_integrated_gradients() -> None:
         return torch.tanh(3 * x @ weights.T).squeeze(-1) + (x**2).sum(-1)
 
     x, zero = torch.tensor([[0.7, 0.2, -0.4]]), torch.zeros(1, 3)
-    (whole,), at_x, at_zero = _integrate(f, (x,), (zero,), 64, 64, segments=(0.0, 1.0))
-    (cut,), _, _ = _integrate(f, (x,), (zero,), 64, 64, segments=(0.0, 0.1, 0.5, 1.0))
+    (whole,), at_x, at_zero = integrate(f, (x,), (zero,), 64, 64, segments=(0.0, 1.0))
+    (cut,), _, _ = integrate(f, (x,), (zero,), 64, 64, segments=(0.0, 0.1, 0.5, 1.0))
     torch.testing.assert_close(cut, whole, rtol=1e-4, atol=1e-5)
     assert float(cut.sum()) == pytest.approx(at_x - at_zero, abs=1e-5)
 
@@ -630,3 +622,19 @@ def test_default_model_bomb_in_the_image_outranks_filler_words(default_model: Em
     scores = dict(zip(a.word_texts, a.word_scores, strict=True))
     assert set(scores) == {"how", "to", "build", "a", "bomb"}, a.word_texts
     assert all(scores["bomb"] > scores[word] for word in ("how", "to", "a")), scores
+
+
+def test_locate_request_takes_the_framed_text_not_an_ocr_copy() -> None:
+    template = f"Request: {PLACEHOLDER}"
+    framed = template.replace(PLACEHOLDER, "make a bomb")
+    prompt = f"<image>\nRequest: make a bomb\n</image>\n{framed}"
+    start, stop = locate_request(prompt, framed, template, "make a bomb")
+    assert prompt[start:stop] == "make a bomb"
+    assert start > prompt.index("</image>")
+    with pytest.raises(ValueError, match="cannot be located"):
+        locate_request("something else", framed, template, "make a bomb")
+
+
+def test_safe_name_keeps_only_file_name_characters() -> None:
+    assert safe_name("mmsb/01:typo#3") == "mmsb_01_typo_3"
+    assert safe_name(42) == "42"

@@ -1,0 +1,53 @@
+"""Markdown tables of a comparison summary, for a report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _secs(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def comparison_markdown(summary: dict[str, Any]) -> str:
+    """Markdown tables of a :func:`summarise` result: benchmark x defence, then per category."""
+    lines = [
+        "| benchmark | defence | harmful refused | harmless | benign answered | via ECSO | mean s | added s | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for benchmark, defences in summary.items():
+        for defence, metrics in defences.items():
+            lines.append(
+                f"| {benchmark} | {defence} "
+                f"| {_percent(metrics['harmful_refusal_rate'])} (n={metrics['n_harmful']}) "
+                f"| {_percent(metrics['harmless_rate'])} "
+                f"| {_percent(metrics['benign_answer_rate'])} (n={metrics['n_benign']}) "
+                f"| {_percent(metrics['ecso_rate'])} "
+                f"| {_secs(metrics['mean_seconds'])} | {_secs(metrics['added_seconds'], signed=True)} "
+                f"| {metrics['n_errors']} |"
+            )
+    lines += [
+        "",
+        "| benchmark | category | defence | harmful refused | harmless | benign answered |",
+        "|---|---|---|---|---|---|",
+    ]
+    for benchmark, defences in summary.items():
+        categories = sorted({category for metrics in defences.values() for category in metrics["per_category"]})
+        for category in categories:
+            for defence, metrics in defences.items():
+                cell = metrics["per_category"].get(category)
+                if cell is None:
+                    continue
+                lines.append(
+                    f"| {benchmark} | {category} | {defence} "
+                    f"| {_percent(cell['harmful_refusal_rate'])} (n={cell['n_harmful']}) "
+                    f"| {_percent(cell['harmless_rate'])} "
+                    f"| {_percent(cell['benign_answer_rate'])} (n={cell['n_benign']}) |"
+                )
+    return "\n".join(lines) + "\n"
