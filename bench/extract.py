@@ -99,7 +99,8 @@ def llava7b_shaped_adapter(scale: int, device: str, dtype: torch.dtype) -> objec
 
     from pipeline.models.hf_vlm import HFVisionLanguageAdapter
     from pipeline.models.smollm2_files import find_smollm2_gguf
-    from pipeline.testing.tiny_models import IMAGE_TOKEN, tiny_llava_processor, tokenizer_with_image_token
+    from pipeline.testing.tiny_common import IMAGE_TOKEN, tokenizer_with_image_token
+    from pipeline.testing.tiny_models import tiny_llava_processor
 
     gguf = find_smollm2_gguf()
     tokenizer = tokenizer_with_image_token(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))

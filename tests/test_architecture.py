@@ -8,11 +8,13 @@ backwards dependency.
 from __future__ import annotations
 
 import ast
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import pipeline
 from tests.paths import PROJECT_ROOT
 
 # Lowest first: a module may import its own layer and the ones before it, never one after it.
@@ -133,16 +135,45 @@ def test_the_module_graph_has_no_cycle() -> None:
     assert find_cycle(import_graph()) is None
 
 
-def test_the_library_never_imports_its_test_doubles() -> None:
+def test_the_library_never_imports_its_test_doubles_tests_or_benchmarks() -> None:
+    offenders = [
+        f"{name} imports {target}"
+        for name, path in project_modules().items()
+        if name.startswith("pipeline.") and not name.startswith("pipeline.testing")
+        for target in imported_names(path, name)
+        if target.split(".")[0] in ("tests", "bench") or target.startswith("pipeline.testing")
+    ]
+    assert offenders == []
+
+
+def test_stages_are_leaves() -> None:
+    """A stage module imports no other stage module (the runner in ``stages/__init__.py`` is no stage)."""
     graph = import_graph()
     offenders = [
         f"{name} imports {target}"
         for name, targets in graph.items()
-        if name.startswith("pipeline.") and not name.startswith("pipeline.testing")
+        if name.startswith("stages.")
         for target in targets
-        if target.startswith("pipeline.testing")
+        if target.startswith("stages.")
     ]
     assert offenders == []
+
+
+def test_bench_imports_only_the_library() -> None:
+    offenders = [
+        f"{path.name} imports {target}"
+        for path in sorted((PROJECT_ROOT / "bench").glob("*.py"))
+        for target in imported_names(path, f"bench.{path.stem}")
+        if target.split(".")[0] in ("stages", "lsi_guard_app", "tests")
+    ]
+    assert offenders == []
+
+
+def test_package_version_and_typing_marker_ship() -> None:
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert project["project"]["version"] == pipeline.__version__
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["pipeline"]
+    assert (PROJECT_ROOT / "pipeline" / "py.typed").is_file()
 
 
 @pytest.mark.parametrize(
