@@ -65,7 +65,9 @@ def main() -> None:
             "best_val_loss": best.val_loss,
             "n_train": len(sources["train"]),
             "n_val": len(sources["val"]),
-            "options": {k: getattr(cfg, k) for k in ("standardize", "weight_decay", "class_weight", "chunk_rows")},
+            "options": {
+                k: getattr(cfg, k) for k in ("lr", "standardize", "weight_decay", "class_weight", "chunk_rows")
+            },
         },
     )
     print(

@@ -1,7 +1,8 @@
 """The whole DVC pipeline in a temporary git+DVC repository, on a tiny random LLaVA and tiny data.
 
-Also checks what users rely on: a probe-parameter change reruns no extraction, and a second
-clone that pulls the activation store from a shared remote reruns the probe stages without it.
+Also checks what users rely on: a code change reruns the stages that import it, a probe-parameter
+change (``dvc exp run -S`` or an edit) reruns no extraction, and a second clone that pulls the
+activation store from a shared remote reruns the probe stages, with or without ../shared beside it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import yaml
 
 from tests.paths import PROJECT_ROOT, SHARED_BENCHMARKS
+from tests.stages.import_closure import stage_code
 
 pytestmark = pytest.mark.integration
 
@@ -56,8 +58,12 @@ def tiny_requests(path: Path, per_group: int = 3) -> None:
 def repo(tmp_path_factory: pytest.TempPathFactory, tiny_llava_folder: Path) -> Path:
     """A fresh repository with the project's code, dvc.yaml and tiny params, after one full ``dvc repro``."""
     root = tmp_path_factory.mktemp("study")
-    for name in ("pipeline", "stages", "dev"):
+    for name in ("pipeline", "stages"):
         shutil.copytree(PROJECT_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "dvc.lock"))
+    # dev/ is a DVC project of its own: its config and dvc.yaml, not its lock, cache or temporary files.
+    for name in ("dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
+        (root / "dev" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(PROJECT_ROOT / "dev" / name, root / "dev" / name)
     shutil.copy(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
     (root / ".gitignore").write_text((PROJECT_ROOT / ".gitignore").read_text())
     tiny_requests(root / "data" / "demo" / "requests.jsonl")
@@ -139,12 +145,12 @@ def test_comparison_and_report_on_the_demo_data(repo: Path) -> None:
 
 @pytest.mark.skipif(not SHARED_BENCHMARKS.is_dir(), reason=f"shared benchmark data not found at {SHARED_BENCHMARKS}")
 def test_dev_configuration_compares_on_the_shared_benchmarks(repo: Path) -> None:
-    """``dvc repro dev/dvc.yaml`` runs the comparison on ../shared/benchmarks without rerunning the main pipeline."""
+    """``dvc --cd dev repro`` runs the comparison on ../shared/benchmarks on the main run's probe and tau."""
     shared = repo.parent / "shared"
     if not shared.exists():
         shared.symlink_to(SHARED_BENCHMARKS.parent, target_is_directory=True)
-    output = run(["dvc", "repro", "dev/dvc.yaml"], repo)
-    assert stages_run(output) == {"dev/dvc.yaml:compare_dev", "dev/dvc.yaml:report_dev"}
+    output = run(["dvc", "--cd", "dev", "repro"], repo)
+    assert stages_run(output) == {"compare_dev", "report_dev"}
     metrics = json.loads((repo / "data/compare/dev/metrics.json").read_text())
     assert metrics["n_examples"] == {"mmsb-typo": 4, "mmsb-text": 4, "mm-vet": 4, "alpaca-seed": 4}
     assert metrics["benchmarks"]["mmsb-typo"]["lsi"]["n_harmful"] == 4
@@ -154,7 +160,8 @@ def test_dev_configuration_compares_on_the_shared_benchmarks(repo: Path) -> None
     page = (repo / "data/report/dev/report.html").read_text()
     assert "Defence comparison: demo" in page and "Defence comparison: dev" in page
     assert "mmsb-typo" in page
-    assert stages_run(run(["dvc", "repro", "dev/dvc.yaml"], repo)) == set()
+    assert stages_run(run(["dvc", "--cd", "dev", "repro"], repo)) == set()
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], repo)  # the main project's, as before
 
 
 def test_cli_guards_requests_with_the_runs_outputs(repo: Path) -> None:
@@ -174,9 +181,43 @@ def test_cli_guards_requests_with_the_runs_outputs(repo: Path) -> None:
         assert cli_row["action"] == stage_row["action"] and cli_row["response"] == stage_row["response"]
 
 
+def changed_stages(repo: Path) -> set[str]:
+    """Stage names ``dvc status`` reports as changed in the main project."""
+    report = json.loads(run(["dvc", "status", "--json"], repo).strip().splitlines()[-1])
+    return {name.rpartition(":")[2] for name in report}
+
+
+def test_library_change_marks_exactly_the_stages_that_import_it(repo: Path) -> None:
+    """Editing pipeline/detect changes the stages whose code imports it, as dvc.yaml's deps say, and no other."""
+    code = stage_code(repo, repo / "dvc.yaml")
+    expected = {name for name, (files, _) in code.items() if any(f.parts[:2] == ("pipeline", "detect") for f in files)}
+    assert "extract" in expected  # the edit matters; stages that import no detection code must stay unchanged
+    edited = repo / "pipeline" / "detect" / "probe.py"
+    original = edited.read_text()
+    edited.write_text(original + "# an edit\n")
+    try:
+        assert changed_stages(repo) == expected
+    finally:
+        edited.write_text(original)
+    assert changed_stages(repo) == set()
+
+
+def test_experiment_with_a_new_learning_rate_reruns_only_the_probe_stages(repo: Path) -> None:
+    """``dvc exp run -S train.lr=1e-3`` reaches the optimiser's config and leaves extraction alone."""
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] != 0.001
+    ran = stages_run(run(["dvc", "exp", "run", "-S", "train.lr=1e-3"], repo))
+    assert {"sweep", "train", "calibrate", "evaluate"} <= ran
+    assert not ran & {"convert_model", "build", "prepare", "extract", "ecso"}
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] == 0.001
+    trained = json.loads((repo / "data/probe/train_metrics.json").read_text())
+    assert trained["options"]["lr"] == 0.001
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "lr experiment"], repo)
+
+
 def test_probe_parameter_change_skips_extraction(repo: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"]["lr"] = 0.001
+    params["train"]["lr"] = 0.002
     params["calibrate"]["held_out"] = True
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     output = run(["dvc", "repro"], repo)
@@ -208,10 +249,11 @@ def test_layer_change_or_best_layers_skip_extraction_and_the_sweep(repo: Path) -
 
 
 def test_second_clone_pulls_the_store_and_reruns_probe_stages(repo: Path, tmp_path: Path) -> None:
+    """The README's sharing commands, verbatim; they must work whether or not ../shared exists."""
     remote = tmp_path / "team-remote"
     run(["dvc", "remote", "add", "-d", "team", str(remote)], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-q", "-m", "remote"], repo)
+    run(["git", "add", ".dvc/config"], repo)
+    run(["git", "commit", "-q", "-m", "Add team DVC remote"], repo)
     run(["dvc", "push"], repo)
 
     clone = tmp_path / "clone"
