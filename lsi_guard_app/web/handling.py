@@ -15,7 +15,7 @@ from pipeline.config import GUARD_POLICIES
 from pipeline.data.images import ImageError, load_image
 from pipeline.defend.guard import Guard, GuardedResponse, make_request
 
-logger = logging.getLogger("lsi_guard.web")
+logger = logging.getLogger(__name__)
 
 
 def input_problem(image: str | Path | None, text: str | None) -> str | None:

@@ -59,7 +59,7 @@ NO_ACTION = "none"
 # ComparisonRow.steps keys besides ECSO's own step names.
 STEP_CHECK_LSI, STEP_ANSWER = "lsi_check", "answer"
 
-logger = logging.getLogger("lsi_guard.comparison")
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 U = TypeVar("U")
