@@ -18,7 +18,7 @@ import torch
 from pipeline.config import VARIANTS, ContrastivePrompts
 from pipeline.models.base import ModelAdapter, Request, RequestGroup
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for annotations only: the guard needs no zarr or dask at run time
     from pipeline.detect.store import ActivationStore
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for annotations only: the guard needs no zarr or dask at run time
     from pipeline.detect.store import ActivationStore
 
 # Attributes under which decoders keep their final norm (Llama/Qwen/Mistral, Phi, GPT-2 style).

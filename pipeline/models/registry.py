@@ -10,6 +10,7 @@ from pipeline.models.base import ModelAdapter
 
 def load_adapter(config: ModelConfig) -> ModelAdapter:
     """Load the embedded default or a Hugging Face image-text-to-text model from a local folder."""
+    # Each adapter is imported only when asked for: the embedded one brings the OCR engine.
     if config.kind == "embedded":
         from pipeline.models.embedded import EmbeddedAdapter
 
