@@ -260,6 +260,8 @@ def test_second_clone_pulls_the_store_and_reruns_probe_stages(repo: Path, tmp_pa
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
     run(["dvc", "pull"], clone)
     assert (clone / "data/activations/store.zarr/zarr.json").is_file()
+    # Metrics and plots are cached too, so the clone holds the whole run: nothing to recompute.
+    assert json.loads(run(["dvc", "status", "--json"], clone)) == {}
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["train"]["epochs"] = 2
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
