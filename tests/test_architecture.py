@@ -93,9 +93,7 @@ def backwards_imports(graph: dict[str, set[str]]) -> list[str]:
     for name, targets in sorted(graph.items()):
         for target in sorted(targets):
             if layer_of(target) > layer_of(name):
-                found.append(
-                    f"{name} ({LAYERS[layer_of(name)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
-                )
+                found.append(f"{name} ({LAYERS[layer_of(name)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})")
     return found
 
 
