@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,11 +35,13 @@ from pipeline.detect.calibration import Calibration, load_calibration
 from pipeline.detect.features import features_from_states, lsi_features
 from pipeline.detect.probe import LSIProbe, ProbeMeta, load_probe
 from pipeline.errors import LSIGuardError
-from pipeline.explain.attribution import Attribution, intent_attribution
 from pipeline.layout import CALIBRATION, PARAMS, PROBE_DIR
 from pipeline.models.base import ModelAdapter, ModelLoadError, Request, check_layers
 from pipeline.models.registry import load_adapter
 from pipeline.models.session import PrefixNotShared, PrefixSession, supports_prefix_sessions
+
+if TYPE_CHECKING:
+    from pipeline.explain.attribution import Attribution
 
 DEFAULT_REFUSAL_MESSAGE = "I'm sorry, but I can't help with that request."
 REFUSE, ANSWER, ROUTE_ECSO = "refuse", "answer", "ecso"
@@ -342,6 +344,10 @@ class Guard:
 
     def explain(self, image: str | Path | None, text: str, steps: int = 32) -> Attribution:
         """Integrated-gradients attribution of the harmful-intent signal at the probe's fusion layer."""
+        # Imported on first use: attribution brings captum and every adapter's model classes, about
+        # two seconds of start-up that checking and answering requests never need.
+        from pipeline.explain.attribution import intent_attribution
+
         return intent_attribution(self.adapter, make_request(image, text), self.prompts, self.meta.fusion_layer, steps)
 
     def decide(self, score: float) -> GuardDecision:
