@@ -7,14 +7,13 @@ backwards dependency.
 
 from __future__ import annotations
 
-import ast
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import pipeline
+from tests.imports import imported_modules
 from tests.paths import PROJECT_ROOT
 
 # Lowest first: a module may import its own layer and the ones before it, never one after it.
@@ -49,27 +48,11 @@ def project_modules() -> dict[str, Path]:
     }
 
 
-def imported_names(path: Path, name: str) -> Iterator[str]:
-    """Every dotted name one module imports (relative imports resolved), wherever the import sits."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*anchor, base] if base else anchor)
-            yield base
-            # ``from pipeline.detect import store`` imports the module pipeline.detect.store.
-            yield from (f"{base}.{alias.name}" for alias in node.names)
-
-
 def import_graph() -> dict[str, set[str]]:
     """Module -> the project modules it imports."""
     modules = project_modules()
     return {
-        name: {target for target in imported_names(path, name) if target in modules and target != name}
+        name: {target for target in imported_modules(path, name) if target in modules and target != name}
         for name, path in modules.items()
     }
 
@@ -138,7 +121,7 @@ def test_the_library_never_imports_its_test_doubles_tests_or_benchmarks() -> Non
         f"{name} imports {target}"
         for name, path in project_modules().items()
         if name.startswith("pipeline.") and not name.startswith("pipeline.testing")
-        for target in imported_names(path, name)
+        for target in imported_modules(path, name)
         if target.split(".")[0] in ("tests", "bench") or target.startswith("pipeline.testing")
     ]
     assert offenders == []
@@ -161,7 +144,7 @@ def test_bench_imports_only_the_library() -> None:
     offenders = [
         f"{path.name} imports {target}"
         for path in sorted((PROJECT_ROOT / "bench").glob("*.py"))
-        for target in imported_names(path, f"bench.{path.stem}")
+        for target in imported_modules(path, f"bench.{path.stem}")
         if target.split(".")[0] in ("stages", "lsi_guard_app", "tests")
     ]
     assert offenders == []

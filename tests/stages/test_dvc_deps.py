@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.imports import covered, import_closure, stage_code
 from tests.paths import PROJECT_ROOT
-from tests.stages.import_closure import covered, import_closure, stage_code
 
 DVC_FILES = [PROJECT_ROOT / "dvc.yaml", PROJECT_ROOT / "dev" / "dvc.yaml"]
 CODE_ROOTS = ("pipeline", "stages")

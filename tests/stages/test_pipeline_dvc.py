@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.imports import stage_code
 from tests.paths import PROJECT_ROOT, SHARED_BENCHMARKS
-from tests.stages.import_closure import stage_code
 
 pytestmark = pytest.mark.integration
 

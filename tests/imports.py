@@ -1,4 +1,6 @@
-"""The repository files a stage's code runs: its module and everything it imports inside the repository.
+"""What the project's code imports, read from the source: one module's imports, and a stage's closure.
+
+The files a stage's code runs are its module and everything it imports inside the repository.
 
 Read from the source with ``ast`` (no import is executed, no model loads), following imports at any
 depth, including those inside functions, and the ``__init__.py`` of every package on the way.
@@ -32,7 +34,7 @@ def _package_inits(root: Path, module: str) -> list[Path]:
     return [path for path in inits if path is not None and path.name == "__init__.py"]
 
 
-def _imported_modules(path: Path, module: str) -> set[str]:
+def imported_modules(path: Path, module: str) -> set[str]:
     """Every module name an ``import`` or ``from ... import`` in ``path`` may load, at any depth of the code."""
     is_package = path.name == "__init__.py"
     package = module if is_package else module.rpartition(".")[0]
@@ -67,7 +69,7 @@ def import_closure(root: Path, modules: Iterable[str]) -> set[Path]:
             continue  # the standard library or an installed package
         for file in [path, *_package_inits(root, module)]:
             seen.add(file.relative_to(root))
-        pending.extend(_imported_modules(path, module))
+        pending.extend(imported_modules(path, module))
         pending.extend(".".join(module.split(".")[:i]) for i in range(1, len(module.split("."))))
     return seen
 
