@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from pipeline.config import CompareConfig, Params, load_params
@@ -35,13 +34,13 @@ from pipeline.evaluate.judges import build_judge
 from pipeline.evaluate.resume import file_sha256, fingerprint
 from pipeline.evaluate.suite_run import compact_metrics, example_keys, kept_rows, run_resumable
 from pipeline.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
-from pipeline.layout import CALIBRATION, COMPARE_ROOT, PARAMS, PARTIAL_SUFFIX, PROBE_DIR, RENDER_ROOT
+from pipeline.layout import CALIBRATION, PARAMS, PROBE_DIR, RENDER_ROOT, compare_dir, compare_partial
 from stages import run_stage
 
 logger = logging.getLogger(__name__)
 
 
-def run_suite(suite: str, params: Params, out_root: Path = COMPARE_ROOT) -> dict[str, Any]:
+def run_suite(suite: str, params: Params) -> dict[str, Any]:
     """Load the suite, run every defence on it (resuming a killed run), write its outputs; the summary."""
     config: CompareConfig = params.compare
     check_suites(config)
@@ -52,7 +51,7 @@ def run_suite(suite: str, params: Params, out_root: Path = COMPARE_ROOT) -> dict
     logger.info("%s: %d examples from %d benchmark(s)", suite, len(examples), len(specs))
 
     tau = load_calibration(CALIBRATION).tau
-    partial = out_root / f"{suite}{PARTIAL_SUFFIX}"
+    partial = compare_partial(suite)
     expected = fingerprint(params, suite, keys, tau, file_sha256(PROBE_DIR / "probe.safetensors"))
     kept = kept_rows(partial, expected, config.defences)
     guard = Guard.from_run(".", max_new_tokens=config.max_new_tokens)
@@ -70,7 +69,7 @@ def run_suite(suite: str, params: Params, out_root: Path = COMPARE_ROOT) -> dict
         "defences": list(config.defences),
         "n_examples": {spec.name: sum(e.benchmark == spec.name for e in examples) for spec in specs},
     }
-    out = out_root / suite
+    out = compare_dir(suite)
     write_jsonl_atomic(out / "rows.jsonl", records)
     write_json_atomic(out / "summary.json", {**meta, "benchmarks": summary})
     write_json_atomic(out / "metrics.json", {**meta, "benchmarks": compact_metrics(summary)})
