@@ -27,11 +27,12 @@ from typing import Any
 
 from pipeline.config import CompareConfig, Params, load_params
 from pipeline.data.benchmarks.suites import check_suites, load_suite
+from pipeline.data.images import sha256_file
 from pipeline.defend.guard import Guard
 from pipeline.detect.calibration import load_calibration
 from pipeline.evaluate.comparison import ComparisonRow, comparison_markdown, summarise
 from pipeline.evaluate.judges import build_judge
-from pipeline.evaluate.resume import file_sha256, fingerprint
+from pipeline.evaluate.resume import fingerprint
 from pipeline.evaluate.suite_run import compact_metrics, example_keys, kept_rows, run_resumable
 from pipeline.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from pipeline.layout import CALIBRATION, PARAMS, PROBE_DIR, RENDER_ROOT, compare_dir, compare_partial
@@ -52,7 +53,7 @@ def run_suite(suite: str, params: Params) -> dict[str, Any]:
 
     tau = load_calibration(CALIBRATION).tau
     partial = compare_partial(suite)
-    expected = fingerprint(params, suite, keys, tau, file_sha256(PROBE_DIR / "probe.safetensors"))
+    expected = fingerprint(params, suite, keys, tau, sha256_file(PROBE_DIR / "probe.safetensors"))
     kept = kept_rows(partial, expected, config.defences)
     guard = Guard.from_run(".", max_new_tokens=config.max_new_tokens)
     judge = build_judge(config.judge, own_model=guard.adapter)

@@ -26,11 +26,6 @@ class ResumeMismatch(LSIGuardError, ValueError):
     """A partial comparison file written under another setup."""
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (the probe's weights, in the fingerprint)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def fingerprint(params: Params, suite: str, example_keys: Sequence[str], tau: float, probe_sha256: str) -> str:
     """sha256 of everything that decides a comparison row: settings, probe, tau, the examples drawn."""
     compare = asdict(params.compare)

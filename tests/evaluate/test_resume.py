@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.config import ConfigError, Params
+from pipeline.data.images import sha256_file
 from pipeline.evaluate.resume import (
     ResumeMismatch,
     append_rows,
     done_examples,
-    file_sha256,
     fingerprint,
     finished_rows,
     read_partial,
@@ -74,7 +74,7 @@ def test_fingerprint_follows_what_decides_a_row_and_ignores_report_settings(tmp_
     assert fingerprint(reported, suite, ["b/0", "b/1"], 0.5, "probe") == base
     weights = tmp_path / "w.bin"
     weights.write_bytes(b"abc")
-    assert file_sha256(weights) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert sha256_file(weights) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
 def test_example_keys_refuse_a_clash_and_metrics_drop_categories() -> None:
