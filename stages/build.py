@@ -1,9 +1,10 @@
 """DVC stage ``build``: request sources built from benchmark files, harmful and benign matched in style.
 
-Reads ``params.yaml``'s ``build`` section and writes ``data/built/<source>.jsonl`` per built
+Reads ``params.yaml``'s ``build`` section (the vendored public instructions in ``build.public``,
+and the benchmark files in ``build.benchmarks`` when set) and writes ``data/built/<source>.jsonl`` per built
 source, ``data/built/sources.json`` (the list of those files, which the ``prepare`` stage adds
 to its sources) and ``data/built/summary.json`` (rows, median length and length-only AUROC per
-source). With ``build.benchmarks`` empty the list is empty.
+source). With both folders empty the list is empty.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pipeline.config import load_params
 from pipeline.data.benchmarks.files import BenchmarkError
 from pipeline.data.build import build_sources, summarize_source
 from pipeline.data.built_sources import write_sources
+from pipeline.data.public import build_public_sources, read_public
 from pipeline.io import write_json_atomic
 from pipeline.layout import BUILT_DIR, BUILT_SUMMARY, SOURCES_FILE
 from stages import run_stage
@@ -23,12 +25,12 @@ from stages import run_stage
 def describe(summaries: dict[str, dict[str, Any]]) -> str:
     """One line per source: rows and median text length per label, and the length-only AUROC."""
     if not summaries:
-        return "no sources built (build.benchmarks is empty)"
+        return "no sources built (build.public and build.benchmarks are empty)"
     lines = []
     for name, summary in summaries.items():
         rows, median = summary["rows"], summary["median_length"]
         line = (
-            f"{name:<14} {rows['harmful']:>4} harmful  {rows['benign']:>4} benign  "
+            f"{name:<18} {rows['harmful']:>4} harmful  {rows['benign']:>4} benign  "
             f"median length {median['harmful']:.0f} / {median['benign']:.0f}  "
             f"length AUROC {summary['length_auroc']:.3f}"
         )
@@ -42,11 +44,13 @@ def main() -> None:
     """Build the sources from ``params.yaml``'s ``build`` section, write them and print a summary."""
     config = load_params().build
     sources: dict[str, list[dict[str, Any]]] = {}
+    if config.public:
+        sources.update(build_public_sources(read_public(config.public), config.per_source, config.seed))
     if config.benchmarks:
         folder = Path(config.benchmarks)
         if not folder.is_dir():
             raise BenchmarkError(f"{folder}: no such benchmark folder (build.benchmarks)")
-        sources = build_sources(folder, config)
+        sources.update(build_sources(folder, config))
     summaries = {name: summarize_source(rows) for name, rows in sources.items()}
     written = write_sources(sources, BUILT_DIR, SOURCES_FILE.name)
     write_json_atomic(BUILT_SUMMARY, summaries)

@@ -1,4 +1,4 @@
-"""DVC stage ``calibrate``: fit the score scaling, choose tau on the calibration split, draw the reliability diagram."""
+"""DVC stage ``calibrate``: the shipped detector's scaling and tau from the calibration split, and reliability."""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ import numpy as np
 from pipeline.config import CalibrateConfig, load_params
 from pipeline.data.sources import read_index
 from pipeline.detect.calibration import Calibration, calibrate, reliability_rows, save_calibration
-from pipeline.detect.features import aligned_features
-from pipeline.detect.heldout import held_out_lsi_scores, load_eval_data
-from pipeline.detect.probe import load_probe
-from pipeline.detect.store import ActivationStore
+from pipeline.detect.heldout import held_out_scores, load_eval_data
+from pipeline.detect.shipped import load_detector
 from pipeline.evaluate.plots import plot_reliability
 from pipeline.io import write_json_atomic
 from pipeline.layout import CALIBRATION, INDEX, PROBE_DIR, RELIABILITY, RELIABILITY_PNG, STORE
@@ -62,25 +60,21 @@ def _number(value: float | None) -> str:
 
 
 def main() -> None:
-    """Score the calibration split with the trained probe, calibrate, and write the outputs."""
+    """Score the calibration split with the shipped detector (held out by source, or in-source), calibrate, write."""
     params = load_params()
-    probe, meta = load_probe(PROBE_DIR)
+    detector, meta = load_detector(PROBE_DIR)
     index = read_index(INDEX)
-    part = index.filter(index["split"] == "calib")
+    data = load_eval_data(index, STORE)
+    rows = np.flatnonzero(index["split"].to_numpy() == "calib")
     if params.calibrate.held_out:
-        # Each calibration row scored by a probe trained without its source (same recipe and layers).
+        # Each calibration row scored by a detector of the same kind fitted without its source.
         config = replace(params.train, fusion_layer=meta.fusion_layer, safety_layer=meta.safety_layer)
-        data = load_eval_data(index, STORE)
-        rows = np.flatnonzero(index["split"].to_numpy() == "calib")
-        scores = held_out_lsi_scores(data, rows, config, meta.fusion_layer, meta.safety_layer)
-        logger.info("tau from held-out-source scores of %d calibration rows", len(rows))
+        scores = held_out_scores(data, rows, meta.detector, config, meta.fusion_layer, meta.safety_layer)
+        logger.info("tau from held-out-source %s scores of %d calibration rows", meta.detector, len(rows))
     else:
-        features = aligned_features(
-            ActivationStore.open(STORE), part["row_id"].to_numpy(), meta.fusion_layer, meta.safety_layer
-        )
-        scores = probe.score(features)
-    calibration = write_calibration(part["label"].to_numpy(), scores, params.calibrate, OUT.parent)
-    print(summary_line(calibration))
+        scores = data.scores(detector, rows)
+    calibration = write_calibration(data.labels[rows], scores, params.calibrate, OUT.parent)
+    print(f"{detector.describe()}: {summary_line(calibration)}")
 
 
 if __name__ == "__main__":

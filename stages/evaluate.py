@@ -18,14 +18,14 @@ from pipeline.config import Params, load_params
 from pipeline.data.sources import read_index
 from pipeline.detect.calibration import expected_calibration_error, load_calibration, reliability_rows
 from pipeline.detect.heldout import in_source_setting, load_eval_data
-from pipeline.detect.probe import load_probe
+from pipeline.detect.shipped import load_detector
 from pipeline.detect.store import ActivationStore
 from pipeline.evaluate.detection import (
-    LENGTH_ONLY,
-    STYLE_ONLY,
     comparison_table,
     cross_source_results,
     fit_detectors,
+    held_out_markdown,
+    held_out_summary,
     per_source_metrics,
     score_setting,
 )
@@ -60,40 +60,43 @@ def _markdown(table: pl.DataFrame) -> str:
 def main() -> None:
     """Score every detector in-source and held-out; write metrics, the comparison table, ROC data and PNGs."""
     params = load_params()
-    probe, meta = load_probe(PROBE_DIR)
+    shipped, meta = load_detector(PROBE_DIR)
     calibration = load_calibration(CALIBRATION)
     index = read_index(INDEX)
     data = load_eval_data(index, STORE, refusal_direction_scores(params))
     lf, ls = meta.fusion_layer, meta.safety_layer
     inside = in_source_setting(index)
 
-    scorers, chosen_layers = fit_detectors(data, inside, params.train, lf, ls, probe=probe)
-    # The shipped probe keeps the calibrate stage's tau (however it was chosen); baselines get theirs here.
+    scorers, chosen_layers = fit_detectors(data, inside, params.train, lf, ls, shipped=shipped)
+    # The shipped detector keeps the calibrate stage's tau (however it was chosen); the others get theirs here.
     detectors = score_setting(
-        data, inside, scorers, params.calibrate, layers=chosen_layers, taus={"lsi": calibration.tau}
+        data, inside, scorers, params.calibrate, layers=chosen_layers, taus={shipped.name: calibration.tau}
     )
     taus = {name: row["tau"] for name, row in detectors.items()}
     per_source = per_source_metrics(data, inside, scorers, taus)
     sources = sorted(set(index["source"].to_list()))
     cross = cross_source_results(data, params.train, params.calibrate, lf, ls, sources) if len(sources) > 1 else {}
     table = comparison_table(per_source, cross) if cross else pl.DataFrame()
+    summary = held_out_summary(cross)
 
     labels = data.labels
     test_scores = {name: score(inside.test) for name, score in scorers.items()}
-    probabilities = calibration.probability(test_scores["lsi"])
+    probabilities = calibration.probability(test_scores[shipped.name])
     reliability = reliability_rows(labels[inside.test], probabilities, params.calibrate.bins)
     scored = (
         index[inside.test]
         .select("row_id", "source", "category", "label", "text")
-        .with_columns(pl.Series("score", test_scores["lsi"]))
+        .with_columns(pl.Series("score", test_scores[shipped.name]))
     )
     metrics = {
+        "shipped": {"detector": shipped.name, "describe": shipped.describe(), "held_out_auroc": meta.held_out_auroc},
         "detectors": detectors,
         "per_source": per_source,
         "cross_source": cross,
-        "lsi_per_category": per_group_metrics(scored, "category", calibration.tau),
-        "lsi_test_ece": expected_calibration_error(labels[inside.test], probabilities, params.calibrate.bins),
-        "lsi_scaling": calibration.scaling.kind,
+        "held_out_summary": summary,
+        "shipped_per_category": per_group_metrics(scored, "category", calibration.tau),
+        "shipped_test_ece": expected_calibration_error(labels[inside.test], probabilities, params.calibrate.bins),
+        "shipped_scaling": calibration.scaling.kind,
         "target_fpr": params.calibrate.target_fpr,
         "fusion_layer": lf,
         "safety_layer": ls,
@@ -103,11 +106,15 @@ def main() -> None:
     # Written even with one source (header only), so the stage's outputs always exist.
     table.write_csv(OUT / "comparison.csv")
     (OUT / "comparison.md").write_text(
-        _markdown(table) if cross else "No held-out-source results: the index holds a single source.\n"
+        held_out_markdown(summary, shipped.name) + "\n" + _markdown(table)
+        if cross
+        else "No held-out-source results: the index holds a single source.\n"
     )
     write_json_atomic(OUT / "reliability.json", reliability)
     plot_reliability(
-        {f"lsi ({calibration.scaling.kind})": reliability}, OUT / "reliability.png", "LSI on the test split"
+        {f"{shipped.name} ({calibration.scaling.kind})": reliability},
+        OUT / "reliability.png",
+        f"{shipped.name} (shipped) on the test split",
     )
     # One CSV per detector: ``dvc plots`` draws each file in the folder as its own curve.
     points: list[dict[str, Any]] = []
@@ -119,34 +126,21 @@ def main() -> None:
             writer = csv.DictWriter(handle, fieldnames=["fpr", "tpr"])
             writer.writeheader()
             writer.writerows({"fpr": p["fpr"], "tpr": p["tpr"]} for p in rows)
-    scored.with_columns(*(pl.Series(f"score_{n}", s) for n, s in test_scores.items() if n != "lsi")).write_parquet(
-        OUT / "test_scores.parquet"
-    )
+    scored.with_columns(
+        *(pl.Series(f"score_{n}", s) for n, s in test_scores.items() if n != shipped.name)
+    ).write_parquet(OUT / "test_scores.parquet")
     plot_roc(points, OUT / "roc.png", f"Test split ROC (n={len(inside.test)})")
 
-    print(f"in-source test split (n={len(inside.test)}), layers fusion {lf} / safety {ls}")
+    print(f"shipped detector: {shipped.describe()} (tau {calibration.tau:.4f})")
+    print(f"in-source test split (n={len(inside.test)}), LSI pair fusion {lf} / safety {ls}")
     for name, row in detectors.items():
         print(
             f"  {name:22s} AUROC {row['auroc']:.3f}  TPR@5%FPR {row['tpr_at_5pct_fpr']:.3f}  "
             f"F1@tau {row['f1']:.3f}  FPR@tau {row['fpr']:.3f}"
         )
-    for source, rows in cross.items():
-        print(f"held out: {source}")
-        for name, row in rows.items():
-            inside_row = per_source[source][name]
-            print(
-                f"  {name:22s} AUROC in {inside_row['auroc']:.3f} / held out {row['auroc']:.3f} "
-                f"(all {row['all_rows']['n']} rows {row['all_rows']['auroc']:.3f})   "
-                f"FPR@tau in {inside_row['fpr']:.3f} / held out {row['fpr']:.3f}"
-            )
-    for source in cross:
-        best = max(
-            (n for n in cross[source] if n not in (LENGTH_ONLY, STYLE_ONLY)),
-            key=lambda n: np.nan_to_num(cross[source][n]["all_rows"]["auroc"], nan=-1),
-        )
-        print(
-            f"held out {source}: best detector {best} (AUROC {cross[source][best]['all_rows']['auroc']:.3f}, all rows)"
-        )
+    if summary:
+        print("held out, each source in turn (all its rows): AUROC / TPR@5%FPR / FPR at the held-out tau")
+        print(held_out_markdown(summary, shipped.name))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """DVC stage ``sweep``: LSI at every (fusion, safety) pair of stored layers, from the store (no model needed).
 
 Writes ``data/sweep/sweep.json`` (every pair's in-source validation AUROC and mean held-out-source
-AUROC; ``train`` reads it when a layer is ``best``), ``sweep_plot.json`` for ``dvc plots`` and one
+AUROC; ``train`` reads it when a layer is ``best``; and, at the chosen pair, every detector's
+held-out-source validation AUROC, which ``train`` ships the best of under ``guard.detector: best``),
+``sweep_plot.json`` for ``dvc plots`` and one
 heatmap PNG per score.
 """
 
@@ -12,7 +14,7 @@ from dataclasses import asdict
 from pipeline.config import load_params
 from pipeline.data.sources import read_index
 from pipeline.detect.heldout import load_eval_data
-from pipeline.detect.sweep import best_pair, score_matrix, sweep_pairs
+from pipeline.detect.sweep import best_pair, score_detectors, score_matrix, sweep_pairs
 from pipeline.evaluate.plots import plot_heatmap
 from pipeline.io import write_json_atomic
 from pipeline.layout import INDEX, STORE, SWEEP, SWEEP_DIR, SWEEP_PLOT
@@ -31,6 +33,7 @@ def main() -> None:
     data = load_eval_data(read_index(INDEX), STORE)
     scores = sweep_pairs(data, params.train)
     best = best_pair(scores, params.train.select_by)
+    detectors = score_detectors(data, params.train, best.fusion_layer, best.safety_layer)
     for key, title in TITLES.items():
         plot_heatmap(
             score_matrix(scores, data.layers, key),
@@ -48,6 +51,7 @@ def main() -> None:
             "select_by": params.train.select_by,
             "best": asdict(best),
             "pairs": [asdict(s) for s in scores],
+            "detectors": [asdict(d) for d in detectors],
         },
     )
     write_json_atomic(
@@ -58,6 +62,10 @@ def main() -> None:
         f"best pair by {params.train.select_by}: fusion {best.fusion_layer}, safety {best.safety_layer} "
         f"(val AUROC {best.val_auroc:.3f}, held-out-source AUROC {best.cross_source_auroc:.3f})"
     )
+    print("held-out-source validation AUROC per detector at that pair (mean, then per source):")
+    for d in detectors:
+        cells = "  ".join(f"{source} {auroc:.3f}" for source, auroc in d.per_source.items())
+        print(f"  {d.name:18s} {d.held_out_auroc:.3f}   {cells}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""DVC stage ``train``: the LSI projector and probe, from the activation store (no model needed).
+"""DVC stage ``train``: the shipped detector, from the activation store (no model needed).
 
-The store is read through dask ``train.chunk_rows`` rows at a time, so a store larger than memory
-trains. Layers set to ``best`` come from the ``sweep`` stage.
+``guard.detector: lsi`` trains the LSI projector and probe; ``best`` trains whichever detector
+the sweep stage found to transfer best to held-out sources (LSI or a linear probe on its states).
+LSI reads the store through dask ``train.chunk_rows`` rows at a time, so a store larger than
+memory trains. Layers set to ``best`` come from the ``sweep`` stage.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ from dataclasses import asdict, replace
 
 import numpy as np
 
-from pipeline.config import load_params
+from pipeline.config import TrainConfig, load_params
 from pipeline.data.sources import read_index
+from pipeline.detect.detector import LSI, LinearDetector
 from pipeline.detect.features import StoreFeatures
-from pipeline.detect.probe import ProbeMeta, best_epoch, save_probe, train_probe
+from pipeline.detect.heldout import fit_detector, in_source_setting, load_eval_data
+from pipeline.detect.probe import ProbeMeta, auroc_or_nan, best_epoch, save_probe, train_probe
+from pipeline.detect.shipped import save_detector
 from pipeline.detect.store import ActivationStore
-from pipeline.detect.sweep import resolve_layers
+from pipeline.detect.sweep import choose_detector, read_detector_scores, resolve_layers
 from pipeline.io import write_json_atomic
 from pipeline.layout import INDEX, PROBE_DIR, STORE, SWEEP
 from stages import run_stage
@@ -23,12 +28,56 @@ from stages import run_stage
 OUT = PROBE_DIR
 
 
+def train_linear(name: str, cfg: TrainConfig, held_out_auroc: float) -> None:
+    """Fit linear probe ``name`` on the train split (its layer, if it picks one, on val) and write it."""
+    index = read_index(INDEX)
+    data = load_eval_data(index, STORE)
+    inside = in_source_setting(index)
+    lf, ls = int(cfg.fusion_layer), int(cfg.safety_layer)
+    detector = fit_detector(data, inside, name, cfg, lf, ls)
+    assert isinstance(detector, LinearDetector)
+    val_auroc = auroc_or_nan(data.labels[inside.val], data.scores(detector, inside.val))
+    meta = ProbeMeta(
+        hidden_size=int(data.states.shape[-1]),
+        alpha=cfg.alpha,
+        fusion_layer=lf,
+        safety_layer=ls,
+        best_epoch=-1,
+        best_val_auroc=val_auroc,
+        store_provenance=ActivationStore.open(STORE).provenance.to_json(),
+        detector=name,
+        pieces=[p.label() for p in detector.pieces],
+        held_out_auroc=held_out_auroc,
+    )
+    save_detector(detector, meta, OUT)
+    write_json_atomic(OUT / "history.json", [])
+    write_json_atomic(
+        OUT / "train_metrics.json",
+        {
+            "detector": name,
+            "pieces": meta.pieces,
+            "held_out_auroc": held_out_auroc,
+            "val_auroc": val_auroc,
+            "n_train": len(inside.train),
+            "n_val": len(inside.val),
+        },
+    )
+    print(
+        f"shipped detector: {detector.describe()} "
+        f"(held-out-source AUROC {held_out_auroc:.3f}, val AUROC {val_auroc:.3f})"
+    )
+
+
 def main() -> None:
-    """Train on the train split, keep the best validation epoch, write weights and history."""
+    """Train the shipped detector on the train split and write it (LSI: its epochs' history too)."""
     params = load_params()
     cfg = params.train
     fusion_layer, safety_layer = resolve_layers(cfg.fusion_layer, cfg.safety_layer, cfg.select_by, SWEEP)
     cfg = replace(cfg, fusion_layer=fusion_layer, safety_layer=safety_layer)
+    chosen = choose_detector(read_detector_scores(SWEEP), params.guard.detector)
+    if chosen.name != LSI:
+        train_linear(chosen.name, cfg, chosen.held_out_auroc)
+        return
     index = read_index(INDEX)
     store = ActivationStore.open(STORE)
     sources = {}
@@ -52,6 +101,8 @@ def main() -> None:
         best_epoch=best.epoch,
         best_val_auroc=best.val_auroc,
         store_provenance=store.provenance.to_json(),
+        detector=LSI,
+        held_out_auroc=chosen.held_out_auroc,
     )
     save_probe(probe, meta, OUT)
     write_json_atomic(OUT / "history.json", [asdict(r) for r in history])
@@ -63,6 +114,8 @@ def main() -> None:
             "best_epoch": best.epoch,
             "best_val_auroc": best.val_auroc,
             "best_val_loss": best.val_loss,
+            "detector": LSI,
+            "held_out_auroc": chosen.held_out_auroc,
             "n_train": len(sources["train"]),
             "n_val": len(sources["val"]),
             "options": {

@@ -204,7 +204,7 @@ class CalibrateConfig:
     method: str = "target_fpr"
     scaling: str = "none"
     bins: int = 10
-    held_out: bool = False
+    held_out: bool = True
 
     def __post_init__(self) -> None:
         number("calibrate.target_fpr", self.target_fpr, 0.0, 1.0, low_open=True, high_open=True)
@@ -234,20 +234,24 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """The training-data builder over public benchmark files (off when ``benchmarks`` is empty).
+    """The training-data builder over public instruction and benchmark files (off when both folders are empty).
 
+    ``public``: the vendored public instruction sets (``data/public``, see its README), built into
+    four style-matched sources (:mod:`pipeline.data.public`).
     ``benchmarks``: a folder laid out like MM-SafetyBench / MM-Vet / alpaca seed tasks (see the
     README). ``per_source``: harmful requests per built source (benign ones are matched to them).
     ``match_style``: build style-matched benign counterparts (true) or take benign requests as
     they come (false, the confounded setup, for comparison).
     """
 
+    public: str = "data/public"
     benchmarks: str = ""
     per_source: int = 60
     match_style: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
+        text("build.public", self.public)
         text("build.benchmarks", self.benchmarks)
         whole("build.per_source", self.per_source, 1)
         flag("build.match_style", self.match_style)
@@ -255,6 +259,7 @@ class BuildConfig:
 
 
 GUARD_POLICIES: tuple[str, ...] = ("lsi", "ecso", "lsi_then_ecso")
+GUARD_DETECTORS: tuple[str, ...] = ("lsi", "best")
 
 
 @dataclass(frozen=True)
@@ -265,6 +270,9 @@ class GuardConfig:
     ``lsi_then_ecso`` (scores within ``ecso_margin`` of tau go through ECSO instead of being
     refused or answered outright). ``on_error``: what a failed check (model error, unreadable
     image) turns into, ``refuse`` or ``answer``; either way it is logged and recorded.
+    ``detector``: what the train stage ships, ``lsi`` (the method's probe) or ``best`` (of LSI and
+    the linear probes on its states, the one with the highest mean held-out-source validation
+    AUROC in the sweep stage).
     """
 
     sample_size: int = 12
@@ -274,9 +282,11 @@ class GuardConfig:
     policy: str = "lsi"
     ecso_margin: float = 0.1
     on_error: str = "refuse"
+    detector: str = "best"
 
     def __post_init__(self) -> None:
         whole("guard.sample_size", self.sample_size, 1)
+        choice("guard.detector", self.detector, GUARD_DETECTORS)
         whole("guard.max_new_tokens", self.max_new_tokens, 1)
         whole("guard.seed", self.seed)
         text("guard.refusal_message", self.refusal_message)

@@ -32,8 +32,10 @@ import numpy as np
 from pipeline.config import ContrastivePrompts, ECSOConfig, GuardConfig, ModelConfig, load_params
 from pipeline.defend.ecso import ECSO, ECSORecord
 from pipeline.detect.calibration import Calibration, load_calibration
-from pipeline.detect.features import features_from_states, lsi_features
-from pipeline.detect.probe import LSIProbe, ProbeMeta, load_probe
+from pipeline.detect.detector import Detector, LSIDetector
+from pipeline.detect.features import variant_groups
+from pipeline.detect.probe import LSIProbe, ProbeMeta
+from pipeline.detect.shipped import load_detector
 from pipeline.errors import LSIGuardError
 from pipeline.layout import CALIBRATION, PARAMS, PROBE_DIR
 from pipeline.models.base import ModelAdapter, ModelLoadError, Request, check_layers
@@ -86,29 +88,28 @@ class GuardedResponse:
 def decide(
     score: float,
     tau: float,
-    fusion_layer: int,
-    safety_layer: int,
+    detector: str,
     policy: str = "lsi",
     ecso_margin: float = 0.0,
 ) -> GuardDecision:
-    """The action for a probe score under ``policy``, with a reason a person can read.
+    """The action for a detector's score under ``policy``, with a reason a person can read.
 
+    ``detector`` describes the detector in the reason (``"LSI at fusion layer 12 / safety layer 3"``).
     ``lsi`` refuses exactly when ``score > tau`` (the calibration's convention).
     ``lsi_then_ecso`` refuses above ``tau + ecso_margin``, answers at or below ``tau - ecso_margin``
     and sends the band between to ECSO.
     """
-    layers = f"at fusion layer {fusion_layer} / safety layer {safety_layer}"
     if policy == "lsi_then_ecso" and tau - ecso_margin < score <= tau + ecso_margin:
         reason = (
-            f"near tau: LSI refusal score {score:.4f} within {ecso_margin:.4f} of tau {tau:.4f} {layers}; ECSO decides"
+            f"near tau: refusal score {score:.4f} within {ecso_margin:.4f} of tau {tau:.4f} ({detector}); ECSO decides"
         )
         return GuardDecision(float(score), float(tau), ROUTE_ECSO, reason)
     if policy not in ("lsi", "lsi_then_ecso"):
         raise ValueError(f"decide() takes the lsi or lsi_then_ecso policy, got {policy!r}")
     if score > tau:
-        reason = f"LSI refusal score {score:.4f} > tau {tau:.4f} {layers}"
+        reason = f"refusal score {score:.4f} > tau {tau:.4f} ({detector})"
         return GuardDecision(float(score), float(tau), REFUSE, reason)
-    reason = f"score below tau: LSI refusal score {score:.4f} <= tau {tau:.4f}"
+    reason = f"score below tau: refusal score {score:.4f} <= tau {tau:.4f} ({detector})"
     return GuardDecision(float(score), float(tau), ANSWER, reason)
 
 
@@ -175,7 +176,7 @@ class Guard:
     def __init__(
         self,
         adapter: ModelAdapter,
-        probe: LSIProbe,
+        detector: Detector | LSIProbe,
         meta: ProbeMeta,
         tau: float,
         prompts: ContrastivePrompts,
@@ -191,19 +192,21 @@ class Guard:
                 f"probe expects hidden size {meta.hidden_size} but model {adapter.info.name!r} has "
                 f"{adapter.info.hidden_size}; retrain the probe for this model"
             )
-        check_layers([meta.fusion_layer, meta.safety_layer], adapter.info.num_layers)
+        if isinstance(detector, LSIProbe):
+            detector = LSIDetector(detector, meta.fusion_layer, meta.safety_layer)
+        check_layers(list(detector.layers), adapter.info.num_layers)
         mismatches = probe_mismatches(meta, adapter, prompts)
         if mismatches:
             raise ValueError("probe was trained under a different setup: " + "; ".join(mismatches))
         self.adapter = adapter
-        self.probe = probe
+        self.detector: Detector = detector
         self.meta = meta
         self.tau = float(tau)
         self.prompts = prompts
         self.config = config or GuardConfig()
         self.ecso_config = ecso_config or ECSOConfig()
         self.calibration = calibration
-        self.layers = sorted({meta.fusion_layer, meta.safety_layer})
+        self.layers = list(detector.layers)
         self._ecso = ECSO(adapter, self.ecso_config)
 
     @classmethod
@@ -235,7 +238,7 @@ class Guard:
         }
         config = replace(params.guard, **{key: value for key, value in overrides.items() if value is not None})
         try:
-            probe, meta = load_probe(run / PROBE_DIR)
+            detector, meta = load_detector(run / PROBE_DIR)
             calibration = load_calibration(run / CALIBRATION)
         except FileNotFoundError as exc:
             raise GuardLoadError(
@@ -251,23 +254,28 @@ class Guard:
                 adapter = load_adapter(model)
             except (FileNotFoundError, ModelLoadError) as exc:
                 raise GuardLoadError(f"cannot load the run's model: {exc}") from None
-        return cls(adapter, probe, meta, calibration.tau, params.prompts, config, params.ecso, calibration)
+        return cls(adapter, detector, meta, calibration.tau, params.prompts, config, params.ecso, calibration)
 
     def with_config(self, **changes: Any) -> Guard:
         """The same model, probe and tau under other ``guard`` settings (``policy="ecso"``, ...); nothing reloads."""
         config = replace(self.config, **changes)
         return Guard(
-            self.adapter, self.probe, self.meta, self.tau, self.prompts, config, self.ecso_config, self.calibration
+            self.adapter, self.detector, self.meta, self.tau, self.prompts, config, self.ecso_config, self.calibration
         )
 
     # -- batched scoring --------------------------------------------------------------------
 
     def scores(self, requests: Sequence[Request]) -> np.ndarray:
-        """Refusal probabilities for a batch of requests, shape ``(len(requests),)``; errors propagate."""
+        """Refusal probabilities for a batch of requests, shape ``(len(requests),)``; errors propagate.
+
+        Only the framings the detector reads run, each stopped after the deepest layer it reads.
+        """
         if not requests:
             return np.zeros(0, dtype=np.float32)
-        features = lsi_features(self.adapter, requests, self.prompts, self.meta.fusion_layer, self.meta.safety_layer)
-        return self.probe.score(features)
+        variants = self.detector.variants
+        groups = variant_groups(requests, self.prompts, variants=variants)
+        states = self.adapter.group_states(groups, self.layers).numpy()
+        return self.detector.score_states(states, self.layers, variants)
 
     def check_many(self, requests: Sequence[Request]) -> list[GuardDecision]:
         """One decision per request from one batched pass; a failing batch is retried one request at a time.
@@ -352,9 +360,7 @@ class Guard:
 
     def decide(self, score: float) -> GuardDecision:
         """The decision for a probe score under this guard's policy, tau, margin and layers."""
-        return decide(
-            score, self.tau, self.meta.fusion_layer, self.meta.safety_layer, self.config.policy, self.config.ecso_margin
-        )
+        return decide(score, self.tau, self.detector.describe(), self.config.policy, self.config.ecso_margin)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -373,19 +379,20 @@ class Guard:
         The session's cache then serves the answer; ``generate`` and ``bench/guard.py`` both start here.
         """
         if supports_prefix_sessions(self.adapter):
-            variants = self.prompts.variants(request.text)
+            texts = self.prompts.variants(request.text)
+            variants = self.detector.variants
             try:
+                # The framings the detector reads, then the plain prompt the answer continues.
                 session = PrefixSession(
                     self.adapter,  # type: ignore[arg-type]
-                    [variants["benign"], variants["malicious"], variants["plain"]],
+                    [texts[v] for v in variants] + [texts["plain"]],
                     request.image,
                 )
             except PrefixNotShared:
                 session = None
             if session is not None:
                 states = session.states(self.layers).numpy()[None]
-                features = features_from_states(states, self.layers, self.meta.fusion_layer, self.meta.safety_layer)
-                return session, float(self.probe.score(features)[0])
+                return session, float(self.detector.score_states(states, self.layers, variants)[0])
         return None, float(self.scores([request])[0])
 
     def _answer(self, request: Request, session: PrefixSession | None, tokens: int) -> str:

@@ -15,6 +15,15 @@ import numpy as np
 import polars as pl
 
 from pipeline.config import VARIANTS, TrainConfig
+from pipeline.detect.detector import (
+    LSI,
+    PLAIN,
+    Detector,
+    LSIDetector,
+    choose_plain_layer,
+    fit_linear,
+    pieces_for,
+)
 from pipeline.detect.features import (
     InMemoryFeatures,
     LSIFeatures,
@@ -57,6 +66,10 @@ class EvalData:
 
     def texts(self, rows: np.ndarray) -> list[str]:
         return [self.index["text"][int(i)] for i in rows]
+
+    def scores(self, detector: Detector, rows: np.ndarray) -> np.ndarray:
+        """A detector's harmful scores of the given row positions."""
+        return detector.score_states(self.states[rows], self.layers)
 
 
 @dataclass(frozen=True)
@@ -116,8 +129,30 @@ def fit_lsi(data: EvalData, setting: Setting, config: TrainConfig, lf: int, ls: 
     return probe
 
 
-def held_out_lsi_scores(data: EvalData, rows: np.ndarray, config: TrainConfig, lf: int, ls: int) -> np.ndarray:
-    """LSI scores of ``rows``, each from a probe trained and validated without the row's source.
+def fit_detector(data: EvalData, setting: Setting, name: str, config: TrainConfig, lf: int, ls: int) -> Detector:
+    """Detector ``name`` (:data:`pipeline.detect.detector.DETECTORS`) fitted on the setting's train rows.
+
+    LSI picks its epoch on the val rows, ``logreg_plain`` its layer; ``lf`` / ``ls`` are the
+    fusion and safety layers of LSI and of the regressions on its inputs.
+    """
+    if name == LSI:
+        return LSIDetector(fit_lsi(data, setting, config, lf, ls), lf, ls)
+    labels = data.labels
+    plain_layer = None
+    if name == PLAIN:
+        plain_layer, _ = choose_plain_layer(
+            {k: data.plain(setting.train, k) for k in data.layers},
+            labels[setting.train],
+            {k: data.plain(setting.val, k) for k in data.layers},
+            labels[setting.val],
+            seed=config.seed,
+        )
+    pieces = pieces_for(name, data.layers, lf, ls, plain_layer)
+    return fit_linear(name, pieces, data.states[setting.train], data.layers, labels[setting.train], config.seed)
+
+
+def held_out_scores(data: EvalData, rows: np.ndarray, name: str, config: TrainConfig, lf: int, ls: int) -> np.ndarray:
+    """Scores of ``rows`` by detector ``name``, each from a detector fitted without the row's source.
 
     Cross-fitted by source: a threshold set on these scores is set the way requests from a new
     source will score, not the way the training sources do.
@@ -131,5 +166,5 @@ def held_out_lsi_scores(data: EvalData, rows: np.ndarray, config: TrainConfig, l
         if len(np.unique(labels[setting.train])) < 2:
             raise HeldOutError(f"without source {source!r} the training rows hold one label only")
         mine = sources[rows] == source
-        scores[mine] = fit_lsi(data, setting, config, lf, ls).score(data.lsi(rows[mine], lf, ls))
+        scores[mine] = data.scores(fit_detector(data, setting, name, config, lf, ls), rows[mine])
     return scores

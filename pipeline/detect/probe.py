@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,14 @@ class EpochRecord:
 
 @dataclass(frozen=True)
 class ProbeMeta:
-    """What a saved probe needs to be used correctly: its shape and which layers feed it."""
+    """What a saved detector needs to be used correctly: which one it is, its shape and which layers feed it.
+
+    ``detector`` is ``lsi`` or a linear probe's name (:mod:`pipeline.detect.detector`); a linear
+    probe reads ``pieces`` (``"plain@9"``, ...). ``fusion_layer`` / ``safety_layer`` are LSI's pair
+    (the one the candidates were compared at, for a linear probe). ``held_out_auroc`` is the mean
+    held-out-source validation AUROC the detector was chosen by (None when not measured);
+    ``best_epoch`` / ``best_val_auroc`` are LSI's training record (-1 / NaN for a linear probe).
+    """
 
     hidden_size: int
     alpha: float
@@ -135,6 +142,9 @@ class ProbeMeta:
     best_epoch: int
     best_val_auroc: float
     store_provenance: dict[str, Any]
+    detector: str = "lsi"
+    pieces: list[str] = field(default_factory=list)
+    held_out_auroc: float | None = None
 
 
 def auroc_or_nan(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -18,7 +18,8 @@ import polars as pl
 from tqdm import tqdm
 
 from pipeline.config import LAYER_CHOICE, TrainConfig
-from pipeline.detect.heldout import EvalData, Setting, fit_lsi, in_source_setting, two_class_sources
+from pipeline.detect.detector import DETECTORS, LSI
+from pipeline.detect.heldout import EvalData, Setting, fit_detector, fit_lsi, in_source_setting, two_class_sources
 from pipeline.detect.probe import auroc_or_nan
 from pipeline.errors import LSIGuardError
 from pipeline.layout import require
@@ -51,12 +52,71 @@ def held_out_validation(index: pl.DataFrame, source: str) -> Setting:
     )
 
 
+@dataclass(frozen=True)
+class DetectorScore:
+    """One detector's held-out-source validation AUROC per source, and their mean."""
+
+    name: str
+    held_out_auroc: float
+    per_source: dict[str, float]
+
+
+def held_out_settings(data: EvalData) -> list[Setting]:
+    """:func:`held_out_validation` for every source whose rows, and whose complement's, hold both labels."""
+    labels = data.labels
+    settings = [held_out_validation(data.index, s) for s in two_class_sources(data.index)]
+    return [s for s in settings if len(np.unique(labels[s.train])) == 2 and len(np.unique(labels[s.test])) == 2]
+
+
+def score_detectors(
+    data: EvalData, config: TrainConfig, lf: int, ls: int, names: tuple[str, ...] = DETECTORS, progress: bool = True
+) -> list[DetectorScore]:
+    """Each detector fitted without each source in turn and scored on that source's validation rows.
+
+    The mean over sources is what the guard's ``best`` detector is chosen by; test rows stay unread.
+    """
+    labels, settings = data.labels, held_out_settings(data)
+    results = []
+    for name in tqdm(names, desc="detectors", disable=not progress):
+        per_source = {
+            s.name.split(":", 1)[1]: auroc_or_nan(
+                labels[s.test], data.scores(fit_detector(data, s, name, config, lf, ls), s.test)
+            )
+            for s in settings
+        }
+        mean = float(np.mean(list(per_source.values()))) if per_source else float("nan")
+        results.append(DetectorScore(name, mean, per_source))
+    return results
+
+
+def choose_detector(scores: list[DetectorScore], choice: str) -> DetectorScore:
+    """LSI for ``choice`` ``lsi``; for ``best`` the highest mean held-out AUROC (ties and NaN keep LSI)."""
+    by_name = {s.name: s for s in scores}
+    if LSI not in by_name:
+        raise SweepError("the detector scores hold no LSI entry")
+    if choice == LSI:
+        return by_name[LSI]
+    best = by_name[LSI]
+    for score in scores:
+        if not np.isnan(score.held_out_auroc) and score.held_out_auroc > np.nan_to_num(best.held_out_auroc, nan=-1):
+            best = score
+    return best
+
+
+def read_detector_scores(sweep: Path) -> list[DetectorScore]:
+    """The detector scores the sweep stage wrote to ``sweep``."""
+    require(sweep, "'dvc repro sweep' (no detector scores to choose the shipped detector from)")
+    rows = json.loads(sweep.read_text(encoding="utf-8")).get("detectors")
+    if not isinstance(rows, list) or not rows:
+        raise SweepError(f"{sweep}: no detector scores; rerun the sweep stage (dvc repro sweep)")
+    return [DetectorScore(**row) for row in rows]
+
+
 def sweep_pairs(data: EvalData, config: TrainConfig, progress: bool = True) -> list[PairScore]:
     """Every ordered pair of stored layers, scored in-source and across sources."""
     labels = data.labels
     inside = in_source_setting(data.index)
-    held_out = [held_out_validation(data.index, s) for s in two_class_sources(data.index)]
-    held_out = [s for s in held_out if len(np.unique(labels[s.train])) == 2 and len(np.unique(labels[s.test])) == 2]
+    held_out = held_out_settings(data)
     results = []
     pairs = list(product(data.layers, data.layers))
     for lf, ls in tqdm(pairs, desc="layer sweep", disable=not progress):

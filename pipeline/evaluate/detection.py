@@ -17,21 +17,12 @@ import polars as pl
 
 from pipeline.config import CalibrateConfig, TrainConfig
 from pipeline.detect.calibration import choose_tau_by_method
-from pipeline.detect.heldout import EvalData, Setting, fit_lsi, held_out_setting
-from pipeline.detect.probe import LSIProbe
-from pipeline.evaluate.baselines import (
-    choose_plain_layer,
-    delta_only_inputs,
-    fit_logistic,
-    hs_only_inputs,
-    length_features,
-    lsi_inputs,
-    positive_scores,
-    style_features,
-)
+from pipeline.detect.detector import DETECTORS, PLAIN, Detector, LinearDetector, fit_logistic, positive_scores
+from pipeline.detect.heldout import EvalData, Setting, fit_detector, held_out_setting
+from pipeline.evaluate.baselines import length_features, style_features
 from pipeline.evaluate.metrics import detection_metrics
 
-LENGTH_ONLY, STYLE_ONLY, PLAIN = "length_only", "style_only", "logreg_plain"
+LENGTH_ONLY, STYLE_ONLY = "length_only", "style_only"
 
 
 Scorer = Callable[[np.ndarray], np.ndarray]
@@ -43,40 +34,34 @@ def fit_detectors(
     config: TrainConfig,
     lf: int,
     ls: int,
-    probe: LSIProbe | None = None,
+    shipped: Detector | None = None,
 ) -> tuple[dict[str, Scorer], dict[str, int]]:
     """Every detector fitted on ``setting``; each maps row positions to scores (higher = more harmful).
 
+    The detectors are LSI and the linear probes (:data:`pipeline.detect.detector.DETECTORS`), the
+    length-only and style-only baselines, and the refusal direction when ``data`` holds it.
     Also returns the layer each layer-choosing detector picked on the setting's val rows.
-    ``probe``: an already trained LSI probe to use instead of training one (the shipped probe, in-source).
+    ``shipped``: an already trained detector used under its own name instead of fitting one
+    (the run's shipped detector, in-source).
     """
     labels = data.labels
-    lsi_probe = probe or fit_lsi(data, setting, config, lf, ls)
-    scorers: dict[str, Scorer] = {"lsi": lambda rows: lsi_probe.score(data.lsi(rows, lf, ls))}
-
-    inputs: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-        "logreg_hs_delta": lambda rows: lsi_inputs(data.lsi(rows, lf, ls)),
-        "logreg_hs": lambda rows: hs_only_inputs(data.lsi(rows, lf, ls)),
-        "logreg_delta": lambda rows: delta_only_inputs(data.lsi(rows, lf, ls)),
-    }
-    plain_layer, _ = choose_plain_layer(
-        {k: data.plain(setting.train, k) for k in data.layers},
-        labels[setting.train],
-        {k: data.plain(setting.val, k) for k in data.layers},
-        labels[setting.val],
-        seed=config.seed,
-    )
-    # One name in every setting; the layer it chose may differ between settings and is returned.
-    inputs[PLAIN] = lambda rows: data.plain(rows, plain_layer)
-    inputs[LENGTH_ONLY] = lambda rows: length_features(data.texts(rows))
-    inputs[STYLE_ONLY] = lambda rows: style_features(data.texts(rows))
-    for name, make in inputs.items():
-        model = fit_logistic(make(setting.train), labels[setting.train], seed=config.seed)
-        scorers[name] = lambda rows, m=model, f=make: positive_scores(m, f(rows))
+    scorers: dict[str, Scorer] = {}
+    layers: dict[str, int] = {}
+    for name in DETECTORS:
+        detector = shipped if shipped is not None and shipped.name == name else None
+        detector = detector or fit_detector(data, setting, name, config, lf, ls)
+        scorers[name] = lambda rows, d=detector: data.scores(d, rows)
+        if name == PLAIN and isinstance(detector, LinearDetector):
+            # One name in every setting; the layer it chose may differ between settings and is returned.
+            layers[name] = detector.pieces[0].layer
+    texts: dict[str, Callable[[Sequence[str]], np.ndarray]] = {LENGTH_ONLY: length_features, STYLE_ONLY: style_features}
+    for name, make in texts.items():
+        model = fit_logistic(make(data.texts(setting.train)), labels[setting.train], seed=config.seed)
+        scorers[name] = lambda rows, m=model, f=make: positive_scores(m, f(data.texts(rows)))
     if data.refusal is not None:
         refusal = data.refusal
         scorers["refusal_direction"] = lambda rows: refusal[rows]
-    return scorers, {PLAIN: plain_layer}
+    return scorers, layers
 
 
 def score_setting(
@@ -171,3 +156,42 @@ def comparison_table(
                 }
             )
     return pl.DataFrame(rows)
+
+
+def held_out_summary(cross_source: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per detector, over held-out sources (all of each source's rows): mean and lowest AUROC, and per source
+    the AUROC, TPR at 5% FPR, and the shares of harmful (TPR) and benign (FPR) rows flagged at the tau
+    chosen without the source."""
+    summary: dict[str, dict[str, Any]] = {}
+    names = next(iter(cross_source.values()), {}).keys()
+    for name in names:
+        per_source = {
+            source: {key: rows[name]["all_rows"][key] for key in ("n", "auroc", "tpr_at_5pct_fpr", "tpr", "fpr")}
+            for source, rows in cross_source.items()
+        }
+        aurocs = np.array([row["auroc"] for row in per_source.values()], dtype=np.float64)
+        summary[name] = {
+            "mean_auroc": float(np.nanmean(aurocs)) if np.isfinite(aurocs).any() else float("nan"),
+            "min_auroc": float(np.nanmin(aurocs)) if np.isfinite(aurocs).any() else float("nan"),
+            "max_fpr": float(np.nanmax([row["fpr"] for row in per_source.values()])),
+            "per_source": per_source,
+        }
+    return summary
+
+
+def held_out_markdown(summary: Mapping[str, Mapping[str, Any]], shipped: str) -> str:
+    """The held-out-source summary as a Markdown table: one row per detector, AUROC / TPR@5%FPR / FPR@tau per source."""
+    if not summary:
+        return ""
+    sources = list(next(iter(summary.values()))["per_source"])
+    head = ["detector", "mean AUROC", "min AUROC", *sources]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in summary.items():
+        cells = [f"{c['auroc']:.3f} / {c['tpr_at_5pct_fpr']:.2f} / {c['fpr']:.2f}" for c in row["per_source"].values()]
+        label = f"**{name}** (shipped)" if name == shipped else name
+        lines.append(f"| {label} | {row['mean_auroc']:.3f} | {row['min_auroc']:.3f} | " + " | ".join(cells) + " |")
+    note = (
+        "\nEach source held out in turn: every detector fitted, validated and thresholded without it, then scored on "
+        "all its rows. Cells: AUROC / TPR at 5% FPR / share of benign rows flagged at that tau.\n"
+    )
+    return "\n".join(lines) + "\n" + note

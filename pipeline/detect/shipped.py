@@ -1,0 +1,61 @@
+"""The detector a run ships, saved as safetensors plus JSON (nothing is pickled), and loaded back.
+
+``data/probe/probe.safetensors`` holds the weights: the LSI probe's state dict, or a linear
+probe's ``weight`` and ``bias``. ``data/probe/probe.json`` holds :class:`ProbeMeta`, whose
+``detector`` field says which of the two it is. Files written before that field existed are LSI.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.detect.detector import LSI, Detector, LinearDetector, LSIDetector, Piece
+from pipeline.detect.probe import META_FILE, WEIGHTS_FILE, ProbeMeta, load_probe, save_probe
+
+
+def save_detector(detector: Detector, meta: ProbeMeta, folder: Path) -> None:
+    """Write a detector and its metadata under ``folder``; ``meta.detector`` must name it."""
+    if meta.detector != detector.name:
+        raise ValueError(f"metadata names detector {meta.detector!r} but the detector is {detector.name!r}")
+    if isinstance(detector, LSIDetector):
+        save_probe(detector.probe, meta, folder)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {"weight": detector.weight.contiguous(), "bias": torch.tensor([detector.bias], dtype=torch.float32)},
+        str(folder / WEIGHTS_FILE),
+    )
+    (folder / META_FILE).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True))
+
+
+def load_detector(folder: Path) -> tuple[Detector, ProbeMeta]:
+    """The detector :func:`save_detector` wrote, with its metadata; missing or mismatched files are clear errors."""
+    weights, meta_path = folder / WEIGHTS_FILE, folder / META_FILE
+    for path in (weights, meta_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file; run the 'train' stage first (dvc repro train)")
+    meta = ProbeMeta(**json.loads(meta_path.read_text()))
+    if meta.detector == LSI:
+        probe, meta = load_probe(folder)
+        return LSIDetector(probe, meta.fusion_layer, meta.safety_layer), meta
+    state = load_file(str(weights))
+    if set(state) != {"weight", "bias"}:
+        raise ValueError(
+            f"{weights}: expected tensors 'weight' and 'bias' for detector {meta.detector!r}, got {sorted(state)}"
+        )
+    try:
+        pieces = [Piece.parse(text) for text in meta.pieces]
+        detector = LinearDetector(meta.detector, pieces, state["weight"].numpy(), float(state["bias"][0]))
+    except ValueError as exc:
+        raise ValueError(f"{meta_path}: {exc}") from None
+    if detector.weight.shape[0] != meta.hidden_size * len(pieces):
+        raise ValueError(
+            f"{weights}: {detector.weight.shape[0]} weights, but {len(pieces)} piece(s) of hidden size "
+            f"{meta.hidden_size} in {meta_path}"
+        )
+    return detector, meta
