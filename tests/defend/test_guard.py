@@ -147,28 +147,31 @@ def test_reason_names_score_tau_and_layers(guard: Guard) -> None:
     assert f"{allowed.score:.4f}" in allowed.reason
 
 
+LABEL = "LSI at fusion layer 12 / safety layer 3"
+
+
 def test_decide_refuses_only_strictly_above_tau() -> None:
-    assert decide(0.5, 0.5, 12, 3).refused is False
-    assert decide(0.5000001, 0.5, 12, 3).refused is True
-    decision = decide(0.93, 0.41, 12, 3)
+    assert decide(0.5, 0.5, LABEL).refused is False
+    assert decide(0.5000001, 0.5, LABEL).refused is True
+    decision = decide(0.93, 0.41, LABEL)
     assert decision == GuardDecision(
         score=0.93,
         tau=0.41,
         action="refuse",
-        reason="LSI refusal score 0.9300 > tau 0.4100 at fusion layer 12 / safety layer 3",
+        reason="refusal score 0.9300 > tau 0.4100 (LSI at fusion layer 12 / safety layer 3)",
     )
 
 
 def test_decide_sends_the_band_around_tau_to_ecso() -> None:
     policy = "lsi_then_ecso"
-    assert decide(0.71, 0.5, 12, 3, policy, ecso_margin=0.2).action == "refuse"
-    assert decide(0.70, 0.5, 12, 3, policy, ecso_margin=0.2).action == "ecso"
-    assert decide(0.45, 0.5, 12, 3, policy, ecso_margin=0.2).action == "ecso"
-    assert decide(0.30, 0.5, 12, 3, policy, ecso_margin=0.2).action == "answer"
-    near = decide(0.55, 0.5, 12, 3, policy, ecso_margin=0.2)
+    assert decide(0.71, 0.5, LABEL, policy, ecso_margin=0.2).action == "refuse"
+    assert decide(0.70, 0.5, LABEL, policy, ecso_margin=0.2).action == "ecso"
+    assert decide(0.45, 0.5, LABEL, policy, ecso_margin=0.2).action == "ecso"
+    assert decide(0.30, 0.5, LABEL, policy, ecso_margin=0.2).action == "answer"
+    near = decide(0.55, 0.5, LABEL, policy, ecso_margin=0.2)
     assert "ECSO decides" in near.reason and "0.5500" in near.reason and not near.refused
     # With no margin the combined policy is LSI alone.
-    assert decide(0.51, 0.5, 12, 3, policy).action == "refuse"
+    assert decide(0.51, 0.5, LABEL, policy).action == "refuse"
     with pytest.raises(ValueError, match="policy"):
         decide(0.5, 0.5, 12, 3, "ecso")
 

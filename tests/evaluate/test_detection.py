@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 from pipeline.config import CalibrateConfig, TrainConfig
+from pipeline.detect.detector import PLAIN
 from pipeline.detect.heldout import EvalData, held_out_setting, in_source_setting, two_class_sources
 from pipeline.detect.sweep import (
     PairScore,
@@ -21,7 +22,14 @@ from pipeline.detect.sweep import (
     score_matrix,
     sweep_pairs,
 )
-from pipeline.evaluate.detection import PLAIN, comparison_table, cross_source_results, fit_detectors, score_setting
+from pipeline.evaluate.detection import (
+    comparison_table,
+    cross_source_results,
+    fit_detectors,
+    held_out_markdown,
+    held_out_summary,
+    score_setting,
+)
 from pipeline.layout import MissingOutput
 
 LAYERS = (1, 2, 3)
@@ -83,6 +91,7 @@ def test_every_detector_is_fitted_and_scored_on_the_same_rows() -> None:
         "logreg_hs",
         "logreg_delta",
         PLAIN,
+        "logreg_plain_all",
         "length_only",
         "style_only",
         "refusal_direction",
@@ -159,11 +168,11 @@ def test_resolve_layers_takes_best_from_the_sweep(tmp_path: Path) -> None:
 
 
 def test_held_out_scores_come_from_probes_that_never_saw_the_row_source() -> None:
-    from pipeline.detect.heldout import held_out_lsi_scores
+    from pipeline.detect.heldout import held_out_scores
 
     data = synthetic_data(refusal=False)
     rows = np.flatnonzero(data.index["split"].to_numpy() == "calib")
-    scores = held_out_lsi_scores(data, rows, CONFIG, 3, 1)
+    scores = held_out_scores(data, rows, "lsi", CONFIG, 3, 1)
     assert scores.shape == (len(rows),) and ((scores >= 0) & (scores <= 1)).all()
     # Equal to scoring each source's rows with a probe fitted on the held-out setting by hand.
     sources = data.index["source"].to_numpy()
@@ -174,7 +183,30 @@ def test_held_out_scores_come_from_probes_that_never_saw_the_row_source() -> Non
     np.testing.assert_allclose(scores[sources[rows] == "beta"], by_hand, rtol=1e-6)
     single = replace(data, index=data.index.with_columns(pl.lit("only").alias("source")))
     with pytest.raises(ValueError, match="at least two sources"):
-        held_out_lsi_scores(single, rows, CONFIG, 3, 1)
+        held_out_scores(single, rows, "lsi", CONFIG, 3, 1)
+
+
+def test_held_out_scores_of_a_linear_detector_are_cross_fitted_too() -> None:
+    from pipeline.detect.heldout import fit_detector, held_out_scores
+
+    data = synthetic_data(refusal=False)
+    rows = np.flatnonzero(data.index["split"].to_numpy() == "calib")
+    scores = held_out_scores(data, rows, PLAIN, CONFIG, 3, 1)
+    beta = np.flatnonzero(data.index["source"].to_numpy()[rows] == "beta")
+    by_hand = data.scores(fit_detector(data, held_out_setting(data.index, "beta"), PLAIN, CONFIG, 3, 1), rows[beta])
+    np.testing.assert_allclose(scores[beta], by_hand, rtol=1e-6)
+
+
+def test_held_out_summary_gives_mean_lowest_and_operating_points() -> None:
+    data = synthetic_data(refusal=False)
+    cross = cross_source_results(data, CONFIG, CalibrateConfig(), 3, 1, ["alpha", "gamma"])
+    summary = held_out_summary(cross)
+    lsi = summary["lsi"]
+    aurocs = [cross[s]["lsi"]["all_rows"]["auroc"] for s in ("alpha", "gamma")]
+    assert lsi["mean_auroc"] == pytest.approx(np.mean(aurocs)) and lsi["min_auroc"] == pytest.approx(min(aurocs))
+    assert set(lsi["per_source"]["alpha"]) == {"n", "auroc", "tpr_at_5pct_fpr", "tpr", "fpr"}
+    table = held_out_markdown(summary, shipped="lsi")
+    assert "**lsi** (shipped)" in table and "| alpha | gamma |" in table.splitlines()[0] + " |"
 
 
 def test_given_taus_are_used_as_given() -> None:

@@ -6,12 +6,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.evaluate.baselines import (
-    fit_logistic,
-    length_features,
-    positive_scores,
-    style_features,
-)
+from pipeline.detect.detector import fit_logistic, positive_scores
+from pipeline.evaluate.baselines import length_features, style_features
 from pipeline.evaluate.metrics import (
     detection_metrics,
     per_group_metrics,

@@ -1,0 +1,184 @@
+"""The detectors a run can ship: linear probes folded from scikit-learn, LSI behind the same interface."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import VARIANTS
+from pipeline.detect.detector import (
+    DELTA_ONLY,
+    HS_DELTA,
+    LSI,
+    PLAIN,
+    PLAIN_ALL,
+    LinearDetector,
+    LSIDetector,
+    Piece,
+    choose_plain_layer,
+    fit_linear,
+    fit_logistic,
+    getter_from_states,
+    pieces_for,
+    positive_scores,
+)
+from pipeline.detect.features import features_from_states
+from pipeline.detect.probe import LSIProbe, ProbeMeta
+from pipeline.detect.shipped import load_detector, save_detector
+from pipeline.detect.sweep import DetectorScore, choose_detector
+
+HIDDEN = 6
+LAYERS = (1, 3)
+
+
+def _states(n: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random states ``(n, framings, layers, hidden)`` whose plain state at layer 3 carries the label."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    states = rng.normal(size=(n, len(VARIANTS), len(LAYERS), HIDDEN)).astype(np.float32)
+    states[:, VARIANTS.index("plain"), 1, 0] += 2.0 * labels
+    return states, labels
+
+
+def test_a_folded_regression_scores_as_the_fitted_pipeline() -> None:
+    states, labels = _states()
+    pieces = pieces_for(PLAIN_ALL, LAYERS, 3, 1)
+    detector = fit_linear(PLAIN_ALL, pieces, states, LAYERS, labels, seed=0)
+    x = np.concatenate([states[:, VARIANTS.index("plain"), k] for k in range(len(LAYERS))], axis=1)
+    expected = positive_scores(fit_logistic(x, labels, seed=0), x)
+    np.testing.assert_allclose(detector.score_states(states, LAYERS), expected, rtol=1e-4, atol=1e-6)
+    assert detector.layers == LAYERS and detector.variants == ("plain",)
+
+
+def test_pieces_name_the_states_each_detector_reads() -> None:
+    assert pieces_for(HS_DELTA, LAYERS, 3, 1) == (Piece("benign", 1), Piece("delta", 3))
+    assert pieces_for(PLAIN, LAYERS, 3, 1, plain_layer=1) == (Piece("plain", 1),)
+    assert [p.label() for p in pieces_for(PLAIN_ALL, LAYERS, 3, 1)] == ["plain@1", "plain@3"]
+    with pytest.raises(ValueError, match="needs its layer"):
+        pieces_for(PLAIN, LAYERS, 3, 1)
+    with pytest.raises(ValueError, match="unknown linear detector"):
+        pieces_for("logreg_nothing", LAYERS, 3, 1)
+    assert Piece.parse("delta@3") == Piece("delta", 3)
+    with pytest.raises(ValueError, match="like 'plain@9'"):
+        Piece.parse("plain")
+    with pytest.raises(ValueError, match="unknown state part"):
+        Piece.parse("image@2")
+
+
+def test_delta_is_malicious_minus_benign_and_variants_name_the_framing_axis() -> None:
+    states, _ = _states(n=4)
+    get = getter_from_states(states, LAYERS)
+    expected = states[:, VARIANTS.index("malicious"), 1] - states[:, VARIANTS.index("benign"), 1]
+    np.testing.assert_allclose(get("delta", 3).numpy(), expected)
+    only_plain = getter_from_states(states[:, [VARIANTS.index("plain")]], LAYERS, ("plain",))
+    np.testing.assert_array_equal(only_plain("plain", 1).numpy(), states[:, VARIANTS.index("plain"), 0])
+    detector = LinearDetector(DELTA_ONLY, [Piece("delta", 3)], np.ones(HIDDEN), 0.0)
+    assert detector.variants == ("benign", "malicious")
+
+
+def test_lsi_detector_scores_as_its_probe() -> None:
+    states, _ = _states(n=8)
+    torch.manual_seed(0)
+    probe = LSIProbe(HIDDEN, alpha=1.0, init_gain=1.0)
+    detector = LSIDetector(probe, fusion_layer=3, safety_layer=1)
+    expected = probe.score(features_from_states(states, LAYERS, 3, 1))
+    np.testing.assert_allclose(detector.score_states(states, LAYERS), expected, rtol=1e-5)
+    framed = states[:, :2]  # the guard runs only the two framings LSI reads
+    np.testing.assert_allclose(detector.score_states(framed, LAYERS, detector.variants), expected, rtol=1e-5)
+
+
+def _meta(name: str, pieces: list[str]) -> ProbeMeta:
+    return ProbeMeta(HIDDEN, 0.1, 3, 1, -1, 0.9, {}, detector=name, pieces=pieces, held_out_auroc=0.8)
+
+
+def test_a_linear_detector_round_trips_through_safetensors_and_json(tmp_path: Path) -> None:
+    states, labels = _states()
+    detector = fit_linear(PLAIN, [Piece("plain", 3)], states, LAYERS, labels, seed=0)
+    save_detector(detector, _meta(PLAIN, ["plain@3"]), tmp_path)
+    loaded, meta = load_detector(tmp_path)
+    assert isinstance(loaded, LinearDetector) and meta.detector == PLAIN and meta.held_out_auroc == 0.8
+    np.testing.assert_allclose(loaded.score_states(states, LAYERS), detector.score_states(states, LAYERS))
+
+
+def test_an_lsi_file_without_a_detector_field_loads_as_lsi(tmp_path: Path) -> None:
+    save_detector(LSIDetector(LSIProbe(HIDDEN), 3, 1), _meta(LSI, []), tmp_path)
+    meta = json.loads((tmp_path / "probe.json").read_text())
+    for key in ("detector", "pieces", "held_out_auroc"):
+        del meta[key]  # a file written before these fields existed
+    (tmp_path / "probe.json").write_text(json.dumps(meta))
+    loaded, _ = load_detector(tmp_path)
+    assert isinstance(loaded, LSIDetector) and loaded.layers == (1, 3)
+
+
+def test_a_detector_file_that_disagrees_with_its_metadata_is_refused(tmp_path: Path) -> None:
+    detector = LinearDetector(PLAIN, [Piece("plain", 3)], np.ones(HIDDEN), 0.0)
+    with pytest.raises(ValueError, match="names detector"):
+        save_detector(detector, _meta(LSI, []), tmp_path)
+    save_detector(detector, _meta(PLAIN, ["plain@3", "plain@1"]), tmp_path)
+    with pytest.raises(ValueError, match=r"6 weights, but 2 piece\(s\)"):
+        load_detector(tmp_path)
+    with pytest.raises(FileNotFoundError, match="dvc repro train"):
+        load_detector(tmp_path / "missing")
+
+
+def test_best_keeps_lsi_unless_another_detector_transfers_better() -> None:
+    scores = [DetectorScore(LSI, 0.7, {}), DetectorScore(PLAIN, 0.9, {}), DetectorScore(HS_DELTA, float("nan"), {})]
+    assert choose_detector(scores, "best").name == PLAIN
+    assert choose_detector(scores, "lsi").name == LSI
+    assert choose_detector([DetectorScore(LSI, 0.8, {}), DetectorScore(PLAIN, 0.8, {})], "best").name == LSI
+
+
+def _layered(labels: np.ndarray, layers: list[int], signal: dict[int, float], seed: int) -> dict[int, np.ndarray]:
+    """Noise states per layer, with the labels added to one coordinate at ``signal[layer]`` strength."""
+    rng = np.random.default_rng(seed)
+    states = {}
+    for layer in layers:
+        x = rng.normal(size=(len(labels), 8))
+        x[:, 3] += signal.get(layer, 0.0) * labels
+        states[layer] = x
+    return states
+
+
+def _labels(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(np.arange(n) % 2)
+
+
+def test_choose_plain_layer_finds_the_planted_signal() -> None:
+    layers = [2, 5, 9, 14]
+    train_y, val_y = _labels(200, 1), _labels(200, 2)
+    # Layer 9 separates the classes well, layer 5 a little, the others not at all.
+    signal = {5: 0.5, 9: 3.0}
+    layer, auroc = choose_plain_layer(
+        _layered(train_y, layers, signal, seed=3), train_y, _layered(val_y, layers, signal, seed=4), val_y
+    )
+    assert layer == 9
+    assert auroc > 0.95
+
+
+def test_choose_plain_layer_prefers_the_shallower_layer_on_a_tie() -> None:
+    train_y, val_y = _labels(60, 1), _labels(60, 2)
+    train = _layered(train_y, [4], {4: 3.0}, seed=5)[4]
+    val = _layered(val_y, [4], {4: 3.0}, seed=6)[4]
+    # Identical states at every layer: equal AUROCs, so the shallowest layer must win,
+    # whatever order the mapping lists them in.
+    layer, auroc = choose_plain_layer({8: train, 3: train, 6: train}, train_y, {6: val, 8: val, 3: val}, val_y)
+    assert layer == 3
+    assert 0.5 < auroc <= 1.0
+
+
+def test_choose_plain_layer_rejects_mismatched_layers() -> None:
+    y = _labels(20, 0)
+    x = np.zeros((20, 3))
+    with pytest.raises(ValueError, match=r"\[1, 2\].*\[1\]"):
+        choose_plain_layer({1: x, 2: x}, y, {1: x}, y)
+
+
+def test_choose_plain_layer_needs_both_classes_in_validation() -> None:
+    y = _labels(20, 0)
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    with pytest.raises(ValueError, match="validation labels"):
+        choose_plain_layer({1: x}, y, {1: x}, np.ones(20, dtype=int))
