@@ -58,6 +58,13 @@ PARTIAL_SUFFIX = ".partial.jsonl"
 # report
 REPORT_ROOT = DATA / "report"
 
+# sanity: a fresh everyday set scored by the run's guard; never a prepare source, so never trained on
+SANITY_SET = DATA / "demo" / "everyday.jsonl"
+SANITY_DIR = DATA / "sanity"
+SANITY_ROWS = SANITY_DIR / "rows.jsonl"
+SANITY_METRICS = SANITY_DIR / "metrics.json"
+SANITY_RENDER = RENDER_ROOT / "sanity"
+
 
 class MissingOutput(LSIGuardError, FileNotFoundError):
     """A file an earlier stage writes is not there; the message names it and what writes it."""

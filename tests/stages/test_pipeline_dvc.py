@@ -68,6 +68,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_llava_folder: Path) -> P
     (root / ".gitignore").write_text((PROJECT_ROOT / ".gitignore").read_text())
     tiny_requests(root / "data" / "demo" / "requests.jsonl")
     tiny_requests(root / "data" / "demo" / "lookalike.jsonl", per_group=2)
+    # The sanity set is no prepare source; the sanity stage scores all of it with the run's guard.
+    shutil.copy(PROJECT_ROOT / "data" / "demo" / "everyday.jsonl", root / "data" / "demo" / "everyday.jsonl")
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params["model"].update(kind="hf", path=str(tiny_llava_folder))
     params["extract"].update(layers=[0, 1, 2, 3], batch_size=8)
@@ -89,7 +91,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_llava_folder: Path) -> P
     run(["git", "commit", "-q", "-m", "study"], root)
     output = run(["dvc", "repro"], root)
     expected = {"build", "prepare", "extract", "sweep", "train", "calibrate", "evaluate", "guard", "ecso", "attribute"}
-    expected |= {"compare", "report"}
+    expected |= {"compare", "report", "sanity"}
     assert expected <= stages_run(output)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "results"], root)
@@ -121,6 +123,10 @@ def test_full_pipeline_writes_every_output(repo: Path) -> None:
     assert len(guard_rows) == 4 and all("refused" in json.loads(r) for r in guard_rows)
     assert len((repo / "data/ecso/records.jsonl").read_text().splitlines()) == 2
     assert list((repo / "data/attribution").glob("*_tokens.png"))
+    sanity = json.loads((repo / "data/sanity/metrics.json").read_text())
+    assert (sanity["n"], sanity["n_harmful"], sanity["n_benign"], sanity["n_errors"]) == (60, 30, 30, 0)
+    assert sanity["per_input"]["image"]["n"] == 12
+    assert len((repo / "data/sanity/rows.jsonl").read_text().splitlines()) == 60
     assert "Data and pipelines are up to date" in run(["dvc", "status", "dvc.yaml"], repo)
 
 

@@ -1,0 +1,44 @@
+"""DVC stage ``sanity``: the run's guard on the everyday sanity set, a fresh set it was never trained on.
+
+Writes ``data/sanity/rows.jsonl`` (one line per request: score, tau, action, whether it was right)
+and ``data/sanity/metrics.json`` (accuracy, harmful refused and benign answered shares, per input,
+failed checks; for ``dvc metrics``). Prints the accuracy and the two README examples' scores.
+"""
+
+from __future__ import annotations
+
+from pipeline.defend.guard import Guard
+from pipeline.evaluate.sanity import example_rows, misses, run_sanity
+from pipeline.io import write_json_atomic, write_jsonl_atomic
+from pipeline.layout import SANITY_METRICS, SANITY_RENDER, SANITY_ROWS, SANITY_SET
+from stages import run_stage
+
+
+def _fmt(value: float | None) -> str:
+    """A score or share for the printout; a failed check has none."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def main() -> None:
+    """Score the set with the run's guard, write rows and metrics, print the headline numbers."""
+    guard = Guard.from_run(".")
+    result = run_sanity(SANITY_SET, guard, SANITY_RENDER)
+    write_jsonl_atomic(SANITY_ROWS, [row.record() for row in result.rows])
+    write_json_atomic(SANITY_METRICS, result.summary)
+
+    summary = result.summary
+    print(
+        f"sanity accuracy {_fmt(summary['accuracy'])} on {summary['n']} requests "
+        f"(harmful refused {_fmt(summary['harmful_refused'])}, benign answered {_fmt(summary['benign_answered'])}, "
+        f"failed checks {summary['n_errors']})"
+    )
+    for text, row in example_rows(result.rows).items():
+        print(f"{text!r}: score {_fmt(row.score)} vs tau {row.tau:.4f} -> {row.action}")
+    for row in misses(result.rows):
+        print(
+            f"miss {row.request_id} ({row.label}, {row.action}, score {_fmt(row.score)}): {row.image_text or row.text}"
+        )
+
+
+if __name__ == "__main__":
+    run_stage(main)
