@@ -165,7 +165,8 @@ def main() -> None:
         "ecso_over_undefended": mean("ecso") / mean("undefended_eos"),
         "ecso_judged_harmful": sum(r["ecso_judged_harmful"] for r in rows),
         "model": guard.adapter.info.name,
-        "policy_layers": {"fusion": guard.meta.fusion_layer, "safety": guard.meta.safety_layer},
+        "detector": guard.detector.describe(),
+        "detector_layers": list(guard.detector.layers),
         "device": str(next(guard.adapter.model.parameters()).device),  # type: ignore[attr-defined]
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),

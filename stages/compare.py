@@ -65,8 +65,7 @@ def run_suite(suite: str, params: Params) -> dict[str, Any]:
         "judge": judge.name,
         "model": guard.adapter.info.name,
         "tau": tau,
-        "fusion_layer": guard.meta.fusion_layer,
-        "safety_layer": guard.meta.safety_layer,
+        "detector": guard.detector.describe(),
         "defences": list(config.defences),
         "n_examples": {spec.name: sum(e.benchmark == spec.name for e in examples) for spec in specs},
     }

@@ -77,11 +77,18 @@ def run_facts(params: Params) -> list[tuple[str, str]]:
     provenance = probe.get("store_provenance", {})
     calibration = load_calibration(CALIBRATION)
     judge = params.compare.judge
+    lsi_pair = f"fusion {probe['fusion_layer']} / safety {probe['safety_layer']}"
+    reads = ", ".join(probe.get("pieces") or []) or lsi_pair
     return [
         ("model", f"{provenance.get('model_name', '?')} (revision {provenance.get('model_revision', '?')})"),
         ("model kind / path", f"{params.model.kind} / {params.model.path}"),
         ("framings", f"{params.prompts.benign!r} / {params.prompts.malicious!r}"),
         ("stored layers", ", ".join(str(layer) for layer in provenance.get("layers", []))),
+        (
+            "shipped detector",
+            f"{probe.get('detector', 'lsi')} (guard.detector: {params.guard.detector}), reads {reads}; "
+            f"held-out-source AUROC {_number(probe.get('held_out_auroc'))}",
+        ),
         (
             "LSI layers",
             f"fusion {probe['fusion_layer']}, safety {probe['safety_layer']} (train: "
@@ -101,6 +108,10 @@ def run_facts(params: Params) -> list[tuple[str, str]]:
         ("judge", judge.kind + (f" ({judge.model or judge.model_path})" if judge.kind != "refusal_phrases" else "")),
         ("store", f"{provenance.get('store_dtype', '?')}, code version {provenance.get('code_version', '?')}"),
     ]
+
+
+def _number(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.3f}"
 
 
 def build_inputs(name: str, suites: Sequence[str], params: Params, out: Path) -> ReportInputs:

@@ -26,6 +26,7 @@ DETECTOR_LABELS: dict[str, str] = {
     "logreg_hs": "logistic regression on h_s",
     "logreg_delta": "logistic regression on delta_h",
     "logreg_plain": "logistic regression on the plain request",
+    "logreg_plain_all": "logistic regression on the plain request, all stored layers",
     "refusal_direction": "refusal direction (training-free)",
     "length_only": "length only",
     "style_only": "style only",
