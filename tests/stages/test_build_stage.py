@@ -18,7 +18,8 @@ ROOT = PROJECT_ROOT
 
 
 def _params(folder: Path, **build_section: object) -> None:
-    (folder / "params.yaml").write_text(yaml.safe_dump({"build": build_section}))
+    """A params file whose build section is ``build_section``; the public sources are off unless given."""
+    (folder / "params.yaml").write_text(yaml.safe_dump({"build": {"public": "", **build_section}}))
 
 
 def test_stage_writes_sources_list_and_summary(
@@ -114,3 +115,23 @@ def test_too_large_per_source_is_one_error_line(
         run_stage(build.main)
     err = capsys.readouterr().err
     assert err.startswith("error: mmsb-typo: ") and "build.per_source" in err and err.count("\n") == 1
+
+
+def test_the_default_build_writes_the_public_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _params(tmp_path, public=str(PROJECT_ROOT / "data" / "public"), per_source=10)
+    build.main()
+    listed = json.loads(Path("data/built/sources.json").read_text())
+    assert [Path(p).stem for p in listed] == ["public-imperative", "public-questions", "public-wrapped", "public-typo"]
+    summary = json.loads(Path("data/built/summary.json").read_text())
+    for name, row in summary.items():
+        assert row["rows"] == {"harmful": 10, "benign": 10}, name
+        assert abs(row["length_auroc"] - 0.5) < 0.15, name  # matched in length
+
+
+def test_a_missing_public_folder_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _params(tmp_path, public="no-such-folder")
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(build.main)
+    assert exit_info.value.code == 1
