@@ -28,6 +28,11 @@ from stages import run_stage
 OUT = PROBE_DIR
 
 
+def _options(cfg: TrainConfig) -> dict[str, object]:
+    """The training options a reader of ``train_metrics.json`` compares runs by."""
+    return {k: getattr(cfg, k) for k in ("lr", "standardize", "weight_decay", "class_weight", "chunk_rows")}
+
+
 def train_linear(name: str, cfg: TrainConfig, held_out_auroc: float) -> None:
     """Fit linear probe ``name`` on the train split (its layer, if it picks one, on val) and write it."""
     index = read_index(INDEX)
@@ -57,9 +62,13 @@ def train_linear(name: str, cfg: TrainConfig, held_out_auroc: float) -> None:
             "detector": name,
             "pieces": meta.pieces,
             "held_out_auroc": held_out_auroc,
-            "val_auroc": val_auroc,
+            "fusion_layer": lf,
+            "safety_layer": ls,
+            "best_epoch": -1,
+            "best_val_auroc": val_auroc,
             "n_train": len(inside.train),
             "n_val": len(inside.val),
+            "options": _options(cfg),
         },
     )
     print(
@@ -118,9 +127,7 @@ def main() -> None:
             "held_out_auroc": chosen.held_out_auroc,
             "n_train": len(sources["train"]),
             "n_val": len(sources["val"]),
-            "options": {
-                k: getattr(cfg, k) for k in ("lr", "standardize", "weight_decay", "class_weight", "chunk_rows")
-            },
+            "options": _options(cfg),
         },
     )
     print(

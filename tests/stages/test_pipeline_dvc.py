@@ -70,9 +70,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_llava_folder: Path) -> P
     tiny_requests(root / "data" / "demo" / "lookalike.jsonl", per_group=2)
     # The sanity set is no prepare source; the sanity stage scores all of it with the run's guard.
     shutil.copy(PROJECT_ROOT / "data" / "demo" / "everyday.jsonl", root / "data" / "demo" / "everyday.jsonl")
+    shutil.copytree(PROJECT_ROOT / "data" / "public", root / "data" / "public")
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params["model"].update(kind="hf", path=str(tiny_llava_folder))
     params["extract"].update(layers=[0, 1, 2, 3], batch_size=8)
+    params["build"].update(per_source=4)
     params["train"].update(fusion_layer=3, safety_layer=1, epochs=3)
     params["guard"].update(sample_size=4, max_new_tokens=4)
     params["ecso"].update(sample_size=2, max_new_tokens=4)
@@ -101,13 +103,21 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_llava_folder: Path) -> P
 def test_full_pipeline_writes_every_output(repo: Path) -> None:
     metrics = json.loads((repo / "data/eval/metrics.json").read_text())
     detectors = set(metrics["detectors"])
-    baselines = {"logreg_hs_delta", "logreg_hs", "logreg_delta", "logreg_plain", "refusal_direction"}
+    baselines = {
+        "logreg_hs_delta",
+        "logreg_hs",
+        "logreg_delta",
+        "logreg_plain",
+        "logreg_plain_all",
+        "refusal_direction",
+    }
     assert {"lsi", "length_only", "style_only"} | baselines == detectors
     assert metrics["detectors"]["logreg_plain"]["layer"] in (0, 1, 2, 3)
     assert 0.0 <= metrics["detectors"]["lsi"]["auroc"] <= 1.0
     assert sorted(p.name for p in (repo / "data/eval/roc").iterdir()) == sorted(f"{name}.csv" for name in detectors)
-    # Held out: each of the two sources, every detector, next to its in-source number on the same rows.
-    assert set(metrics["cross_source"]) == {"requests", "lookalike"}
+    # Held out: each source, every detector, next to its in-source number on the same rows.
+    public = {"public-imperative", "public-questions", "public-wrapped", "public-typo"}
+    assert set(metrics["cross_source"]) == {"requests", "lookalike"} | public
     for source, rows in metrics["cross_source"].items():
         assert set(rows) == detectors
         assert all(rows[name]["n"] == metrics["per_source"][source][name]["n"] for name in detectors)
@@ -118,6 +128,11 @@ def test_full_pipeline_writes_every_output(repo: Path) -> None:
     for png in ("data/eval/roc.png", "data/eval/reliability.png", "data/calibration/reliability.png"):
         assert (repo / png).stat().st_size > 0
     assert (repo / "data/probe/probe.safetensors").is_file()
+    # guard.detector: best ships the detector the sweep found to transfer best, and says which.
+    scores = {row["name"]: row["held_out_auroc"] for row in sweep["detectors"]}
+    shipped = json.loads((repo / "data/probe/probe.json").read_text())
+    assert shipped["detector"] == metrics["shipped"]["detector"]
+    assert shipped["held_out_auroc"] == pytest.approx(max(scores.values()))
     assert "tau" in json.loads((repo / "data/calibration/calibration.json").read_text())
     guard_rows = (repo / "data/guard/responses.jsonl").read_text().splitlines()
     assert len(guard_rows) == 4 and all("refused" in json.loads(r) for r in guard_rows)
