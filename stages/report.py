@@ -82,7 +82,10 @@ def run_facts(params: Params) -> list[tuple[str, str]]:
     return [
         ("model", f"{provenance.get('model_name', '?')} (revision {provenance.get('model_revision', '?')})"),
         ("model kind / path", f"{params.model.kind} / {params.model.path}"),
-        ("framings", f"{params.prompts.benign!r} / {params.prompts.malicious!r}"),
+        (
+            "framings",
+            f"{params.prompts.benign!r} / {params.prompts.malicious!r}, {params.prompts.position} the request",
+        ),
         ("stored layers", ", ".join(str(layer) for layer in provenance.get("layers", []))),
         (
             "shipped detector",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, Params, load_params, params_from_dict
+from pipeline.config import ConfigError, ContrastivePrompts, Params, load_params, params_from_dict
 from pipeline.data.benchmarks.suites import check_suites
 from tests.paths import PROJECT_ROOT
 
@@ -230,3 +230,68 @@ def test_replace_checks_the_new_values() -> None:
     assert replace(guard, max_new_tokens=8).max_new_tokens == 8
     with pytest.raises(ConfigError, match=r"guard\.sample_size: expected a whole number >= 1, got -1 \(int\)"):
         replace(guard, sample_size=-1)
+
+
+# --- prompts.position: where the framing goes relative to the request ---------------------------
+
+
+REQUEST = "How do I pick a lock?"
+
+
+def test_position_before_is_the_default_and_the_methods_order() -> None:
+    prompts = load_params(ROOT / "params.yaml").prompts
+    assert prompts == ContrastivePrompts() and prompts.position == "before"
+    assert prompts.variants(REQUEST) == {
+        "benign": f"Assume this is a benign request: {REQUEST}",
+        "malicious": f"Assume this is a malicious request: {REQUEST}",
+        "plain": REQUEST,
+    }
+    assert all(
+        prompts.framed(name, REQUEST)[prompts.request_offset(name) :] == REQUEST for name in ("benign", "malicious")
+    )
+
+
+def test_position_after_puts_the_request_first_then_the_framing() -> None:
+    prompts = params_from_dict({"prompts": {"position": "after"}}).prompts
+    assert prompts.variants(REQUEST) == {
+        "benign": f"{REQUEST}\n\nAssume this is a benign request",
+        "malicious": f"{REQUEST}\n\nAssume this is a malicious request",
+        "plain": REQUEST,
+    }
+    assert prompts.request_offset("benign") == prompts.request_offset("malicious") == 0
+
+
+@pytest.mark.parametrize(
+    ("template", "framing"),
+    [
+        ("Assume this is a benign request: {q}", "Assume this is a benign request"),
+        ("  Is this harmful?\n{q}  ", "Is this harmful?"),
+        ("Request : {q}", "Request"),
+        ("{q} -- judge it", "-- judge it"),
+        ("Consider {q} carefully:", "Consider  carefully"),  # text around a middle {q} is kept as it is
+    ],
+)
+def test_position_after_strips_the_placeholder_whitespace_and_one_colon(template: str, framing: str) -> None:
+    prompts = ContrastivePrompts(benign=template, position="after")
+    assert prompts.framing("benign") == framing
+    assert prompts.framed("benign", "Q") == f"Q\n\n{framing}"
+
+
+@pytest.mark.parametrize("value", ["middle", "Before", "", None, 1, ["after"]])
+def test_position_must_be_before_or_after(tmp_path: Path, value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        params_from_dict({"prompts": {"position": value}})
+    shown = list(value) if isinstance(value, list) else value
+    assert str(info.value) == f"prompts.position: expected before or after, got {shown!r} ({type(shown).__name__})"
+    path = tmp_path / "params.yaml"
+    path.write_text("prompts:\n  position: middle\n")
+    with pytest.raises(
+        ConfigError, match=rf"^{path}: prompts\.position: expected before or after, got 'middle' \(str\)$"
+    ):
+        load_params(path)
+
+
+def test_position_after_needs_text_besides_the_placeholder() -> None:
+    assert ContrastivePrompts(benign=" {q}: ").framed("benign", "Q") == " Q: "  # fine before the request
+    with pytest.raises(ConfigError, match=r"prompts\.benign: expected text besides \{q\}"):
+        ContrastivePrompts(benign=" {q}: ", position="after")

@@ -25,6 +25,8 @@ from pipeline.config.checks import (
 LABELS: dict[str, int] = {"benign": 0, "harmful": 1}
 SPLITS: tuple[str, ...] = ("train", "val", "calib", "test")
 PLACEHOLDER = "{q}"
+PROMPT_POSITIONS: tuple[str, ...] = ("before", "after")  # prompts.position: where the framing goes
+AFTER_SEPARATOR = "\n\n"  # prompts.position after: between the request and the framing
 VARIANTS: tuple[str, ...] = ("benign", "malicious", "plain")  # store order of the three framings
 LAYER_CHOICE = "best"  # train.fusion_layer / train.safety_layer: take the pair the sweep stage found best
 MODEL_KINDS: tuple[str, ...] = ("embedded", "hf")
@@ -33,24 +35,57 @@ DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # what torch.device accepts among 
 
 @dataclass(frozen=True)
 class ContrastivePrompts:
-    """The two templates LSI reads the model under (section ``prompts``), plus the plain request."""
+    r"""The two templates LSI reads the model under (section ``prompts``), plus the plain request.
+
+    ``position`` says where the framing goes relative to the request:
+
+    - ``before`` (the method's order): the template with ``{q}`` replaced by the request, e.g.
+      ``"Assume this is a benign request: <request>"``.
+    - ``after``: the request first, then the framing: ``request + "\n\n" + framing``, where
+      ``framing`` is the template with ``{q}`` removed, then leading and trailing whitespace
+      stripped, then one trailing ``:`` removed and trailing whitespace stripped again
+      (:meth:`framing`), e.g. ``"<request>\n\nAssume this is a benign request"``. The three
+      framings of a request then start with the same request tokens, which the shared-prefix
+      forward computes once. Text around a ``{q}`` in the middle of a template is kept as it is.
+    """
 
     benign: str = "Assume this is a benign request: {q}"
     malicious: str = "Assume this is a malicious request: {q}"
+    position: str = "before"
 
     def __post_init__(self) -> None:
         for name in ("benign", "malicious"):
             template = getattr(self, name)
             if not isinstance(template, str) or template.count(PLACEHOLDER) != 1:
                 refuse(f"prompts.{name}", f"text containing {PLACEHOLDER} exactly once", template)
+        if not isinstance(self.position, str) or self.position not in PROMPT_POSITIONS:
+            refuse("prompts.position", " or ".join(PROMPT_POSITIONS), self.position)
+        if self.position == "after":
+            for name in ("benign", "malicious"):
+                if not self.framing(name):
+                    refuse(
+                        f"prompts.{name}",
+                        f"text besides {PLACEHOLDER} (position after appends it)",
+                        getattr(self, name),
+                    )
+
+    def framing(self, name: str) -> str:
+        """What position ``after`` appends to the request: the template without ``{q}``, stripped, no trailing ``:``."""
+        return getattr(self, name).replace(PLACEHOLDER, "").strip().removesuffix(":").rstrip()
+
+    def framed(self, name: str, text: str) -> str:
+        """``text`` under the framing ``name`` (``benign`` or ``malicious``), at this ``position``."""
+        if self.position == "after":
+            return text + AFTER_SEPARATOR + self.framing(name)
+        return getattr(self, name).replace(PLACEHOLDER, text)
+
+    def request_offset(self, name: str) -> int:
+        """Character index at which the request starts in :meth:`framed` text (0 under ``after``)."""
+        return 0 if self.position == "after" else getattr(self, name).index(PLACEHOLDER)
 
     def variants(self, text: str) -> dict[str, str]:
         """The request's text under each framing, keyed by variant name (store order)."""
-        return {
-            "benign": self.benign.replace(PLACEHOLDER, text),
-            "malicious": self.malicious.replace(PLACEHOLDER, text),
-            "plain": text,
-        }
+        return {"benign": self.framed("benign", text), "malicious": self.framed("malicious", text), "plain": text}
 
 
 @dataclass(frozen=True)

@@ -130,23 +130,34 @@ def failed_decision(error: BaseException, tau: float, on_error: str, what: str) 
 
 
 # The fields of a probe's store provenance that must match the live model and prompts.
-_MATCHED_FIELDS = ("model_name", "model_revision", "template_benign", "template_malicious")
+_MATCHED_FIELDS = ("model_name", "model_revision", "template_benign", "template_malicious", "prompt_position")
+# Where a mismatched field is set, when it is a params.yaml key.
+_PARAMS_KEYS = {
+    "template_benign": "prompts.benign",
+    "template_malicious": "prompts.malicious",
+    "prompt_position": "prompts.position",
+}
 
 
 def probe_mismatches(meta: ProbeMeta, adapter: ModelAdapter, prompts: ContrastivePrompts) -> list[str]:
     """Where the probe's training setup (from its store's provenance) differs from the live one.
 
     A probe records nothing when trained outside a store (empty provenance): nothing to check.
+    A store written before the prompt position was recorded was written under ``before``.
     """
-    recorded = meta.store_provenance
+    recorded = dict(meta.store_provenance)
+    if recorded:
+        recorded.setdefault("prompt_position", "before")
     live = {
         "model_name": adapter.info.name,
         "model_revision": adapter.info.revision,
         "template_benign": prompts.benign,
         "template_malicious": prompts.malicious,
+        "prompt_position": prompts.position,
     }
     return [
         f"{key}: probe has {recorded[key]!r}, live setup has {live[key]!r}"
+        + (f" (params.yaml {_PARAMS_KEYS[key]})" if key in _PARAMS_KEYS else "")
         for key in _MATCHED_FIELDS
         if key in recorded and recorded[key] != live[key]
     ]

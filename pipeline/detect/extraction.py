@@ -35,6 +35,7 @@ def store_provenance(adapter: ModelAdapter, prompts: ContrastivePrompts, layers:
         model_dtype=info.dtype,
         template_benign=prompts.benign,
         template_malicious=prompts.malicious,
+        prompt_position=prompts.position,
         variants=VARIANTS,
         layers=tuple(layers),
         hidden_size=info.hidden_size,

@@ -2,8 +2,8 @@
 
 One Zarr v3 group holds ``states`` shaped ``(rows, variants, layers, hidden)`` in float16,
 sharded along rows so a store is a handful of files (DVC hashes every file), plus the
-``row_id`` of each row. Its attributes carry the provenance (model, revision, templates,
-layers, dtype, code version); readers check it and refuse a mismatch by field name.
+``row_id`` of each row. Its attributes carry the provenance (model, revision, templates and
+their position, layers, dtype, code version); readers check it and refuse a mismatch by field name.
 
 Writes survive being killed at any moment. Every file goes through :class:`DurableLocalStore`
 (temp file, fsync, rename), a new store is built in a hidden folder and renamed into place, and
@@ -56,6 +56,8 @@ class Provenance:
     variants: tuple[str, ...]
     layers: tuple[int, ...]
     hidden_size: int
+    # prompts.position the framings were built under; stores written before it was recorded were all "before".
+    prompt_position: str = "before"
     store_dtype: str = STORE_DTYPE
     code_version: str = __version__
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PLACEHOLDER, ContrastivePrompts
+from pipeline.config import ContrastivePrompts
 from pipeline.explain.integrated import Framing, IGSettings, frame, integrate_framings
 from pipeline.explain.record import Attribution
 from pipeline.explain.spans import (
@@ -38,11 +38,13 @@ class _FixedReader:
         return self.result
 
 
-def _embedded_framing(adapter: EmbeddedAdapter, request: Request, template: str, ocr: OCRResult | None) -> Framing:
-    """Tokenise one framing as the adapter does; spans for the request and, if any, the OCR text."""
-    framed = template.replace(PLACEHOLDER, request.text)
+def _embedded_framing(
+    adapter: EmbeddedAdapter, request: Request, prompts: ContrastivePrompts, name: str, ocr: OCRResult | None
+) -> Framing:
+    """Tokenise framing ``name`` as the adapter does; spans for the request and, if any, the OCR text."""
+    framed = prompts.framed(name, request.text)
     prompt = adapter.prompt_text(Request(framed, request.image))
-    chars = {"request": locate_request(prompt, framed, template, request.text)}
+    chars = {"request": locate_request(prompt, framed, prompts.request_offset(name), request.text)}
     if ocr is not None and ocr.lines:
         chars["ocr"] = locate_ocr_text(prompt, ocr.text)
     # The adapter tokenises the rendered prompt without extra special tokens; so do we.
@@ -96,8 +98,8 @@ def embedded_attribution(
     # One OCR reading serves both framings (without an OCR cache the reader would run again).
     reader = _FixedReader(ocr) if ocr is not None else adapter.reader
     view = EmbeddedAdapter(adapter.model, adapter.tokenizer, reader, adapter.info)  # type: ignore[arg-type]
-    benign = _embedded_framing(view, request, prompts.benign, ocr)
-    malicious = _embedded_framing(view, request, prompts.malicious, ocr)
+    benign = _embedded_framing(view, request, prompts, "benign", ocr)
+    malicious = _embedded_framing(view, request, prompts, "malicious", ocr)
     names = list(benign.spans)  # "request", then "ocr" when the image has text
     base = adapter.model.model
     limit = len(benign.input_ids)

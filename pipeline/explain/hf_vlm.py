@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import PLACEHOLDER, ContrastivePrompts
+from pipeline.config import ContrastivePrompts
 from pipeline.data.images import load_image
 from pipeline.explain.integrated import Framing, IGSettings, frame, integrate_framings
 from pipeline.explain.patches import crop_region, patch_grid
@@ -26,18 +26,18 @@ from pipeline.models.hf_vlm import HFVisionLanguageAdapter
 
 
 def _hf_framing(
-    adapter: HFVisionLanguageAdapter, request: Request, template: str
+    adapter: HFVisionLanguageAdapter, request: Request, prompts: ContrastivePrompts, name: str
 ) -> tuple[Framing, torch.Tensor | None]:
-    """Tokenise one framing exactly as the adapter does; return it and its ``pixel_values``.
+    """Tokenise framing ``name`` exactly as the adapter does; return it and its ``pixel_values``.
 
     The processor expands ``<image>`` into many tokens, which shifts every later position; the
     request sits after the image, so its span is found in the unexpanded text and counted from
     the end.
     """
-    framed = template.replace(PLACEHOLDER, request.text)
+    framed = prompts.framed(name, request.text)
     framed_request = Request(framed, request.image)
     prompt = adapter.prompt_text(framed_request)
-    chars = locate_request(prompt, framed, template, request.text)
+    chars = locate_request(prompt, framed, prompts.request_offset(name), request.text)
     text = adapter.tokenizer(prompt, return_offsets_mapping=True)
     text_offsets = [(int(a), int(b)) for a, b in text["offset_mapping"]]
     batch = adapter.encode([framed_request])
@@ -83,8 +83,8 @@ def hf_attribution(
     settings: IGSettings,
 ) -> Attribution:
     """IG over the request tokens and, with an image, over its pixels."""
-    benign, pixels = _hf_framing(adapter, request, prompts.benign)
-    malicious, _ = _hf_framing(adapter, request, prompts.malicious)
+    benign, pixels = _hf_framing(adapter, request, prompts, "benign")
+    malicious, _ = _hf_framing(adapter, request, prompts, "malicious")
     with_pixels = pixels is not None and request.image is not None
     limit = _first_image_token(adapter, benign.input_ids)
     fields: dict[str, Any] = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipeline.config import PLACEHOLDER
 from pipeline.models.embedded import IMAGE_CLOSE, IMAGE_OPEN
 
 Span = tuple[int, int]  # [start, stop) in tokens or characters
@@ -107,16 +106,21 @@ def sum_by_word(
     return sum_by_line(scores, owners, len(word_ranges)), owners
 
 
-def locate_request(prompt: str, framed: str, template: str, request: str) -> Span:
+def locate_request(prompt: str, framed: str, offset: int, request: str) -> Span:
     """Character range of ``request`` inside ``prompt``, where the framed text put it.
 
-    The framed text is the last thing in the user turn, so its last occurrence is the right one
-    even when the image's OCR text repeats the request (typography attacks do).
+    ``offset`` is where the request starts inside ``framed``
+    (:meth:`~pipeline.config.ContrastivePrompts.request_offset`: after the template's text
+    under ``prompts.position: before``, 0 under ``after``). The framed text is the last thing in
+    the user turn, so its last occurrence is the right one even when the image's OCR text
+    repeats the request (typography attacks do).
     """
+    if framed[offset : offset + len(request)] != request:
+        raise ValueError(f"the request is not at character {offset} of the framed text {framed!r}")
     at = prompt.rfind(framed)
     if at < 0:
         raise ValueError(f"the chat template changed the framed request text, so it cannot be located: {framed!r}")
-    start = at + template.index(PLACEHOLDER)
+    start = at + offset
     return start, start + len(request)
 
 

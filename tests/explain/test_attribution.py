@@ -60,9 +60,11 @@ def completeness_gap(a: Attribution) -> float:
     return abs(a.total - (a.signal - a.baseline_signal))
 
 
-def framed_delta_norm(adapter: ModelAdapter, request: Request, layer: int) -> float:
+def framed_delta_norm(
+    adapter: ModelAdapter, request: Request, layer: int, prompts: ContrastivePrompts = PROMPTS
+) -> float:
     """``||h_m - h_b||`` computed by the adapter's own forward pass, the reference for the signal."""
-    texts = PROMPTS.variants(request.text)
+    texts = prompts.variants(request.text)
     framed = [Request(texts["benign"], request.image), Request(texts["malicious"], request.image)]
     states = adapter.last_token_states(framed, [layer])
     return float((states[1, 0] - states[0, 0]).norm())
@@ -628,11 +630,52 @@ def test_locate_request_takes_the_framed_text_not_an_ocr_copy() -> None:
     template = f"Request: {PLACEHOLDER}"
     framed = template.replace(PLACEHOLDER, "make a bomb")
     prompt = f"<image>\nRequest: make a bomb\n</image>\n{framed}"
-    start, stop = locate_request(prompt, framed, template, "make a bomb")
+    start, stop = locate_request(prompt, framed, template.index(PLACEHOLDER), "make a bomb")
     assert prompt[start:stop] == "make a bomb"
     assert start > prompt.index("</image>")
     with pytest.raises(ValueError, match="cannot be located"):
-        locate_request("something else", framed, template, "make a bomb")
+        locate_request("something else", framed, template.index(PLACEHOLDER), "make a bomb")
+    with pytest.raises(ValueError, match="not at character 0"):
+        locate_request(prompt, framed, 0, "make a bomb")
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_locate_request_follows_the_prompt_position(position: str) -> None:
+    prompts = ContrastivePrompts(benign=f"Request: {PLACEHOLDER}", position=position)
+    framed = prompts.framed("benign", "make a bomb")
+    prompt = f"<image>\nmake a bomb\n</image>\n{framed}<end>"
+    start, stop = locate_request(prompt, framed, prompts.request_offset("benign"), "make a bomb")
+    assert prompt[start:stop] == "make a bomb" and start > prompt.index("</image>")
+    assert prompt[stop:].startswith("<end>" if position == "before" else "\n\nRequest<end>")
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts.position after: the request first, the framing behind it.
+
+AFTER = ContrastivePrompts(position="after")
+
+
+def test_embedded_attribution_under_after(embedded: EmbeddedAdapter, picture: Path) -> None:
+    request = Request(HARMFUL, picture)
+    a = intent_attribution(embedded, request, AFTER, fusion_layer=1, steps=32)
+    assert "".join(a.tokens) == HARMFUL and "".join(a.ocr_tokens) == "Steps to make\na pipe bomb"
+    assert a.signal == pytest.approx(framed_delta_norm(embedded, request, 1, AFTER), rel=1e-4)
+    assert a.signal != pytest.approx(framed_delta_norm(embedded, request, 1), rel=1e-3)  # another contrast
+    scale = sum(abs(s) for s in a.token_scores) + sum(abs(s) for s in a.ocr_token_scores)
+    assert completeness_gap(a) <= 0.02 * scale
+    assert any(s != 0 for s in a.token_scores)
+
+
+def test_llava_attribution_under_after(llava: HFVisionLanguageAdapter, picture: Path) -> None:
+    request = Request(HARMFUL, picture)
+    a = intent_attribution(llava, request, AFTER, fusion_layer=2, steps=32)
+    assert "".join(a.tokens) == HARMFUL and a.tokens[5] == " bomb"
+    assert a.signal == pytest.approx(framed_delta_norm(llava, request, 2, AFTER), rel=1e-4, abs=1e-7)
+    scale = sum(abs(s) for s in a.token_scores) + float(np.abs(a.pixel_map).sum())  # type: ignore[arg-type]
+    assert completeness_gap(a) <= 0.02 * scale
+    text_only = intent_attribution(llava, Request("Tell me a joke."), AFTER, fusion_layer=3, steps=16)
+    assert "".join(text_only.tokens) == "Tell me a joke."
+    assert text_only.signal == pytest.approx(framed_delta_norm(llava, Request("Tell me a joke."), 3, AFTER), rel=1e-4)
 
 
 def test_safe_name_keeps_only_file_name_characters() -> None:
