@@ -14,16 +14,26 @@ from pathlib import Path
 
 metrics = Path("data/eval/metrics.json")
 if metrics.is_file():
-    detectors = json.loads(metrics.read_text())["detectors"]
-    print(f"\n{'detector':18s} {'AUROC':>6s} {'AUPRC':>6s} {'TPR@5%':>7s} {'F1@tau':>7s} {'FPR@tau':>8s}")
-    for name, row in detectors.items():
+    data = json.loads(metrics.read_text())
+    shipped = data["shipped"]
+    print(f"\nshipped detector: {shipped['describe']} (guard.detector in params.yaml)")
+    print(f"\nin-source test split\n{'detector':18s} {'AUROC':>6s} {'AUPRC':>6s} {'TPR@5%':>7s} {'F1@tau':>7s} {'FPR@tau':>8s}")
+    for name, row in data["detectors"].items():
         print(f"{name:18s} {row['auroc']:6.3f} {row['auprc']:6.3f} {row['tpr_at_5pct_fpr']:7.3f} {row['f1']:7.3f} {row['fpr']:8.3f}")
-    cross = json.loads(metrics.read_text())["cross_source"]
-    if cross:
-        print("\nheld-out sources (AUROC on all their rows; data/eval/comparison.md has everything)")
-        for source, rows in cross.items():
-            cells = "  ".join(f"{n} {rows[n]['all_rows']['auroc']:.3f}" for n in ("lsi", "length_only", "style_only"))
-            print(f"  {source:14s} {cells}")
+    summary = data.get("held_out_summary") or {}
+    if summary:
+        print("\nheld-out sources, each left out in turn (all its rows; data/eval/comparison.md has every cell)")
+        print(f"{'detector':18s} {'mean AUROC':>10s} {'min AUROC':>9s} {'max FPR@tau':>11s}")
+        for name, row in summary.items():
+            mark = "  <- shipped" if name == shipped["detector"] else ""
+            print(f"{name:18s} {row['mean_auroc']:10.3f} {row['min_auroc']:9.3f} {row['max_fpr']:11.3f}{mark}")
+sanity = Path("data/sanity/metrics.json")
+if sanity.is_file():
+    s = json.loads(sanity.read_text())
+    print(
+        f"\neveryday sanity set (never trained on): accuracy {s['accuracy']:.3f}, harmful refused "
+        f"{s['harmful_refused']:.3f}, benign answered {s['benign_answered']:.3f} (data/sanity/rows.jsonl)"
+    )
 comparison = Path("data/compare/demo/comparison.md")
 if comparison.is_file():
     table = comparison.read_text().split("\n\n")[0]
