@@ -107,7 +107,7 @@ def test_adversarial_text_is_escaped_and_the_page_needs_no_network(tmp_path: Pat
         suites=[
             SuiteResult(
                 "s",
-                {"judge": "j", "model": "m", "tau": 0.5, "fusion_layer": 1, "safety_layer": 0, "n_examples": {"b": 1}},
+                {"judge": "j", "model": "m", "tau": 0.5, "detector": "LSI at layers 1 / 0", "n_examples": {"b": 1}},
                 summary,
                 rows,
             )
@@ -202,7 +202,7 @@ def test_the_page_opens_in_a_browser_with_every_image_loaded(tmp_path: Path) -> 
         row("1", "none", 1, "none", image=str(image)),
         row("1", "lsi", 1, "refuse", image=str(image), score=0.9),
     ]
-    meta = {"judge": "j", "model": "m", "tau": 0.5, "fusion_layer": 1, "safety_layer": 0, "n_examples": {"b": 1}}
+    meta = {"judge": "j", "model": "m", "tau": 0.5, "detector": "LSI at layers 1 / 0", "n_examples": {"b": 1}}
     inputs = ReportInputs(
         title="LSI-Guard run report: browser",
         params_text="model:\n  kind: embedded\n",

@@ -62,7 +62,7 @@ class FakeGuard:
         asked = text if path is None else self.images[path.name]
         if asked in self.broken:
             return failed_decision(RuntimeError("model fell over"), TAU, self.on_error, asked)
-        return decide(0.9 if asked in self.harmful else 0.1, TAU, 1, 0)
+        return decide(0.9 if asked in self.harmful else 0.1, TAU, "a fake detector")
 
 
 def write_set(path: Path, rows: list[dict[str, Any]]) -> Path:
