@@ -27,6 +27,11 @@ if metrics.is_file():
         for name, row in summary.items():
             mark = "  <- shipped" if name == shipped["detector"] else ""
             print(f"{name:18s} {row['mean_auroc']:10.3f} {row['min_auroc']:9.3f} {row['max_fpr']:11.3f}{mark}")
+        cells = summary.get(shipped["detector"], {}).get("per_source", {})
+        if cells and all("fpr_at_shipped_tau" in c for c in cells.values()):
+            print(f"\nshipped {shipped['detector']} at the run's tau, per held-out source: TPR@5%FPR, harmful / benign flagged")
+            for source, c in cells.items():
+                print(f"  {source:18s} {c['tpr_at_5pct_fpr']:.2f}  {c['tpr_at_shipped_tau']:.2f} / {c['fpr_at_shipped_tau']:.2f}")
 sanity = Path("data/sanity/metrics.json")
 if sanity.is_file():
     s = json.loads(sanity.read_text())

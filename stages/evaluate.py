@@ -75,7 +75,12 @@ def main() -> None:
     taus = {name: row["tau"] for name, row in detectors.items()}
     per_source = per_source_metrics(data, inside, scorers, taus)
     sources = sorted(set(index["source"].to_list()))
-    cross = cross_source_results(data, params.train, params.calibrate, lf, ls, sources) if len(sources) > 1 else {}
+    shipped_tau = (shipped.name, calibration.tau)
+    cross = (
+        cross_source_results(data, params.train, params.calibrate, lf, ls, sources, shipped_tau)
+        if len(sources) > 1
+        else {}
+    )
     table = comparison_table(per_source, cross) if cross else pl.DataFrame()
     summary = held_out_summary(cross)
 

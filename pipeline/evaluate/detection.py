@@ -114,8 +114,13 @@ def cross_source_results(
     lf: int,
     ls: int,
     sources: Sequence[str],
+    shipped_tau: tuple[str, float] | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """For each source, every detector refitted without it and scored on its test rows (and all its rows)."""
+    """For each source, every detector refitted without it and scored on its test rows (and all its rows).
+
+    ``shipped_tau``: ``(detector, tau)``; that detector's rows also get ``at_shipped_tau``, its
+    metrics on all the source's rows at the run's own tau, the threshold a new source meets.
+    """
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for source in sources:
         setting = held_out_setting(data.index, source)
@@ -127,6 +132,11 @@ def cross_source_results(
         every_row = np.flatnonzero(data.index["source"].to_numpy() == source)
         scorers, layers = fit_detectors(data, setting, config, lf, ls)
         results[source] = score_setting(data, setting, scorers, calibration, also=every_row, layers=layers)
+        if shipped_tau is not None:
+            name, tau = shipped_tau
+            results[source][name]["at_shipped_tau"] = detection_metrics(
+                data.labels[every_row], scorers[name](every_row), tau
+            )
     return results
 
 
@@ -170,6 +180,10 @@ def held_out_summary(cross_source: Mapping[str, Mapping[str, Mapping[str, Any]]]
             for source, rows in cross_source.items()
         }
         aurocs = np.array([row["auroc"] for row in per_source.values()], dtype=np.float64)
+        for source, rows in cross_source.items():
+            if "at_shipped_tau" in rows[name]:
+                at = rows[name]["at_shipped_tau"]
+                per_source[source].update(tpr_at_shipped_tau=at["tpr"], fpr_at_shipped_tau=at["fpr"])
         summary[name] = {
             "mean_auroc": float(np.nanmean(aurocs)) if np.isfinite(aurocs).any() else float("nan"),
             "min_auroc": float(np.nanmin(aurocs)) if np.isfinite(aurocs).any() else float("nan"),
@@ -194,4 +208,10 @@ def held_out_markdown(summary: Mapping[str, Mapping[str, Any]], shipped: str) ->
         "\nEach source held out in turn: every detector fitted, validated and thresholded without it, then scored on "
         "all its rows. Cells: AUROC / TPR at 5% FPR / share of benign rows flagged at that tau.\n"
     )
+    cells = summary.get(shipped, {}).get("per_source", {})
+    if cells and all("fpr_at_shipped_tau" in c for c in cells.values()):
+        at = ", ".join(
+            f"{source} {c['tpr_at_shipped_tau']:.2f} / {c['fpr_at_shipped_tau']:.2f}" for source, c in cells.items()
+        )
+        note += f"\nAt the run's own tau, the shipped {shipped}'s share of harmful / benign rows flagged: {at}.\n"
     return "\n".join(lines) + "\n" + note

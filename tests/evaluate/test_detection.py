@@ -205,7 +205,14 @@ def test_held_out_summary_gives_mean_lowest_and_operating_points() -> None:
     aurocs = [cross[s]["lsi"]["all_rows"]["auroc"] for s in ("alpha", "gamma")]
     assert lsi["mean_auroc"] == pytest.approx(np.mean(aurocs)) and lsi["min_auroc"] == pytest.approx(min(aurocs))
     assert set(lsi["per_source"]["alpha"]) == {"n", "auroc", "tpr_at_5pct_fpr", "tpr", "fpr"}
-    table = held_out_markdown(summary, shipped="lsi")
+    assert "fpr_at_shipped_tau" not in lsi["per_source"]["alpha"]
+    shipped = held_out_summary(
+        cross_source_results(data, CONFIG, CalibrateConfig(), 3, 1, ["alpha", "gamma"], shipped_tau=("lsi", 1.0))
+    )
+    assert shipped["lsi"]["per_source"]["alpha"]["fpr_at_shipped_tau"] == 0.0  # nothing scores above 1
+    assert shipped["lsi"]["per_source"]["alpha"]["tpr_at_shipped_tau"] == 0.0
+    table = held_out_markdown(shipped, shipped="lsi")
+    assert "At the run's own tau" in table
     assert "**lsi** (shipped)" in table and "| alpha | gamma |" in table.splitlines()[0] + " |"
 
 
