@@ -1,15 +1,16 @@
-"""DVC stage ``attribute``: where the harmful-intent signal comes from, for a few test requests.
+"""DVC stage ``attribute``: where a request's score comes from, for a few test requests.
 
 For ``params.attribute.examples`` test-split rows (mostly harmful requests with images, at least
-one benign one) it computes integrated gradients of ``||h_m - h_b||`` at the probe's fusion layer
-and writes, under ``data/attribution/``:
+one benign one) it computes integrated gradients of ``params.attribute.target``: the shipped
+detector's logit (``detector``, what the guard decides on) or ``||h_m - h_b||`` at the probe's
+fusion layer (``contrast``), and writes, under ``data/attribution/``:
 
 - ``<row_id>_tokens.png``: the request's tokens (and any text read from the image) coloured by score;
 - ``<row_id>_image.png``: when the row has an image, the image with a box per word the OCR read
   (embedded default model) or the vision encoder's patch grid (Hugging Face VLMs) coloured by
   score, the strongest numbered and listed beside it;
 - ``attributions.json``: one record per row, with every score (tokens, OCR words and lines, or
-  patches).
+  patches), the target attributed and the detector.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from pipeline.config import load_params
 from pipeline.data.rows import pick_examples, row_fields, row_title
 from pipeline.data.sources import read_index
 from pipeline.detect.extraction import row_request
-from pipeline.detect.probe import load_probe
-from pipeline.explain.attribution import attribution_to_json, intent_attribution, safe_name
+from pipeline.detect.shipped import load_detector
+from pipeline.explain.attribution import attribution_target, attribution_to_json, intent_attribution, safe_name
 from pipeline.explain.plots import plot_image_map, plot_token_heatmap
 from pipeline.io import write_json_atomic
 from pipeline.layout import ATTRIBUTION_DIR, INDEX, PARAMS, PROBE_DIR
@@ -37,13 +38,14 @@ def main() -> None:
     """Pick rows, attribute each, write figures and the JSON records."""
     params = load_params(PARAMS)
     rows = pick_examples(read_index(INDEX), params.attribute.examples).to_dicts()
-    _, meta = load_probe(PROBE_DIR)
+    detector, meta = load_detector(PROBE_DIR)
+    target = attribution_target(params.attribute.target, detector, meta.fusion_layer)
     adapter = load_adapter(params.model)
 
     records: list[dict[str, Any]] = []
     for row in tqdm(rows, desc="attribute", unit="req"):
         request = row_request(row)
-        attribution = intent_attribution(adapter, request, params.prompts, meta.fusion_layer, params.attribute.steps)
+        attribution = intent_attribution(adapter, request, params.prompts, target, params.attribute.steps)
         name = safe_name(row["row_id"])
         tokens_png = OUT_DIR / f"{name}_tokens.png"
         plot_token_heatmap(attribution, tokens_png, title=row_title(row))
@@ -60,7 +62,7 @@ def main() -> None:
             }
         )
     write_json_atomic(OUT_DIR / "attributions.json", records)
-    print(f"attributed {len(records)} requests at fusion layer {meta.fusion_layer} -> {OUT_DIR}")
+    print(f"attributed {target.label} for {len(records)} requests -> {OUT_DIR}")
 
 
 if __name__ == "__main__":

@@ -159,6 +159,8 @@ NAN, INF = float("nan"), float("inf")
         ({"guard": {"ecso_margin": -INF}}, "guard.ecso_margin", -INF),
         ({"guard": {"refusal_message": 3}}, "guard.refusal_message", 3),
         ({"attribute": {"steps": 0}}, "attribute.steps", 0),
+        ({"attribute": {"target": "logit"}}, "attribute.target", "logit"),
+        ({"attribute": {"target": None}}, "attribute.target", None),
         ({"extract": {"layers": [3, 6.5]}}, "extract.layers", [3, 6.5]),
         ({"extract": {"layers": {"a": 1}}}, "extract.layers", {"a": 1}),
         ({"model": {"device": "gpu"}}, "model.device", "gpu"),
@@ -188,6 +190,20 @@ def test_wrong_values_name_the_key_and_the_value(raw: dict, where: str, value: o
     message = str(info.value)
     assert message.startswith(f"{where}: expected ")
     assert f"got {value!r} ({type(value).__name__})" in message
+
+
+def test_attribute_target_is_checked_where_params_yaml_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = Path("params.yaml")
+    path.write_text("attribute: {target: logit}\n")
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert (
+        str(info.value) == "params.yaml: attribute.target: expected one of ['detector', 'contrast'], got 'logit' (str)"
+    )
+    path.write_text("attribute: {target: contrast}\n")
+    assert load_params(path).attribute.target == "contrast"
+    assert params_from_dict({}).attribute.target == "detector"
 
 
 def test_numbers_are_read_as_yaml_1_2(tmp_path: Path) -> None:

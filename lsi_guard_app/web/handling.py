@@ -69,8 +69,13 @@ def run_request(
     steps: int,
     out_dir: Path,
     name: str,
+    target: str = "detector",
 ) -> DemoResult:
-    """Check and answer one request, and attribute it when asked; every failure becomes a message."""
+    """Check and answer one request, and attribute it when asked; every failure becomes a message.
+
+    ``target`` is what the maps attribute (:meth:`Guard.explain`): the guard's detector's logit,
+    the score it just decided on, or ``contrast``.
+    """
     problem = input_problem(image, text)
     if problem is not None:
         return DemoResult(error=problem)
@@ -87,7 +92,7 @@ def run_request(
     token_map = out_dir / f"{name}-tokens.png"
     image_map = out_dir / f"{name}-image.png" if image is not None else None
     try:
-        attribution = guard.explain(image, text, steps)
+        attribution = guard.explain(image, text, steps, target=target)
         draw_attribution_maps(attribution, text, image, token_map, image_map)
     except Exception as exc:  # the decision still stands; only the explanation is missing
         logger.exception("attribution failed on a demo request")

@@ -9,6 +9,7 @@ from pipeline.config.checks import ConfigError
 from pipeline.config.compare import COMPARE_DEFENCES, JUDGE_KINDS, BenchmarkSpec, CompareConfig, JudgeConfig
 from pipeline.config.loading import Params, load_params, params_from_dict
 from pipeline.config.sections import (
+    ATTRIBUTE_TARGETS,
     GREEDY,
     GUARD_POLICIES,
     LABELS,
@@ -31,6 +32,7 @@ from pipeline.config.sections import (
 )
 
 __all__ = [
+    "ATTRIBUTE_TARGETS",
     "COMPARE_DEFENCES",
     "GREEDY",
     "GUARD_POLICIES",

@@ -74,14 +74,16 @@ class ContrastivePrompts:
         return getattr(self, name).replace(PLACEHOLDER, "").strip().removesuffix(":").rstrip()
 
     def framed(self, name: str, text: str) -> str:
-        """``text`` under the framing ``name`` (``benign`` or ``malicious``), at this ``position``."""
+        """``text`` under the framing ``name`` (``benign``, ``malicious``) at this ``position``; ``plain``: ``text``."""
+        if name == "plain":
+            return text
         if self.position == "after":
             return text + AFTER_SEPARATOR + self.framing(name)
         return getattr(self, name).replace(PLACEHOLDER, text)
 
     def request_offset(self, name: str) -> int:
-        """Character index at which the request starts in :meth:`framed` text (0 under ``after``)."""
-        return 0 if self.position == "after" else getattr(self, name).index(PLACEHOLDER)
+        """Character index at which the request starts in :meth:`framed` text (0 under ``after`` and for ``plain``)."""
+        return 0 if self.position == "after" or name == "plain" else getattr(self, name).index(PLACEHOLDER)
 
     def variants(self, text: str) -> dict[str, str]:
         """The request's text under each framing, keyed by variant name (store order)."""
@@ -367,13 +369,23 @@ class ECSOConfig:
             text(f"ecso.{key}", getattr(self, key))
 
 
+ATTRIBUTE_TARGETS: tuple[str, ...] = ("detector", "contrast")
+
+
 @dataclass(frozen=True)
 class AttributeConfig:
-    """Integrated-gradients attribution of the harmful-intent signal."""
+    """Integrated-gradients attribution of one request's score.
+
+    ``target``: ``detector`` attributes the shipped detector's own logit, the score the guard
+    decides on; ``contrast`` attributes the method's contrast signal ``||h_m - h_b||`` at the
+    fusion layer, whatever detector ships.
+    """
 
     examples: int = 4
     steps: int = 32
+    target: str = "detector"
 
     def __post_init__(self) -> None:
         whole("attribute.examples", self.examples, 1)
         whole("attribute.steps", self.steps, 1)
+        choice("attribute.target", self.target, ATTRIBUTE_TARGETS)

@@ -361,13 +361,20 @@ class Guard:
         """:meth:`generate` for each request in turn."""
         return [self.generate(request.image, request.text, max_new_tokens) for request in requests]
 
-    def explain(self, image: str | Path | None, text: str, steps: int = 32) -> Attribution:
-        """Integrated-gradients attribution of the harmful-intent signal at the probe's fusion layer."""
+    def explain(self, image: str | Path | None, text: str, steps: int = 32, target: str = "detector") -> Attribution:
+        """Integrated-gradients attribution of one request's score over its tokens and image.
+
+        ``target``: ``detector`` attributes the logit of the detector this guard decides with
+        (``sigmoid`` of it is the refusal score); ``contrast`` attributes the method's contrast
+        signal ``||h_m - h_b||`` at the probe's fusion layer. The record names the target and the
+        detector.
+        """
         # Imported on first use: attribution brings captum and every adapter's model classes, about
         # two seconds of start-up that checking and answering requests never need.
-        from pipeline.explain.attribution import intent_attribution
+        from pipeline.explain.attribution import attribution_target, intent_attribution
 
-        return intent_attribution(self.adapter, make_request(image, text), self.prompts, self.meta.fusion_layer, steps)
+        chosen = attribution_target(target, self.detector, self.meta.fusion_layer)
+        return intent_attribution(self.adapter, make_request(image, text), self.prompts, chosen, steps)
 
     def decide(self, score: float) -> GuardDecision:
         """The decision for a probe score under this guard's policy, tau, margin and layers."""

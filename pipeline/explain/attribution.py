@@ -1,9 +1,11 @@
-"""Where the harmful-intent signal comes from: integrated gradients of ``||h_m - h_b||``.
+"""Where a request's score comes from: integrated gradients of the detector's logit or of ``||h_m - h_b||``.
 
-The signal is the norm of ``delta_h = h_m - h_b``, the difference between the last-token states
-of the malicious and the benign framing at the fusion layer. Integrated gradients (captum)
-attribute it to the request's own token embeddings and to the image. Baseline for the request:
-zero embeddings. The image's input depends on the model:
+The target (:mod:`~pipeline.explain.targets`) is what the guard decides on, the shipped
+detector's logit over the framings and layers it reads, or the method's contrast signal, the
+norm of ``delta_h = h_m - h_b`` (malicious minus benign framing's last-token state) at the
+fusion layer. Integrated gradients (captum) attribute it to the request's own token embeddings
+and to the image. Baseline for the request: zero embeddings. The image's input depends on the
+model:
 
 - Embedded default model (SmolLM2 + OCR): the OCR text's tokens (:mod:`pipeline.explain.embedded`).
 - Hugging Face VLMs (LLaVA): the ``pixel_values`` (:mod:`pipeline.explain.hf_vlm`).
@@ -24,6 +26,7 @@ from pipeline.explain.embedded import embedded_attribution
 from pipeline.explain.hf_vlm import hf_attribution
 from pipeline.explain.integrated import DEFAULT_INTERNAL_BATCH, PATH_SEGMENTS, IGSettings
 from pipeline.explain.record import Attribution, ImageKind, attribution_to_json, safe_name
+from pipeline.explain.targets import Target, attribution_target, contrast_target, detector_target
 from pipeline.models.base import ModelAdapter, Request, check_layers
 from pipeline.models.embedded import EmbeddedAdapter
 from pipeline.models.hf_vlm import HFVisionLanguageAdapter
@@ -32,7 +35,11 @@ __all__ = [
     "DEFAULT_INTERNAL_BATCH",
     "Attribution",
     "ImageKind",
+    "Target",
+    "attribution_target",
     "attribution_to_json",
+    "contrast_target",
+    "detector_target",
     "intent_attribution",
     "safe_name",
 ]
@@ -42,16 +49,16 @@ def intent_attribution(
     adapter: ModelAdapter,
     request: Request,
     prompts: ContrastivePrompts,
-    fusion_layer: int,
+    target: Target,
     steps: int,
     internal_batch_size: int = DEFAULT_INTERNAL_BATCH,
 ) -> Attribution:
-    """Integrated gradients of ``||h_m - h_b||`` at ``fusion_layer`` for one request.
+    """Integrated gradients of ``target`` (:func:`detector_target`, :func:`contrast_target`) for one request.
 
     ``steps`` is the number of interpolation points (Gauss-Legendre); ``internal_batch_size``
     how many of them go through the model at once.
     """
-    check_layers([fusion_layer], adapter.info.num_layers)
+    check_layers(list(target.layers), adapter.info.num_layers)
     if steps < len(PATH_SEGMENTS) - 1:
         raise ValueError(f"steps must be at least {len(PATH_SEGMENTS) - 1} (one per path segment), got {steps}")
     if not request.text:
@@ -64,4 +71,4 @@ def intent_attribution(
         raise TypeError(f"no attribution for adapter type {type(adapter).__name__}")
     # Gradients are taken w.r.t. the inputs only; the model's weights stay frozen.
     with torch.enable_grad():
-        return run(adapter, request, prompts, IGSettings(fusion_layer, steps, internal_batch_size))  # type: ignore[arg-type]
+        return run(adapter, request, prompts, IGSettings(target, steps, internal_batch_size))  # type: ignore[arg-type]

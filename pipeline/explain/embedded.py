@@ -95,29 +95,28 @@ def embedded_attribution(
 ) -> Attribution:
     """IG over the request tokens and the OCR text tokens; OCR lines scored by their tokens."""
     ocr = adapter.reader.read(Path(request.image)) if request.image is not None else None
-    # One OCR reading serves both framings (without an OCR cache the reader would run again).
+    # One OCR reading serves every framing (without an OCR cache the reader would run again).
     reader = _FixedReader(ocr) if ocr is not None else adapter.reader
     view = EmbeddedAdapter(adapter.model, adapter.tokenizer, reader, adapter.info)  # type: ignore[arg-type]
-    benign = _embedded_framing(view, request, prompts, "benign", ocr)
-    malicious = _embedded_framing(view, request, prompts, "malicious", ocr)
-    names = list(benign.spans)  # "request", then "ocr" when the image has text
+    variants = settings.target.variants
+    framings = {v: _embedded_framing(view, request, prompts, v, ocr) for v in variants}
+    reference = framings[variants[0]]
+    names = list(reference.spans)  # "request", then "ocr" when the image has text
     base = adapter.model.model
-    limit = len(benign.input_ids)
-    attributions, at_input, at_baseline = integrate_framings(
-        base, base.layers, benign, malicious, names, limit, settings
-    )
+    limit = min(len(framing.input_ids) for framing in framings.values())
+    attributions, at_input, at_baseline = integrate_framings(base, base.layers, framings, names, limit, settings)
     scores = {n: a.sum(dim=-1).tolist() for n, a in zip(names, attributions, strict=True)}
 
-    fields = {} if ocr is None else _ocr_fields(ocr, benign if "ocr" in names else None, scores.get("ocr", []))
+    fields = {} if ocr is None else _ocr_fields(ocr, reference if "ocr" in names else None, scores.get("ocr", []))
     total = sum(sum(v) for v in scores.values())
     return Attribution(
         request=request.text,
-        tokens=benign.pieces["request"],
+        tokens=reference.pieces["request"],
         token_scores=scores["request"],
         signal=at_input,
         baseline_signal=at_baseline,
         convergence_delta=float(total - (at_input - at_baseline)),
-        fusion_layer=settings.fusion_layer,
         steps=settings.steps,
+        **settings.target.record_fields(),
         **fields,
     )

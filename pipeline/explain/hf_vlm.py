@@ -83,10 +83,12 @@ def hf_attribution(
     settings: IGSettings,
 ) -> Attribution:
     """IG over the request tokens and, with an image, over its pixels."""
-    benign, pixels = _hf_framing(adapter, request, prompts, "benign")
-    malicious, _ = _hf_framing(adapter, request, prompts, "malicious")
+    variants = settings.target.variants
+    built = {v: _hf_framing(adapter, request, prompts, v) for v in variants}
+    framings = {v: framing for v, (framing, _) in built.items()}
+    reference, pixels = built[variants[0]]
     with_pixels = pixels is not None and request.image is not None
-    limit = _first_image_token(adapter, benign.input_ids)
+    limit = min(_first_image_token(adapter, framing.input_ids) for framing in framings.values())
     fields: dict[str, Any] = {}
     pixel_pair = None
     if with_pixels:
@@ -94,7 +96,7 @@ def hf_attribution(
         size = load_image(request.image).size
         pixel_pair = (pixels, black_pixels(adapter, size))
     attributions, at_input, at_baseline = integrate_framings(
-        adapter.model, adapter.blocks, benign, malicious, ["request"], limit, settings, pixel_pair
+        adapter.model, adapter.blocks, framings, ["request"], limit, settings, pixel_pair
     )
     token_scores = attributions[0].sum(dim=-1).tolist()
     if with_pixels:
@@ -109,12 +111,12 @@ def hf_attribution(
     total = sum(token_scores) + fields.get("image_score", 0.0)
     return Attribution(
         request=request.text,
-        tokens=benign.pieces["request"],
+        tokens=reference.pieces["request"],
         token_scores=token_scores,
         signal=at_input,
         baseline_signal=at_baseline,
         convergence_delta=float(total - (at_input - at_baseline)),
-        fusion_layer=settings.fusion_layer,
         steps=settings.steps,
+        **settings.target.record_fields(),
         **fields,
     )

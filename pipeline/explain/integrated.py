@@ -1,8 +1,10 @@
-"""Integrated gradients of ``||h_m - h_b||``: the differentiable signal and its path integral.
+"""Integrated gradients of a target score: the differentiable signal and its path integral.
 
-The request's token embeddings (and the image's OCR tokens or pixels) are spliced into *both*
-framed prompts, so an input's attribution is its effect on the contrast between the malicious
-and the benign framing at the fusion layer, not on either prompt alone.
+The target (:mod:`pipeline.explain.targets`) is the shipped detector's logit or the contrast
+``||h_m - h_b||``; it reads last-token states of some framings (benign, malicious, plain) at some
+layers. The request's token embeddings (and the image's OCR tokens or pixels) are spliced into
+*every* framing it reads, so an input's attribution is its effect on the target through all of
+them at once, not through one prompt alone.
 
 The path integral is cut in two (see :func:`integrate`) so that the sharp start of the path
 from zero embeddings gets its share of interpolation points; the result is still plain
@@ -11,7 +13,7 @@ integrated gradients along the straight path.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,7 @@ from transformers import DynamicCache
 
 from pipeline.config import PLACEHOLDER
 from pipeline.explain.spans import Span, overlapping_tokens, token_pieces
+from pipeline.explain.targets import Target
 from pipeline.models.hooks import run_to_layers
 
 # Interpolation points per backward pass: bounds activation memory, not the result.
@@ -32,10 +35,10 @@ PATH_SEGMENTS: tuple[float, ...] = (0.0, 0.1, 1.0)
 
 @dataclass(frozen=True)
 class IGSettings:
-    """Where and how finely one attribution integrates: the fusion layer, the interpolation points,
+    """What and how finely one attribution integrates: the target, the interpolation points,
     and how many points go through the model at once."""
 
-    fusion_layer: int
+    target: Target
     steps: int
     internal_batch_size: int = DEFAULT_INTERNAL_BATCH
 
@@ -63,18 +66,22 @@ def shared_prefix_length(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     return n
 
 
-class FusionRunner:
-    """Runs a decoder up to the fusion block on given input embeddings and returns last-token states.
+class LayerRunner:
+    """Runs a decoder up to the deepest of ``layers`` on given input embeddings; returns last-token states.
 
     Tokens before every attributed input (system prompt, chat header, the templates' common start)
-    are the same in both framings and at every interpolation step, so their keys and values are
+    are the same in every framing and at every interpolation step, so their keys and values are
     computed once, without gradients, and reused: the forward then covers only the tail.
     """
 
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList, layer: int, prefix_ids: Sequence[int]) -> None:
+    def __init__(
+        self, model: nn.Module, blocks: nn.ModuleList, layers: Sequence[int], prefix_ids: Sequence[int]
+    ) -> None:
+        if not layers:
+            raise ValueError("a layer runner needs at least one layer")
         self.model = model
         self.blocks = blocks
-        self.layer = layer
+        self.layers = list(layers)
         self.prefix_len = len(prefix_ids)
         self.prefix_kv = self._prefix_kv(list(prefix_ids)) if prefix_ids else []
 
@@ -82,21 +89,22 @@ class FusionRunner:
         device = next(self.model.parameters()).device
         cache = DynamicCache()
         ids = torch.tensor([prefix_ids], device=device)
+        deepest = max(self.layers)
         with torch.no_grad():
-            # Only blocks up to the fusion layer ever read the cache; the early stop skips the rest.
+            # Only blocks up to the deepest layer ever read the cache; the early stop skips the rest.
             run_to_layers(
                 lambda: self.model(input_ids=ids, past_key_values=cache, use_cache=True),
                 self.blocks,
-                [self.layer],
+                [deepest],
                 torch.ones_like(ids),
             )
-        return [(cache.layers[k].keys, cache.layers[k].values) for k in range(self.layer + 1)]
+        return [(cache.layers[k].keys, cache.layers[k].values) for k in range(deepest + 1)]
 
     def states(self, embeds: torch.Tensor, **extra: Any) -> torch.Tensor:
-        """Fusion-layer last-token states ``(S, hidden)`` float32 for full-prompt embeddings ``(S, L, H)``.
+        """Last-token states ``(S, len(layers), hidden)`` float32 for full-prompt embeddings ``(S, L, H)``.
 
-        The early stop raises from a hook after the state is captured; the autograd graph up to
-        that block is intact, so gradients flow back to the inputs.
+        The early stop raises from a hook after the deepest state is captured; the autograd graph
+        up to that block is intact, so gradients flow back to the inputs.
         """
         steps = embeds.shape[0]
         tail = embeds[:, self.prefix_len :]
@@ -107,7 +115,7 @@ class FusionRunner:
             )
         mask = torch.ones(steps, tail.shape[1], dtype=torch.long)
         forward = lambda: self.model(inputs_embeds=tail, use_cache=bool(self.prefix_kv), **extra)  # noqa: E731
-        return run_to_layers(forward, self.blocks, [self.layer], mask)[:, 0]
+        return run_to_layers(forward, self.blocks, self.layers, mask)
 
 
 @dataclass(frozen=True)
@@ -143,21 +151,40 @@ def frame(
     return Framing(ids, embeds, spans, pieces, starts)
 
 
-def check_same_tokens(benign: Framing, malicious: Framing, name: str) -> None:
-    """The shared input only makes sense if both framings tokenise the span identically."""
-    ids_b = benign.input_ids[slice(*benign.spans[name])]
-    ids_m = malicious.input_ids[slice(*malicious.spans[name])]
-    if ids_b != ids_m:
+def check_same_tokens(reference: tuple[str, Framing], other: tuple[str, Framing], name: str) -> None:
+    """One input spliced into several framings only makes sense if they all tokenise its span identically.
+
+    ``reference`` and ``other`` are ``(variant, framing)`` pairs.
+    """
+    (ref_name, ref), (other_name, framing) = reference, other
+    if ref.input_ids[slice(*ref.spans[name])] == framing.input_ids[slice(*framing.spans[name])]:
+        return
+    if "plain" in (ref_name, other_name):
+        framed = other_name if ref_name == "plain" else ref_name
         raise ValueError(
-            f"the {name} tokenises differently under the two templates; put the same separator before "
-            f"{PLACEHOLDER} in both"
+            f"the {name} tokenises differently in the plain prompt and under the {framed} framing (the "
+            f"text before {PLACEHOLDER} changes its first token), so one set of embeddings cannot stand in "
+            "both; attribute the contrast, or a detector that reads the plain prompt alone or the framings "
+            "alone, or put the request first (prompts.position: after)"
         )
+    raise ValueError(
+        f"the {name} tokenises differently under the {ref_name} and {other_name} templates; put the same "
+        f"separator before {PLACEHOLDER} in both"
+    )
 
 
-def contrast_signal(
-    runner: FusionRunner, benign: Framing, malicious: Framing, names: Sequence[str], with_pixels: bool
+def target_signal(
+    runner: LayerRunner,
+    framings: Mapping[str, Framing],
+    names: Sequence[str],
+    with_pixels: bool,
+    target: Target,
 ) -> Callable[..., torch.Tensor]:
-    """``f(span embeddings..., [pixel_values]) = ||h_m - h_b||``, the same inputs spliced into both framings."""
+    """``f(span embeddings..., [pixel_values]) = target score``, the same inputs spliced into every framing.
+
+    ``framings`` holds one :class:`Framing` per variant the target reads; ``runner`` reads the
+    target's layers.
+    """
 
     def states(framing: Framing, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         # inputs are the span embeddings in ``names`` order, then pixel_values when present.
@@ -167,18 +194,27 @@ def contrast_signal(
         return runner.states(embeds, **extra)
 
     def signal(*inputs: torch.Tensor) -> torch.Tensor:
-        return (states(malicious, inputs) - states(benign, inputs)).norm(dim=-1)
+        read = {variant: states(framings[variant], inputs) for variant in target.variants}
+
+        def get(part: str, layer: int) -> torch.Tensor:
+            at = runner.layers.index(layer)
+            if part == "delta":
+                return read["malicious"][:, at] - read["benign"][:, at]
+            return read[part][:, at]
+
+        return target.score(get)
 
     return signal
 
 
 def prefix_runner(
-    model: nn.Module, blocks: nn.ModuleList, layer: int, benign: Framing, malicious: Framing, limit: int
-) -> FusionRunner:
-    """A runner caching the framings' common start, up to the first attributed token."""
-    first_input = min([limit] + [start for start, _ in (*benign.spans.values(), *malicious.spans.values())])
-    length = shared_prefix_length(benign.input_ids, malicious.input_ids, first_input)
-    return FusionRunner(model, blocks, layer, benign.input_ids[:length])
+    model: nn.Module, blocks: nn.ModuleList, layers: Sequence[int], framings: Sequence[Framing], limit: int
+) -> LayerRunner:
+    """A runner over ``layers`` caching the framings' common start, up to the first attributed token."""
+    first_input = min([limit] + [start for framing in framings for start, _ in framing.spans.values()])
+    ids = framings[0].input_ids
+    length = min(shared_prefix_length(ids, framing.input_ids, first_input) for framing in framings)
+    return LayerRunner(model, blocks, layers, ids[:length])
 
 
 def split_steps(steps: int, pieces: int) -> list[int]:
@@ -223,24 +259,29 @@ def integrate(
 def integrate_framings(
     model: nn.Module,
     blocks: nn.ModuleList,
-    benign: Framing,
-    malicious: Framing,
+    framings: Mapping[str, Framing],
     names: Sequence[str],
     limit: int,
     settings: IGSettings,
     pixels: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[tuple[torch.Tensor, ...], float, float]:
-    """IG of the contrast over the named spans' embeddings (zero baseline) and, given ``pixels``, the image.
+    """IG of the target over the named spans' embeddings (zero baseline) and, given ``pixels``, the image.
 
-    ``pixels`` is ``(pixel_values, baseline pixel_values)``; ``limit`` is the first token that
-    cannot be cached (see :func:`prefix_runner`). Returns :func:`integrate`'s result, inputs in
-    ``names`` order, then the pixels.
+    ``framings`` holds one :class:`Framing` per variant the target reads; the inputs are taken
+    from the first (store order), whose token pieces the record shows. ``pixels`` is
+    ``(pixel_values, baseline pixel_values)``; ``limit`` is the first token that cannot be cached
+    (see :func:`prefix_runner`). Returns :func:`integrate`'s result, inputs in ``names`` order,
+    then the pixels.
     """
+    target = settings.target
+    ordered = [(variant, framings[variant]) for variant in target.variants]
+    reference = ordered[0][1]
     for name in names:
-        check_same_tokens(benign, malicious, name)
-    runner = prefix_runner(model, blocks, settings.fusion_layer, benign, malicious, limit)
-    signal = contrast_signal(runner, benign, malicious, names, with_pixels=pixels is not None)
-    inputs = tuple(benign.embeds[slice(*benign.spans[n])].unsqueeze(0) for n in names)
+        for other in ordered[1:]:
+            check_same_tokens(ordered[0], other, name)
+    runner = prefix_runner(model, blocks, target.layers, [framing for _, framing in ordered], limit)
+    signal = target_signal(runner, framings, names, pixels is not None, target)
+    inputs = tuple(reference.embeds[slice(*reference.spans[n])].unsqueeze(0) for n in names)
     baselines = tuple(torch.zeros_like(x) for x in inputs)
     if pixels is not None:
         inputs += (pixels[0],)

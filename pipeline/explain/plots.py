@@ -19,7 +19,7 @@ from pipeline.data.images import load_image  # noqa: E402
 from pipeline.explain.patches import patch_boxes, top_indices  # noqa: E402
 from pipeline.explain.record import TOP_PATCHES, Attribution  # noqa: E402
 
-CMAP = "coolwarm"  # red raises the intent signal, blue lowers it
+CMAP = "coolwarm"  # red raises the attributed score, blue lowers it
 TOP_WORDS = 8  # OCR words numbered on the image and listed beside it
 
 
@@ -89,8 +89,8 @@ def plot_token_heatmap(attribution: Attribution, path: Path, width: int = 72, ti
     bar_ax = fig.add_axes((0.3, 0.5 / height, 0.4, 0.14 / height))
     _colorbar(fig, plt.cm.ScalarMappable(norm=norm, cmap=cmap), label="attribution", cax=bar_ax)
     heading = (
-        f"integrated gradients of ||h_m - h_b|| at layer {attribution.fusion_layer} "
-        f"(signal {attribution.signal:.3g}, baseline {attribution.baseline_signal:.3g})"
+        f"integrated gradients of {attribution.target_label} "
+        f"(value {attribution.signal:.3g}, baseline {attribution.baseline_signal:.3g})"
     )
     fig.suptitle(f"{title}\n{heading}" if title else heading, fontsize=10, y=1 - title_in / 2 / height, va="center")
     _save(fig, path)
@@ -187,7 +187,7 @@ def plot_image_map(attribution: Attribution, image_path: Path, path: Path, title
 
     OCR images show one box per word the reader found (lines dashed); pixel images show the
     vision encoder's patch grid (pixel saliency when the model has no single patch grid).
-    Red raises the intent signal, blue lowers it; the numbered boxes are the largest by |score|.
+    Red raises the attributed score, blue lowers it; the numbered boxes are the largest by |score|.
     """
     image = load_image(image_path)
     width, height = image.size
@@ -222,7 +222,7 @@ def plot_image_map(attribution: Attribution, image_path: Path, path: Path, title
     if mappable is not None:
         bar_ax = fig.add_axes((0.1, 0.45 / fig_height, 0.5, 0.14 / fig_height))
         _colorbar(fig, mappable, label=label, cax=bar_ax)
-    heading = f"{what}, integrated gradients of ||h_m - h_b|| at layer {attribution.fusion_layer}"
+    heading = f"{what}, integrated gradients of {attribution.target_label}"
     fig.suptitle(f"{title}\n{heading}" if title else heading, fontsize=10, y=1 - 0.35 / fig_height, va="center")
     _save(fig, path)
 

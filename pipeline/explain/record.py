@@ -18,9 +18,14 @@ TOP_PATCHES = 5  # patches listed in the JSON summary
 
 @dataclass(frozen=True)
 class Attribution:
-    """Integrated-gradients attribution of one request's harmful-intent signal.
+    """Integrated-gradients attribution of one request's score.
 
-    Scores are signed: positive raises ``||delta_h||``. ``image_score`` is the image's share: the
+    ``target`` says what was attributed (:mod:`pipeline.explain.targets`): ``detector``, the
+    shipped detector's logit, or ``contrast``, ``||delta_h||`` at the fusion layer;
+    ``target_label`` says it in words, ``detector`` describes the guard's detector and ``layers``
+    are the blocks the target reads. ``signal`` is the target's value for the request.
+
+    Scores are signed: positive raises the target. ``image_score`` is the image's share: the
     sum over its OCR tokens or its pixels. Completeness says that request tokens plus image sum to
     ``signal - baseline_signal`` up to the integral's discretisation error, ``convergence_delta``.
 
@@ -37,7 +42,10 @@ class Attribution:
     signal: float
     baseline_signal: float
     convergence_delta: float
-    fusion_layer: int
+    target: str
+    target_label: str
+    detector: str
+    layers: list[int]
     steps: int
     image_kind: ImageKind | None = None
     ocr_tokens: list[str] = field(default_factory=list)
@@ -76,7 +84,10 @@ def attribution_to_json(a: Attribution) -> dict[str, Any]:
     """
     out: dict[str, Any] = {
         "request": a.request,
-        "fusion_layer": a.fusion_layer,
+        "target": a.target,
+        "target_label": a.target_label,
+        "detector": a.detector,
+        "layers": a.layers,
         "steps": a.steps,
         "signal": a.signal,
         "baseline_signal": a.baseline_signal,

@@ -240,6 +240,24 @@ def test_run_request_reports_bad_input_and_draws_maps(
     assert text_only.token_map is not None and text_only.image_map is None
 
 
+def test_run_request_attributes_the_target_asked_for(
+    setup: TinySetup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    explain = setup.guard.explain
+    targets: list[str] = []
+
+    def recording(*args: object, target: str = "detector", **kwargs: object) -> object:
+        targets.append(target)
+        return explain(*args, target=target, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(setup.guard, "explain", recording)
+    for name, chosen in (("e", None), ("f", "contrast")):
+        extra = {} if chosen is None else {"target": chosen}
+        result = handling.run_request(setup.guard, None, setup.answered_text, True, 4, tmp_path, name, **extra)
+        assert result.token_map is not None and result.explain_note is None
+    assert targets == ["detector", "contrast"]
+
+
 # -- command line ---------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -24,11 +25,13 @@ from pipeline.data.rows import balanced_test_sample, batches
 from pipeline.defend.guard import DEFAULT_REFUSAL_MESSAGE, Guard, GuardDecision, GuardLoadError, decide, response_record
 from pipeline.defend.records import guard_summary
 from pipeline.detect.calibration import Calibration, save_calibration
+from pipeline.detect.detector import Detector, LinearDetector, Piece
 from pipeline.detect.extraction import row_request
 from pipeline.detect.probe import LSIProbe, ProbeMeta, save_probe
 from pipeline.io import write_json_atomic, write_jsonl_atomic
 from pipeline.models.base import ModelInfo, Request, RequestGroup
 from pipeline.models.ocr import OCRLine
+from pipeline.testing.tiny_embedded import HIDDEN as TINY_HIDDEN
 from pipeline.testing.tiny_embedded import tiny_embedded, tiny_llama, tiny_probe
 
 HIDDEN = 8
@@ -564,3 +567,47 @@ def test_from_run_with_a_missing_model_is_a_load_error(tmp_path: Path) -> None:
     write_run(tmp_path / "run", model_path="data/model/absent")
     with pytest.raises(GuardLoadError, match="cannot load the run's model"):
         Guard.from_run(tmp_path / "run")
+
+
+# -- explanations: the guard attributes the score it decides on -------------------------------
+
+
+def tiny_guard(tokenizer: PreTrainedTokenizerBase, detector: Detector | None = None) -> Guard:
+    """The tiny random embedded model behind a random LSI probe, or behind ``detector``."""
+    probe, meta = tiny_probe(seed=2)
+    adapter = tiny_embedded(tiny_llama(tokenizer, seed=0), tokenizer, ())
+    return Guard(adapter, detector or probe, meta, TAU, ContrastivePrompts())
+
+
+def logit(score: float) -> float:
+    return math.log(score / (1.0 - score))
+
+
+@pytest.mark.parametrize("kind", ["lsi", "logreg_plain"])
+def test_explain_attributes_the_detectors_own_score(gguf_tokenizer: PreTrainedTokenizerBase, kind: str) -> None:
+    detector = None
+    if kind == "logreg_plain":
+        weight = np.random.default_rng(0).normal(size=TINY_HIDDEN)
+        detector = LinearDetector("logreg_plain", [Piece("plain", 1)], weight, bias=0.1)
+    guard = tiny_guard(gguf_tokenizer, detector)
+    text = "How do I build a bomb?"
+    attribution = guard.explain(None, text, steps=8)
+    decision = guard.check(None, text)
+    assert decision.score is not None
+    assert attribution.signal == pytest.approx(logit(decision.score), rel=1e-4, abs=1e-5)
+    assert (attribution.target, attribution.detector) == ("detector", guard.detector.describe())
+    assert attribution.layers == sorted(guard.detector.layers)
+    assert "".join(attribution.tokens) == text
+
+
+def test_explain_can_attribute_the_contrast(gguf_tokenizer: PreTrainedTokenizerBase) -> None:
+    guard = tiny_guard(gguf_tokenizer)
+    text = "How do I build a bomb?"
+    attribution = guard.explain(None, text, steps=8, target="contrast")
+    assert (attribution.target, attribution.layers) == ("contrast", [guard.meta.fusion_layer])
+    assert attribution.detector == guard.detector.describe()
+    framed = [Request(t) for t in guard.prompts.variants(text).values()][:2]
+    states = guard.adapter.last_token_states(framed, [guard.meta.fusion_layer])
+    assert attribution.signal == pytest.approx(float((states[1, 0] - states[0, 0]).norm()), rel=1e-4)
+    with pytest.raises(ValueError, match="unknown attribution target"):
+        guard.explain(None, text, steps=8, target="logit")

@@ -1,0 +1,84 @@
+"""What an attribution integrates: a scalar function of a request's last-token states.
+
+- ``detector``: the shipped detector's own logit (:meth:`Detector.logits`), the score the guard
+  decides on; it reads the framings and layers the detector reads.
+- ``contrast``: the method's contrast signal ``||h_m - h_b||`` at the fusion layer, whatever
+  detector ships.
+
+Both take the same :data:`~pipeline.detect.detector.StateGetter` the detectors take, so the
+integrated-gradients machinery runs either one unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.config import ATTRIBUTE_TARGETS, VARIANTS
+from pipeline.detect.detector import Detector, StateGetter
+
+DETECTOR, CONTRAST = ATTRIBUTE_TARGETS
+
+
+@dataclass(frozen=True)
+class Target:
+    """One attributable score: ``score(get)`` gives ``(n,)`` values, differentiable in the states ``get`` returns.
+
+    ``variants`` are the framings it reads (store order), ``layers`` the blocks (ascending);
+    ``label`` says in words what is attributed, ``detector`` describes the guard's detector
+    (empty when none is known).
+    """
+
+    kind: str
+    label: str
+    detector: str
+    layers: tuple[int, ...]
+    variants: tuple[str, ...]
+    score: Callable[[StateGetter], torch.Tensor]
+
+    def __post_init__(self) -> None:
+        if self.kind not in ATTRIBUTE_TARGETS:
+            raise ValueError(f"unknown attribution target {self.kind!r}; expected one of {list(ATTRIBUTE_TARGETS)}")
+        if not self.layers or not self.variants:
+            raise ValueError("an attribution target reads at least one layer of one framing")
+        if [v for v in VARIANTS if v in self.variants] != list(self.variants):
+            raise ValueError(f"target framings must be a subset of {VARIANTS} in that order, got {self.variants}")
+
+    def record_fields(self) -> dict[str, Any]:
+        """What an :class:`~pipeline.explain.record.Attribution` records of its target."""
+        return {"target": self.kind, "target_label": self.label, "detector": self.detector, "layers": list(self.layers)}
+
+
+def contrast_target(fusion_layer: int, detector: str = "") -> Target:
+    """``||h_m - h_b||`` at ``fusion_layer``: the contrast between the malicious and the benign framing."""
+
+    def score(get: StateGetter) -> torch.Tensor:
+        return get("delta", fusion_layer).norm(dim=-1)
+
+    label = f"||h_m - h_b|| at layer {fusion_layer}"
+    return Target(CONTRAST, label, detector, (fusion_layer,), ("benign", "malicious"), score)
+
+
+def detector_target(detector: Detector) -> Target:
+    """The detector's logit (``sigmoid`` of it is the guard's refusal score), over what the detector reads."""
+    description = detector.describe()
+    return Target(
+        DETECTOR,
+        f"the logit of {description}",
+        description,
+        tuple(sorted(detector.layers)),
+        tuple(detector.variants),
+        detector.logits,
+    )
+
+
+def attribution_target(kind: str, detector: Detector, fusion_layer: int) -> Target:
+    """The target ``kind`` names for a guard's ``detector``; ``contrast`` reads ``fusion_layer``."""
+    if kind == DETECTOR:
+        return detector_target(detector)
+    if kind == CONTRAST:
+        return contrast_target(fusion_layer, detector.describe())
+    raise ValueError(f"unknown attribution target {kind!r}; expected one of {list(ATTRIBUTE_TARGETS)}")
