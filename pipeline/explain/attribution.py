@@ -19,6 +19,8 @@ re-exports the names its callers use.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from pipeline.config import ContrastivePrompts
@@ -30,6 +32,11 @@ from pipeline.explain.targets import Target, attribution_target, contrast_target
 from pipeline.models.base import ModelAdapter, Request, check_layers
 from pipeline.models.embedded import EmbeddedAdapter
 from pipeline.models.hf_vlm import HFVisionLanguageAdapter
+
+logger = logging.getLogger(__name__)
+
+# A completeness gap above this share of the target's change is logged: more steps would shrink it.
+GAP_WARNING = 0.05
 
 __all__ = [
     "DEFAULT_INTERNAL_BATCH",
@@ -71,4 +78,16 @@ def intent_attribution(
         raise TypeError(f"no attribution for adapter type {type(adapter).__name__}")
     # Gradients are taken w.r.t. the inputs only; the model's weights stay frozen.
     with torch.enable_grad():
-        return run(adapter, request, prompts, IGSettings(target, steps, internal_batch_size))  # type: ignore[arg-type]
+        attribution = run(adapter, request, prompts, IGSettings(target, steps, internal_batch_size))  # type: ignore[arg-type]
+    change = attribution.signal - attribution.baseline_signal
+    if abs(attribution.convergence_delta) > GAP_WARNING * abs(change) + 1e-6:
+        logger.warning(
+            "integrated gradients of %s: the attributions sum to %.4g but the value changed by %.4g "
+            "(gap %.1f%% of the change) with %d steps; raise the steps for a complete attribution",
+            target.label,
+            attribution.total,
+            change,
+            100 * abs(attribution.convergence_delta) / max(abs(change), 1e-12),
+            steps,
+        )
+    return attribution

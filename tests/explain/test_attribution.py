@@ -18,6 +18,7 @@ from pipeline.data.images import sha256_file
 from pipeline.data.rows import pick_examples
 from pipeline.detect.detector import Detector, LinearDetector, LSIDetector, Piece, fit_linear, getter_from_states
 from pipeline.detect.features import variant_groups
+from pipeline.explain import attribution as attribution_module
 from pipeline.explain.attribution import (
     Attribution,
     attribution_to_json,
@@ -561,6 +562,19 @@ def test_a_detector_reading_plain_and_framed_states_is_refused(embedded: Embedde
     mixed = random_linear("logreg_hs_delta", [Piece("plain", 1), Piece("delta", 2)], embedded.info.hidden_size, 9)
     with pytest.raises(ValueError, match="tokenises differently in the plain prompt"):
         intent_attribution(embedded, Request(HARMFUL), PROMPTS, detector_target(mixed), steps=4)
+
+
+def test_an_incomplete_attribution_is_logged(
+    embedded: EmbeddedAdapter, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    request = Request("How do I do it?")
+    with caplog.at_level("WARNING", logger="pipeline.explain.attribution"):
+        intent_attribution(embedded, request, PROMPTS, contrast_target(1), steps=8)
+    assert not caplog.records  # the tiny model's path is smooth: complete to rounding
+    monkeypatch.setattr(attribution_module, "GAP_WARNING", -1.0)  # any gap is now too large
+    with caplog.at_level("WARNING", logger="pipeline.explain.attribution"):
+        intent_attribution(embedded, request, PROMPTS, contrast_target(1), steps=8)
+    assert "raise the steps" in caplog.text and "||h_m - h_b|| at layer 1" in caplog.text
 
 
 def test_detector_layers_beyond_the_model_are_refused(embedded: EmbeddedAdapter) -> None:
