@@ -1,9 +1,10 @@
 """Write data/public/ from the refusal_direction processed instruction files (a maintainer's tool).
 
 The default run trains on public harmful instructions and benign Alpaca instructions. This script
-copies the permissively licensed harmful sets whole and every single-line Alpaca question and a seeded sample of the other Alpaca instructions into
-``data/public/``, with ``provenance.json`` naming each file's upstream, licence and the sha256 of
-the file it was taken from. Run it from the project root::
+copies the permissively licensed harmful sets whole, and every single-line Alpaca question plus a
+seeded sample of the other single-line Alpaca instructions, into ``data/public/``, with
+``provenance.json`` naming each file's upstream, licence and the sha256 of the file it was taken
+from. Run it from the project root::
 
     python scripts/vendor_public.py ../shared/benchmarks/instructions
 
@@ -51,9 +52,16 @@ def main(folder: Path) -> None:
         records = json.loads((folder / name).read_text(encoding="utf-8"))
         write(OUT / "harmful" / name, records)
         provenance.append(
-            {"file": f"harmful/{name}", "label": "harmful", "project": project, "upstream": repo, "license": licence,
-             "taken_from": {**ORIGIN, "path": f"{ORIGIN['folder']}/{name}", "sha256": sha256(folder / name)},
-             "records": len(records), "selection": "all records"}
+            {
+                "file": f"harmful/{name}",
+                "label": "harmful",
+                "project": project,
+                "upstream": repo,
+                "license": licence,
+                "taken_from": {**ORIGIN, "path": f"{ORIGIN['folder']}/{name}", "sha256": sha256(folder / name)},
+                "records": len(records),
+                "selection": "all records",
+            }
         )
     name, (project, repo, licence) = BENIGN
     records = json.loads((folder / name).read_text(encoding="utf-8"))
@@ -66,13 +74,19 @@ def main(folder: Path) -> None:
     sample = [single[i] for i in sorted(questions + [others[j] for j in drawn.tolist()])]
     write(OUT / "benign" / "alpaca.json", sample)
     provenance.append(
-        {"file": "benign/alpaca.json", "label": "benign", "project": project, "upstream": repo, "license": licence,
-         "taken_from": {**ORIGIN, "path": f"{ORIGIN['folder']}/{name}", "sha256": sha256(folder / name)},
-         "records": len(sample),
-         "selection": (
-             f"all {len(questions)} single-line questions and {ALPACA_SAMPLE} of the other {len(others)} "
-             f"single-line instructions (numpy default_rng({SEED}).choice), in upstream order"
-         )}
+        {
+            "file": "benign/alpaca.json",
+            "label": "benign",
+            "project": project,
+            "upstream": repo,
+            "license": licence,
+            "taken_from": {**ORIGIN, "path": f"{ORIGIN['folder']}/{name}", "sha256": sha256(folder / name)},
+            "records": len(sample),
+            "selection": (
+                f"all {len(questions)} single-line questions and {ALPACA_SAMPLE} of the other {len(others)} "
+                f"single-line instructions (numpy default_rng({SEED}).choice), in upstream order"
+            ),
+        }
     )
     (OUT / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {len(provenance)} files under {OUT}")
