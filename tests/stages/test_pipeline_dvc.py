@@ -95,6 +95,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_llava_folder: Path) -> P
     expected = {"build", "prepare", "extract", "sweep", "train", "calibrate", "evaluate", "guard", "ecso", "attribute"}
     expected |= {"compare", "report", "sanity"}
     assert expected <= stages_run(output)
+    assert "tau from held-out-source" in output  # calibrate.held_out is on by default
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "results"], root)
     return root
@@ -239,12 +240,12 @@ def test_experiment_with_a_new_learning_rate_reruns_only_the_probe_stages(repo: 
 def test_probe_parameter_change_skips_extraction(repo: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["lr"] = 0.002
-    params["calibrate"]["held_out"] = True
+    params["calibrate"]["held_out"] = False  # the default run chose tau on held-out scores; now in-source
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     output = run(["dvc", "repro"], repo)
     ran = stages_run(output)
     assert "train" in ran and "calibrate" in ran and "evaluate" in ran
-    assert "tau from held-out-source lsi scores" in output or "tau from held-out-source logreg" in output
+    assert "tau from held-out-source" not in output
     assert not ran & {"convert_model", "build", "prepare", "extract", "ecso"}
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "lr"], repo)
