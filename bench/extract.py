@@ -70,6 +70,21 @@ ROLE_PLAY = (
 )
 
 
+def run_header(adapter: object, args: argparse.Namespace, requests: int, layers: Sequence[int]) -> dict[str, object]:
+    """What every result of this benchmark records about the model and the run."""
+    info = adapter.info  # type: ignore[attr-defined]
+    return {
+        "model": info.name,
+        "device": args.device,
+        "dtype": info.dtype,
+        "requests": requests,
+        "layers": list(layers),
+        "num_layers": info.num_layers,
+        "batch_size": args.batch_size,
+        "rounds": args.rounds,
+    }
+
+
 def naive_states(
     model: ForwardModel,
     requests: Sequence[Request],
@@ -252,14 +267,7 @@ def compare_positions(args: argparse.Namespace, params: object, adapter: object,
     info = adapter.info  # type: ignore[attr-defined]
     rate = {p: len(requests) / seconds[p] for p in prompts}
     result = {
-        "model": info.name,
-        "device": args.device,
-        "dtype": info.dtype,
-        "requests": len(requests),
-        "layers": layers,
-        "num_layers": info.num_layers,
-        "batch_size": args.batch_size,
-        "rounds": args.rounds,
+        **run_header(adapter, args, len(requests), layers),
         "templates": {"benign": base.benign, "malicious": base.malicious},
         "seconds": seconds,
         "requests_per_s": rate,
@@ -368,14 +376,7 @@ def main() -> None:
     max_rel = float(np.abs(framed - naive).max() / np.abs(naive).max())
     info = adapter.info  # type: ignore[attr-defined]
     result = {
-        "model": info.name,
-        "device": args.device,
-        "dtype": info.dtype,
-        "requests": len(requests),
-        "layers": layers,
-        "num_layers": info.num_layers,
-        "batch_size": args.batch_size,
-        "rounds": args.rounds,
+        **run_header(adapter, args, len(requests), layers),
         "naive_seconds": naive_s,
         "naive_without_head_seconds": naive_base_s,
         "fast_seconds": fast_s,

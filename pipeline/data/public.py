@@ -98,12 +98,7 @@ def read_public(folder: str | Path) -> list[Instruction]:
     """
     root = Path(folder)
     listing = root / PROVENANCE_FILE
-    try:
-        entries = json.loads(listing.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BuildError(f"{listing}: no such file; build.public must name a folder like data/public") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BuildError(f"{listing}: cannot read ({exc})") from None
+    entries = _read_json(listing, "no such file; build.public must name a folder like data/public")
     if not isinstance(entries, list) or not entries:
         raise BuildError(f"{listing}: expected a non-empty JSON list of files")
     instructions: list[Instruction] = []
@@ -114,14 +109,19 @@ def read_public(folder: str | Path) -> list[Instruction]:
     return instructions
 
 
-def _read_file(path: Path, label: str) -> list[Instruction]:
-    """One vendored file's records as instructions."""
+def _read_json(path: Path, missing: str) -> Any:
+    """A JSON file's content; a missing or unreadable file is a :class:`BuildError` naming it."""
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise BuildError(f"{path}: listed in {PROVENANCE_FILE} but missing") from None
+        raise BuildError(f"{path}: {missing}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BuildError(f"{path}: cannot read ({exc})") from None
+
+
+def _read_file(path: Path, label: str) -> list[Instruction]:
+    """One vendored file's records as instructions."""
+    records = _read_json(path, f"listed in {PROVENANCE_FILE} but missing")
     if not isinstance(records, list):
         raise BuildError(f"{path}: expected a JSON list of records")
     stem = path.stem

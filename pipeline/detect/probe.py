@@ -254,13 +254,18 @@ def save_probe(probe: LSIProbe, meta: ProbeMeta, folder: Path) -> None:
     (folder / META_FILE).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True))
 
 
+def read_meta(folder: Path) -> ProbeMeta:
+    """The metadata of the detector saved in ``folder``; either file missing is a clear error."""
+    for path in (folder / WEIGHTS_FILE, folder / META_FILE):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file; run the 'train' stage first (dvc repro train)")
+    return ProbeMeta(**json.loads((folder / META_FILE).read_text()))
+
+
 def load_probe(folder: Path) -> tuple[LSIProbe, ProbeMeta]:
     """Load a probe written by :func:`save_probe`; a missing or mismatched file is a clear error."""
     weights, meta_path = folder / WEIGHTS_FILE, folder / META_FILE
-    for path in (weights, meta_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file; run the 'train' stage first (dvc repro train)")
-    meta = ProbeMeta(**json.loads(meta_path.read_text()))
+    meta = read_meta(folder)
     probe = LSIProbe(meta.hidden_size, alpha=meta.alpha)
     state = load_file(str(weights))
     try:

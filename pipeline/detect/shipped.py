@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.detect.detector import LSI, Detector, LinearDetector, LSIDetector, Piece
-from pipeline.detect.probe import META_FILE, WEIGHTS_FILE, ProbeMeta, load_probe, save_probe
+from pipeline.detect.probe import META_FILE, WEIGHTS_FILE, ProbeMeta, load_probe, read_meta, save_probe
 
 
 def save_detector(detector: Detector, meta: ProbeMeta, folder: Path) -> None:
@@ -36,10 +36,7 @@ def save_detector(detector: Detector, meta: ProbeMeta, folder: Path) -> None:
 def load_detector(folder: Path) -> tuple[Detector, ProbeMeta]:
     """The detector :func:`save_detector` wrote, with its metadata; missing or mismatched files are clear errors."""
     weights, meta_path = folder / WEIGHTS_FILE, folder / META_FILE
-    for path in (weights, meta_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file; run the 'train' stage first (dvc repro train)")
-    meta = ProbeMeta(**json.loads(meta_path.read_text()))
+    meta = read_meta(folder)
     if meta.detector == LSI:
         probe, meta = load_probe(folder)
         return LSIDetector(probe, meta.fusion_layer, meta.safety_layer), meta
