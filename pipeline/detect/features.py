@@ -83,23 +83,6 @@ def features_from_states(
     )
 
 
-def lsi_features(
-    adapter: ModelAdapter,
-    requests: Sequence[Request],
-    prompts: ContrastivePrompts,
-    fusion_layer: int,
-    safety_layer: int,
-) -> LSIFeatures:
-    """Compute LSI features live (for the guard), stopping the forward at the deeper of the two layers.
-
-    The plain variant is not needed here, so only the two framed prompts are run.
-    """
-    layers = sorted({fusion_layer, safety_layer})
-    groups = variant_groups(requests, prompts, variants=("benign", "malicious"))
-    states = adapter.group_states(groups, layers).numpy()
-    return features_from_states(states, layers, fusion_layer, safety_layer)
-
-
 def aligned_features(store: ActivationStore, row_ids: np.ndarray, fusion_layer: int, safety_layer: int) -> LSIFeatures:
     """LSI features for ``row_ids`` (in that order) read lazily from a store.
 

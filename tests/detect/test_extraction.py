@@ -28,8 +28,8 @@ from pipeline.detect.extraction import ExtractionError, extract_to_store, reques
 from pipeline.detect.features import (
     aligned_features,
     features_from_states,
-    lsi_features,
     states_for_requests,
+    variant_groups,
 )
 from pipeline.detect.store import ActivationStore, Provenance, StoreError
 from pipeline.models.base import ModelAdapter, Request
@@ -109,7 +109,9 @@ def test_live_features_match_stored(adapter: HFVisionLanguageAdapter, index: pl.
     requests = [
         Request(t, Path(p) if p else None) for t, p in zip(index["text"][:4], index["image_path"][:4], strict=True)
     ]
-    live = lsi_features(adapter, requests, prompts, fusion_layer=3, safety_layer=1)
+    # The guard's live path: only the two framings LSI reads, stopped at its deeper layer.
+    framed = variant_groups(requests, prompts, variants=("benign", "malicious"))
+    live = features_from_states(adapter.group_states(framed, [1, 3]).numpy(), [1, 3], 3, 1)
     stored = aligned_features(store, index["row_id"].to_numpy()[:4], 3, 1)
     np.testing.assert_allclose(live.h_s, stored.h_s, atol=2e-3, rtol=2e-3)
     np.testing.assert_allclose(live.delta_h, stored.delta_h, atol=4e-3, rtol=4e-3)
