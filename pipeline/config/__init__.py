@@ -10,6 +10,7 @@ from pipeline.config.compare import COMPARE_DEFENCES, JUDGE_KINDS, BenchmarkSpec
 from pipeline.config.loading import Params, load_params, params_from_dict
 from pipeline.config.sections import (
     ATTRIBUTE_TARGETS,
+    DEFAULT_LIMITS,
     GREEDY,
     GUARD_POLICIES,
     LABELS,
@@ -26,6 +27,7 @@ from pipeline.config.sections import (
     EvaluateConfig,
     ExtractConfig,
     GuardConfig,
+    LimitsConfig,
     ModelConfig,
     PrepareConfig,
     TrainConfig,
@@ -33,6 +35,7 @@ from pipeline.config.sections import (
 
 __all__ = [
     "ATTRIBUTE_TARGETS",
+    "DEFAULT_LIMITS",
     "COMPARE_DEFENCES",
     "GREEDY",
     "GUARD_POLICIES",
@@ -55,6 +58,7 @@ __all__ = [
     "ExtractConfig",
     "GuardConfig",
     "JudgeConfig",
+    "LimitsConfig",
     "ModelConfig",
     "Params",
     "PrepareConfig",

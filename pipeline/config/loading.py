@@ -23,6 +23,7 @@ from pipeline.config.sections import (
     EvaluateConfig,
     ExtractConfig,
     GuardConfig,
+    LimitsConfig,
     ModelConfig,
     PrepareConfig,
     TrainConfig,
@@ -45,6 +46,7 @@ class Params:
     ecso: ECSOConfig = field(default_factory=ECSOConfig)
     attribute: AttributeConfig = field(default_factory=AttributeConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self) -> None:
         for key, layer in (("fusion_layer", self.train.fusion_layer), ("safety_layer", self.train.safety_layer)):
@@ -73,6 +75,7 @@ SECTIONS: dict[str, type] = {
     "ecso": ECSOConfig,
     "attribute": AttributeConfig,
     "compare": CompareConfig,
+    "limits": LimitsConfig,
 }
 
 

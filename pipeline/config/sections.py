@@ -369,6 +369,32 @@ class ECSOConfig:
             text(f"ecso.{key}", getattr(self, key))
 
 
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds on what one request may cost, the same in prepare, the CLI, the Python API and the demo.
+
+    ``max_request_chars``: the request's text (and a typography request's text), checked before any
+    work. ``max_request_tokens``: the user turn as the model reads it (request, framing, text found in
+    an image), checked when it is tokenised; longer requests are refused, never truncated.
+    ``max_image_pixels``: width x height of an image, read from its header before decoding, and of a
+    rendered typography image. ``request_timeout_s``: how long the demo works on one request.
+    """
+
+    max_request_chars: int = 32_768
+    max_request_tokens: int = 2048
+    max_image_pixels: int = 40_000_000
+    request_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        whole("limits.max_request_chars", self.max_request_chars, 1)
+        whole("limits.max_request_tokens", self.max_request_tokens, 1)
+        whole("limits.max_image_pixels", self.max_image_pixels, 1)
+        positive("limits.request_timeout_s", self.request_timeout_s)
+
+
+DEFAULT_LIMITS = LimitsConfig()
+
+
 ATTRIBUTE_TARGETS: tuple[str, ...] = ("detector", "contrast")
 
 
