@@ -40,7 +40,7 @@ def main() -> None:
     rows = pick_examples(read_index(INDEX), params.attribute.examples).to_dicts()
     detector, meta = load_detector(PROBE_DIR)
     target = attribution_target(params.attribute.target, detector, meta.fusion_layer)
-    adapter = load_adapter(params.model)
+    adapter = load_adapter(params.model, params.limits.max_request_tokens)
 
     records: list[dict[str, Any]] = []
     for row in tqdm(rows, desc="attribute", unit="req"):

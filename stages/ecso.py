@@ -33,7 +33,7 @@ def main() -> None:
     """Sample, run ECSO, write."""
     params = load_params(PARAMS)
     sample = balanced_test_sample(read_index(INDEX), params.ecso.sample_size, params.ecso.seed)
-    ecso = ECSO(load_adapter(params.model), params.ecso)
+    ecso = ECSO(load_adapter(params.model, params.limits.max_request_tokens), params.ecso)
 
     rows = sample.to_dicts()
     records: list[dict[str, Any]] = []

@@ -20,7 +20,7 @@ def main() -> None:
     params = load_params()
     index = read_index(INDEX)
     recover_swap(STORE)
-    adapter = load_adapter(params.model)
+    adapter = load_adapter(params.model, params.limits.max_request_tokens)
     # An earlier good store is only replaced by a finished one, and a killed run never leaves a
     # store that looks finished under the final name.
     partial = partial_path(STORE)

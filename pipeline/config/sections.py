@@ -299,6 +299,9 @@ GUARD_POLICIES: tuple[str, ...] = ("lsi", "ecso", "lsi_then_ecso")
 GUARD_DETECTORS: tuple[str, ...] = ("lsi", "best")
 
 
+GUARD_VIEWS: tuple[str, ...] = ("whole", "turns", "ends")  # see pipeline/defend/views.py
+
+
 @dataclass(frozen=True)
 class GuardConfig:
     """How the guard decides and answers; the guard stage runs it on a sample of the test split.
@@ -307,7 +310,10 @@ class GuardConfig:
     ``lsi_then_ecso`` (scores within ``ecso_margin`` of tau go through ECSO instead of being
     refused or answered outright). ``on_error``: what a failed check (model error, unreadable
     image) turns into, ``refuse`` or ``answer``; either way it is logged and recorded.
-    ``detector``: what the train stage ships, ``lsi`` (the method's probe) or ``best`` (of LSI and
+    ``views``: what of a request is scored, the highest score deciding: ``whole`` (the request),
+    ``turns`` (also each stretch between the model's control strings, so a forged turn cannot
+    dilute the request) or ``ends`` (turns, plus the first and last ``view_words`` words of a longer
+    request). ``detector``: what the train stage ships, ``lsi`` (the method's probe) or ``best`` (of LSI and
     the linear probes on its states, the one with the highest mean held-out-source validation
     AUROC in the sweep stage).
     """
@@ -320,9 +326,13 @@ class GuardConfig:
     ecso_margin: float = 0.1
     on_error: str = "refuse"
     detector: str = "best"
+    views: str = "turns"
+    view_words: int = 48
 
     def __post_init__(self) -> None:
         whole("guard.sample_size", self.sample_size, 1)
+        choice("guard.views", self.views, GUARD_VIEWS)
+        whole("guard.view_words", self.view_words, 1)
         choice("guard.detector", self.detector, GUARD_DETECTORS)
         whole("guard.max_new_tokens", self.max_new_tokens, 1)
         whole("guard.seed", self.seed)

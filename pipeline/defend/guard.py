@@ -31,6 +31,7 @@ import numpy as np
 
 from pipeline.config import ContrastivePrompts, ECSOConfig, GuardConfig, ModelConfig, load_params
 from pipeline.defend.ecso import ECSO, ECSORecord
+from pipeline.defend.views import request_views
 from pipeline.detect.calibration import Calibration, load_calibration
 from pipeline.detect.detector import Detector, LSIDetector
 from pipeline.detect.features import variant_groups
@@ -262,7 +263,7 @@ class Guard:
                 ocr_cache=_run_path(run, params.model.ocr_cache),
             )
             try:
-                adapter = load_adapter(model)
+                adapter = load_adapter(model, params.limits.max_request_tokens)
             except (FileNotFoundError, ModelLoadError) as exc:
                 raise GuardLoadError(f"cannot load the run's model: {exc}") from None
         return cls(adapter, detector, meta, calibration.tau, params.prompts, config, params.ecso, calibration)
@@ -283,6 +284,27 @@ class Guard:
         """
         if not requests:
             return np.zeros(0, dtype=np.float32)
+        views = [self.views(request) for request in requests]
+        flat = [
+            Request(text=text, image=request.image)
+            for request, texts in zip(requests, views, strict=True)
+            for text in texts
+        ]
+        scores = self._view_scores(flat)
+        ends = np.cumsum([len(texts) for texts in views])
+        highest = [scores[end - len(texts) : end].max() for end, texts in zip(ends, views, strict=True)]
+        return np.asarray(highest, dtype=scores.dtype)
+
+    def views(self, request: Request) -> list[str]:
+        """The texts scored for ``request`` under ``guard.views``, the whole request first.
+
+        See :mod:`pipeline.defend.views`.
+        """
+        control_strings = getattr(self.adapter, "added_tokens", ())
+        return request_views(request.text, self.config.views, control_strings, self.config.view_words)
+
+    def _view_scores(self, requests: Sequence[Request]) -> np.ndarray:
+        """The detector's score of each request's text as it is, one batched pass."""
         variants = self.detector.variants
         groups = variant_groups(requests, self.prompts, variants=variants)
         states = self.adapter.group_states(groups, self.layers).numpy()
@@ -410,7 +432,11 @@ class Guard:
                 session = None
             if session is not None:
                 states = session.states(self.layers).numpy()[None]
-                return session, float(self.detector.score_states(states, self.layers, variants)[0])
+                score = float(self.detector.score_states(states, self.layers, variants)[0])
+                extra = [Request(text=text, image=request.image) for text in self.views(request)[1:]]
+                if extra:
+                    score = max(score, float(self._view_scores(extra).max()))
+                return session, score
         return None, float(self.scores([request])[0])
 
     def _answer(self, request: Request, session: PrefixSession | None, tokens: int) -> str:

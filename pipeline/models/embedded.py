@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.config import DEFAULT_LIMITS
 from pipeline.models.base import (
     GREEDY,
     Decoding,
@@ -30,6 +31,15 @@ from pipeline.models.base import (
 from pipeline.models.decoding import generate_kwargs, random_state
 from pipeline.models.forward import grouped_states, single_pass_states
 from pipeline.models.hooks import position_ids_from_mask
+from pipeline.models.literal import (
+    added_token_strings,
+    check_length,
+    contains_added_token,
+    plain_ids,
+    spare_token,
+    splice,
+    split_prompt,
+)
 from pipeline.models.ocr import ImageReader
 from pipeline.models.smollm2_files import find_smollm2_gguf
 
@@ -67,19 +77,36 @@ class EmbeddedAdapter:
     # The OCR text lives in the token sequence itself: there are no image tokens to keep together.
     image_token_ids: frozenset[int] = frozenset()
 
-    def __init__(self, model: torch.nn.Module, tokenizer: object, reader: ImageReader, info: ModelInfo) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: object,
+        reader: ImageReader,
+        info: ModelInfo,
+        max_request_tokens: int | None = DEFAULT_LIMITS.max_request_tokens,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.reader = reader
         self.info = info
         self.blocks = model.model.layers
         self.pad_token_id = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
+        self.max_request_tokens = max_request_tokens
+        self.added_tokens = added_token_strings(tokenizer)
 
     @classmethod
     def from_folder(
-        cls, folder: Path, dtype: str = "auto", device: str = "auto", ocr_cache: Path | None = None
+        cls,
+        folder: Path,
+        dtype: str = "auto",
+        device: str = "auto",
+        ocr_cache: Path | None = None,
+        max_request_tokens: int | None = DEFAULT_LIMITS.max_request_tokens,
     ) -> EmbeddedAdapter:
-        """Load a folder written by :func:`convert_gguf_to_folder`."""
+        """Load a folder written by :func:`convert_gguf_to_folder`.
+
+        User turns longer than ``max_request_tokens`` tokens are refused.
+        """
         folder = Path(folder)
         provenance_path = folder / PROVENANCE_FILE
         if not provenance_path.is_file():
@@ -102,7 +129,7 @@ class EmbeddedAdapter:
             hidden_size=int(model.config.hidden_size),
             dtype=dtype,
         )
-        return cls(model, tokenizer, ImageReader(ocr_cache), info)
+        return cls(model, tokenizer, ImageReader(ocr_cache), info, max_request_tokens)
 
     def user_content(self, request: Request) -> str:
         """The user turn's text: the image's text (if any) first, where an image would sit, then the request."""
@@ -111,19 +138,37 @@ class EmbeddedAdapter:
         found = self.reader.read(Path(request.image)).text or NO_TEXT
         return f"{IMAGE_OPEN}\n{found}\n{IMAGE_CLOSE}\n{request.text}"
 
+    def render(self, content: str) -> str:
+        """The chat-formatted prompt around user content ``content``, ending with the assistant header."""
+        messages = [{"role": "user", "content": content}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     def prompt_text(self, request: Request) -> str:
         """The chat-formatted prompt, ending with the assistant header (the 'last token' is its newline)."""
-        messages = [{"role": "user", "content": self.user_content(request)}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.render(self.user_content(request))
+
+    def prompt_ids(self, request: Request) -> list[int]:
+        """The prompt's token ids, with the user content (request and image text) read as plain text.
+
+        Raises :class:`~pipeline.models.literal.RequestTooLong` when the user content is longer
+        than ``max_request_tokens``.
+        """
+        content = self.user_content(request)
+        content_ids = plain_ids(self.tokenizer, content)
+        check_length(len(content_ids), self.max_request_tokens, "the request (framing and image text included)")
+        if not contains_added_token(content, self.added_tokens):
+            return list(self.tokenizer(self.render(content), add_special_tokens=False)["input_ids"])
+        parts = split_prompt(self.render, content)
+        spare, spare_id = spare_token(self.tokenizer, parts.prefix + parts.suffix, ())
+        ids = self.tokenizer(parts.prefix + spare + parts.suffix, add_special_tokens=False)["input_ids"]
+        return splice(ids, spare_id, plain_ids(self.tokenizer, parts.content))
 
     def encode(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
         """Chat-formatted prompts tokenised as one left-padded batch on the model's device."""
-        prompts = [self.prompt_text(r) for r in requests]
+        rows = [self.prompt_ids(r) for r in requests]
         # Left padding here, not only in from_folder: batched generation continues every row from its
         # last column, which must be each prompt's last real token whoever built the tokenizer.
-        batch = self.tokenizer(
-            prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
-        )
+        batch = self.tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt")
         device = next(self.model.parameters()).device
         return {k: v.to(device) for k, v in batch.items()}
 

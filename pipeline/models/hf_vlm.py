@@ -21,6 +21,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoModelForImageTextToText, BatchFeature, ProcessorMixin
 
+from pipeline.config import DEFAULT_LIMITS
 from pipeline.data.images import load_image
 from pipeline.models.base import (
     GREEDY,
@@ -37,6 +38,15 @@ from pipeline.models.base import (
 from pipeline.models.decoding import generate_kwargs, random_state
 from pipeline.models.forward import grouped_states, single_pass_states
 from pipeline.models.hooks import find_decoder_layers, position_ids_from_mask
+from pipeline.models.literal import (
+    added_token_strings,
+    check_length,
+    contains_added_token,
+    plain_ids,
+    spare_token,
+    splice_batch,
+    split_prompt,
+)
 from pipeline.models.processors import load_processor
 
 # model_type in config.json -> what it is. Only architectures whose chat template, image
@@ -146,6 +156,7 @@ class HFVisionLanguageAdapter:
         processor: ProcessorMixin,
         info: ModelInfo,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        max_request_tokens: int | None = DEFAULT_LIMITS.max_request_tokens,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -166,6 +177,8 @@ class HFVisionLanguageAdapter:
         self.blocks = find_decoder_layers(model, info.num_layers)
         self.image_token_ids = _image_token_ids(model.config)
         self.model_type = str(model.config.model_type)
+        self.max_request_tokens = max_request_tokens
+        self.added_tokens = added_token_strings(tokenizer)
 
     @classmethod
     def from_folder(
@@ -174,8 +187,12 @@ class HFVisionLanguageAdapter:
         dtype: str = "auto",
         device: str = "auto",
         batch_size: int = DEFAULT_BATCH_SIZE,
+        max_request_tokens: int | None = DEFAULT_LIMITS.max_request_tokens,
     ) -> HFVisionLanguageAdapter:
-        """Load model and processor from a local folder, with no network access."""
+        """Load model and processor from a local folder, with no network access.
+
+        Requests whose text is longer than ``max_request_tokens`` tokens are refused.
+        """
         folder = Path(path).expanduser()
         config = read_model_config(folder)
         check_supported(config, folder)
@@ -193,7 +210,7 @@ class HFVisionLanguageAdapter:
             hidden_size=int(text_config.hidden_size),
             dtype=dtype,
         )
-        return cls(model, processor, info, batch_size=batch_size)
+        return cls(model, processor, info, batch_size=batch_size, max_request_tokens=max_request_tokens)
 
     def _messages(self, request: Request) -> list[dict[str, Any]]:
         """One user turn in the content-list form that multimodal chat templates expect."""
@@ -203,18 +220,35 @@ class HFVisionLanguageAdapter:
         content.append({"type": "text", "text": request.text})
         return [{"role": "user", "content": content}]
 
+    def render(self, request: Request, text: str) -> str:
+        """The chat-formatted prompt for ``request`` with ``text`` as its text, before image expansion."""
+        messages = self._messages(Request(text=text, image=request.image))
+        return str(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+
     def prompt_text(self, request: Request) -> str:
         """The chat-formatted prompt for ``request``, generation prompt included, before image expansion."""
-        text = self.processor.apply_chat_template(self._messages(request), add_generation_prompt=True, tokenize=False)
-        return str(text)
+        return self.render(request, request.text)
 
     def encode(self, requests: Sequence[Request]) -> BatchFeature:
         """Tokenise a batch (left-padded) with its images, on the model's device and dtype.
 
         Images go to the processor as one list per prompt (empty for a prompt without an image),
         the one form every supported processor splits correctly; ``None`` when no prompt has one.
+        A request's text is read as plain text: added-token strings in it (``<image>``,
+        ``<|im_end|>``) stay characters (see :mod:`pipeline.models.literal`). Raises
+        :class:`~pipeline.models.literal.RequestTooLong` for a text over ``max_request_tokens``.
         """
-        texts = [self.prompt_text(request) for request in requests]
+        texts: list[str] = []
+        replacements: dict[int, tuple[int, list[int]]] = {}
+        for i, request in enumerate(requests):
+            check_length(len(plain_ids(self.tokenizer, request.text)), self.max_request_tokens, "the request")
+            if not contains_added_token(request.text, self.added_tokens):
+                texts.append(self.prompt_text(request))
+                continue
+            parts = split_prompt(lambda text, request=request: self.render(request, text), request.text)
+            spare, spare_id = spare_token(self.tokenizer, parts.prefix + parts.suffix, self.image_token_ids)
+            texts.append(parts.prefix + spare + parts.suffix)
+            replacements[i] = (spare_id, plain_ids(self.tokenizer, parts.content))
         images: list[list[Image.Image]] = [[load_image(r.image)] if r.image is not None else [] for r in requests]
         batch = self.processor(
             text=texts,
@@ -222,6 +256,8 @@ class HFVisionLanguageAdapter:
             return_tensors="pt",
             padding=True,
         )
+        if replacements:
+            batch = splice_batch(batch, replacements, self.pad_token_id)
         batch = batch.to(self.device)
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
