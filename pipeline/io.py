@@ -46,6 +46,19 @@ def write_json_atomic(path: str | Path, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The records of JSON-lines ``text``: split on ``"\\n"`` only, blank lines kept (numbering stays true).
+
+    Not ``str.splitlines()``: that also splits on U+2028, U+2029 and U+0085, which JSON allows
+    raw inside strings (``jsonl_text`` writes them so), and would cut such a record in two.
+    A ``"\\r"`` before the ``"\\n"`` (a file saved with Windows line ends) is dropped.
+    """
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last record starts no new one
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def jsonl_text(records: Iterable[Mapping[str, Any]]) -> str:
     """One JSON object per line, non-ASCII kept as is."""
     return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)

@@ -2,7 +2,8 @@
 
 The sources are ``params.yaml``'s ``prepare.sources`` followed by the files the ``build`` stage
 listed in ``data/built/sources.json``, when that file exists. Writes
-``data/prepared/index.parquet``, ``images/`` and ``summary.json``.
+``data/prepared/index.parquet``, ``images/`` and ``summary.json``. Texts and images are held to
+``params.yaml``'s ``limits``; a bad source fails the stage before ``data/prepared/`` is touched.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ def describe(index: pl.DataFrame) -> str:
 
 def main() -> None:
     """Build the index from ``params.yaml``'s ``prepare`` section and the built sources, and print a summary."""
-    config = load_params().prepare
-    index = build_index(all_sources(config.sources, read_built_sources(SOURCES_FILE)), INDEX.parent, config)
+    params = load_params()
+    config = params.prepare
+    sources = all_sources(config.sources, read_built_sources(SOURCES_FILE))
+    index = build_index(sources, INDEX.parent, config, params.limits)
     print(describe(index))
     print(f"wrote {INDEX}")
 

@@ -23,7 +23,7 @@ from pipeline.config import Params, load_params
 from pipeline.detect.calibration import load_calibration
 from pipeline.evaluate.plots import plot_defences
 from pipeline.evaluate.report import ReportInputs, SuiteResult, order_summary, render_report
-from pipeline.io import write_text_atomic
+from pipeline.io import jsonl_lines, write_text_atomic
 from pipeline.layout import (
     CALIBRATION,
     EVAL_DIR,
@@ -64,7 +64,7 @@ def load_suite_result(suite: str, figure_dir: Path) -> SuiteResult:
     folder = compare_dir(suite)
     summary = _json(folder / "summary.json")
     rows_path = require(folder / "rows.jsonl", f"python -m stages.compare {suite}")
-    rows = [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in jsonl_lines(rows_path.read_text(encoding="utf-8")) if line.strip()]
     benchmarks = order_summary(summary.pop("benchmarks"))
     figure = figure_dir / f"comparison_{suite}.png"
     plot_defences(benchmarks, figure, f"Defences on the {suite} suite ({summary['judge']} judge)")

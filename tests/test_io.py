@@ -1,12 +1,21 @@
-"""Atomic and durable file writes."""
+"""Atomic and durable file writes, and splitting JSON-lines text into records."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from pipeline.io import is_temp_name, make_dirs_durable, rename_durable, write_bytes_durable
+from pipeline.io import (
+    is_temp_name,
+    jsonl_lines,
+    jsonl_text,
+    make_dirs_durable,
+    rename_durable,
+    write_bytes_durable,
+    write_jsonl_atomic,
+)
 
 
 def test_durable_write_replaces_in_one_step(tmp_path: Path) -> None:
@@ -49,3 +58,19 @@ def test_make_dirs_and_rename(tmp_path: Path) -> None:
     make_dirs_durable(tmp_path / "x" / "y")  # already there: fine
     rename_durable(tmp_path / "x", tmp_path / "z")
     assert (tmp_path / "z" / "y").is_dir() and not (tmp_path / "x").exists()
+
+
+def test_jsonl_records_keep_raw_line_separators_inside_strings(tmp_path: Path) -> None:
+    # U+2028, U+2029 and U+0085 are legal raw in JSON strings; str.splitlines() would cut these records.
+    records = [{"text": "a\u2028b"}, {"text": "c\u2029d"}, {"text": "e\x85f"}, {"text": "plain"}]
+    write_jsonl_atomic(tmp_path / "r.jsonl", records)
+    text = (tmp_path / "r.jsonl").read_text(encoding="utf-8")
+    assert "\u2028" in text and len(text.splitlines()) > len(records)  # the trap this guards against
+    assert [json.loads(line) for line in jsonl_lines(text)] == records
+
+
+def test_jsonl_lines_keep_blank_lines_for_numbering_and_drop_crlf() -> None:
+    assert jsonl_lines('{"a": 1}\r\n\n{"b": 2}\n') == ['{"a": 1}', "", '{"b": 2}']
+    assert jsonl_lines('{"a": 1}') == ['{"a": 1}']
+    assert jsonl_lines("") == []
+    assert jsonl_lines(jsonl_text([{"x": "\n inside"}])) == ['{"x": "\\n inside"}']

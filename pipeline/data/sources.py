@@ -10,10 +10,15 @@ A source is a JSONL file, one request per line::
 Rows that share a ``request_id`` within a source are one request in several forms (plain text,
 typed into an image, ...). They always land in the same split, or a detector would be scored
 on requests it was trained on.
+
+Every row is checked before anything is written: no other keys, valid Unicode, texts within
+``limits.max_request_chars``, images (given or rendered) within ``limits.max_image_pixels``, and
+an image path relative to the source's folder that stays inside it.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import warnings
@@ -27,9 +32,10 @@ import numpy as np
 import polars as pl
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pipeline.config import LABELS, SPLITS, PrepareConfig
+from pipeline.config import DEFAULT_LIMITS, LABELS, SPLITS, LimitsConfig, PrepareConfig
 from pipeline.data.images import (
     ImageError,
+    check_typography,
     load_image,
     png_bytes,
     render_scene,
@@ -37,11 +43,13 @@ from pipeline.data.images import (
     sha256_bytes,
     write_bytes_atomic,
 )
+from pipeline.data.limits import RequestTooLarge, check_request_text
 from pipeline.errors import LSIGuardError
-from pipeline.io import replace_atomic
+from pipeline.io import jsonl_lines, replace_atomic
 
 IMAGE_KINDS: tuple[str, ...] = ("typography", "scene")
 REQUIRED_FIELDS: tuple[str, ...] = ("request_id", "category", "label", "text")
+KNOWN_FIELDS: tuple[str, ...] = (*REQUIRED_FIELDS, "image")
 INDEX_COLUMNS: tuple[str, ...] = (
     "row_id",
     "request_id",
@@ -96,20 +104,47 @@ def _nonempty_str(row: Mapping[str, Any], key: str, where: str) -> str:
     return value.strip()
 
 
-def _parse_image(value: Any, where: str, base_dir: Path) -> dict[str, Any]:
+def _checked_length(text: str, where: str, what: str, limits: LimitsConfig) -> str:
+    """``text`` if it is within ``limits.max_request_chars``; a :class:`DatasetError` naming ``where`` if not."""
+    try:
+        check_request_text(text, limits, what=f"{where}: {what}")
+    except RequestTooLarge as exc:
+        raise DatasetError(str(exc)) from None
+    return text
+
+
+def _image_file(value: str, where: str, base_dir: Path, limits: LimitsConfig) -> Path:
+    """The image file a row names: relative, inside the source's folder, readable and small enough.
+
+    Symlinks are resolved first, so a link pointing out of the folder is refused like ``../``.
+    """
+    if not value.strip():
+        raise DatasetError(f"{where}: field 'image' is an empty path")
+    given = Path(value)
+    if given.is_absolute():
+        raise DatasetError(
+            f"{where}: field 'image' is an absolute path ({value}); give a path relative to the source's folder"
+        )
+    folder = base_dir.resolve()
+    path = (folder / given).resolve()
+    if not path.is_relative_to(folder):
+        raise DatasetError(
+            f"{where}: image {value!r} resolves to {path}, outside the source's folder {folder}; "
+            "images must lie inside the folder of the source file"
+        )
+    try:
+        load_image(path, max_pixels=limits.max_image_pixels)
+    except ImageError as exc:
+        raise DatasetError(f"{where}: {exc}") from None
+    return path
+
+
+def _parse_image(value: Any, where: str, base_dir: Path, limits: LimitsConfig = DEFAULT_LIMITS) -> dict[str, Any]:
     """Validate a row's ``image`` into the image fields of :class:`RequestRecord`."""
     if value is None:
         return {}
     if isinstance(value, str):
-        if not value.strip():
-            raise DatasetError(f"{where}: field 'image' is an empty path")
-        path = Path(value)
-        path = path if path.is_absolute() else base_dir / path
-        try:
-            load_image(path)
-        except ImageError as exc:
-            raise DatasetError(f"{where}: {exc}") from None
-        return {"image_kind": "file", "image_file": path}
+        return {"image_kind": "file", "image_file": _image_file(value, where, base_dir, limits)}
     if not isinstance(value, Mapping):
         raise DatasetError(f"{where}: field 'image' must be null, a file path or an object, got {type(value).__name__}")
     kind = value.get("kind")
@@ -119,18 +154,42 @@ def _parse_image(value: Any, where: str, base_dir: Path) -> dict[str, Any]:
     if set(value) != expected:
         raise DatasetError(f"{where}: a {kind} image takes exactly the keys {sorted(expected)}, got {sorted(value)}")
     if kind == "typography":
-        return {"image_kind": kind, "image_text": _nonempty_str(value, "text", f"{where}: image")}
+        text = _checked_length(_nonempty_str(value, "text", f"{where}: image"), where, "image text", limits)
+        try:
+            # Checked from the wrapped line count, before any pixel is drawn.
+            check_typography(text, max_pixels=limits.max_image_pixels)
+        except ImageError as exc:
+            raise DatasetError(f"{where}: {exc}") from None
+        return {"image_kind": kind, "image_text": text}
     seed = value["seed"]
     # bool is an int subclass; a seed of true is a typo, not a seed.
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise DatasetError(f"{where}: image seed must be a non-negative integer, got {seed!r}")
-    return {"image_kind": kind, "image_seed": seed, "image_text": _nonempty_str(value, "caption", f"{where}: image")}
+    caption = _checked_length(_nonempty_str(value, "caption", f"{where}: image"), where, "image caption", limits)
+    return {"image_kind": kind, "image_seed": seed, "image_text": caption}
 
 
-def parse_request(row: Any, where: str, source: str, line: int, base_dir: Path) -> RequestRecord:
-    """Validate one decoded JSON row; ``where`` prefixes every error message."""
+def _unknown_keys(row: Mapping[str, Any], where: str) -> None:
+    """Refuse keys outside :data:`KNOWN_FIELDS`: a misspelt ``image`` would otherwise drop the image."""
+    unknown = [key for key in row if key not in KNOWN_FIELDS]
+    if not unknown:
+        return
+    hints = [
+        f"{key!r}: did you mean {close[0]!r}?"
+        for key in unknown
+        if (close := difflib.get_close_matches(key, KNOWN_FIELDS, n=1))
+    ]
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    raise DatasetError(f"{where}: unknown key(s) {unknown}{hint}; known keys: {list(KNOWN_FIELDS)}")
+
+
+def parse_request(
+    row: Any, where: str, source: str, line: int, base_dir: Path, limits: LimitsConfig = DEFAULT_LIMITS
+) -> RequestRecord:
+    """Validate one decoded JSON row against the schema and ``limits``; ``where`` prefixes every error message."""
     if not isinstance(row, dict):
         raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    _unknown_keys(row, where)
     missing = [key for key in REQUIRED_FIELDS if key not in row]
     if missing:
         raise DatasetError(f"{where}: missing field(s) {missing}; required: {list(REQUIRED_FIELDS)}")
@@ -143,8 +202,8 @@ def parse_request(row: Any, where: str, source: str, line: int, base_dir: Path) 
         request_id=_nonempty_str(row, "request_id", where),
         category=_nonempty_str(row, "category", where),
         label=label,
-        text=_nonempty_str(row, "text", where),
-        **_parse_image(row.get("image"), where, base_dir),
+        text=_checked_length(_nonempty_str(row, "text", where), where, "field 'text'", limits),
+        **_parse_image(row.get("image"), where, base_dir, limits),
     )
 
 
@@ -160,14 +219,15 @@ def _check_groups(records: Sequence[RequestRecord], path: Path) -> None:
             )
 
 
-def read_requests(path: str | Path) -> list[RequestRecord]:
-    """Read and validate one JSONL request source; errors name the file and line.
+def read_requests(path: str | Path, limits: LimitsConfig = DEFAULT_LIMITS) -> list[RequestRecord]:
+    """Read and validate one JSONL request source against ``limits``; errors name the file and line.
 
-    Blank lines are skipped. A string ``image`` is a path relative to the source's folder.
+    Blank lines are skipped. A string ``image`` is a path relative to the source's folder, and
+    must stay inside it.
     """
     path = Path(path)
     records = [
-        parse_request(row, where, path.stem, number, path.parent)
+        parse_request(row, where, path.stem, number, path.parent, limits)
         for number, where, row in json_lines(path, DatasetError, "request source")
     ]
     if not records:
@@ -179,11 +239,13 @@ def read_requests(path: str | Path) -> list[RequestRecord]:
 def json_lines(path: Path, error: type[Exception], what: str) -> Iterator[tuple[int, str, Any]]:
     """``(line number, "path:line", decoded value)`` for each non-blank line of a JSON-lines file.
 
-    A missing or unreadable file and a line that is not JSON raise ``error`` naming the file (and
-    line); ``what`` names the kind of file in those messages.
+    A missing or unreadable file, a line that is not JSON and a string holding a lone surrogate
+    (an escape such as ``"\\ud800"``, which JSON decoders accept but no UTF-8 writer can store)
+    raise ``error`` naming the file (and line); ``what`` names the kind of file in those messages.
+    A UTF-8 byte order mark is skipped; records are split on ``"\\n"`` only (:func:`jsonl_lines`).
     """
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        lines = jsonl_lines(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise error(f"{path}: no such {what}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -193,9 +255,41 @@ def json_lines(path: Path, error: type[Exception], what: str) -> Iterator[tuple[
             continue
         where = f"{path}:{number}"
         try:
-            yield number, where, json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as exc:
             raise error(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        bad = _lone_surrogate(value, "")
+        if bad is not None:
+            place, char = bad
+            raise error(
+                f"{where}: {place} holds a lone surrogate (\\u{ord(char):04x}), which is not "
+                "valid Unicode text; escape a non-BMP character as a surrogate pair or write it raw"
+            )
+        yield number, where, value
+
+
+def _lone_surrogate(value: Any, place: str) -> tuple[str, str] | None:
+    """``(where, char)`` of the first lone surrogate in a decoded JSON value, or None.
+
+    ``where`` names the field by its key path (``field 'image.text'``), or a key itself.
+    """
+    if isinstance(value, str):
+        found = next((char for char in value if "\ud800" <= char <= "\udfff"), None)
+        return None if found is None else (f"field {place!r}" if place else "the value", found)
+    items: Iterable[tuple[str, Any]] = ()
+    if isinstance(value, dict):
+        for key in value:
+            if _lone_surrogate(key, "") is not None:
+                return f"a key in {place!r}" if place else "a key", next(c for c in key if "\ud800" <= c <= "\udfff")
+        items = ((str(key), item) for key, item in value.items())
+    elif isinstance(value, list):
+        items = ((f"[{i}]", item) for i, item in enumerate(value))
+    for key, item in items:
+        inner = key if not place else (f"{place}{key}" if key.startswith("[") else f"{place}.{key}")
+        bad = _lone_surrogate(item, inner)
+        if bad is not None:
+            return bad
+    return None
 
 
 def _fold_counts(fractions: Sequence[float], n_folds: int) -> list[int]:
@@ -241,11 +335,11 @@ def assign_splits(groups: Sequence[str], strata: Sequence[str], config: PrepareC
     return [split_of_fold[fold] for fold in fold_of]
 
 
-def _image_bytes(record: RequestRecord) -> tuple[bytes, str] | None:
+def _image_bytes(record: RequestRecord, max_pixels: int) -> tuple[bytes, str] | None:
     """The image file's bytes and suffix for a record, rendering specs; ``None`` for text only."""
     if record.image_kind == "typography":
         assert record.image_text is not None
-        return png_bytes(render_typography(record.image_text)), ".png"
+        return png_bytes(render_typography(record.image_text, max_pixels=max_pixels)), ".png"
     if record.image_kind == "scene":
         assert record.image_seed is not None
         return png_bytes(render_scene(record.image_seed)), ".png"
@@ -256,34 +350,54 @@ def _image_bytes(record: RequestRecord) -> tuple[bytes, str] | None:
     return None
 
 
-def materialize_images(records: Sequence[RequestRecord], images_dir: Path) -> list[tuple[str, str] | None]:
-    """Write each record's image to ``images_dir/<sha256><suffix>``; return (path, sha256) or ``None`` per record.
+def render_images(
+    records: Sequence[RequestRecord], max_pixels: int = DEFAULT_LIMITS.max_image_pixels
+) -> list[tuple[bytes, str] | None]:
+    """Each record's image as ``(file bytes, suffix)``, or ``None`` for text only; nothing is written.
+
+    A repeated image is rendered once and shared.
+    """
+    out: list[tuple[bytes, str] | None] = []
+    cache: dict[tuple[Any, ...], tuple[bytes, str] | None] = {}
+    for record in records:
+        key = (record.image_kind, record.image_text, record.image_seed, record.image_file)
+        if key not in cache:
+            cache[key] = _image_bytes(record, max_pixels)
+        out.append(cache[key])
+    return out
+
+
+def write_images(images: Sequence[tuple[bytes, str] | None], images_dir: Path) -> list[tuple[str, str] | None]:
+    """Write each image to ``images_dir/<sha256><suffix>``; return (path, sha256) or ``None`` per entry.
 
     Files are content-addressed, so a repeated image is stored once and an unchanged one is not
     rewritten.
     """
     out: list[tuple[str, str] | None] = []
-    cache: dict[tuple[Any, ...], tuple[str, str]] = {}
-    for record in records:
-        key = (record.image_kind, record.image_text, record.image_seed, record.image_file)
-        if record.image_kind is None:
+    written: set[Path] = set()
+    for image in images:
+        if image is None:
             out.append(None)
             continue
-        if key not in cache:
-            data_suffix = _image_bytes(record)
-            assert data_suffix is not None
-            data, suffix = data_suffix
-            digest = sha256_bytes(data)
-            target = images_dir / f"{digest}{suffix}"
-            if not target.is_file() or target.stat().st_size != len(data):
-                write_bytes_atomic(target, data)
-            cache[key] = (target.as_posix(), digest)
-        out.append(cache[key])
+        data, suffix = image
+        digest = sha256_bytes(data)
+        target = images_dir / f"{digest}{suffix}"
+        if target not in written and (not target.is_file() or target.stat().st_size != len(data)):
+            write_bytes_atomic(target, data)
+        written.add(target)
+        out.append((target.as_posix(), digest))
     return out
 
 
-def read_sources(sources: Iterable[str | Path]) -> list[RequestRecord]:
-    """Read every source in order; two sources may not share a file stem (it names the source)."""
+def materialize_images(
+    records: Sequence[RequestRecord], images_dir: Path, max_pixels: int = DEFAULT_LIMITS.max_image_pixels
+) -> list[tuple[str, str] | None]:
+    """Render each record's image and write it under ``images_dir`` (:func:`render_images`, :func:`write_images`)."""
+    return write_images(render_images(records, max_pixels), images_dir)
+
+
+def read_sources(sources: Iterable[str | Path], limits: LimitsConfig = DEFAULT_LIMITS) -> list[RequestRecord]:
+    """Read every source in order against ``limits``; two sources may not share a file stem (it names the source)."""
     records: list[RequestRecord] = []
     stems: dict[str, Path] = {}
     for source in sources:
@@ -291,7 +405,7 @@ def read_sources(sources: Iterable[str | Path]) -> list[RequestRecord]:
         if path.stem in stems:
             raise DatasetError(f"{path}: source name {path.stem!r} is already used by {stems[path.stem]}; rename one")
         stems[path.stem] = path
-        records.extend(read_requests(path))
+        records.extend(read_requests(path, limits))
     return records
 
 
@@ -379,25 +493,32 @@ def _prune_images(images_dir: Path, keep: Iterable[str]) -> None:
                 path.unlink()
 
 
-def build_index(sources: Sequence[str | Path], output_dir: str | Path, config: PrepareConfig) -> pl.DataFrame:
+def build_index(
+    sources: Sequence[str | Path], output_dir: str | Path, config: PrepareConfig, limits: LimitsConfig = DEFAULT_LIMITS
+) -> pl.DataFrame:
     """Read ``sources``, write their images, split them and write the index; return the index.
 
     Outputs under ``output_dir``: ``images/<sha256>.<ext>``, ``index.parquet`` and
-    ``summary.json``. Nothing is replaced until every source has validated and every image is
-    written, so a failed build leaves an earlier index intact and usable.
+    ``summary.json``. Every source is validated (against ``limits`` too), split, checked and
+    its images rendered in memory before anything under ``output_dir`` is created or written,
+    so a bad source leaves an earlier index, its summary and its images exactly as they were.
     """
     output_dir = Path(output_dir)
-    records = read_sources(sources)
+    records = read_sources(sources, limits)
     groups = [f"{r.source}\x1f{r.request_id}" for r in records]
     strata = [f"{r.label}\x1f{r.category}" for r in records]
     splits = assign_splits(groups, strata, config)
+    check_splits(index_frame(records, [None] * len(records), splits))
     images_dir = output_dir / IMAGES_DIR
     try:
-        images = materialize_images(records, images_dir)
+        rendered = render_images(records, limits.max_image_pixels)
+    except OSError as exc:
+        raise DatasetError(f"cannot read a source's image ({exc})") from None
+    try:
+        images = write_images(rendered, images_dir)
     except OSError as exc:
         raise DatasetError(f"{images_dir}: cannot write images ({exc})") from None
     index = index_frame(records, images, splits)
-    check_splits(index)
     write_index(index, output_dir)
     _prune_images(images_dir, (image[0] for image in images if image))
     return index

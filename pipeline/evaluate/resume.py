@@ -19,7 +19,7 @@ from typing import Any
 from pipeline.config import Params
 from pipeline.errors import LSIGuardError
 from pipeline.evaluate.comparison import ComparisonRow
-from pipeline.io import jsonl_text, write_text_atomic
+from pipeline.io import jsonl_lines, jsonl_text, write_text_atomic
 
 
 class ResumeMismatch(LSIGuardError, ValueError):
@@ -58,7 +58,7 @@ def read_partial(path: Path, expected: str) -> list[dict[str, Any]]:
     """
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = jsonl_lines(path.read_text(encoding="utf-8"))
     try:
         header = json.loads(lines[0]) if lines else {}
     except json.JSONDecodeError:

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from pipeline.config import LABELS, SPLITS, PrepareConfig
+import pipeline.data.sources as sources_module
+from pipeline.config import LABELS, SPLITS, LimitsConfig, PrepareConfig
 from pipeline.data.images import sha256_file
 from pipeline.data.sources import (
     INDEX_COLUMNS,
@@ -75,14 +76,33 @@ BAD_LINES: dict[str, tuple[Any, str]] = {
     "boolean seed": (_row(9, image={"kind": "scene", "seed": True, "caption": "c"}), "seed must be"),
     "missing image file": (_row(9, image="nowhere.png"), "nowhere.png: image file not found"),
     "corrupt image file": (_row(9, image="corrupt.png"), "corrupt.png: not a readable image"),
+    "misspelt image key": (
+        _row(9, imgae="pic.png"),
+        r"unknown key\(s\) \['imgae'\] \('imgae': did you mean 'image'\?\); "
+        r"known keys: \['request_id', 'category', 'label', 'text', 'image'\]",
+    ),
+    "lone surrogate": (
+        '{"request_id": "r9", "category": "c", "label": "benign", "text": "a \\ud83d b"}',
+        "lone surrogate",
+    ),
+    "surrogate in image text": (
+        _row(9, image={"kind": "typography", "text": "x\udc00"}),
+        r"field 'image\.text' holds a lone surrogate \(\\udc00\)",
+    ),
+    "text over the limit": (_row(9, text="z" * 32_769), r"field 'text' is 32,769 characters, over the limit of 32,768"),
+    "absolute image path": (_row(9, image="/etc/x.png"), r"field 'image' is an absolute path \(/etc/x\.png\)"),
+    "image outside the folder": (_row(9, image="../up.png"), r"image '\.\./up\.png' resolves to .*up\.png, outside"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_LINES))
 def test_bad_rows_name_file_and_line(tmp_path: Path, case: str) -> None:
-    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthen nothing useful")
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthen nothing useful")
+    Image.new("RGB", (4, 4)).save(tmp_path / "up.png")  # a real image, but outside the source's folder
     bad, message = BAD_LINES[case]
-    source = _write(tmp_path / "mixed.jsonl", [_row(1), _row(2), bad, _row(3)])
+    source = _write(folder / "mixed.jsonl", [_row(1), _row(2), bad, _row(3)])
     with pytest.raises(DatasetError, match=rf"mixed\.jsonl:3: .*{message}"):
         read_requests(source)
 
@@ -116,7 +136,65 @@ def test_valid_rows_parse_and_blank_lines_are_skipped(tmp_path: Path) -> None:
     assert len(records) == 17 and records[0].source == "small" and records[0].line == 1
     assert records[1].image_kind == "typography" and records[1].image_text == "typed words"
     assert records[2].image_kind == "scene" and records[2].image_seed == 5
-    assert records[3].image_kind == "file" and records[3].image_file == source.parent / "pics" / "photo.png"
+    assert records[3].image_kind == "file" and records[3].image_file == (source.parent / "pics" / "photo.png").resolve()
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    source = tmp_path / "bom.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + (json.dumps(_row(1)) + "\n" + json.dumps(_row(2)) + "\n").encode())
+    assert [r.request_id for r in read_requests(source)] == ["r1", "r2"]
+
+
+def test_line_separators_inside_strings_stay_in_their_record(tmp_path: Path) -> None:
+    # JSON allows U+2028, U+2029 and U+0085 raw inside strings; only "\n" ends a JSON-lines record.
+    odd = ["first\u2028second", "para\u2029graph", "next\x85line"]
+    rows = [_row(i, text=text) for i, text in enumerate(odd)]
+    source = tmp_path / "separators.jsonl"
+    source.write_text("".join(json.dumps(row, ensure_ascii=False) + "\r\n" for row in rows), encoding="utf-8")
+    assert "\u2028" in source.read_text(encoding="utf-8"), "the separator must be written raw for this test"
+    records = read_requests(source)
+    assert [r.text for r in records] == odd and [r.line for r in records] == [1, 2, 3]
+
+
+def test_an_image_symlink_is_judged_by_where_it_points(tmp_path: Path) -> None:
+    folder = tmp_path / "src"
+    (folder / "pics").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(folder / "pics" / "real.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "secret.png")
+    (folder / "inside.png").symlink_to(folder / "pics" / "real.png")
+    (folder / "outside.png").symlink_to(tmp_path / "secret.png")
+    inside = read_requests(_write(folder / "ok.jsonl", [_row(1, image="inside.png")]))
+    assert inside[0].image_file == (folder / "pics" / "real.png").resolve()
+    with pytest.raises(DatasetError, match=r"bad\.jsonl:1: image 'outside\.png' resolves to .*secret\.png, outside"):
+        read_requests(_write(folder / "bad.jsonl", [_row(1, image="outside.png")]))
+
+
+def test_the_given_limits_apply(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    source = _write(tmp_path / "s.jsonl", [_row(1, text="eleven char"), _row(2, image="photo.png")])
+    assert len(read_requests(source)) == 2
+    with pytest.raises(DatasetError, match=r"s\.jsonl:1: field 'text' is 11 characters, over the limit of 10"):
+        read_requests(source, LimitsConfig(max_request_chars=10))
+    with pytest.raises(DatasetError, match=r"s\.jsonl:2: .*photo\.png: 8x8 = 64 pixels, over the limit of 63"):
+        read_requests(source, LimitsConfig(max_image_pixels=63))
+    typed = _write(tmp_path / "t.jsonl", [_row(1, image={"kind": "typography", "text": "hello"})])
+    with pytest.raises(DatasetError, match=r"t\.jsonl:1: typography image: 760x760 = 577,600 pixels, over the limit"):
+        read_requests(typed, LimitsConfig(max_image_pixels=577_599))
+
+
+def test_oversized_typography_is_refused_without_rendering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_rendering(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the typography image was rendered")
+
+    monkeypatch.setattr(sources_module, "render_typography", no_rendering)
+    rows = [_row(i, "harmful" if i % 2 else "benign") for i in range(12)]
+    rows[5]["image"] = {"kind": "typography", "text": "a line\n" * 2000}
+    source = _write(tmp_path / "typed.jsonl", rows)
+    with pytest.raises(
+        DatasetError, match=r"typed\.jsonl:6: typography image: 760x\d+ = .* over the limit of 40,000,000"
+    ):
+        build_index([source], tmp_path / "out", PrepareConfig())
+    assert not (tmp_path / "out").exists()
 
 
 # --- the index -------------------------------------------------------------------------------
@@ -156,6 +234,20 @@ def test_a_failed_build_keeps_the_previous_outputs(tmp_path: Path) -> None:
         build_index([source, broken], out, config)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_a_failed_split_check_writes_no_images(tmp_path: Path) -> None:
+    source = _small_source(tmp_path / "src" / "small.jsonl")
+    out = tmp_path / "out"
+    build_index([source], out, PrepareConfig(sources=(str(source),)))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # Valid rows, one with a new image, but no harmful request: the split check fails.
+    rows = [_row(i) for i in range(12)]
+    rows[0]["image"] = {"kind": "typography", "text": "an image not seen before"}
+    benign = _write(tmp_path / "src" / "benign.jsonl", rows)
+    with pytest.raises(DatasetError, match="has no harmful rows"):
+        build_index([benign], out, PrepareConfig())
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_a_crash_while_writing_keeps_the_previous_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
