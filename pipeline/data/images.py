@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, UnidentifiedImageError
 
+from pipeline.config import DEFAULT_LIMITS
 from pipeline.errors import LSIGuardError
 from pipeline.io import write_bytes_atomic
 
@@ -28,6 +31,27 @@ RGB = tuple[int, int, int]
 
 class ImageError(LSIGuardError, ValueError):
     """An image file that is missing or cannot be decoded, named by its path."""
+
+
+class ImageTooLarge(ImageError):
+    """An image (a file, or a typography render) with more pixels than ``limits.max_image_pixels``."""
+
+
+# Pillow's own decompression-bomb limit is process-wide; it is set from the configured limit so
+# that any other code opening images in this process is bounded too. The checks below come
+# first and give the clearer message.
+Image.MAX_IMAGE_PIXELS = DEFAULT_LIMITS.max_image_pixels
+_PILLOW_LIMIT = threading.Lock()
+
+
+def _too_many_pixels(what: str, width: int, height: int, max_pixels: int) -> ImageTooLarge | None:
+    """The error for a ``width`` x ``height`` image over ``max_pixels``, or None when it fits."""
+    if width * height <= max_pixels:
+        return None
+    return ImageTooLarge(
+        f"{what}: {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+        "(limits.max_image_pixels)"
+    )
 
 
 def _wrap(text: str, font: ImageFont.FreeTypeFont, max_width: int) -> list[str]:
@@ -46,24 +70,53 @@ def _wrap(text: str, font: ImageFont.FreeTypeFont, max_width: int) -> list[str]:
     return lines
 
 
-def render_typography(text: str, width: int = 760) -> Image.Image:
-    """Render ``text`` as black, word-wrapped sans-serif on white (RGB, ``width`` px wide).
-
-    The font is the FreeType face bundled with Pillow, so no system font is needed. The image
-    is at least square and grows taller when the text needs more lines.
-    """
-    if not text.strip():
-        raise ValueError("typography text must not be empty")
+def _typography_font() -> ImageFont.FreeTypeFont:
+    """The FreeType face bundled with Pillow, at the typography size."""
     font = ImageFont.load_default(size=TYPOGRAPHY_FONT_SIZE)
     if not isinstance(font, ImageFont.FreeTypeFont):
         # Without FreeType Pillow falls back to a tiny bitmap font that OCR cannot read.
         raise RuntimeError("Pillow was built without FreeType; typography rendering needs it")
+    return font
+
+
+def _typography_layout(text: str, width: int) -> tuple[list[str], int, int]:
+    """The wrapped lines of ``text``, the line height and the image height, without drawing anything."""
+    if not text.strip():
+        raise ValueError("typography text must not be empty")
+    font = _typography_font()
     lines = _wrap(text.strip(), font, width - 2 * TYPOGRAPHY_MARGIN)
     ascent, descent = font.getmetrics()
     line_height = ascent + descent + TYPOGRAPHY_LINE_SPACING
     # Square at least, as FigStep images are: OCR detectors upscale the short side, and a
     # one-line strip blown up that far comes back as overlapping, duplicated fragments.
     height = max(width, 2 * TYPOGRAPHY_MARGIN + line_height * len(lines))
+    return lines, line_height, height
+
+
+def typography_size(text: str, width: int = 760) -> tuple[int, int]:
+    """Width and height :func:`render_typography` would give ``text``, computed without rendering."""
+    return width, _typography_layout(text, width)[2]
+
+
+def check_typography(text: str, width: int = 760, max_pixels: int = DEFAULT_LIMITS.max_image_pixels) -> None:
+    """Raise :class:`ImageTooLarge` if ``text`` rendered as typography would exceed ``max_pixels``."""
+    error = _too_many_pixels("typography image", *typography_size(text, width), max_pixels)
+    if error is not None:
+        raise ImageTooLarge(f"{error}; shorten the image text")
+
+
+def render_typography(text: str, width: int = 760, max_pixels: int = DEFAULT_LIMITS.max_image_pixels) -> Image.Image:
+    """Render ``text`` as black, word-wrapped sans-serif on white (RGB, ``width`` px wide).
+
+    The font is the FreeType face bundled with Pillow, so no system font is needed. The image
+    is at least square and grows taller when the text needs more lines. A text whose image
+    would exceed ``max_pixels`` raises :class:`ImageTooLarge` before any pixel is allocated.
+    """
+    lines, line_height, height = _typography_layout(text, width)
+    error = _too_many_pixels("typography image", width, height, max_pixels)
+    if error is not None:
+        raise ImageTooLarge(f"{error}; shorten the image text")
+    font = _typography_font()
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     for i, line in enumerate(lines):
@@ -233,18 +286,67 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image as RGB; raise :class:`ImageError` naming ``path`` if it cannot be read."""
+def _open_header(path: Path) -> Image.Image:
+    """``Image.open``, which reads only the header, with Pillow's own pixel check held off.
+
+    Pillow refuses or warns about a large image inside ``open`` with a message that gives
+    neither the file nor its width and height; :func:`image_size` checks the size itself.
+    The lock keeps concurrent callers from seeing each other's setting of the global.
+    """
+    with _PILLOW_LIMIT:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
+
+
+def image_size(path: str | Path, max_pixels: int = DEFAULT_LIMITS.max_image_pixels) -> tuple[int, int]:
+    """Width and height of the image at ``path``, read from its header; nothing is decoded.
+
+    Raises :class:`ImageError` naming ``path`` when the file is missing or not an image, and
+    :class:`ImageTooLarge` naming it and its size when width x height exceeds ``max_pixels``.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: image file not found")
     try:
-        # verify() catches truncated or corrupt headers cheaply, but leaves the image unusable,
-        # so the file is opened a second time to decode the pixels.
-        with Image.open(path) as probe:
-            probe.verify()
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        with _open_header(path) as image:
+            width, height = image.size
+    except _READ_ERRORS as exc:
+        raise ImageError(f"{path}: not a readable image ({exc})") from None
+    error = _too_many_pixels(str(path), width, height, max_pixels)
+    if error is not None:
+        raise error
+    return width, height
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_LIMITS.max_image_pixels) -> Image.Image:
+    """Open and fully decode an image as RGB, after checking its size against ``max_pixels``.
+
+    Every reader of request images (prepare, the guard, the adapters, the CLI and the demo)
+    comes through here, so they accept and refuse the same files. Raises :class:`ImageError`
+    naming ``path`` if it is missing or cannot be decoded (a bad checksum, a corrupt or cut-off
+    pixel stream), and :class:`ImageTooLarge` before any decoding if it has too many pixels.
+    """
+    path = Path(path)
+    image_size(path, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            # Some formats check frame sizes again while decoding; over the limit is an error here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # verify() checks chunk checksums cheaply but does not decode the pixel stream and
+            # leaves the image unusable, so the file is opened again for a full load().
+            with _open_header(path) as probe:
+                probe.verify()
+            with _open_header(path) as image:
+                image.load()
+                return image.convert("RGB")
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise ImageTooLarge(f"{path}: too many pixels ({exc}); the limit is limits.max_image_pixels") from None
+    except _READ_ERRORS as exc:
         raise ImageError(f"{path}: not a readable image ({exc})") from None

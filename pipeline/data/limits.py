@@ -1,55 +1,41 @@
-"""The ``limits`` params section applied to one request's text and image, before any model work.
+"""The request limits of ``params.yaml``'s ``limits`` section, checked before any work is done.
 
-Both checks are cheap: the text's length, and an image's width x height read from its header
-(the pixels are never decoded here), so an oversized request is refused in milliseconds.
+Prepare, the CLI, the Python API and the demo call these same checks, so a request refused in
+one place is refused everywhere with the same message.
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
-from pipeline.config import LimitsConfig
-from pipeline.data.images import ImageError
+from pipeline.config import DEFAULT_LIMITS, LimitsConfig
+from pipeline.data.images import ImageError, ImageTooLarge, image_size
 from pipeline.errors import LSIGuardError
+
+__all__ = ["ImageError", "ImageTooLarge", "RequestTooLarge", "check_image_size", "check_request_text"]
 
 
 class RequestTooLarge(LSIGuardError, ValueError):
-    """A request over one of the ``limits`` (text characters, image pixels); the message names the limit."""
+    """A request text longer than ``limits.max_request_chars``."""
 
 
-def check_request_text(text: str, limits: LimitsConfig) -> None:
-    """Refuse a request text longer than ``limits.max_request_chars`` characters."""
+def check_request_text(text: str, limits: LimitsConfig = DEFAULT_LIMITS, what: str = "request text") -> None:
+    """Raise :class:`RequestTooLarge` if ``text`` has more than ``limits.max_request_chars`` characters.
+
+    ``what`` names the text in the message (callers prefix ``file:line`` or a field name).
+    """
     if len(text) > limits.max_request_chars:
         raise RequestTooLarge(
-            f"the request text is {len(text):,} characters, over limits.max_request_chars = "
-            f"{limits.max_request_chars:,}; shorten it or raise the limit in params.yaml"
+            f"{what} is {len(text):,} characters, over the limit of {limits.max_request_chars:,} "
+            "(limits.max_request_chars)"
         )
 
 
-def check_image_size(path: str | Path, limits: LimitsConfig) -> None:
-    """Refuse an image whose width x height, read from its header, exceeds ``limits.max_image_pixels``.
+def check_image_size(path: str | Path, limits: LimitsConfig = DEFAULT_LIMITS) -> tuple[int, int]:
+    """Width and height of the image at ``path`` from its header, refused if over ``limits.max_image_pixels``.
 
-    A missing file or an unreadable header raises :class:`~pipeline.data.images.ImageError`.
+    Nothing is decoded, so a huge image costs only its header. Raises :class:`ImageError`
+    naming the file when it is missing or not an image, and :class:`ImageTooLarge` naming the
+    file and its size when it has too many pixels.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: image file not found")
-    try:
-        with warnings.catch_warnings():
-            # Pillow's own bomb warning would only repeat what the check below says.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:  # reads the header only; no pixels are decoded
-                width, height = image.size
-    except Image.DecompressionBombError as exc:
-        # Pillow refuses to open images far over its own bound; its message carries the size.
-        raise RequestTooLarge(f"{path}: {exc}; limits.max_image_pixels = {limits.max_image_pixels:,}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{path}: not a readable image ({exc})") from None
-    if width * height > limits.max_image_pixels:
-        raise RequestTooLarge(
-            f"{path}: the image is {width} x {height} = {width * height:,} pixels, over "
-            f"limits.max_image_pixels = {limits.max_image_pixels:,}; resize it or raise the limit in params.yaml"
-        )
+    return image_size(path, limits.max_image_pixels)

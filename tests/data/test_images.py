@@ -12,6 +12,7 @@ from PIL import Image
 
 from pipeline.data.images import (
     ImageError,
+    ImageTooLarge,
     describe_scene,
     load_image,
     png_bytes,
@@ -20,8 +21,10 @@ from pipeline.data.images import (
     save_png,
     sha256_bytes,
     sha256_file,
+    typography_size,
     write_bytes_atomic,
 )
+from tests.data.conftest import corrupt_idat_bytes
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +63,20 @@ def test_typography_wraps_long_text_inside_the_margins() -> None:
 def test_typography_rejects_empty_text() -> None:
     with pytest.raises(ValueError):
         render_typography("   ")
+
+
+def test_typography_size_matches_the_render_without_drawing() -> None:
+    for text in ("one line", " ".join(["wrapping"] * 200)):
+        assert typography_size(text) == render_typography(text).size
+
+
+def test_typography_over_the_pixel_limit_is_refused_before_rendering() -> None:
+    text = " ".join(["wrapping"] * 200)
+    width, height = typography_size(text)
+    assert height > width
+    assert render_typography(text, max_pixels=width * height).size == (width, height)
+    with pytest.raises(ImageTooLarge, match=rf"typography image: {width}x{height} = .* over the limit of"):
+        render_typography(text, max_pixels=width * height - 1)
 
 
 def test_typography_reads_back_through_ocr(ocr: Any) -> None:
@@ -116,6 +133,27 @@ def test_load_image_names_a_corrupt_file(tmp_path: Path, damage: str) -> None:
     with pytest.raises(ImageError, match="broken.png"):
         load_image(path)
     assert issubclass(ImageError, ValueError)
+
+
+def test_load_image_refuses_a_corrupt_pixel_stream_that_verify_passes(tmp_path: Path) -> None:
+    path = tmp_path / "idat.png"
+    path.write_bytes(corrupt_idat_bytes())
+    with Image.open(path) as probe:
+        probe.verify()  # the damage is past what verify() reads
+    with pytest.raises(ImageError, match=r"idat.png: not a readable image"):
+        load_image(path)
+
+
+def test_load_image_refuses_too_many_pixels_before_decoding(tmp_path: Path, huge_png: Path) -> None:
+    with pytest.raises(
+        ImageTooLarge, match=r"huge.png: 20000x20000 = 400,000,000 pixels, over the limit of 40,000,000"
+    ):
+        load_image(huge_png)
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (40, 10), "blue").save(path)
+    assert load_image(path, max_pixels=400).size == (40, 10)
+    with pytest.raises(ImageTooLarge, match=r"wide.png: 40x10 = 400 pixels, over the limit of 399"):
+        load_image(path, max_pixels=399)
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
