@@ -147,8 +147,8 @@ def admit_requests(requests: Sequence[InputRequest], limits: LimitsConfig) -> No
         where = "--image" if request.line is None else request.where
         try:
             check_image_size(request.image, limits)  # the header first: an oversized image is never decoded
-            load_image(request.image)
-        except (RequestTooLarge, ImageError) as exc:
+            load_image(request.image, limits.max_image_pixels)
+        except ImageError as exc:  # ImageTooLarge included
             raise InputError(f"{where}: {exc}") from None
 
 

@@ -19,7 +19,8 @@ recorded in the decision, never silent.
 Limits (``Guard.limits``, the run's ``limits`` params section): a request over them is refused by
 raising, whatever ``on_error`` says, in every method (``check``, ``check_many``, ``generate``,
 ``generate_many``, ``explain``). Text characters and image pixels (from the image header) are
-checked before any model work and raise :class:`~pipeline.data.limits.RequestTooLarge`; the
+checked before any model work and raise :class:`~pipeline.data.limits.RequestTooLarge` or
+:class:`~pipeline.data.images.ImageTooLarge`; the
 adapter refuses a user turn over ``limits.max_request_tokens`` when it tokenises it
 (``RequestTooLong``); a request run under :meth:`Guard.time_limit` that passes its deadline raises
 :class:`~pipeline.defend.deadline.RequestTimedOut`. None of these becomes an ``on_error`` answer:
@@ -51,7 +52,7 @@ from pipeline.config import (
     Params,
     load_params,
 )
-from pipeline.data.images import ImageError
+from pipeline.data.images import ImageError, ImageTooLarge
 from pipeline.data.limits import RequestTooLarge, check_image_size, check_request_text
 from pipeline.defend.deadline import Deadline, RequestTimedOut, bounded
 from pipeline.defend.ecso import ECSO, ECSORecord
@@ -73,9 +74,9 @@ try:
     # The token limit is enforced by the adapters when they tokenise (pipeline.models.limits).
     from pipeline.models.limits import RequestTooLong
 except ModuleNotFoundError:  # adapters without a token limit raise nothing of the kind
-    REQUEST_LIMIT_ERRORS: tuple[type[Exception], ...] = (RequestTooLarge, RequestTimedOut)
+    REQUEST_LIMIT_ERRORS: tuple[type[Exception], ...] = (RequestTooLarge, ImageTooLarge, RequestTimedOut)
 else:
-    REQUEST_LIMIT_ERRORS = (RequestTooLarge, RequestTooLong, RequestTimedOut)
+    REQUEST_LIMIT_ERRORS = (RequestTooLarge, ImageTooLarge, RequestTooLong, RequestTimedOut)
 
 DEFAULT_REFUSAL_MESSAGE = "I'm sorry, but I can't help with that request."
 REFUSE, ANSWER, ROUTE_ECSO = "refuse", "answer", "ecso"
@@ -328,7 +329,7 @@ class Guard:
     # -- limits -----------------------------------------------------------------------------
 
     def admit(self, request: Request) -> None:
-        """Raise :class:`~pipeline.data.limits.RequestTooLarge` for a request over :attr:`limits` (no model work).
+        """Raise ``RequestTooLarge`` / ``ImageTooLarge`` for a request over :attr:`limits` (no model work).
 
         Checks the text's characters and the image's pixels from its header. A missing or
         unreadable image is not a limit: the check fails on it and ``on_error`` applies, as for
@@ -338,6 +339,8 @@ class Guard:
         if request.image is not None:
             try:
                 check_image_size(request.image, self.limits)
+            except ImageTooLarge:
+                raise
             except ImageError:
                 pass  # left to the check, whose failure follows on_error and is recorded
 
@@ -346,8 +349,8 @@ class Guard:
         for number, request in enumerate(requests, start=1):
             try:
                 self.admit(request)
-            except RequestTooLarge as exc:
-                raise RequestTooLarge(f"request {number} of {len(requests)}: {exc}") from None
+            except (RequestTooLarge, ImageTooLarge) as exc:
+                raise type(exc)(f"request {number} of {len(requests)}: {exc}") from None
 
     @contextmanager
     def time_limit(
