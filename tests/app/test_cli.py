@@ -167,7 +167,7 @@ def test_python_dash_m_runs_the_same_command_line() -> None:
 
 def test_an_input_file_with_a_byte_order_mark_is_read(run: Path, tmp_path: Path) -> None:
     requests = tmp_path / "requests.jsonl"
-    requests.write_bytes(b"\xef\xbb\xbf" + '{"id": "a", "text": "Write a poem"}\r\n{"id": "b", "text": "bomb"}\r\n'.encode())
+    requests.write_bytes(b"\xef\xbb\xbf" + b'{"id": "a", "text": "Write a poem"}\r\n{"id": "b", "text": "bomb"}\r\n')
     output = tmp_path / "results.jsonl"
     assert main(["check", "--run", str(run), "--input", str(requests), "--output", str(output)]) == 0
     results = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
