@@ -31,24 +31,23 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.config import GUARD_POLICIES, LimitsConfig
+from pipeline.config import GUARD_POLICIES, LimitsConfig, load_params
 from pipeline.data.images import ImageError, load_image
 from pipeline.data.limits import RequestTooLarge, check_image_size, check_request_text
-from pipeline.defend.guard import (
-    REQUEST_LIMIT_ERRORS,
-    Guard,
-    decision_record,
-    make_request,
-    response_record,
-    run_params,
-)
 from pipeline.errors import LSIGuardError
 from pipeline.io import write_text_atomic
+from pipeline.layout import PARAMS
+
+if TYPE_CHECKING:
+    from pipeline.defend.guard import Guard
+
+# The guard (torch, transformers, the model code) is imported only once the inputs and --output
+# have passed their checks: its seconds of import would otherwise come before every refusal.
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +167,8 @@ def check_output(output: Path) -> None:
 
 def _results(guard: Guard, requests: Sequence[InputRequest], command: str) -> Iterator[dict[str, Any]]:
     """One result record per request, in order; an answer that fails is recorded, not raised."""
+    from pipeline.defend.guard import REQUEST_LIMIT_ERRORS, decision_record, make_request, response_record
+
     if command == "check":
         for start in range(0, len(requests), CHECK_BATCH):
             chunk = requests[start : start + CHECK_BATCH]
@@ -190,6 +191,8 @@ def _results(guard: Guard, requests: Sequence[InputRequest], command: str) -> It
 
 def _check_alone(guard: Guard, request: InputRequest) -> dict[str, Any]:
     """One request's check record; a request over a limit is recorded with its error."""
+    from pipeline.defend.guard import REQUEST_LIMIT_ERRORS, decision_record
+
     try:
         return {**request.fields, **decision_record(guard.check(request.image, request.text))}
     except REQUEST_LIMIT_ERRORS as exc:
@@ -281,9 +284,11 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
             requests = [InputRequest(args.text, args.image, {TEXT: args.text, IMAGE: _image_field(args.image)})]
         else:
             requests = read_requests(args.input)
-        admit_requests(requests, run_params(args.run).limits)
+        admit_requests(requests, _run_limits(args.run))
         if args.output is not None:
             check_output(args.output)
+        from pipeline.defend.guard import Guard
+
         guard = Guard.from_run(
             args.run,
             policy=args.policy,
@@ -303,6 +308,12 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
     _write(records, args.output, stdout)
     print(f"lsi-guard: {summary_line(records)}", file=sys.stderr)
     return 1 if any(record.get("action") is None for record in records) else 0
+
+
+def _run_limits(run: Path) -> LimitsConfig:
+    """The ``limits`` section of the run's params.yaml (the defaults when there is none: loading the guard says so)."""
+    params = Path(run) / PARAMS
+    return load_params(params).limits if params.is_file() else LimitsConfig()
 
 
 def _image_field(image: Path | None) -> str | None:
