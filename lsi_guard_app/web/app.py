@@ -22,7 +22,8 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType, ModuleType
@@ -97,16 +98,23 @@ class Responder:
     ``guard`` is the page's default; every policy shares its model (:func:`policy_guards`). Example
     images and attribution maps go into ``work``. An unknown policy (possible through gradio's HTTP
     API, which does not check the radio's choices) is an error panel naming it and the choices.
+    ``clock`` is the clock of each request's deadline (``limits.request_timeout_s``).
     """
 
     def __init__(
-        self, guard: Guard, work: Path, attribution_steps: int = 16, attribution_target: str = "detector"
+        self,
+        guard: Guard,
+        work: Path,
+        attribution_steps: int = 16,
+        attribution_target: str = "detector",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.guard = guard
         self.guards = policy_guards(guard)
         self.work = work
         self.attribution_steps = attribution_steps
         self.attribution_target = attribution_target
+        self.clock = clock
         self._counter = itertools.count(1)
 
     def __call__(self, image: object, text: str | None, policy: object, explain: bool) -> tuple[object, ...]:
@@ -126,6 +134,7 @@ class Responder:
             self.work,
             f"{next(self._counter):04d}",
             self.attribution_target,
+            self.clock,
         )
         if result.response is None:
             return self._error(result.error or "unknown error")
