@@ -20,9 +20,9 @@ Limits (``Guard.limits``, the run's ``limits`` params section): a request over t
 raising, whatever ``on_error`` says, in every method (``check``, ``check_many``, ``generate``,
 ``generate_many``, ``explain``). Text characters and image pixels (from the image header) are
 checked before any model work and raise :class:`~pipeline.data.limits.RequestTooLarge` or
-:class:`~pipeline.data.images.ImageTooLarge`; the
-adapter refuses a user turn over ``limits.max_request_tokens`` when it tokenises it
-(``RequestTooLong``); a request run under :meth:`Guard.time_limit` that passes its deadline raises
+:class:`~pipeline.data.images.ImageTooLarge`; the adapter refuses a user turn over
+``limits.max_request_tokens`` when it tokenises it (``RequestTooLong``); a request run under
+:meth:`Guard.time_limit` that passes its deadline raises
 :class:`~pipeline.defend.deadline.RequestTimedOut`. None of these becomes an ``on_error`` answer:
 answering a request the guard never checked is what the limits exist to prevent, and refusing it
 silently would hide why. Callers that serve many requests (the CLI, the demo) catch
