@@ -12,6 +12,13 @@ and takes the ``guard`` section of its ``params.yaml``, which ``--policy``, ``--
 the input's own fields first, then the decision (and for ``generate`` the response, ECSO's steps
 and timings). A failed check follows ``on_error`` and is logged and recorded; a request whose
 answer itself fails is recorded with its error, and the command then exits 1.
+
+Before the model loads, every request is checked against the run's ``limits`` params section
+(text characters, image pixels from the header; images must exist and decode) and ``--output``
+must be a file in an existing, writable folder; any problem exits 2 naming the input (``--text``,
+``--image``, ``file:line``) or the option, with nothing written. A request the model's tokeniser
+finds over ``limits.max_request_tokens`` is recorded with its error (no decision) and the
+command exits 1. Input files are UTF-8, with or without a byte-order mark.
 """
 
 from __future__ import annotations
@@ -19,19 +26,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.config import GUARD_POLICIES
-from pipeline.defend.guard import Guard, decision_record, make_request, response_record
+from pipeline.config import GUARD_POLICIES, LimitsConfig, load_params
+from pipeline.data.images import ImageError, load_image
+from pipeline.data.limits import RequestTooLarge, check_image_size, check_request_text
 from pipeline.errors import LSIGuardError
 from pipeline.io import write_text_atomic
+from pipeline.layout import PARAMS
+
+if TYPE_CHECKING:
+    from pipeline.defend.guard import Guard
+
+# The guard (torch, transformers, the model code) is imported only once the inputs and --output
+# have passed their checks: its seconds of import would otherwise come before every refusal.
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +69,7 @@ class InputRequest:
     image: Path | None
     fields: dict[str, Any]
     line: int | None = None
+    where: str = "--text"  # how errors name the request: "--text", or "file:line"
 
 
 def read_requests(path: Path) -> list[InputRequest]:
@@ -60,13 +77,18 @@ def read_requests(path: Path) -> list[InputRequest]:
 
     Each non-blank line is an object with a non-empty string ``text`` and optionally ``image``,
     a path (relative paths are read from the file's folder) or null. Other keys are kept.
+    A leading UTF-8 byte-order mark is skipped; only ``\n`` (or ``\r\n``) ends a line, since JSON
+    strings may hold U+2028 and other characters that ``str.splitlines`` would break on.
     """
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        content = Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not a JSON-lines file") from None
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text ({exc})") from None
+    lines = [line.removesuffix("\r") for line in content.split("\n")]
     requests: list[InputRequest] = []
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
@@ -87,8 +109,10 @@ def read_requests(path: Path) -> list[InputRequest]:
         clashes = sorted(RESULT_KEYS & set(record))
         if clashes:
             raise InputError(f"{where}: keys {clashes} are result fields; rename them in the input")
+        for key, value in record.items():
+            _check_encodable(f"{where}: '{key}'", value)
         image_path = None if image is None else _relative_to(Path(image), Path(path).parent)
-        requests.append(InputRequest(text, image_path, record, number))
+        requests.append(InputRequest(text, image_path, record, number, where))
     if not requests:
         raise InputError(f"{path}: no requests (every line is blank)")
     return requests
@@ -98,12 +122,62 @@ def _relative_to(path: Path, folder: Path) -> Path:
     return path if path.is_absolute() else folder / path
 
 
+def _check_encodable(what: str, value: object) -> None:
+    """Refuse text that cannot be written back as UTF-8 (a lone surrogate such as ``"\\ud800"``)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start : exc.end]
+        raise InputError(f"{what} holds a lone surrogate {bad!r}, which is not text; fix the input") from None
+
+
+def admit_requests(requests: Sequence[InputRequest], limits: LimitsConfig) -> None:
+    """Check every request against ``limits`` and every image for being readable, before the model loads.
+
+    Raises :class:`InputError` naming the request (``--text``, ``--image`` or ``file:line``).
+    """
+    for request in requests:
+        try:
+            check_request_text(request.text, limits)
+        except RequestTooLarge as exc:
+            raise InputError(f"{request.where}: {exc}") from None
+        if request.image is None:
+            continue
+        where = "--image" if request.line is None else request.where
+        try:
+            check_image_size(request.image, limits)  # the header first: an oversized image is never decoded
+            load_image(request.image, limits.max_image_pixels)
+        except ImageError as exc:  # ImageTooLarge included
+            raise InputError(f"{where}: {exc}") from None
+
+
+def check_output(output: Path) -> None:
+    """Refuse an ``--output`` that could not be written, before any model work (so no results are lost)."""
+    if output.is_dir():
+        raise InputError(f"--output {output}: is a folder; give the path of a results file")
+    folder = output.absolute().parent
+    if not folder.is_dir():
+        state = "is not a folder" if folder.exists() else "does not exist"
+        raise InputError(f"--output {output}: the folder {folder} {state}; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"--output {output}: the folder {folder} is not writable")
+    if output.exists() and not output.is_file():
+        raise InputError(f"--output {output}: is not a regular file")
+
+
 def _results(guard: Guard, requests: Sequence[InputRequest], command: str) -> Iterator[dict[str, Any]]:
     """One result record per request, in order; an answer that fails is recorded, not raised."""
+    from pipeline.defend.guard import REQUEST_LIMIT_ERRORS, decision_record, make_request, response_record
+
     if command == "check":
         for start in range(0, len(requests), CHECK_BATCH):
             chunk = requests[start : start + CHECK_BATCH]
-            decisions = guard.check_many([make_request(r.image, r.text) for r in chunk])
+            try:
+                decisions = guard.check_many([make_request(r.image, r.text) for r in chunk])
+            except REQUEST_LIMIT_ERRORS:
+                # One request over a limit (found when tokenised): the rest of the chunk still gets checked.
+                yield from (_check_alone(guard, request) for request in chunk)
+                continue
             for request, decision in zip(chunk, decisions, strict=True):
                 yield {**request.fields, **decision_record(decision)}
         return
@@ -111,9 +185,24 @@ def _results(guard: Guard, requests: Sequence[InputRequest], command: str) -> It
         try:
             record = response_record(guard.generate(request.image, request.text))
         except Exception as exc:  # noqa: BLE001 - the run goes on; the error is recorded and counted
-            logger.error("request at line %s failed: %s", request.line, exc)
-            record = {"action": None, "refused": None, "response": None, "error": f"{type(exc).__name__}: {exc}"}
+            record = {**_failure(request, exc), "response": None}
         yield {**request.fields, **record}
+
+
+def _check_alone(guard: Guard, request: InputRequest) -> dict[str, Any]:
+    """One request's check record; a request over a limit is recorded with its error."""
+    from pipeline.defend.guard import REQUEST_LIMIT_ERRORS, decision_record
+
+    try:
+        return {**request.fields, **decision_record(guard.check(request.image, request.text))}
+    except REQUEST_LIMIT_ERRORS as exc:
+        return {**request.fields, **_failure(request, exc)}
+
+
+def _failure(request: InputRequest, exc: BaseException) -> dict[str, Any]:
+    """The record of a request the guard could not finish: no action, and the error."""
+    logger.error("request %s failed: %s", request.where, exc)
+    return {"action": None, "refused": None, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def summary_line(records: Sequence[dict[str, Any]]) -> str:
@@ -191,9 +280,15 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
         if args.text is not None:
             if not args.text.strip():
                 raise InputError("--text is empty")
+            _check_encodable("--text", args.text)
             requests = [InputRequest(args.text, args.image, {TEXT: args.text, IMAGE: _image_field(args.image)})]
         else:
             requests = read_requests(args.input)
+        admit_requests(requests, _run_limits(args.run))
+        if args.output is not None:
+            check_output(args.output)
+        from pipeline.defend.guard import Guard
+
         guard = Guard.from_run(
             args.run,
             policy=args.policy,
@@ -213,6 +308,12 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
     _write(records, args.output, stdout)
     print(f"lsi-guard: {summary_line(records)}", file=sys.stderr)
     return 1 if any(record.get("action") is None for record in records) else 0
+
+
+def _run_limits(run: Path) -> LimitsConfig:
+    """The ``limits`` section of the run's params.yaml (the defaults when there is none: loading the guard says so)."""
+    params = Path(run) / PARAMS
+    return load_params(params).limits if params.is_file() else LimitsConfig()
 
 
 def _image_field(image: Path | None) -> str | None:

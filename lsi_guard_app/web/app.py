@@ -2,6 +2,13 @@
 
 Everything runs on this machine: the server listens on localhost only, with no share link and no
 analytics.
+
+The model runs one request at a time (it is not thread-safe). Each request gets at most
+``limits.request_timeout_s`` of model work (:mod:`lsi_guard_app.web.handling`), so a request
+waiting in the queue waits at most that long per request ahead of it, and the queue holds at
+most :data:`QUEUE_SIZE` waiting requests; more are turned away by gradio at once. The temporary
+folder of example images and attribution maps is removed when the server stops, on Ctrl+C and on
+SIGTERM too.
 """
 
 from __future__ import annotations
@@ -12,13 +19,18 @@ import itertools
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import TYPE_CHECKING
 
-from lsi_guard_app.web.handling import policy_guards, run_request, uploaded_path
+from lsi_guard_app.web.handling import UnknownPolicy, choose_guard, policy_guards, run_request, uploaded_path
 from lsi_guard_app.web.render import PLACEHOLDER_HTML, decision_html, ecso_html, error_html
 from pipeline.config import GUARD_POLICIES, load_params
 from pipeline.data.images import render_typography, save_png
@@ -31,6 +43,9 @@ if TYPE_CHECKING:
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+# Requests that may wait behind the one running; each waits at most limits.request_timeout_s per request ahead.
+QUEUE_SIZE = 8
+WORK_PREFIX = "lsi-guard-demo-"
 RUN_HINT = (
     "hint: build the guard first with `bash scripts/run.sh` in the project folder, then pass that folder to --run"
 )
@@ -78,36 +93,52 @@ def example_rows(folder: Path) -> tuple[list[list[str | None]], list[str]]:
     return rows, labels
 
 
-def build_demo(guard: Guard, attribution_steps: int = 16, attribution_target: str = "detector") -> gr.Blocks:
-    """The demo page over ``guard``; requests run one at a time, since the model is not thread-safe.
+class Responder:
+    """The function gradio calls on each press of the button: one request in, the page's outputs back.
 
-    The attribution maps attribute ``attribution_target`` (:meth:`Guard.explain`): by default the
-    logit of the detector whose score the page shows.
+    ``guard`` is the page's default; every policy shares its model (:func:`policy_guards`). Example
+    images and attribution maps go into ``work``. An unknown policy (possible through gradio's HTTP
+    API, which does not check the radio's choices) is an error panel naming it and the choices.
+    ``clock`` is the clock of each request's deadline (``limits.request_timeout_s``).
     """
-    gr = _gradio()
-    guards = policy_guards(guard)
-    # The example image and the attribution maps live here while the process runs.
-    work = Path(tempfile.mkdtemp(prefix="lsi-guard-demo-"))
-    atexit.register(shutil.rmtree, work, ignore_errors=True)
-    counter = itertools.count(1)
-    examples, example_labels = example_rows(work)
 
-    def respond(image: object, text: str | None, policy: str, explain: bool) -> tuple[object, ...]:
-        chosen = guards.get(policy, guard)
+    def __init__(
+        self,
+        guard: Guard,
+        work: Path,
+        attribution_steps: int = 16,
+        attribution_target: str = "detector",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.guard = guard
+        self.guards = policy_guards(guard)
+        self.work = work
+        self.attribution_steps = attribution_steps
+        self.attribution_target = attribution_target
+        self.clock = clock
+        self._counter = itertools.count(1)
+
+    def __call__(self, image: object, text: str | None, policy: object, explain: bool) -> tuple[object, ...]:
+        """The decision panel, the response text, ECSO's steps, the maps' note and the two maps."""
+        gr = _gradio()
+        hidden = gr.Image(value=None, visible=False)
+        try:
+            chosen = choose_guard(self.guards, policy)
+        except UnknownPolicy as exc:
+            return self._error(str(exc))
         result = run_request(
             chosen,
             uploaded_path(image),
             text,
             bool(explain),
-            attribution_steps,
-            work,
-            f"{next(counter):04d}",
-            attribution_target,
+            self.attribution_steps,
+            self.work,
+            f"{next(self._counter):04d}",
+            self.attribution_target,
+            self.clock,
         )
-        hidden = gr.Image(value=None, visible=False)
         if result.response is None:
-            message = error_html(result.error or "unknown error")
-            return message, "", gr.HTML(value="", visible=False), gr.Markdown(visible=False), hidden, hidden
+            return self._error(result.error or "unknown error")
         response = result.response
         margin = chosen.config.ecso_margin if chosen.config.policy == "lsi_then_ecso" else 0.0
         record = response.ecso
@@ -117,6 +148,30 @@ def build_demo(guard: Guard, attribution_steps: int = 16, attribution_target: st
         image_map = gr.Image(value=str(result.image_map), visible=True) if result.image_map else hidden
         panel = decision_html(response, margin, result.explain_seconds)
         return panel, response.response, ecso, note, token_map, image_map
+
+    @staticmethod
+    def _error(message: str) -> tuple[object, ...]:
+        gr = _gradio()
+        hidden = gr.Image(value=None, visible=False)
+        return error_html(message), "", gr.HTML(value="", visible=False), gr.Markdown(visible=False), hidden, hidden
+
+
+def build_demo(
+    guard: Guard, attribution_steps: int = 16, attribution_target: str = "detector", work: Path | None = None
+) -> gr.Blocks:
+    """The demo page over ``guard``; requests run one at a time, since the model is not thread-safe.
+
+    The attribution maps attribute ``attribution_target`` (:meth:`Guard.explain`): by default the
+    logit of the detector whose score the page shows. ``work`` holds the example image and the
+    maps; the caller that passes it removes it. Without one, a temporary folder is made and
+    removed when the process exits normally.
+    """
+    gr = _gradio()
+    if work is None:
+        work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
+    examples, example_labels = example_rows(work)
+    respond = Responder(guard, work, attribution_steps, attribution_target)
 
     def attribution_image(label: str, elem_id: str) -> gr.Image:
         # Hidden until a request asks for the maps; read-only, filled from a PNG path.
@@ -166,12 +221,22 @@ def build_demo(guard: Guard, attribution_steps: int = 16, attribution_target: st
                 image_map = attribution_image("Attribution over the image", "image-map")
         inputs = [image, text, policy_choice, explain_box]
         outputs = [decision, answer, ecso, note, token_map, image_map]
-        # Button and Enter share one concurrency group of size one: the model runs one request at a time.
+        # Button and Enter share one concurrency group of size one: the model runs one request at a time,
+        # each bounded by limits.request_timeout_s, so a queued request is never starved for longer.
         # No preprocessing: gradio would open the upload itself and fail on a broken file with a bare
         # "Error"; the handler checks it and says what is wrong.
         for trigger in (button.click, text.submit):
-            trigger(respond, inputs, outputs, concurrency_limit=1, concurrency_id="model", preprocess=False)
-    demo.queue(default_concurrency_limit=1)
+            trigger(
+                respond,
+                inputs,
+                outputs,
+                api_name="respond",  # the API's endpoint: /respond (gradio numbers the second one)
+                concurrency_limit=1,
+                concurrency_id="model",
+                preprocess=False,
+            )
+    # A bounded first-come-first-served queue: beyond QUEUE_SIZE waiting, gradio says the queue is full.
+    demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return demo
 
 
@@ -209,16 +274,49 @@ def _serve_run(run_dir: str | Path, host: str, port: int, policy: str | None) ->
         print(RUN_HINT, file=sys.stderr)
         return 2
     # The maps attribute what the run's params.yaml says (attribute.target); it loaded above, so it is valid.
-    demo = build_demo(guard, attribution_target=load_params(Path(run_dir) / PARAMS).attribute.target)
-    url = serve(demo, host, port)
-    print(f"LSI-Guard demo on {url} (policy {guard.config.policy}, run {Path(run_dir).resolve()}); Ctrl+C stops it")
-    try:
-        demo.block_thread()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        demo.close()
+    target = load_params(Path(run_dir) / PARAMS).attribute.target
+    with _work_folder() as work, _sigterm_interrupts():
+        demo = build_demo(guard, attribution_target=target, work=work)
+        try:
+            url = serve(demo, host, port)
+            print(
+                f"LSI-Guard demo on {url} (policy {guard.config.policy}, run {Path(run_dir).resolve()}); "
+                "Ctrl+C stops it",
+                flush=True,
+            )
+            demo.block_thread()  # returns on Ctrl+C or SIGTERM (both arrive as KeyboardInterrupt)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            demo.close()
     return 0
+
+
+@contextmanager
+def _work_folder() -> Iterator[Path]:
+    """A temporary folder for the example image and the maps, removed however the body ends."""
+    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt in the body, so ``finally`` blocks run (Python's default skips them)."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers; a server started elsewhere keeps the default
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def launch(

@@ -15,6 +15,18 @@ the prompt's common prefix (chat header, image) runs once, the check adds the fr
 tails, and the answer continues from the same cache. A check that fails (model error,
 unreadable image) becomes a refusal or an answer as ``on_error`` says, and is logged and
 recorded in the decision, never silent.
+
+Limits (``Guard.limits``, the run's ``limits`` params section): a request over them is refused by
+raising, whatever ``on_error`` says, in every method (``check``, ``check_many``, ``generate``,
+``generate_many``, ``explain``). Text characters and image pixels (from the image header) are
+checked before any model work and raise :class:`~pipeline.data.limits.RequestTooLarge` or
+:class:`~pipeline.data.images.ImageTooLarge`; the adapter refuses a user turn over
+``limits.max_request_tokens`` when it tokenises it (``RequestTooLong``); a request run under
+:meth:`Guard.time_limit` that passes its deadline raises
+:class:`~pipeline.defend.deadline.RequestTimedOut`. None of these becomes an ``on_error`` answer:
+answering a request the guard never checked is what the limits exist to prevent, and refusing it
+silently would hide why. Callers that serve many requests (the CLI, the demo) catch
+:data:`REQUEST_LIMIT_ERRORS` and report them per request.
 """
 
 from __future__ import annotations
@@ -22,14 +34,27 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.config import ContrastivePrompts, ECSOConfig, GuardConfig, ModelConfig, load_params
+from pipeline.config import (
+    DEFAULT_LIMITS,
+    ContrastivePrompts,
+    ECSOConfig,
+    GuardConfig,
+    LimitsConfig,
+    ModelConfig,
+    Params,
+    load_params,
+)
+from pipeline.data.images import ImageError, ImageTooLarge
+from pipeline.data.limits import RequestTooLarge, check_image_size, check_request_text
+from pipeline.defend.deadline import Deadline, RequestTimedOut, bounded
 from pipeline.defend.ecso import ECSO, ECSORecord
 from pipeline.defend.views import request_views
 from pipeline.detect.calibration import Calibration, load_calibration
@@ -45,6 +70,14 @@ from pipeline.models.session import PrefixNotShared, PrefixSession, supports_pre
 
 if TYPE_CHECKING:
     from pipeline.explain.attribution import Attribution
+
+try:
+    # The token limit is enforced by the adapters when they tokenise (pipeline.models.limits).
+    from pipeline.models.limits import RequestTooLong
+except ModuleNotFoundError:  # adapters without a token limit raise nothing of the kind
+    REQUEST_LIMIT_ERRORS: tuple[type[Exception], ...] = (RequestTooLarge, ImageTooLarge, RequestTimedOut)
+else:
+    REQUEST_LIMIT_ERRORS = (RequestTooLarge, ImageTooLarge, RequestTooLong, RequestTimedOut)
 
 DEFAULT_REFUSAL_MESSAGE = "I'm sorry, but I can't help with that request."
 REFUSE, ANSWER, ROUTE_ECSO = "refuse", "answer", "ecso"
@@ -182,8 +215,16 @@ def _run_path(run: Path, path: str) -> str:
     return path if Path(path).is_absolute() else str(run / path)
 
 
+def run_params(run_dir: str | Path) -> Params:
+    """The ``params.yaml`` of a run folder; a folder without one raises :class:`GuardLoadError` saying so."""
+    path = Path(run_dir) / PARAMS
+    if not path.is_file():
+        raise GuardLoadError(f"{path}: no params file; --run must be the project folder of a run")
+    return load_params(path)
+
+
 class Guard:
-    """A model behind LSI, ECSO or both (see the module docstring for the policies)."""
+    """A model behind LSI, ECSO or both (see the module docstring for the policies and the limits)."""
 
     def __init__(
         self,
@@ -195,6 +236,7 @@ class Guard:
         config: GuardConfig | None = None,
         ecso_config: ECSOConfig | None = None,
         calibration: Calibration | None = None,
+        limits: LimitsConfig | None = None,
     ) -> None:
         if not math.isfinite(tau):
             raise ValueError(f"tau must be a finite number, got {tau}")
@@ -218,6 +260,7 @@ class Guard:
         self.config = config or GuardConfig()
         self.ecso_config = ecso_config or ECSOConfig()
         self.calibration = calibration
+        self.limits = limits or DEFAULT_LIMITS
         self.layers = list(detector.layers)
         self._ecso = ECSO(adapter, self.ecso_config)
 
@@ -235,13 +278,12 @@ class Guard:
         """The guard of a finished pipeline run: its params, trained probe, calibrated tau and model.
 
         ``run_dir`` is the project folder ``dvc repro`` (``bash scripts/run.sh``) ran in; relative
-        paths in its ``params.yaml`` are read from there. Keyword arguments override the
-        ``guard`` section; ``adapter`` replaces loading the model (tests, or a model already loaded).
+        paths in its ``params.yaml`` are read from there, and its ``limits`` section becomes
+        :attr:`limits`. Keyword arguments override the ``guard`` section; ``adapter`` replaces
+        loading the model (tests, or a model already loaded).
         """
         run = Path(run_dir)
-        if not (run / PARAMS).is_file():
-            raise GuardLoadError(f"{run / PARAMS}: no params file; --run must be the project folder of a run")
-        params = load_params(run / PARAMS)
+        params = run_params(run)
         overrides = {
             "policy": policy,
             "on_error": on_error,
@@ -266,14 +308,65 @@ class Guard:
                 adapter = load_adapter(model, params.limits.max_request_tokens)
             except (FileNotFoundError, ModelLoadError) as exc:
                 raise GuardLoadError(f"cannot load the run's model: {exc}") from None
-        return cls(adapter, detector, meta, calibration.tau, params.prompts, config, params.ecso, calibration)
+        return cls(
+            adapter, detector, meta, calibration.tau, params.prompts, config, params.ecso, calibration, params.limits
+        )
 
     def with_config(self, **changes: Any) -> Guard:
         """The same model, probe and tau under other ``guard`` settings (``policy="ecso"``, ...); nothing reloads."""
         config = replace(self.config, **changes)
         return Guard(
-            self.adapter, self.detector, self.meta, self.tau, self.prompts, config, self.ecso_config, self.calibration
+            self.adapter,
+            self.detector,
+            self.meta,
+            self.tau,
+            self.prompts,
+            config,
+            self.ecso_config,
+            self.calibration,
+            self.limits,
         )
+
+    # -- limits -----------------------------------------------------------------------------
+
+    def admit(self, request: Request) -> None:
+        """Raise ``RequestTooLarge`` / ``ImageTooLarge`` for a request over :attr:`limits` (no model work).
+
+        Checks the text's characters and the image's pixels from its header. A missing or
+        unreadable image is not a limit: the check fails on it and ``on_error`` applies, as for
+        any other failed check.
+        """
+        check_request_text(request.text, self.limits)
+        if request.image is not None:
+            try:
+                check_image_size(request.image, self.limits)
+            except ImageTooLarge:
+                raise
+            except ImageError:
+                pass  # left to the check, whose failure follows on_error and is recorded
+
+    def admit_all(self, requests: Sequence[Request]) -> None:
+        """:meth:`admit` for every request before any is run; the error names the request's position."""
+        for number, request in enumerate(requests, start=1):
+            try:
+                self.admit(request)
+            except (RequestTooLarge, ImageTooLarge) as exc:
+                raise type(exc)(f"request {number} of {len(requests)}: {exc}") from None
+
+    @contextmanager
+    def time_limit(
+        self, seconds: float | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> Iterator[Deadline]:
+        """Bound the model work in the body to ``seconds`` (default ``limits.request_timeout_s``).
+
+        Every forward pass of the model checks the deadline first and raises
+        :class:`~pipeline.defend.deadline.RequestTimedOut` once it has passed, so the body stops
+        within one decoder block's work of it; OCR and image decoding are not interrupted
+        (:mod:`pipeline.defend.deadline`).
+        """
+        deadline = Deadline(self.limits.request_timeout_s if seconds is None else seconds, clock)
+        with bounded(self.adapter, deadline):
+            yield deadline
 
     # -- batched scoring --------------------------------------------------------------------
 
@@ -313,12 +406,16 @@ class Guard:
     def check_many(self, requests: Sequence[Request]) -> list[GuardDecision]:
         """One decision per request from one batched pass; a failing batch is retried one request at a time.
 
-        So one unreadable image costs only its own request the ``on_error`` policy.
+        So one unreadable image costs only its own request the ``on_error`` policy. A request over
+        :attr:`limits` raises (every request is checked before the batch runs; see the module docstring).
         """
+        self.admit_all(requests)
         if self.config.policy == "ecso":
             return [self._ecso_decision() for _ in requests]
         try:
             return [self.decide(float(score)) for score in self.scores(requests)]
+        except REQUEST_LIMIT_ERRORS:
+            raise
         except Exception as exc:  # the configured failure policy applies to any check error
             if len(requests) == 1:
                 return [failed_decision(exc, self.tau, self.config.on_error, _describe(requests[0]))]
@@ -327,8 +424,12 @@ class Guard:
     # -- one request ------------------------------------------------------------------------
 
     def check(self, image: str | Path | None, text: str) -> GuardDecision:
-        """The guard's decision on one request (an image path or None, and the text), without answering it."""
+        """The guard's decision on one request (an image path or None, and the text), without answering it.
+
+        A request over :attr:`limits` raises, whatever ``on_error`` says (see the module docstring).
+        """
         request = make_request(image, text)
+        self.admit(request)
         if self.config.policy == "ecso":
             return self._ecso_decision()
         return self._check_one(request)
@@ -337,9 +438,12 @@ class Guard:
         """Refuse, answer, or run ECSO on one request, as the policy decides.
 
         The check and the answer share the prompt's cached prefix when the adapter allows it.
-        Errors in the answer itself (after the check) propagate.
+        Errors in the answer itself (after the check) propagate. A request over :attr:`limits`
+        raises before any model work, or when the adapter tokenises it, whatever ``on_error``
+        says; under :meth:`time_limit`, so does one that runs past its deadline.
         """
         request = make_request(image, text)
+        self.admit(request)
         tokens = max_new_tokens or self.config.max_new_tokens
         started = time.perf_counter()
         seconds: dict[str, float] = {}
@@ -350,6 +454,8 @@ class Guard:
             try:
                 session, score = self.session_score(request)
                 decision = self.decide(score)
+            except REQUEST_LIMIT_ERRORS:
+                raise
             except Exception as exc:  # the configured failure policy applies to any check error
                 session = None
                 decision = failed_decision(exc, self.tau, self.config.on_error, _describe(request))
@@ -380,7 +486,8 @@ class Guard:
         return GuardedResponse(decision, response, record, seconds)
 
     def generate_many(self, requests: Sequence[Request], max_new_tokens: int | None = None) -> list[GuardedResponse]:
-        """:meth:`generate` for each request in turn."""
+        """:meth:`generate` for each request in turn; every request is checked against :attr:`limits` first."""
+        self.admit_all(requests)
         return [self.generate(request.image, request.text, max_new_tokens) for request in requests]
 
     def explain(self, image: str | Path | None, text: str, steps: int = 32, target: str = "detector") -> Attribution:
@@ -389,14 +496,16 @@ class Guard:
         ``target``: ``detector`` attributes the logit of the detector this guard decides with
         (``sigmoid`` of it is the refusal score); ``contrast`` attributes the method's contrast
         signal ``||h_m - h_b||`` at the probe's fusion layer. The record names the target and the
-        detector.
+        detector. A request over :attr:`limits` raises before any model work.
         """
         # Imported on first use: attribution brings captum and every adapter's model classes, about
         # two seconds of start-up that checking and answering requests never need.
         from pipeline.explain.attribution import attribution_target, intent_attribution
 
+        request = make_request(image, text)
+        self.admit(request)
         chosen = attribution_target(target, self.detector, self.meta.fusion_layer)
-        return intent_attribution(self.adapter, make_request(image, text), self.prompts, chosen, steps)
+        return intent_attribution(self.adapter, request, self.prompts, chosen, steps)
 
     def decide(self, score: float) -> GuardDecision:
         """The decision for a probe score under this guard's policy, tau, margin and layers."""
@@ -410,6 +519,8 @@ class Guard:
     def _check_one(self, request: Request) -> GuardDecision:
         try:
             return self.decide(float(self.scores([request])[0]))
+        except REQUEST_LIMIT_ERRORS:
+            raise
         except Exception as exc:  # the configured failure policy applies to any check error
             return failed_decision(exc, self.tau, self.config.on_error, _describe(request))
 

@@ -12,6 +12,7 @@ import pytest
 
 import pipeline
 from lsi_guard_app.cli import InputError, main, read_requests, summary_line
+from pipeline.data.images import render_scene, save_png
 from tests.defend.test_guard import BrokenImageAdapter, FakeAdapter, write_run
 from tests.paths import PROJECT_ROOT
 
@@ -24,6 +25,13 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (folder / "params.yaml").write_text("guard:\n  policy: lsi\n")
     monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config: BrokenImageAdapter())
     return folder
+
+
+def picture(path: Path) -> Path:
+    """A small real PNG at ``path`` (folders made); the CLI decodes every image before the model loads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(render_scene(1, size=32), path)
+    return path
 
 
 def run_cli(*args: str) -> tuple[int, list[dict]]:
@@ -54,7 +62,10 @@ def test_a_jsonl_file_in_and_out_with_fields_kept(
         {"id": "c", "text": "What is this?", "image": "broken.png"},
     ]
     requests.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    picture(tmp_path / "pics/b.png")
+    picture(tmp_path / "broken.png")  # a readable file the fake model fails on, as on an unusual image
     output = tmp_path / "out" / "results.jsonl"
+    output.parent.mkdir()
     status = main(["generate", "--run", str(run), "--input", str(requests), "--output", str(output)])
     assert status == 0
     results = [json.loads(line) for line in output.read_text().splitlines()]
@@ -69,11 +80,12 @@ def test_a_jsonl_file_in_and_out_with_fields_kept(
     assert "guard check failed" in caplog.text and "broken.png" in caplog.text
 
 
-def test_flags_override_the_params(run: Path) -> None:
+def test_flags_override_the_params(run: Path, tmp_path: Path) -> None:
     status, [record] = run_cli("generate", "--run", str(run), "--text", "Write a poem", "--policy", "ecso")
     assert status == 0 and record["action"] == "ecso" and record["ecso"]["answer"] == "answer to: Write a poem"
+    broken = picture(tmp_path / "broken.png")
     status, [record] = run_cli(
-        "generate", "--run", str(run), "--text", "What?", "--image", "broken.png", "--on-error", "answer"
+        "generate", "--run", str(run), "--text", "What?", "--image", str(broken), "--on-error", "answer"
     )
     assert record["action"] == "answer" and record["error"] is not None
 
@@ -151,3 +163,59 @@ def test_python_dash_m_runs_the_same_command_line() -> None:
     assert result.returncode == 0 and result.stdout == f"lsi-guard {pipeline.__version__}\n"
     result = subprocess.run([sys.executable, "-m", "lsi_guard_app"], capture_output=True, text=True, cwd=PROJECT_ROOT)
     assert result.returncode == 2 and "usage: lsi-guard" in result.stderr
+
+
+def test_an_input_file_with_a_byte_order_mark_is_read(run: Path, tmp_path: Path) -> None:
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(b"\xef\xbb\xbf" + b'{"id": "a", "text": "Write a poem"}\r\n{"id": "b", "text": "bomb"}\r\n')
+    output = tmp_path / "results.jsonl"
+    assert main(["check", "--run", str(run), "--input", str(requests), "--output", str(output)]) == 0
+    results = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in results] == ["a", "b"] and results[0]["action"] == "answer"
+
+
+def test_a_line_separator_inside_a_json_string_does_not_split_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "requests.jsonl"
+    path.write_text('{"text": "one\u2028two", "note": "a\u0085b"}\n', encoding="utf-8")
+    [request] = read_requests(path)
+    assert request.text == "one\u2028two" and request.fields["note"] == "a\u0085b"
+
+
+def test_a_bad_output_is_refused_before_the_model_loads(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    def no_model(config: object) -> None:
+        raise AssertionError("the model must not load for a bad --output")
+
+    monkeypatch.setattr("pipeline.defend.guard.load_adapter", no_model)
+    for output, message in (
+        (tmp_path, "is a folder"),
+        (tmp_path / "missing" / "results.jsonl", "does not exist; create it first"),
+        (run / "params.yaml" / "results.jsonl", "is not a folder"),
+    ):
+        assert main(["generate", "--run", str(run), "--text", "Write a poem", "--output", str(output)]) == 2
+        assert f"--output {output}: " in (err := capsys.readouterr().err) and message in err
+
+
+def test_a_request_over_the_token_limit_is_recorded_and_the_rest_are_checked(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.defend.guard import REQUEST_LIMIT_ERRORS
+
+    too_long = REQUEST_LIMIT_ERRORS[0]
+
+    class TokenLimited(BrokenImageAdapter):
+        def last_token_states(self, requests, layers):  # type: ignore[no-untyped-def]
+            if any("endless" in request.text for request in requests):
+                raise too_long("the user turn is 9000 tokens, over limits.max_request_tokens = 2048")
+            return super().last_token_states(requests, layers)
+
+    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config: TokenLimited())
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"text": "bomb"}\n{"text": "an endless story"}\n{"text": "Write a poem"}\n')
+    output = tmp_path / "results.jsonl"
+    for command in ("check", "generate"):
+        assert main([command, "--run", str(run), "--input", str(requests), "--output", str(output)]) == 1
+        first, second, third = (json.loads(line) for line in output.read_text().splitlines())
+        assert first["action"] == "refuse" and third["action"] == "answer"
+        assert second["action"] is None and "max_request_tokens" in second["error"]

@@ -7,8 +7,13 @@ other answered by the real decision path.
 
 from __future__ import annotations
 
+import html
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +25,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from lsi_guard_app.web import app, handling, render
-from pipeline.config import ContrastivePrompts, ECSOConfig, GuardConfig
+from pipeline.config import ContrastivePrompts, ECSOConfig, GuardConfig, LimitsConfig
 from pipeline.data.images import render_typography, save_png
 from pipeline.defend.ecso import ECSORecord
 from pipeline.defend.guard import Guard, GuardDecision, GuardedResponse
@@ -258,6 +263,81 @@ def test_run_request_attributes_the_target_asked_for(
     assert targets == ["detector", "contrast"]
 
 
+class JumpingClock:
+    """A clock that reads 0 when the deadline is set and an hour later ever after."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return 0.0 if self.reads == 1 else 3600.0
+
+
+def test_a_request_past_its_deadline_is_an_error_naming_the_limit(setup: TinySetup, tmp_path: Path) -> None:
+    result = handling.run_request(setup.guard, None, setup.answered_text, False, 4, tmp_path, "t", clock=JumpingClock())
+    assert result.response is None
+    assert "took longer than limits.request_timeout_s = 120 s" in (result.error or "")
+    assert "raise limits.request_timeout_s in params.yaml" in (result.error or "")
+    # The hooks are gone: the next request runs and is answered as before.
+    again = handling.run_request(setup.guard, None, setup.answered_text, False, 4, tmp_path, "u")
+    assert again.response is not None and again.response.response == setup.answered_response
+
+
+def test_maps_past_the_deadline_leave_the_decision_standing(
+    setup: TinySetup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answered = {"done": False}
+
+    def late() -> float:
+        # The deadline is set and the answer runs at time 0; everything after the answer is an hour later.
+        return 3600.0 if answered["done"] else 0.0
+
+    generate = setup.guard.generate
+
+    def generate_then_late(*args: object, **kwargs: object) -> object:
+        response = generate(*args, **kwargs)  # type: ignore[arg-type]
+        answered["done"] = True
+        return response
+
+    monkeypatch.setattr(setup.guard, "generate", generate_then_late)
+    result = handling.run_request(setup.guard, None, setup.answered_text, True, 4, tmp_path, "v", clock=late)
+    assert result.response is not None and result.response.response == setup.answered_response
+    assert result.token_map is None and "took longer than limits.request_timeout_s" in (result.explain_note or "")
+    assert not (tmp_path / "v-tokens.png").exists()
+
+
+def test_the_page_handler_refuses_an_unknown_policy_and_limits(setup: TinySetup, tmp_path: Path) -> None:
+    guard = setup.guard.with_config()
+    guard.limits = LimitsConfig(max_request_chars=20)
+    respond = app.Responder(guard, tmp_path)
+    panel = html.unescape(str(respond(None, setup.answered_text, "nonsense", False)[0]))
+    assert "Cannot check this request" in panel
+    assert "unknown policy 'nonsense'; choose one of ecso, lsi, lsi_then_ecso" in panel
+    panel = html.unescape(str(respond(None, "x" * 21, "lsi", False)[0]))
+    assert "21 characters, over the limit of 20 (limits.max_request_chars)" in panel
+
+
+def test_the_queue_is_bounded_and_runs_one_request_at_a_time(setup: TinySetup, tmp_path: Path) -> None:
+    demo = app.build_demo(setup.guard, attribution_steps=4, work=tmp_path)
+    assert demo._queue.max_size == app.QUEUE_SIZE  # more waiting requests are turned away at once
+    model_events = [fn for fn in demo.fns.values() if isinstance(fn.fn, app.Responder)]
+    assert [fn.api_name for fn in model_events] == ["respond", "respond_1"]
+    assert {(fn.concurrency_id, fn.concurrency_limit) for fn in model_events} == {("model", 1)}
+
+
+def test_an_unknown_policy_through_the_http_api_is_an_error(setup: TinySetup, tmp_path: Path) -> None:
+    client_module = pytest.importorskip("gradio_client")
+    demo = app.build_demo(setup.guard, attribution_steps=4, work=tmp_path)
+    url = app.serve(demo, "127.0.0.1", free_port())
+    try:
+        client = client_module.Client(url, verbose=False, download_files=False)
+        panel = client.predict(None, setup.answered_text, "nonsense", False, api_name="/respond")[0]
+    finally:
+        demo.close()
+    assert "unknown policy &#x27;nonsense&#x27;; choose one of ecso, lsi, lsi_then_ecso" in panel
+
+
 # -- command line ---------------------------------------------------------------------------
 
 
@@ -280,6 +360,48 @@ def test_main_without_a_run_exits_2_with_a_hint(
     with pytest.raises(SystemExit) as exit_info:
         app.launch(tmp_path / "nowhere")
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_demo_and_removes_its_temp_folder(tmp_path: Path, signum: int) -> None:
+    from tests.defend.test_guard import write_run
+
+    run = tmp_path / "run"
+    write_run(run)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    port = free_port()
+    log = tmp_path / "demo.log"
+    env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(PROJECT_ROOT)}
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.app.demo_worker", str(run), str(port)],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        # Serving once the example image is in its work folder and the port answers.
+        for _ in range(1200):
+            assert process.poll() is None, log.read_text()
+            started = list(temp.glob(f"{app.WORK_PREFIX}*/typography_example.png"))
+            if started and _port_open(port):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the demo did not start: {log.read_text()}")
+        process.send_signal(signum)
+        assert process.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert list(temp.glob(f"{app.WORK_PREFIX}*")) == [], log.read_text()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 # -- the page in a browser ------------------------------------------------------------------

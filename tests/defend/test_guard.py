@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,9 +20,20 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.config import GREEDY, ConfigError, ContrastivePrompts, Decoding, GuardConfig
+from pipeline.config import GREEDY, ConfigError, ContrastivePrompts, Decoding, GuardConfig, LimitsConfig
+from pipeline.data.images import ImageTooLarge
+from pipeline.data.limits import RequestTooLarge
 from pipeline.data.rows import balanced_test_sample, batches
-from pipeline.defend.guard import DEFAULT_REFUSAL_MESSAGE, Guard, GuardDecision, GuardLoadError, decide, response_record
+from pipeline.defend.deadline import RequestTimedOut
+from pipeline.defend.guard import (
+    DEFAULT_REFUSAL_MESSAGE,
+    REQUEST_LIMIT_ERRORS,
+    Guard,
+    GuardDecision,
+    GuardLoadError,
+    decide,
+    response_record,
+)
 from pipeline.defend.records import guard_summary
 from pipeline.detect.calibration import Calibration, save_calibration
 from pipeline.detect.detector import Detector, LinearDetector, Piece
@@ -611,3 +622,89 @@ def test_explain_can_attribute_the_contrast(gguf_tokenizer: PreTrainedTokenizerB
     assert attribution.signal == pytest.approx(float((states[1, 0] - states[0, 0]).norm()), rel=1e-4)
     with pytest.raises(ValueError, match="unknown attribution target"):
         guard.explain(None, text, steps=8, target="logit")
+
+
+# --- limits and deadlines -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("on_error", ["refuse", "answer"])
+def test_a_request_over_the_limits_raises_whatever_on_error_says(
+    adapter: FakeAdapter, huge_png: Path, on_error: str
+) -> None:
+    probe, meta = hand_set_probe()
+    limits = LimitsConfig(max_request_chars=100)
+    guard = Guard(adapter, probe, meta, TAU, ContrastivePrompts(), GuardConfig(on_error=on_error), limits=limits)
+    assert guard.limits is limits and guard.with_config(policy="ecso").limits is limits
+    with pytest.raises(RequestTooLarge, match="101 characters"):
+        guard.generate(None, "x" * 101)
+    with pytest.raises(ImageTooLarge, match=r"huge\.png: 20000x20000"):
+        guard.check(huge_png, "What is this?")
+    with pytest.raises(RequestTooLarge, match="request 2 of 2: request text is 101 characters"):
+        guard.check_many([Request("fine"), Request("y" * 101)])
+    with pytest.raises(ImageTooLarge, match="request 1 of 1"):
+        guard.generate_many([Request("fine", huge_png)])
+    assert adapter.state_calls == [] and adapter.generate_calls == []  # refused before any model work
+
+
+class TooLongAdapter(FakeAdapter):
+    """A model whose tokeniser finds every request over the token limit."""
+
+    def last_token_states(self, requests: Sequence[Request], layers: Sequence[int]) -> torch.Tensor:
+        raise REQUEST_LIMIT_ERRORS[0]("the user turn is 9,000 tokens, over limits.max_request_tokens = 2048")
+
+
+def test_a_limit_the_model_finds_is_not_turned_into_an_answer() -> None:
+    probe, meta = hand_set_probe()
+    guard = Guard(TooLongAdapter(), probe, meta, TAU, ContrastivePrompts(), GuardConfig(on_error="answer"))
+    for call in (
+        lambda: guard.check(None, "hi"),
+        lambda: guard.generate(None, "hi"),
+        lambda: guard.check_many([Request("a"), Request("b")]),
+    ):
+        with pytest.raises(REQUEST_LIMIT_ERRORS, match="max_request_tokens"):
+            call()
+    assert guard.adapter.generate_calls == []  # type: ignore[attr-defined]
+
+
+def test_from_run_reads_the_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_run(tmp_path / "run")
+    with (tmp_path / "run" / "params.yaml").open("a") as params:
+        params.write("limits:\n  max_request_chars: 50\n  request_timeout_s: 3\n")
+    guard = Guard.from_run(tmp_path / "run", adapter=FakeAdapter())
+    assert guard.limits == LimitsConfig(max_request_chars=50, request_timeout_s=3)
+
+
+class StepClock:
+    """A clock that moves one second each time it is read: the n-th forward sees time n."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_time_limit_stops_the_answer_at_its_last_forward_pass(gguf_tokenizer: PreTrainedTokenizerBase) -> None:
+    probe, meta = tiny_probe(seed=2)
+    adapter = tiny_embedded(tiny_llama(gguf_tokenizer, seed=0), gguf_tokenizer, ())
+    guard = Guard(adapter, probe, meta, 1.0, ContrastivePrompts())  # tau 1: every request is answered
+    text = "Write a long poem about the sea"
+
+    def reads_of(run: Callable[[], object]) -> int:
+        """How many times the deadline is checked (entry, every forward of the model and its blocks)."""
+        clock = StepClock()
+        with guard.time_limit(1e9, clock=clock):
+            run()
+        return int(clock.now) - 1  # the first read set the deadline
+
+    checked = reads_of(lambda: guard.check(None, text))
+    answered = reads_of(lambda: guard.generate(None, text, max_new_tokens=8))
+    assert answered > checked  # the answer's decoding steps pass the hooks too
+    # One second fewer than the whole request needs: its last check, inside the answer, stops it.
+    message = rf"longer than limits\.request_timeout_s = {answered - 1} s.*raise limits\.request_timeout_s"
+    with pytest.raises(RequestTimedOut, match=message):
+        with guard.time_limit(answered - 1, clock=StepClock()):
+            guard.generate(None, text, max_new_tokens=8)
+    # The hooks are removed on the way out: the next request runs unbounded to the end.
+    assert guard.generate(None, text, max_new_tokens=8).decision.action == "answer"
