@@ -12,6 +12,7 @@ import polars as pl
 from pipeline.config import SPLITS, load_params
 from pipeline.data.built_sources import all_sources, read_built_sources
 from pipeline.data.sources import build_index
+from pipeline.io import restore_dir_on_failure
 from pipeline.layout import INDEX, SOURCES_FILE
 from stages import run_stage
 
@@ -29,7 +30,11 @@ def describe(index: pl.DataFrame) -> str:
 def main() -> None:
     """Build the index from ``params.yaml``'s ``prepare`` section and the built sources, and print a summary."""
     config = load_params().prepare
-    index = build_index(all_sources(config.sources, read_built_sources(SOURCES_FILE)), INDEX.parent, config)
+    sources = all_sources(config.sources, read_built_sources(SOURCES_FILE))
+    # The index names its images by their final paths, so the folder is updated in place, and put
+    # back whole if anything fails (persist: true in dvc.yaml).
+    with restore_dir_on_failure(INDEX.parent):
+        index = build_index(sources, INDEX.parent, config)
     print(describe(index))
     print(f"wrote {INDEX}")
 
