@@ -7,12 +7,15 @@ holds after a power cut, and name their temp files so that leftovers can be reco
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
+import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -134,3 +137,113 @@ def rename_durable(source: str | Path, target: str | Path) -> None:
     """Rename a file or folder (atomic on one file system) and sync the folder that holds them."""
     os.rename(source, target)
     fsync_dir(Path(target).parent)
+
+
+# Whole folders. DVC empties a stage's outputs before running it unless they are ``persist: true``;
+# a persisted folder must then be replaced by its stage as a whole, so that a failure midway leaves
+# the previous folder whole and a finished run leaves no stale files in it. The folders beside the
+# target are hidden and named after it: ``.<name>.<hex>.new`` (being built), ``.old`` (the previous
+# folder during a swap) and ``.bak`` (a copy kept while a stage updates the folder in place).
+_NEW, _OLD, _BACKUP = "new", "old", "bak"
+
+
+def _beside(target: Path, kind: str) -> Path:
+    """A fresh hidden name beside ``target`` for a folder of the given kind."""
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex}.{kind}")
+
+
+def _left_beside(target: Path, kind: str) -> list[Path]:
+    """Folders of the given kind that a killed run left beside ``target``."""
+    return sorted(target.parent.glob(f".{glob.escape(target.name)}.*.{kind}"))
+
+
+def recover_dir(target: str | Path) -> None:
+    """Undo what a killed run of :func:`replace_dir_atomic` or :func:`restore_dir_on_failure` left at ``target``.
+
+    Half-built new folders are removed; a previous folder moved aside by a swap cut short goes back
+    into place (or is removed when the new one made it); a folder updated in place under a kept
+    copy gets that copy back. Nothing to do after runs that ended, well or with an error.
+    """
+    target = Path(target)
+    for new in _left_beside(target, _NEW):
+        shutil.rmtree(new)
+    for old in _left_beside(target, _OLD):
+        if target.exists():
+            shutil.rmtree(old)
+        else:
+            rename_durable(old, target)
+    for backup in _left_beside(target, _BACKUP):
+        _put_back(backup, target)
+
+
+def _put_back(backup: Path, target: Path) -> None:
+    """Replace ``target`` (if any) by ``backup``."""
+    if target.exists():
+        spoiled = _beside(target, _NEW)
+        rename_durable(target, spoiled)
+        rename_durable(backup, target)
+        shutil.rmtree(spoiled)
+    else:
+        rename_durable(backup, target)
+
+
+@contextmanager
+def replace_dir_atomic(target: str | Path) -> Iterator[Path]:
+    """Yield a new empty hidden folder beside ``target``; when the block ends without an error, swap it into place.
+
+    An error in the block removes the new folder and leaves ``target`` exactly as it was. The swap
+    is two renames on one file system (the old folder aside, the new one in), then the old folder
+    is removed; a run killed at any moment is undone by :func:`recover_dir`, which runs first.
+    """
+    target = Path(target)
+    recover_dir(target)
+    make_dirs_durable(target.parent)
+    new = _beside(target, _NEW)
+    new.mkdir()
+    try:
+        yield new
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    old = _beside(target, _OLD)
+    if target.exists():
+        rename_durable(target, old)
+    rename_durable(new, target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """Hard-link a file (instant, no space), or copy it where the file system has no hard links."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+@contextmanager
+def restore_dir_on_failure(folder: str | Path) -> Iterator[None]:
+    """Let the block update ``folder`` in place; if it raises, put the folder back exactly as it was.
+
+    For writers that record their output's own paths (an index naming its images), which cannot
+    build in a folder of another name. A hard-linked copy is kept during the block, so the writer
+    must replace files (``replace_atomic``, ``os.replace``, unlink) rather than rewrite them in
+    place, as every writer in this module does.
+    """
+    folder = Path(folder)
+    recover_dir(folder)
+    if not folder.exists():
+        try:
+            yield
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # nothing was there before
+            raise
+        return
+    backup = _beside(folder, _BACKUP)
+    shutil.copytree(folder, backup, symlinks=True, copy_function=_link_or_copy)
+    try:
+        yield
+    except BaseException:
+        _put_back(backup, folder)
+        raise
+    shutil.rmtree(backup)

@@ -17,7 +17,7 @@ from pipeline.data.benchmarks.files import BenchmarkError
 from pipeline.data.build import build_sources, summarize_source
 from pipeline.data.built_sources import write_sources
 from pipeline.data.public import build_public_sources, read_public
-from pipeline.io import write_json_atomic
+from pipeline.io import restore_dir_on_failure, write_json_atomic
 from pipeline.layout import BUILT_DIR, BUILT_SUMMARY, SOURCES_FILE
 from stages import run_stage
 
@@ -52,8 +52,11 @@ def main() -> None:
             raise BenchmarkError(f"{folder}: no such benchmark folder (build.benchmarks)")
         sources.update(build_sources(folder, config))
     summaries = {name: summarize_source(rows) for name, rows in sources.items()}
-    written = write_sources(sources, BUILT_DIR, SOURCES_FILE.name)
-    write_json_atomic(BUILT_SUMMARY, summaries)
+    # sources.json names the files by their final paths, so the folder is updated in place, and put
+    # back whole if anything fails (persist: true in dvc.yaml).
+    with restore_dir_on_failure(BUILT_DIR):
+        written = write_sources(sources, BUILT_DIR, SOURCES_FILE.name)
+        write_json_atomic(BUILT_SUMMARY, summaries)
     print(describe(summaries))
     print(f"wrote {SOURCES_FILE} ({len(written)} source(s))")
 

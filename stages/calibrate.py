@@ -14,7 +14,7 @@ from pipeline.detect.calibration import Calibration, calibrate, reliability_rows
 from pipeline.detect.heldout import held_out_scores, load_eval_data
 from pipeline.detect.shipped import load_detector
 from pipeline.evaluate.plots import plot_reliability
-from pipeline.io import write_json_atomic
+from pipeline.io import replace_dir_atomic, write_json_atomic
 from pipeline.layout import CALIBRATION, INDEX, PROBE_DIR, RELIABILITY, RELIABILITY_PNG, STORE
 from stages import run_stage
 
@@ -73,7 +73,9 @@ def main() -> None:
         logger.info("tau from held-out-source %s scores of %d calibration rows", meta.detector, len(rows))
     else:
         scores = data.scores(detector, rows)
-    calibration = write_calibration(data.labels[rows], scores, params.calibrate, OUT.parent)
+    # Built beside data/calibration and swapped in whole (persist: true in dvc.yaml).
+    with replace_dir_atomic(OUT.parent) as out:
+        calibration = write_calibration(data.labels[rows], scores, params.calibrate, out)
     print(f"{detector.describe()}: {summary_line(calibration)}")
 
 

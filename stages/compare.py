@@ -34,7 +34,7 @@ from pipeline.evaluate.comparison import ComparisonRow, comparison_markdown, sum
 from pipeline.evaluate.judges import build_judge
 from pipeline.evaluate.resume import fingerprint
 from pipeline.evaluate.suite_run import compact_metrics, example_keys, kept_rows, run_resumable
-from pipeline.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from pipeline.io import replace_dir_atomic, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from pipeline.layout import CALIBRATION, PARAMS, PROBE_DIR, RENDER_ROOT, compare_dir, compare_partial
 from stages import run_stage
 
@@ -69,11 +69,12 @@ def run_suite(suite: str, params: Params) -> dict[str, Any]:
         "defences": list(config.defences),
         "n_examples": {spec.name: sum(e.benchmark == spec.name for e in examples) for spec in specs},
     }
-    out = compare_dir(suite)
-    write_jsonl_atomic(out / "rows.jsonl", records)
-    write_json_atomic(out / "summary.json", {**meta, "benchmarks": summary})
-    write_json_atomic(out / "metrics.json", {**meta, "benchmarks": compact_metrics(summary)})
-    write_text_atomic(out / "comparison.md", comparison_markdown(summary))
+    # Built beside data/compare/<suite> and swapped in whole (persist: true in dev/dvc.yaml).
+    with replace_dir_atomic(compare_dir(suite)) as out:
+        write_jsonl_atomic(out / "rows.jsonl", records)
+        write_json_atomic(out / "summary.json", {**meta, "benchmarks": summary})
+        write_json_atomic(out / "metrics.json", {**meta, "benchmarks": compact_metrics(summary)})
+        write_text_atomic(out / "comparison.md", comparison_markdown(summary))
     partial.unlink()
     return summary
 

@@ -32,7 +32,7 @@ from pipeline.evaluate.detection import (
 from pipeline.evaluate.metrics import per_group_metrics, roc_points
 from pipeline.evaluate.plots import plot_reliability, plot_roc
 from pipeline.evaluate.refusal_direction import readout_from_adapter, refusal_scores, store_similarities
-from pipeline.io import write_json_atomic
+from pipeline.io import replace_dir_atomic, write_json_atomic
 from pipeline.layout import CALIBRATION, EVAL_DIR, INDEX, PROBE_DIR, STORE
 from pipeline.models.registry import load_adapter
 from stages import run_stage
@@ -106,35 +106,36 @@ def main() -> None:
         "fusion_layer": lf,
         "safety_layer": ls,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(OUT / "metrics.json", metrics)
-    # Written even with one source (header only), so the stage's outputs always exist.
-    table.write_csv(OUT / "comparison.csv")
-    (OUT / "comparison.md").write_text(
-        held_out_markdown(summary, shipped.name) + "\n" + _markdown(table)
-        if cross
-        else "No held-out-source results: the index holds a single source.\n"
-    )
-    write_json_atomic(OUT / "reliability.json", reliability)
-    plot_reliability(
-        {f"{shipped.name} ({calibration.scaling.kind})": reliability},
-        OUT / "reliability.png",
-        f"{shipped.name} (shipped) on the test split",
-    )
-    # One CSV per detector: ``dvc plots`` draws each file in the folder as its own curve.
-    points: list[dict[str, Any]] = []
-    (OUT / "roc").mkdir(exist_ok=True)
-    for name in detectors:
-        rows = roc_points(labels[inside.test], test_scores[name], name)
-        points.extend(rows)
-        with open(OUT / "roc" / f"{name}.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["fpr", "tpr"])
-            writer.writeheader()
-            writer.writerows({"fpr": p["fpr"], "tpr": p["tpr"]} for p in rows)
-    scored.with_columns(
-        *(pl.Series(f"score_{n}", s) for n, s in test_scores.items() if n != shipped.name)
-    ).write_parquet(OUT / "test_scores.parquet")
-    plot_roc(points, OUT / "roc.png", f"Test split ROC (n={len(inside.test)})")
+    # Built beside data/eval and swapped in whole (persist: true in dvc.yaml).
+    with replace_dir_atomic(OUT) as out:
+        write_json_atomic(out / "metrics.json", metrics)
+        # Written even with one source (header only), so the stage's outputs always exist.
+        table.write_csv(out / "comparison.csv")
+        (out / "comparison.md").write_text(
+            held_out_markdown(summary, shipped.name) + "\n" + _markdown(table)
+            if cross
+            else "No held-out-source results: the index holds a single source.\n"
+        )
+        write_json_atomic(out / "reliability.json", reliability)
+        plot_reliability(
+            {f"{shipped.name} ({calibration.scaling.kind})": reliability},
+            out / "reliability.png",
+            f"{shipped.name} (shipped) on the test split",
+        )
+        # One CSV per detector: ``dvc plots`` draws each file in the folder as its own curve.
+        points: list[dict[str, Any]] = []
+        (out / "roc").mkdir(exist_ok=True)
+        for name in detectors:
+            rows = roc_points(labels[inside.test], test_scores[name], name)
+            points.extend(rows)
+            with open(out / "roc" / f"{name}.csv", "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=["fpr", "tpr"])
+                writer.writeheader()
+                writer.writerows({"fpr": p["fpr"], "tpr": p["tpr"]} for p in rows)
+        scored.with_columns(
+            *(pl.Series(f"score_{n}", s) for n, s in test_scores.items() if n != shipped.name)
+        ).write_parquet(out / "test_scores.parquet")
+        plot_roc(points, out / "roc.png", f"Test split ROC (n={len(inside.test)})")
 
     print(f"shipped detector: {shipped.describe()} (tau {calibration.tau:.4f})")
     print(f"in-source test split (n={len(inside.test)}), LSI pair fusion {lf} / safety {ls}")

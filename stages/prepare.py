@@ -13,6 +13,7 @@ import polars as pl
 from pipeline.config import SPLITS, load_params
 from pipeline.data.built_sources import all_sources, read_built_sources
 from pipeline.data.sources import build_index
+from pipeline.io import restore_dir_on_failure
 from pipeline.layout import INDEX, SOURCES_FILE
 from stages import run_stage
 
@@ -32,7 +33,10 @@ def main() -> None:
     params = load_params()
     config = params.prepare
     sources = all_sources(config.sources, read_built_sources(SOURCES_FILE))
-    index = build_index(sources, INDEX.parent, config, params.limits)
+    # The index names its images by their final paths, so the folder is updated in place, and put
+    # back whole if anything fails (persist: true in dvc.yaml).
+    with restore_dir_on_failure(INDEX.parent):
+        index = build_index(sources, INDEX.parent, config, params.limits)
     print(describe(index))
     print(f"wrote {INDEX}")
 

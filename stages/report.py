@@ -23,7 +23,7 @@ from pipeline.config import Params, load_params
 from pipeline.detect.calibration import load_calibration
 from pipeline.evaluate.plots import plot_defences
 from pipeline.evaluate.report import ReportInputs, SuiteResult, order_summary, render_report
-from pipeline.io import jsonl_lines, write_text_atomic
+from pipeline.io import jsonl_lines, replace_dir_atomic, write_text_atomic
 from pipeline.layout import (
     CALIBRATION,
     EVAL_DIR,
@@ -149,9 +149,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     for suite in suites:
         params.compare.suite(suite)  # an unknown suite is refused before any work
     out = OUT_ROOT / name
-    inputs = build_inputs(name, suites, params, out)
+    # Built beside data/report/<name> and swapped in whole (persist: true in dvc.yaml).
+    with replace_dir_atomic(out) as staging:
+        inputs = build_inputs(name, suites, params, staging)
+        write_text_atomic(staging / "report.html", render_report(inputs, params.compare.examples_in_report))
     page = out / "report.html"
-    write_text_atomic(page, render_report(inputs, params.compare.examples_in_report))
     print(f"report: {page} ({page.stat().st_size // 1024} KiB); open it in a browser")
 
 

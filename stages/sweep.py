@@ -16,7 +16,7 @@ from pipeline.data.sources import read_index
 from pipeline.detect.heldout import load_eval_data
 from pipeline.detect.sweep import best_pair, score_detectors, score_matrix, sweep_pairs
 from pipeline.evaluate.plots import plot_heatmap
-from pipeline.io import write_json_atomic
+from pipeline.io import replace_dir_atomic, write_json_atomic
 from pipeline.layout import INDEX, STORE, SWEEP, SWEEP_DIR, SWEEP_PLOT
 from stages import run_stage
 
@@ -34,30 +34,32 @@ def main() -> None:
     scores = sweep_pairs(data, params.train)
     best = best_pair(scores, params.train.select_by)
     detectors = score_detectors(data, params.train, best.fusion_layer, best.safety_layer)
-    for key, title in TITLES.items():
-        plot_heatmap(
-            score_matrix(scores, data.layers, key),
-            row_labels=list(data.layers),
-            col_labels=list(data.layers),
-            path=OUT / f"{key}.png",
-            title=title,
-            xlabel="safety layer (h_s)",
-            ylabel="fusion layer (delta_h)",
+    # Built beside data/sweep and swapped in whole (persist: true in dvc.yaml).
+    with replace_dir_atomic(OUT) as out:
+        for key, title in TITLES.items():
+            plot_heatmap(
+                score_matrix(scores, data.layers, key),
+                row_labels=list(data.layers),
+                col_labels=list(data.layers),
+                path=out / f"{key}.png",
+                title=title,
+                xlabel="safety layer (h_s)",
+                ylabel="fusion layer (delta_h)",
+            )
+        write_json_atomic(
+            out / SWEEP.name,
+            {
+                "layers": list(data.layers),
+                "select_by": params.train.select_by,
+                "best": asdict(best),
+                "pairs": [asdict(s) for s in scores],
+                "detectors": [asdict(d) for d in detectors],
+            },
         )
-    write_json_atomic(
-        SWEEP,
-        {
-            "layers": list(data.layers),
-            "select_by": params.train.select_by,
-            "best": asdict(best),
-            "pairs": [asdict(s) for s in scores],
-            "detectors": [asdict(d) for d in detectors],
-        },
-    )
-    write_json_atomic(
-        SWEEP_PLOT,
-        [{"pair": f"lf{s.fusion_layer}-ls{s.safety_layer}", **asdict(s)} for s in scores],
-    )
+        write_json_atomic(
+            out / SWEEP_PLOT.name,
+            [{"pair": f"lf{s.fusion_layer}-ls{s.safety_layer}", **asdict(s)} for s in scores],
+        )
     print(
         f"best pair by {params.train.select_by}: fusion {best.fusion_layer}, safety {best.safety_layer} "
         f"(val AUROC {best.val_auroc:.3f}, held-out-source AUROC {best.cross_source_auroc:.3f})"

@@ -21,7 +21,7 @@ from pipeline.detect.probe import ProbeMeta, auroc_or_nan, best_epoch, save_prob
 from pipeline.detect.shipped import save_detector
 from pipeline.detect.store import ActivationStore
 from pipeline.detect.sweep import choose_detector, read_detector_scores, resolve_layers
-from pipeline.io import write_json_atomic
+from pipeline.io import replace_dir_atomic, write_json_atomic
 from pipeline.layout import INDEX, PROBE_DIR, STORE, SWEEP
 from stages import run_stage
 
@@ -54,23 +54,25 @@ def train_linear(name: str, cfg: TrainConfig, held_out_auroc: float) -> None:
         pieces=[p.label() for p in detector.pieces],
         held_out_auroc=held_out_auroc,
     )
-    save_detector(detector, meta, OUT)
-    write_json_atomic(OUT / "history.json", [])
-    write_json_atomic(
-        OUT / "train_metrics.json",
-        {
-            "detector": name,
-            "pieces": meta.pieces,
-            "held_out_auroc": held_out_auroc,
-            "fusion_layer": lf,
-            "safety_layer": ls,
-            "best_epoch": -1,
-            "best_val_auroc": val_auroc,
-            "n_train": len(inside.train),
-            "n_val": len(inside.val),
-            "options": _options(cfg),
-        },
-    )
+    # Built beside data/probe and swapped in whole (persist: true in dvc.yaml).
+    with replace_dir_atomic(OUT) as out:
+        save_detector(detector, meta, out)
+        write_json_atomic(out / "history.json", [])
+        write_json_atomic(
+            out / "train_metrics.json",
+            {
+                "detector": name,
+                "pieces": meta.pieces,
+                "held_out_auroc": held_out_auroc,
+                "fusion_layer": lf,
+                "safety_layer": ls,
+                "best_epoch": -1,
+                "best_val_auroc": val_auroc,
+                "n_train": len(inside.train),
+                "n_val": len(inside.val),
+                "options": _options(cfg),
+            },
+        )
     print(
         f"shipped detector: {detector.describe()} "
         f"(held-out-source AUROC {held_out_auroc:.3f}, val AUROC {val_auroc:.3f})"
@@ -113,23 +115,25 @@ def main() -> None:
         detector=LSI,
         held_out_auroc=chosen.held_out_auroc,
     )
-    save_probe(probe, meta, OUT)
-    write_json_atomic(OUT / "history.json", [asdict(r) for r in history])
-    write_json_atomic(
-        OUT / "train_metrics.json",
-        {
-            "fusion_layer": fusion_layer,
-            "safety_layer": safety_layer,
-            "best_epoch": best.epoch,
-            "best_val_auroc": best.val_auroc,
-            "best_val_loss": best.val_loss,
-            "detector": LSI,
-            "held_out_auroc": chosen.held_out_auroc,
-            "n_train": len(sources["train"]),
-            "n_val": len(sources["val"]),
-            "options": _options(cfg),
-        },
-    )
+    # Built beside data/probe and swapped in whole (persist: true in dvc.yaml).
+    with replace_dir_atomic(OUT) as out:
+        save_probe(probe, meta, out)
+        write_json_atomic(out / "history.json", [asdict(r) for r in history])
+        write_json_atomic(
+            out / "train_metrics.json",
+            {
+                "fusion_layer": fusion_layer,
+                "safety_layer": safety_layer,
+                "best_epoch": best.epoch,
+                "best_val_auroc": best.val_auroc,
+                "best_val_loss": best.val_loss,
+                "detector": LSI,
+                "held_out_auroc": chosen.held_out_auroc,
+                "n_train": len(sources["train"]),
+                "n_val": len(sources["val"]),
+                "options": _options(cfg),
+            },
+        )
     print(
         f"layers fusion {fusion_layer} / safety {safety_layer}: best epoch {best.epoch}, "
         f"val AUROC {best.val_auroc:.3f} (train n={len(sources['train'])})"

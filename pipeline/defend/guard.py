@@ -65,19 +65,16 @@ from pipeline.detect.shipped import load_detector
 from pipeline.errors import LSIGuardError
 from pipeline.layout import CALIBRATION, PARAMS, PROBE_DIR
 from pipeline.models.base import ModelAdapter, ModelLoadError, Request, check_layers
+from pipeline.models.literal import RequestTooLong
 from pipeline.models.registry import load_adapter
 from pipeline.models.session import PrefixNotShared, PrefixSession, supports_prefix_sessions
 
 if TYPE_CHECKING:
     from pipeline.explain.attribution import Attribution
 
-try:
-    # The token limit is enforced by the adapters when they tokenise (pipeline.models.limits).
-    from pipeline.models.limits import RequestTooLong
-except ModuleNotFoundError:  # adapters without a token limit raise nothing of the kind
-    REQUEST_LIMIT_ERRORS: tuple[type[Exception], ...] = (RequestTooLarge, ImageTooLarge, RequestTimedOut)
-else:
-    REQUEST_LIMIT_ERRORS = (RequestTooLarge, ImageTooLarge, RequestTooLong, RequestTimedOut)
+# Over a limit or out of time: refused with the error, whatever on_error says. The token limit is
+# enforced by the adapters when they tokenise (pipeline.models.literal).
+REQUEST_LIMIT_ERRORS: tuple[type[Exception], ...] = (RequestTooLarge, ImageTooLarge, RequestTooLong, RequestTimedOut)
 
 DEFAULT_REFUSAL_MESSAGE = "I'm sorry, but I can't help with that request."
 REFUSE, ANSWER, ROUTE_ECSO = "refuse", "answer", "ecso"

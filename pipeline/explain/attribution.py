@@ -70,6 +70,14 @@ def intent_attribution(
         raise ValueError(f"steps must be at least {len(PATH_SEGMENTS) - 1} (one per path segment), got {steps}")
     if not request.text:
         raise ValueError("cannot attribute an empty request text")
+    control = [s for s in getattr(adapter, "added_tokens", ()) if s in request.text]
+    if control:
+        # Attribution maps tokens to characters with the tokenizer's offsets, which read these
+        # strings as control tokens; the guard reads them as text, so the two would differ.
+        raise ValueError(
+            f"cannot attribute a request that contains the model's control strings ({', '.join(control)}): "
+            "the guard reads them as plain text, attribution cannot yet"
+        )
     if isinstance(adapter, EmbeddedAdapter):
         run = embedded_attribution
     elif isinstance(adapter, HFVisionLanguageAdapter):

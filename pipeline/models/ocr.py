@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
+from pipeline.config import DEFAULT_LIMITS
+from pipeline.data.images import ImageError, image_size, load_image
 from pipeline.errors import LSIGuardError
 from pipeline.io import write_text_atomic
 
@@ -177,9 +177,12 @@ class ImageReader:
     The OCR engine is built lazily, so loading a model for text-only work costs nothing.
     """
 
-    def __init__(self, cache_dir: Path | None = None, min_score: float = 0.5) -> None:
+    def __init__(
+        self, cache_dir: Path | None = None, min_score: float = 0.5, max_pixels: int = DEFAULT_LIMITS.max_image_pixels
+    ) -> None:
         self.cache_dir = cache_dir
         self.min_score = min_score
+        self.max_pixels = max_pixels
         self._engine: Any = None
         self._lock = threading.Lock()
 
@@ -213,16 +216,17 @@ class ImageReader:
         Unreadable files raise :class:`UnreadableImage`.
         """
         path = Path(path)
-        digest = _file_sha256(path)
-        cached = self._cache_get(digest)
-        if cached is not None:
-            return cached
         try:
-            with Image.open(path) as image:
-                image.load()
-                rgb = image.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise UnreadableImage(f"{path}: not a readable image ({exc})") from None
+            # The size first, from the header: a cached reading must not let an oversized file through.
+            image_size(path, self.max_pixels)
+            digest = _file_sha256(path)
+            cached = self._cache_get(digest)
+            if cached is not None:
+                return cached
+            # The same decoding as every other reader of request images (corrupt pixel data refused).
+            rgb = load_image(path, self.max_pixels)
+        except ImageError as exc:
+            raise UnreadableImage(str(exc)) from None
         import numpy as np
 
         output = self._run_engine(np.asarray(rgb)[:, :, ::-1])  # RapidOCR expects BGR like OpenCV

@@ -23,7 +23,7 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "run"
     write_run(folder)
     (folder / "params.yaml").write_text("guard:\n  policy: lsi\n")
-    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config: BrokenImageAdapter())
+    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config, *_: BrokenImageAdapter())
     return folder
 
 
@@ -96,7 +96,7 @@ class FailingAnswers(FakeAdapter):
 
 
 def test_an_answer_that_fails_is_recorded_and_exits_1(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config: FailingAnswers())
+    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config, *_: FailingAnswers())
     status, [record] = run_cli("generate", "--run", str(run), "--text", "Write a poem")
     assert status == 1
     assert record["action"] is None and record["response"] is None and "out of memory" in record["error"]
@@ -200,9 +200,7 @@ def test_a_bad_output_is_refused_before_the_model_loads(
 def test_a_request_over_the_token_limit_is_recorded_and_the_rest_are_checked(
     run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.defend.guard import REQUEST_LIMIT_ERRORS
-
-    too_long = REQUEST_LIMIT_ERRORS[0]
+    from pipeline.models.literal import RequestTooLong as too_long
 
     class TokenLimited(BrokenImageAdapter):
         def last_token_states(self, requests, layers):  # type: ignore[no-untyped-def]
@@ -210,7 +208,7 @@ def test_a_request_over_the_token_limit_is_recorded_and_the_rest_are_checked(
                 raise too_long("the user turn is 9000 tokens, over limits.max_request_tokens = 2048")
             return super().last_token_states(requests, layers)
 
-    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config: TokenLimited())
+    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config, *_: TokenLimited())
     requests = tmp_path / "requests.jsonl"
     requests.write_text('{"text": "bomb"}\n{"text": "an endless story"}\n{"text": "Write a poem"}\n')
     output = tmp_path / "results.jsonl"

@@ -269,7 +269,7 @@ def test_stage_main_end_to_end_with_fakes(tmp_path: Path, monkeypatch: pytest.Mo
     index = pl.DataFrame([rows[i] for i in np.random.default_rng(1).permutation(len(rows))])
     adapter = FakeAdapter()
     monkeypatch.setattr(stage, "read_index", lambda path: index)
-    monkeypatch.setattr(stage, "load_adapter", lambda config: adapter)
+    monkeypatch.setattr(stage, "load_adapter", lambda config, *_: adapter)
 
     stage.main()
 

@@ -41,6 +41,7 @@ from pipeline.detect.extraction import row_request
 from pipeline.detect.probe import LSIProbe, ProbeMeta, save_probe
 from pipeline.io import write_json_atomic, write_jsonl_atomic
 from pipeline.models.base import ModelInfo, Request, RequestGroup
+from pipeline.models.literal import RequestTooLong
 from pipeline.models.ocr import OCRLine
 from pipeline.testing.tiny_embedded import HIDDEN as TINY_HIDDEN
 from pipeline.testing.tiny_embedded import tiny_embedded, tiny_llama, tiny_probe
@@ -311,7 +312,7 @@ def write_run(folder: Path, model_path: str = "data/model/fake") -> None:
 def test_from_run_loads_params_probe_calibration_and_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_run(tmp_path / "run")
     seen = []
-    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config: seen.append(config) or FakeAdapter())
+    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config, *_: seen.append(config) or FakeAdapter())
     guard = Guard.from_run(tmp_path / "run")
     assert guard.tau == 0.4
     assert guard.config.policy == "lsi_then_ecso" and guard.config.ecso_margin == 0.2
@@ -538,7 +539,7 @@ def test_stage_main_end_to_end_with_fakes(tmp_path: Path, monkeypatch: pytest.Mo
     adapter = FakeAdapter()
     save_calibration(Calibration(TAU, 0.05, 0.0, 1.0, 10, 10), Path("data/calibration/calibration.json"))
     monkeypatch.setattr(stage, "read_index", lambda path: index)
-    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config: adapter)
+    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config, *_: adapter)
 
     stage.main()
 
@@ -650,7 +651,7 @@ class TooLongAdapter(FakeAdapter):
     """A model whose tokeniser finds every request over the token limit."""
 
     def last_token_states(self, requests: Sequence[Request], layers: Sequence[int]) -> torch.Tensor:
-        raise REQUEST_LIMIT_ERRORS[0]("the user turn is 9,000 tokens, over limits.max_request_tokens = 2048")
+        raise RequestTooLong("the user turn is 9,000 tokens, over limits.max_request_tokens = 2048")
 
 
 def test_a_limit_the_model_finds_is_not_turned_into_an_answer() -> None:

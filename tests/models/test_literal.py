@@ -162,3 +162,13 @@ def test_every_family_refuses_an_over_long_request(family_adapter: HFVisionLangu
             family_adapter.encode([Request("word " * 40)])
     finally:
         family_adapter.max_request_tokens = limit
+
+
+def test_attribution_refuses_control_strings(gguf_tokenizer: PreTrainedTokenizerBase) -> None:
+    from pipeline.config import ContrastivePrompts
+    from pipeline.explain.attribution import intent_attribution
+    from pipeline.explain.targets import contrast_target
+
+    adapter = tiny_embedded(tiny_llama(gguf_tokenizer), gguf_tokenizer, ())
+    with pytest.raises(ValueError, match="control strings"):
+        intent_attribution(adapter, Request("hi<|im_end|>"), ContrastivePrompts(), contrast_target(1), steps=4)
