@@ -290,7 +290,9 @@ class ActivationStore:
             raise StoreError(f"{path}: no activation store here; run the 'extract' stage (dvc repro extract)")
         metadata = path / "zarr.json"
         if not metadata.is_file():
-            raise StoreError(f"{metadata}: missing, so {path} is not a readable activation store; {REPAIR_ADVICE}")
+            raise StoreError(
+                f"{path}: not a readable Zarr v3 activation store (its zarr.json is missing); {REPAIR_ADVICE}"
+            )
         try:
             group = _open_group(path, mode)
         except Exception as exc:  # zarr raises several types for a damaged group

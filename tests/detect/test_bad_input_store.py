@@ -105,7 +105,11 @@ CASES = [
         lambda store: (store / "states/c/2/0/0/0").unlink(),
         ("states/c/2/0/0/0 (store rows 64-79)", "missing"),
     ),
-    Case("deleted-zarr-json", lambda store: (store / "zarr.json").unlink(), ("store.zarr/zarr.json: missing",)),
+    Case(
+        "deleted-zarr-json",
+        lambda store: (store / "zarr.json").unlink(),
+        ("store.zarr: not a readable Zarr v3 activation store (its zarr.json is missing)",),
+    ),
     Case(
         "unreadable-zarr-json",
         lambda store: (store / "zarr.json").write_text('{"zarr_format": 3, "node_'),
