@@ -4,6 +4,7 @@
     lsi-guard generate --text "..." [--image ...]                 # refuse, answer, or ECSO
     lsi-guard generate --input requests.jsonl --output results.jsonl
     lsi-guard demo                                                # the local web demo
+    lsi-guard verify-store data/activations/store.zarr            # check every chunk of a store
     lsi-guard --version                                           # also: python -m lsi_guard_app ...
 
 Every command reads the run in ``--run`` (default: the current folder, after ``bash scripts/run.sh``)
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
     demo.add_argument("--port", type=int, default=7860)
     _common(demo)
+    _add_verify_store(commands)
     return parser
 
 
@@ -265,6 +267,8 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 some request failed, 2 bad input or set-up)."""
     args = build_parser().parse_args(argv)
     stdout = stdout or sys.stdout
+    if args.command == "verify-store":
+        return verify_store_command(args.path, stdout)
     logging.basicConfig(level=logging.WARNING, format="lsi-guard: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
         if args.command == "demo":
@@ -314,6 +318,33 @@ def _run_limits(run: Path) -> LimitsConfig:
     """The ``limits`` section of the run's params.yaml (the defaults when there is none: loading the guard says so)."""
     params = Path(run) / PARAMS
     return load_params(params).limits if params.is_file() else LimitsConfig()
+
+
+def _add_verify_store(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "verify-store", help="check every chunk, shard index and attribute of an activation store (reads only)"
+    )
+    sub.add_argument("path", type=Path, help="the store folder, e.g. data/activations/store.zarr")
+
+
+def verify_store_command(path: Path, stdout: TextIO) -> int:
+    """verify-store: one line per problem, then a total; exit 0 if sound, 1 on problems, 2 if no store."""
+    # Imported here: zarr and dask are only needed by this command.
+    from pipeline.detect.store_verify import verify_store
+
+    try:
+        problems = verify_store(path, progress=True)
+    except LSIGuardError as exc:
+        print(f"lsi-guard: error: {exc}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"{path}: {problem}", file=stdout)
+    if problems:
+        noun = "problem" if len(problems) == 1 else "problems"
+        print(f"{path}: {len(problems)} {noun} found; fetch the store again or rerun the 'extract' stage", file=stdout)
+        return 1
+    print(f"{path}: no problems: every chunk, shard index and attribute checked", file=stdout)
+    return 0
 
 
 def _image_field(image: Path | None) -> str | None:

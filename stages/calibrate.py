@@ -12,6 +12,7 @@ from pipeline.config import CalibrateConfig, load_params
 from pipeline.data.sources import read_index
 from pipeline.detect.calibration import Calibration, calibrate, reliability_rows, save_calibration
 from pipeline.detect.heldout import held_out_scores, load_eval_data
+from pipeline.detect.provenance import open_store
 from pipeline.detect.shipped import load_detector
 from pipeline.evaluate.plots import plot_reliability
 from pipeline.io import replace_dir_atomic, write_json_atomic
@@ -64,7 +65,7 @@ def main() -> None:
     params = load_params()
     detector, meta = load_detector(PROBE_DIR)
     index = read_index(INDEX)
-    data = load_eval_data(index, STORE)
+    data = load_eval_data(index, open_store(params, STORE))
     rows = np.flatnonzero(index["split"].to_numpy() == "calib")
     if params.calibrate.held_out:
         # Each calibration row scored by a detector of the same kind fitted without its source.

@@ -18,6 +18,7 @@ from pipeline.config import Params, load_params
 from pipeline.data.sources import read_index
 from pipeline.detect.calibration import expected_calibration_error, load_calibration, reliability_rows
 from pipeline.detect.heldout import in_source_setting, load_eval_data
+from pipeline.detect.provenance import open_store
 from pipeline.detect.shipped import load_detector
 from pipeline.detect.store import ActivationStore
 from pipeline.evaluate.detection import (
@@ -40,10 +41,9 @@ from stages import run_stage
 OUT = EVAL_DIR
 
 
-def refusal_direction_scores(params: Params) -> np.ndarray:
+def refusal_direction_scores(params: Params, store: ActivationStore) -> np.ndarray:
     """The training-free HiddenDetect-style score of every store row (plain framing), from the model's head."""
     readout = readout_from_adapter(load_adapter(params.model), params.evaluate.refusal_words)
-    store = ActivationStore.open(STORE)
     similarities = store_similarities(store, readout)
     return refusal_scores(similarities, list(store.provenance.layers), list(params.evaluate.refusal_layers))
 
@@ -63,7 +63,9 @@ def main() -> None:
     shipped, meta = load_detector(PROBE_DIR)
     calibration = load_calibration(CALIBRATION)
     index = read_index(INDEX)
-    data = load_eval_data(index, STORE, refusal_direction_scores(params))
+    # Checked before the model loads: a store from another setup is refused by field name.
+    store = open_store(params, STORE)
+    data = load_eval_data(index, store, refusal_direction_scores(params, store))
     lf, ls = meta.fusion_layer, meta.safety_layer
     inside = in_source_setting(index)
 

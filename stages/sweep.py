@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pipeline.config import load_params
 from pipeline.data.sources import read_index
 from pipeline.detect.heldout import load_eval_data
+from pipeline.detect.provenance import open_store
 from pipeline.detect.sweep import best_pair, score_detectors, score_matrix, sweep_pairs
 from pipeline.evaluate.plots import plot_heatmap
 from pipeline.io import replace_dir_atomic, write_json_atomic
@@ -30,7 +31,7 @@ TITLES = {
 def main() -> None:
     """Sweep, then write the scores, the chosen pair and the heatmaps."""
     params = load_params()
-    data = load_eval_data(read_index(INDEX), STORE)
+    data = load_eval_data(read_index(INDEX), open_store(params, STORE))
     scores = sweep_pairs(data, params.train)
     best = best_pair(scores, params.train.select_by)
     detectors = score_detectors(data, params.train, best.fusion_layer, best.safety_layer)

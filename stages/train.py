@@ -18,6 +18,7 @@ from pipeline.detect.detector import LSI, LinearDetector
 from pipeline.detect.features import StoreFeatures
 from pipeline.detect.heldout import fit_detector, in_source_setting, load_eval_data
 from pipeline.detect.probe import ProbeMeta, auroc_or_nan, best_epoch, save_probe, train_probe
+from pipeline.detect.provenance import open_store
 from pipeline.detect.shipped import save_detector
 from pipeline.detect.store import ActivationStore
 from pipeline.detect.sweep import choose_detector, read_detector_scores, resolve_layers
@@ -33,10 +34,10 @@ def _options(cfg: TrainConfig) -> dict[str, object]:
     return {k: getattr(cfg, k) for k in ("lr", "standardize", "weight_decay", "class_weight", "chunk_rows")}
 
 
-def train_linear(name: str, cfg: TrainConfig, held_out_auroc: float) -> None:
+def train_linear(name: str, cfg: TrainConfig, held_out_auroc: float, store: ActivationStore) -> None:
     """Fit linear probe ``name`` on the train split (its layer, if it picks one, on val) and write it."""
     index = read_index(INDEX)
-    data = load_eval_data(index, STORE)
+    data = load_eval_data(index, store)
     inside = in_source_setting(index)
     lf, ls = int(cfg.fusion_layer), int(cfg.safety_layer)
     detector = fit_detector(data, inside, name, cfg, lf, ls)
@@ -49,7 +50,7 @@ def train_linear(name: str, cfg: TrainConfig, held_out_auroc: float) -> None:
         safety_layer=ls,
         best_epoch=-1,
         best_val_auroc=val_auroc,
-        store_provenance=ActivationStore.open(STORE).provenance.to_json(),
+        store_provenance=store.provenance.to_json(),
         detector=name,
         pieces=[p.label() for p in detector.pieces],
         held_out_auroc=held_out_auroc,
@@ -86,11 +87,12 @@ def main() -> None:
     fusion_layer, safety_layer = resolve_layers(cfg.fusion_layer, cfg.safety_layer, cfg.select_by, SWEEP)
     cfg = replace(cfg, fusion_layer=fusion_layer, safety_layer=safety_layer)
     chosen = choose_detector(read_detector_scores(SWEEP), params.guard.detector)
+    # Refuses a store written under another setup than params.yaml and the model folder say.
+    store = open_store(params, STORE)
     if chosen.name != LSI:
-        train_linear(chosen.name, cfg, chosen.held_out_auroc)
+        train_linear(chosen.name, cfg, chosen.held_out_auroc, store)
         return
     index = read_index(INDEX)
-    store = ActivationStore.open(STORE)
     sources = {}
     for split in ("train", "val"):
         part = index.filter(index["split"] == split)

@@ -15,8 +15,9 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from pipeline.config import VARIANTS, ContrastivePrompts, ExtractConfig
+from pipeline.config import ContrastivePrompts, ExtractConfig
 from pipeline.detect.features import states_for_requests
+from pipeline.detect.provenance import provenance_for
 from pipeline.detect.store import ActivationStore, Provenance, StoreError, delete_store
 from pipeline.errors import LSIGuardError
 from pipeline.models.base import ModelAdapter, Request
@@ -27,19 +28,12 @@ class ExtractionError(LSIGuardError, ValueError):
 
 
 def store_provenance(adapter: ModelAdapter, prompts: ContrastivePrompts, layers: Sequence[int]) -> Provenance:
-    """The provenance a store written by ``adapter`` under these prompts and layers carries."""
-    info = adapter.info
-    return Provenance(
-        model_name=info.name,
-        model_revision=info.revision,
-        model_dtype=info.dtype,
-        template_benign=prompts.benign,
-        template_malicious=prompts.malicious,
-        prompt_position=prompts.position,
-        variants=VARIANTS,
-        layers=tuple(layers),
-        hidden_size=info.hidden_size,
-    )
+    """The provenance a store written by ``adapter`` under these prompts and layers carries.
+
+    Readers compare it with :func:`~pipeline.detect.provenance.expected_provenance`, built by the
+    same :func:`~pipeline.detect.provenance.provenance_for` from the model folder's metadata.
+    """
+    return provenance_for(adapter.info, prompts, layers)
 
 
 def row_request(row: Mapping[str, Any]) -> Request:

@@ -98,12 +98,24 @@ def rows_in_order(lazy: da.Array, positions: np.ndarray, path: Path) -> np.ndarr
     """Rows ``positions`` of a lazy store array, in that order, as float32; unwritten (NaN) rows are an error.
 
     Rows are read in store order, a few contiguous shards at a time, then put back in the caller's order.
+    A damaged shard is a :class:`~pipeline.detect.store.StoreError` raised by the store's reader.
     """
-    block = np.asarray(lazy[np.sort(positions)].compute(), dtype=np.float32)
-    block = block[np.argsort(np.argsort(positions))]
-    if np.isnan(block).any():
-        raise ValueError(f"{path}: NaN states (unwritten rows) among the requested rows")
-    return block
+    ordered = np.sort(positions)
+    block = np.asarray(lazy[ordered].compute(), dtype=np.float32)
+    _refuse_nan(block, ordered, path)
+    return block[np.argsort(np.argsort(positions))]
+
+
+def _refuse_nan(block: np.ndarray, positions: np.ndarray, path: Path) -> None:
+    """Refuse NaN states (rows of an unfinished store), naming the first store rows that hold them."""
+    bad = np.flatnonzero(np.isnan(block.reshape(len(block), -1)).any(axis=1))
+    if len(bad):
+        # Imported here: the guard imports this module and never needs zarr.
+        from pipeline.detect.store import StoreError
+
+        rows = [int(positions[i]) for i in bad[:5]]
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise StoreError(f"{path}: NaN states (unwritten rows) at store rows {rows}{more}; rerun the 'extract' stage")
 
 
 class FeatureSource(Protocol):
@@ -190,9 +202,9 @@ class StoreFeatures:
     def read(self, start: int, stop: int) -> LSIFeatures:
         if self._last is not None and self._last[:2] == (start, stop):
             return self._last[2]
-        block = np.asarray(self.framed[self.positions[start:stop]].compute(), dtype=np.float32)
-        if np.isnan(block).any():
-            raise ValueError(f"{self.path}: NaN states (unwritten rows) among the requested rows")
+        positions = self.positions[start:stop]
+        block = np.asarray(self.framed[positions].compute(), dtype=np.float32)
+        _refuse_nan(block, positions, self.path)
         features = features_from_states(block, self.layers, self.fusion_layer, self.safety_layer)
         self._last = (start, stop, features)
         return features
@@ -203,7 +215,9 @@ def store_positions(store: ActivationStore, row_ids: np.ndarray) -> np.ndarray:
     position = {int(r): i for i, r in enumerate(store.row_ids)}
     missing = [int(r) for r in row_ids if int(r) not in position]
     if missing:
-        raise ValueError(
+        from pipeline.detect.store import StoreError  # see _refuse_nan
+
+        raise StoreError(
             f"{store.path}: rows {missing[:5]}{'...' if len(missing) > 5 else ''} of the index are not in the store; "
             "the index changed since extraction: rerun 'extract'"
         )

@@ -9,7 +9,6 @@ from a new source will be.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -83,15 +82,16 @@ class Setting:
     test: np.ndarray
 
 
-def load_eval_data(index: pl.DataFrame, store_path: Path, refusal: np.ndarray | None = None) -> EvalData:
+def load_eval_data(index: pl.DataFrame, store: ActivationStore, refusal: np.ndarray | None = None) -> EvalData:
     """Every index row's stored states (all framings and layers) in index order.
 
-    ``refusal``: per-store-row refusal-direction scores, reordered here to the index's order.
+    ``store`` is opened by the caller, with the provenance it expects
+    (:func:`~pipeline.detect.provenance.open_store`); every shard read is checked against its
+    checksums. ``refusal``: per-store-row refusal-direction scores, reordered here to the index's order.
     """
-    store = ActivationStore.open(store_path)
     positions = store_positions(store, index["row_id"].to_numpy())
     layers = tuple(store.provenance.layers)
-    states = rows_in_order(store.layer_states(list(layers)), positions, store_path)
+    states = rows_in_order(store.layer_states(list(layers)), positions, store.path)
     return EvalData(index, states, layers, None if refusal is None else refusal[positions])
 
 

@@ -217,3 +217,48 @@ def test_a_request_over_the_token_limit_is_recorded_and_the_rest_are_checked(
         first, second, third = (json.loads(line) for line in output.read_text().splitlines())
         assert first["action"] == "refuse" and third["action"] == "answer"
         assert second["action"] is None and "max_request_tokens" in second["error"]
+
+
+def sound_store(path: Path) -> Path:
+    """A finished, undamaged store at ``path``."""
+    from tests.detect.test_store import provenance
+    from tests.detect.test_store_integrity import HIDDEN, write_sound_store
+
+    write_sound_store(path, provenance(hidden_size=HIDDEN))
+    return path
+
+
+def test_verify_store_passes_a_sound_store(tmp_path: Path) -> None:
+    store = sound_store(tmp_path / "store.zarr")
+    out = io.StringIO()
+    assert main(["verify-store", str(store)], stdout=out) == 0
+    assert out.getvalue() == f"{store}: no problems: every chunk, shard index and attribute checked\n"
+
+
+def test_verify_store_lists_every_problem_then_a_total(tmp_path: Path) -> None:
+    store = sound_store(tmp_path / "store.zarr")
+    shard = store / "states/c/0/0/0/0"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0x01  # inside the first chunk
+    shard.write_bytes(bytes(data))
+    (store / "states/c/2/0/0/0").unlink()
+    metadata = json.loads((store / "zarr.json").read_text())
+    metadata["attributes"]["complete"] = False
+    (store / "zarr.json").write_text(json.dumps(metadata))
+    out = io.StringIO()
+    assert main(["verify-store", str(store)], stdout=out) == 1
+    assert out.getvalue().splitlines() == [
+        f"{store}: zarr.json: attribute 'complete' is not true: extraction did not finish",
+        f"{store}: states/c/0/0/0/0 (store rows 0-15): a chunk fails its crc32c checksum"
+        " (its bytes changed since they were written)",
+        f"{store}: states/c/2/0/0/0 (store rows 64-79): the shard file is missing",
+        f"{store}: 3 problems found; fetch the store again or rerun the 'extract' stage",
+    ]
+
+
+def test_verify_store_without_a_store_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify-store", str(tmp_path / "nothing.zarr")]) == 2
+    assert "nothing.zarr: no activation store here" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["verify-store"])
+    assert exit_info.value.code == 2
