@@ -13,5 +13,5 @@ from lsi_guard_app.web.app import main
 from tests.defend.test_guard import FakeAdapter
 
 if __name__ == "__main__":
-    pipeline.defend.guard.load_adapter = lambda config: FakeAdapter()  # type: ignore[assignment]
+    pipeline.defend.guard.load_adapter = lambda config, *_: FakeAdapter()  # type: ignore[assignment]
     sys.exit(main(["--run", sys.argv[1], "--port", sys.argv[2]]))
