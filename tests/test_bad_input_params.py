@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_params
+from tests.snapshots import file_digest
 
 
 @dataclass(frozen=True)
@@ -102,20 +102,16 @@ CASES = [
 ]
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_params_are_refused_by_key_and_leave_outputs_alone(tmp_path: Path, case: BadParams) -> None:
     earlier = tmp_path / "data" / "prepared" / "summary.json"
     earlier.parent.mkdir(parents=True)
     earlier.write_text('{"rows": 3}\n')
-    before = _digest(earlier)
+    before = file_digest(earlier)
     params = tmp_path / "params.yaml"
     params.write_text(case.yaml)
     with pytest.raises(ConfigError) as info:
         load_params(params)
     assert re.search(rf"^{re.escape(str(params))}: {case.expect}", str(info.value), re.DOTALL), str(info.value)
-    assert _digest(earlier) == before
+    assert file_digest(earlier) == before
     assert sorted(p.name for p in earlier.parent.iterdir()) == ["summary.json"]

@@ -3,7 +3,6 @@ input (``--text``, ``--image``, ``file:line`` or the option) and leaves earlier 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from lsi_guard_app.cli import main
 from tests.defend.test_guard import write_run
+from tests.snapshots import folder_digests
 
 MEGABYTE_TEXT = "x" * 1_000_000
 
@@ -98,15 +98,6 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-def digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder``, by relative path."""
-    return {
-        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
-
-
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_cli_input_exits_2_naming_it_and_leaves_earlier_results(
     case: Case, run: Path, tmp_path: Path, huge_png: Path, corrupt_png: Path, capsys: pytest.CaptureFixture[str]
@@ -126,11 +117,11 @@ def test_bad_cli_input_exits_2_naming_it_and_leaves_earlier_results(
     args = [fill(arg) for arg in case.args] + ["--run", str(run)]
     if "--output" not in args:
         args += ["--output", str(folder / "results.jsonl")]
-    before = digests(folder)
+    before = folder_digests(folder)
     try:
         status = main(args)
     except SystemExit as exit_info:  # argparse refuses bad options itself
         status = exit_info.code
     assert status == 2
     assert fill(case.message) in capsys.readouterr().err
-    assert digests(folder) == before
+    assert folder_digests(folder) == before

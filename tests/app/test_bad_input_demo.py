@@ -4,7 +4,6 @@ each bad request gets the error panel naming what is wrong, and the files the de
 
 from __future__ import annotations
 
-import hashlib
 import html
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,9 @@ import pytest
 from lsi_guard_app.web import app
 from pipeline.config import ContrastivePrompts
 from pipeline.defend.guard import Guard
+from tests.defend.test_bad_input_api import ExpiredClock
 from tests.defend.test_guard import TAU, FakeAdapter, hand_set_probe
+from tests.snapshots import folder_digests
 
 MEGABYTE_TEXT = "x" * 1_000_000
 
@@ -58,26 +59,6 @@ CASES = [
 ]
 
 
-class ExpiredClock:
-    """Reads 0 when the deadline is set and an hour later ever after."""
-
-    def __init__(self) -> None:
-        self.reads = 0
-
-    def __call__(self) -> float:
-        self.reads += 1
-        return 0.0 if self.reads == 1 else 3600.0
-
-
-def digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder``, by relative path."""
-    return {
-        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
-
-
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_demo_input_shows_the_error_panel_and_leaves_earlier_files(
     case: Case, tmp_path: Path, huge_png: Path, corrupt_png: Path
@@ -98,10 +79,10 @@ def test_bad_demo_input_shows_the_error_panel_and_leaves_earlier_files(
     image: object = None if case.image is None else fill(case.image)
     if case.upload:
         image = {"path": image, "orig_name": Path(str(image)).name}
-    before = digests(work)
+    before = folder_digests(work)
     panel, answer, *_ = respond(image, case.text, case.policy, True)
     panel = html.unescape(str(panel))
     assert "Cannot check this request" in panel and answer == ""
     assert fill(case.message) in panel
     assert adapter.generate_calls == []  # nothing was answered
-    assert digests(work) == before
+    assert folder_digests(work) == before

@@ -7,7 +7,6 @@ earlier run, and checks both the message and that every earlier file is byte-ide
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from PIL import Image
 from pipeline.config import DEFAULT_LIMITS, PrepareConfig
 from pipeline.data.sources import DatasetError, build_index
 from tests.data.conftest import corrupt_idat_bytes, huge_png_bytes
+from tests.snapshots import folder_digests
 
 
 def _row(i: int, label: str = "benign", **extra: Any) -> dict[str, Any]:
@@ -136,14 +136,6 @@ def _write_source(path: Path, bad_line: str) -> None:
     path.write_text("\n".join([*good[:3], bad_line, *good[3:]]) + "\n", encoding="utf-8")
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 @pytest.fixture
 def earlier_index(tmp_path: Path) -> Path:
     """An output folder holding an earlier run's index, summary and images."""
@@ -168,11 +160,11 @@ def test_bad_source_fails_by_line_and_keeps_the_earlier_index(
     case.setup(folder)
     source = folder / "bad.jsonl"
     _write_source(source, case.line)
-    before = _digests(earlier_index)
+    before = folder_digests(earlier_index)
     assert {"index.parquet", "summary.json"} <= set(before) and any(name.startswith("images/") for name in before)
     with pytest.raises(DatasetError) as info:
         build_index([source], earlier_index, PrepareConfig(), DEFAULT_LIMITS)
     message = str(info.value)
     assert re.search(rf"^{re.escape(str(source))}:4: {case.expect}", message), message
-    assert _digests(earlier_index) == before
+    assert folder_digests(earlier_index) == before
     assert not [p for p in earlier_index.rglob("*") if p.name.endswith(".tmp")]

@@ -3,7 +3,6 @@ request, whatever ``on_error`` says, before the model is asked, and earlier resu
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pipeline.defend.guard import Guard, response_record
 from pipeline.io import write_jsonl_atomic
 from pipeline.models.base import Request
 from tests.defend.test_guard import TAU, FakeAdapter, hand_set_probe
+from tests.snapshots import file_digest
 
 MEGABYTE_TEXT = "x" * 1_000_000
 
@@ -89,10 +89,6 @@ CASES = [
 ]
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_api_input_raises_before_the_model_and_leaves_earlier_results(
     case: Case, tmp_path: Path, huge_png: Path
@@ -103,9 +99,9 @@ def test_bad_api_input_raises_before_the_model_and_leaves_earlier_results(
     guard = Guard(adapter, probe, meta, TAU, ContrastivePrompts(), GuardConfig(on_error="answer", policy=case.policy))
     results = tmp_path / "results.jsonl"
     write_jsonl_atomic(results, [response_record(guard.generate(None, "Write a poem about spring"))])
-    before, calls = digest(results), (len(adapter.state_calls), len(adapter.generate_calls))
+    before, calls = file_digest(results), (len(adapter.state_calls), len(adapter.generate_calls))
     with pytest.raises(case.error) as info:
         case.call(guard, huge_png)
     assert case.message.replace("{huge}", str(huge_png)) in str(info.value)
     assert (len(adapter.state_calls), len(adapter.generate_calls)) == calls  # no model work
-    assert digest(results) == before
+    assert file_digest(results) == before

@@ -11,7 +11,6 @@ activation store.
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import os
 import subprocess
@@ -27,6 +26,8 @@ import yaml
 from pipeline.config import VARIANTS
 from pipeline.detect.store import ActivationStore, Provenance
 from tests.paths import PROJECT_ROOT
+from tests.snapshots import folder_digests
+from tests.stages.test_pipeline_dvc import tiny_requests
 
 DVC_YAML = PROJECT_ROOT / "dvc.yaml"
 DEV_DVC_YAML = PROJECT_ROOT / "dev" / "dvc.yaml"
@@ -63,12 +64,7 @@ def imported_names(module: Path) -> set[str]:
 def digest_tree(*folders: Path) -> dict[str, str]:
     """Every file under the folders (path relative to the project) with the SHA-256 of its bytes."""
     root = folders[0].parent.parent
-    return {
-        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-        for folder in folders
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
+    return {key: value for folder in folders for key, value in folder_digests(folder, root).items()}
 
 
 def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -235,21 +231,6 @@ def test_without_persist_dvc_deletes_the_outputs_and_checkout_restores_them(tmp_
 # The real stages.
 
 
-def tiny_source(path: Path, per_group: int = 4) -> int:
-    """A few demo requests per (label, category); returns the number of rows."""
-    seen: dict[tuple[str, str], int] = {}
-    keep = []
-    for line in (PROJECT_ROOT / "data" / "demo" / "requests.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        key = (row["label"], row["category"])
-        if seen.get(key, 0) < per_group:
-            seen[key] = seen.get(key, 0) + 1
-            keep.append(line)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(keep) + "\n")
-    return len(keep)
-
-
 def synthetic_store(path: Path, rows: int, layers: tuple[int, ...] = (0, 1, 2), hidden: int = 8) -> None:
     """A complete activation store of random states for rows ``0..rows-1`` (the index numbers rows from 0)."""
     provenance = Provenance(
@@ -273,7 +254,8 @@ def test_failed_real_train_and_prepare_leave_probe_and_index_byte_identical(tmp_
     project = tmp_path / "project"
     real = stages_of(DVC_YAML)
     source = project / "data" / "demo" / "requests.jsonl"
-    rows = tiny_source(source)
+    tiny_requests(source, per_group=4)
+    rows = len(source.read_text().splitlines())
     # The real stages' commands and outputs; the code deps are the project's own (it runs from PROJECT_ROOT).
     stages = {
         "prepare": {**real["prepare"], "deps": ["data/demo"]},
