@@ -140,12 +140,13 @@ def test_stages_are_leaves() -> None:
     assert offenders == []
 
 
-def test_bench_imports_only_the_library() -> None:
+def test_bench_imports_only_the_library_and_apps() -> None:
+    """Benchmarks measure the library and the apps (bench/limits.py times the demo's handler), not stages or tests."""
     offenders = [
         f"{path.name} imports {target}"
         for path in sorted((PROJECT_ROOT / "bench").glob("*.py"))
         for target in imported_modules(path, f"bench.{path.stem}")
-        if target.split(".")[0] in ("stages", "lsi_guard_app", "tests")
+        if target.split(".")[0] in ("stages", "tests")
     ]
     assert offenders == []
 

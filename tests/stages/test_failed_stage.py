@@ -23,8 +23,10 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.config import VARIANTS
+from pipeline.config import params_from_dict
+from pipeline.detect.provenance import expected_provenance
 from pipeline.detect.store import ActivationStore, Provenance
+from pipeline.models.embedded import PROVENANCE_FILE
 from tests.paths import PROJECT_ROOT
 from tests.snapshots import folder_digests
 from tests.stages.test_pipeline_dvc import tiny_requests
@@ -231,21 +233,19 @@ def test_without_persist_dvc_deletes_the_outputs_and_checkout_restores_them(tmp_
 # The real stages.
 
 
-def synthetic_store(path: Path, rows: int, layers: tuple[int, ...] = (0, 1, 2), hidden: int = 8) -> None:
+def model_metadata(folder: Path, hidden: int = 8) -> Path:
+    """The metadata files of an embedded model folder: all a store's readers check (no weights)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / PROVENANCE_FILE).write_text(json.dumps({"name": "Synthetic", "source_sha256": "ab" * 32}))
+    (folder / "config.json").write_text(json.dumps({"num_hidden_layers": 3, "hidden_size": hidden}))
+    return folder
+
+
+def synthetic_store(path: Path, rows: int, provenance: Provenance) -> None:
     """A complete activation store of random states for rows ``0..rows-1`` (the index numbers rows from 0)."""
-    provenance = Provenance(
-        model_name="synthetic",
-        model_revision="0",
-        model_dtype="float32",
-        template_benign="benign {request}",
-        template_malicious="malicious {request}",
-        variants=VARIANTS,
-        layers=layers,
-        hidden_size=hidden,
-    )
     store = ActivationStore.create(path, list(range(rows)), provenance)
-    states = np.random.default_rng(0).normal(size=(rows, len(VARIANTS), len(layers), hidden))
-    store.write_block(0, states.astype(np.float32))
+    shape = (rows, len(provenance.variants), len(provenance.layers), provenance.hidden_size)
+    store.write_block(0, np.random.default_rng(0).normal(size=shape).astype(np.float32))
     store.mark_complete()
 
 
@@ -269,9 +269,12 @@ def test_failed_real_train_and_prepare_leave_probe_and_index_byte_identical(tmp_
         "train": {"fusion_layer": 2, "safety_layer": 1, "epochs": 2, "batch_size": 8},
         "extract": {"layers": [0, 1, 2]},
         "guard": {"detector": "lsi"},
+        "limits": {"max_request_chars": 32768},
+        "model": {"kind": "embedded", "path": str(model_metadata(tmp_path / "model")), "dtype": "float32"},
     }
     init_project(project, stages, params)
-    synthetic_store(project / "data" / "activations" / "store.zarr", rows)
+    provenance = expected_provenance(params_from_dict(params))
+    synthetic_store(project / "data" / "activations" / "store.zarr", rows, provenance)
     sweep = {"detectors": [{"name": "lsi", "held_out_auroc": 0.5, "per_source": {}}]}
     (project / "data" / "sweep").mkdir(parents=True)
     (project / "data" / "sweep" / "sweep.json").write_text(json.dumps(sweep))
@@ -280,13 +283,13 @@ def test_failed_real_train_and_prepare_leave_probe_and_index_byte_identical(tmp_
     before = digest_tree(*folders)
     assert "data/probe/train_metrics.json" in before and "data/prepared/index.parquet" in before
 
-    # train fails once it reads the store: params name a layer (as if extracted) that the store does not hold.
+    # train fails when it opens the store: params name a layer (as if extracted) that the store does not hold.
     params["extract"]["layers"] = [0, 1, 2, 7]
     params["train"]["safety_layer"] = 7
     write_params(project, params)
     failed = dvc(project, "repro", check=False)
     assert failed.returncode != 0 and "Running stage 'train'" in failed.stdout
-    assert "store.zarr: layers [7] are not in the store" in failed.stderr, failed.stderr
+    assert "written under a different setup" in failed.stderr and "layers: store has" in failed.stderr, failed.stderr
     assert digest_tree(*folders) == before
 
     # prepare fails: a malformed row in its source.
