@@ -13,7 +13,7 @@ import pytest
 from lsi_guard_app.web import app
 from pipeline.config import ContrastivePrompts
 from pipeline.defend.guard import Guard
-from tests.defend.test_bad_input_api import ExpiredClock
+from tests.clocks import ExpiredClock
 from tests.defend.test_guard import TAU, FakeAdapter, hand_set_probe
 from tests.snapshots import folder_digests
 

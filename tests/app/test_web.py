@@ -31,6 +31,7 @@ from pipeline.defend.ecso import ECSORecord
 from pipeline.defend.guard import Guard, GuardDecision, GuardedResponse
 from pipeline.models.ocr import OCRLine
 from pipeline.testing.tiny_embedded import tiny_embedded, tiny_llama, tiny_probe
+from tests.clocks import ExpiredClock
 from tests.paths import PROJECT_ROOT
 
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
@@ -263,19 +264,8 @@ def test_run_request_attributes_the_target_asked_for(
     assert targets == ["detector", "contrast"]
 
 
-class JumpingClock:
-    """A clock that reads 0 when the deadline is set and an hour later ever after."""
-
-    def __init__(self) -> None:
-        self.reads = 0
-
-    def __call__(self) -> float:
-        self.reads += 1
-        return 0.0 if self.reads == 1 else 3600.0
-
-
 def test_a_request_past_its_deadline_is_an_error_naming_the_limit(setup: TinySetup, tmp_path: Path) -> None:
-    result = handling.run_request(setup.guard, None, setup.answered_text, False, 4, tmp_path, "t", clock=JumpingClock())
+    result = handling.run_request(setup.guard, None, setup.answered_text, False, 4, tmp_path, "t", clock=ExpiredClock())
     assert result.response is None
     assert "took longer than limits.request_timeout_s = 120 s" in (result.error or "")
     assert "raise limits.request_timeout_s in params.yaml" in (result.error or "")

@@ -16,21 +16,11 @@ from pipeline.defend.deadline import RequestTimedOut
 from pipeline.defend.guard import Guard, response_record
 from pipeline.io import write_jsonl_atomic
 from pipeline.models.base import Request
+from tests.clocks import ExpiredClock
 from tests.defend.test_guard import TAU, FakeAdapter, hand_set_probe
 from tests.snapshots import file_digest
 
 MEGABYTE_TEXT = "x" * 1_000_000
-
-
-class ExpiredClock:
-    """Reads 0 when a deadline is set and an hour later ever after."""
-
-    def __init__(self) -> None:
-        self.reads = 0
-
-    def __call__(self) -> float:
-        self.reads += 1
-        return 0.0 if self.reads == 1 else 3600.0
 
 
 def timed_out(guard: Guard, huge: Path) -> object:
