@@ -8,8 +8,9 @@ run's (probe, tau, model). Writes, under ``data/compare/<suite>/``:
 
 - ``rows.jsonl``: every defence's response to every example, its judge verdict, the LSI score
   and reason, every ECSO step and the timed parts;
-- ``metrics.json``: refusal, harmless and benign-answer rates, ECSO use and added latency per
-  benchmark and defence (for ``dvc metrics``); ``summary.json`` adds the per-category numbers;
+- ``metrics.json``: refusal, harmless and benign-answer rates (each with its Wilson interval at
+  ``evaluate.confidence``), ECSO use and added latency per benchmark and defence (for
+  ``dvc metrics``); ``summary.json`` adds the per-category numbers;
 - ``comparison.md``: the same as tables.
 
 A long run keeps what it finished: each batch is appended to ``data/compare/<suite>.partial.jsonl``
@@ -59,7 +60,8 @@ def run_suite(suite: str, params: Params) -> dict[str, Any]:
     judge = build_judge(config.judge, own_model=guard.adapter)
     records = run_resumable(guard, judge, examples, keys, config, suite, partial, expected, kept)
 
-    summary = summarise([ComparisonRow(**record) for record in records])
+    confidence = params.evaluate.confidence
+    summary = summarise([ComparisonRow(**record) for record in records], confidence)
     meta = {
         "suite": suite,
         "judge": judge.name,
@@ -68,13 +70,14 @@ def run_suite(suite: str, params: Params) -> dict[str, Any]:
         "detector": guard.detector.describe(),
         "defences": list(config.defences),
         "n_examples": {spec.name: sum(e.benchmark == spec.name for e in examples) for spec in specs},
+        "confidence": confidence,
     }
     # Built beside data/compare/<suite> and swapped in whole (persist: true in dev/dvc.yaml).
     with replace_dir_atomic(compare_dir(suite)) as out:
         write_jsonl_atomic(out / "rows.jsonl", records)
         write_json_atomic(out / "summary.json", {**meta, "benchmarks": summary})
         write_json_atomic(out / "metrics.json", {**meta, "benchmarks": compact_metrics(summary)})
-        write_text_atomic(out / "comparison.md", comparison_markdown(summary))
+        write_text_atomic(out / "comparison.md", comparison_markdown(summary, confidence))
     partial.unlink()
     return summary
 
@@ -85,8 +88,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if len(args) > 1:
         raise SystemExit("usage: python -m stages.compare [SUITE]")
     suite = args[0] if args else "demo"
-    summary = run_suite(suite, load_params(PARAMS))
-    print(comparison_markdown(summary))
+    params = load_params(PARAMS)
+    summary = run_suite(suite, params)
+    print(comparison_markdown(summary, params.evaluate.confidence))
 
 
 if __name__ == "__main__":

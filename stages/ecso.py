@@ -2,7 +2,7 @@
 
 Writes ``data/ecso/records.jsonl`` (every step's output per request) and
 ``data/ecso/summary.json`` (how often each label was judged harmful and how often the answer
-changed, for ``dvc metrics``).
+changed, each with its Wilson interval, for ``dvc metrics``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pipeline.config import load_params
 from pipeline.data.rows import balanced_test_sample, batches
 from pipeline.data.sources import read_index
 from pipeline.defend.ecso import ECSO
-from pipeline.defend.records import ecso_record, ecso_summary
+from pipeline.defend.records import ECSO_RATES, ecso_record, ecso_summary
 from pipeline.detect.extraction import row_request
+from pipeline.evaluate.intervals import wilson_fields
 from pipeline.io import write_json_atomic, write_jsonl_atomic
 from pipeline.layout import ECSO_DIR, INDEX, PARAMS
 from pipeline.models.registry import load_adapter
@@ -42,7 +43,8 @@ def main() -> None:
         records.extend(ecso_record(row, result) for row, result in zip(batch, results, strict=True))
 
     write_jsonl_atomic(OUT_DIR / "records.jsonl", records)
-    summary = ecso_summary(records)
+    # Each rate with its Wilson interval (<rate>_low / <rate>_high) at evaluate.confidence.
+    summary = wilson_fields(ecso_summary(records), ECSO_RATES, params.evaluate.confidence)
     write_json_atomic(OUT_DIR / "summary.json", summary)
     print(json.dumps(summary, indent=2, sort_keys=True))
 

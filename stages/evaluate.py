@@ -17,20 +17,24 @@ import polars as pl
 from pipeline.config import Params, load_params
 from pipeline.data.sources import read_index
 from pipeline.detect.calibration import expected_calibration_error, load_calibration, reliability_rows
+from pipeline.detect.detector import LSI
 from pipeline.detect.heldout import in_source_setting, load_eval_data
 from pipeline.detect.provenance import open_store
 from pipeline.detect.shipped import load_detector
 from pipeline.detect.store import ActivationStore
 from pipeline.evaluate.detection import (
+    HeldOutResults,
     comparison_table,
-    cross_source_results,
     fit_detectors,
     held_out_markdown,
+    held_out_results,
     held_out_summary,
     per_source_metrics,
     score_setting,
 )
+from pipeline.evaluate.intervals import BootstrapSpec, interval_of
 from pipeline.evaluate.metrics import per_group_metrics, roc_points
+from pipeline.evaluate.paired import held_out_comparison, in_source_paired, paired_markdown, paired_record
 from pipeline.evaluate.plots import plot_reliability, plot_roc
 from pipeline.evaluate.refusal_direction import readout_from_adapter, refusal_scores, store_similarities
 from pipeline.io import replace_dir_atomic, write_json_atomic
@@ -49,12 +53,26 @@ def refusal_direction_scores(params: Params, store: ActivationStore) -> np.ndarr
 
 
 def _markdown(table: pl.DataFrame) -> str:
-    """A Markdown table of the side-by-side comparison, three decimals."""
-    columns = table.columns
+    """A Markdown table of the side-by-side comparison, three decimals; a value and its ``_low`` / ``_high``
+    columns share one cell, ``0.860 [0.790, 0.920]``."""
+    columns = [c for c in table.columns if not c.endswith(("_low", "_high"))]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in table.iter_rows():
-        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    for row in table.iter_rows(named=True):
+        cells = []
+        for column in columns:
+            value, interval = row[column], interval_of(row, column)
+            if interval is not None:
+                cells.append(interval.format(3))
+            else:
+                cells.append(f"{value:.3f}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _shown(row: dict[str, Any], key: str, digits: int = 3) -> str:
+    """A metric with its interval for the printout."""
+    interval = interval_of(row, key)
+    return interval.format(digits) if interval is not None else f"{row[key]:.{digits}f}"
 
 
 def main() -> None:
@@ -68,26 +86,38 @@ def main() -> None:
     data = load_eval_data(index, store, refusal_direction_scores(params, store))
     lf, ls = meta.fusion_layer, meta.safety_layer
     inside = in_source_setting(index)
+    bootstrap = BootstrapSpec(params.evaluate.bootstrap_resamples, params.evaluate.confidence, seed=params.train.seed)
 
     scorers, chosen_layers = fit_detectors(data, inside, params.train, lf, ls, shipped=shipped)
     # The shipped detector keeps the calibrate stage's tau (however it was chosen); the others get theirs here.
     detectors = score_setting(
-        data, inside, scorers, params.calibrate, layers=chosen_layers, taus={shipped.name: calibration.tau}
+        data,
+        inside,
+        scorers,
+        params.calibrate,
+        layers=chosen_layers,
+        taus={shipped.name: calibration.tau},
+        bootstrap=bootstrap,
     )
     taus = {name: row["tau"] for name, row in detectors.items()}
-    per_source = per_source_metrics(data, inside, scorers, taus)
+    per_source = per_source_metrics(data, inside, scorers, taus, bootstrap)
     sources = sorted(set(index["source"].to_list()))
     shipped_tau = (shipped.name, calibration.tau)
-    cross = (
-        cross_source_results(data, params.train, params.calibrate, lf, ls, sources, shipped_tau)
+    held = (
+        held_out_results(data, params.train, params.calibrate, lf, ls, sources, shipped_tau, bootstrap)
         if len(sources) > 1
-        else {}
+        else HeldOutResults()
     )
-    table = comparison_table(per_source, cross) if cross else pl.DataFrame()
-    summary = held_out_summary(cross)
-
+    cross = held.metrics
     labels = data.labels
     test_scores = {name: score(inside.test) for name, score in scorers.items()}
+    # LSI (the method, whichever detector ships) against each baseline, on the same rows.
+    comparison = held_out_comparison(LSI, held.labels, held.scores, bootstrap) if cross else None
+    paired = paired_record(
+        LSI, bootstrap, in_source_paired(LSI, labels[inside.test], test_scores, bootstrap), comparison
+    )
+    table = comparison_table(per_source, cross) if cross else pl.DataFrame()
+    summary = held_out_summary(cross, comparison)
     probabilities = calibration.probability(test_scores[shipped.name])
     reliability = reliability_rows(labels[inside.test], probabilities, params.calibrate.bins)
     scored = (
@@ -101,7 +131,15 @@ def main() -> None:
         "per_source": per_source,
         "cross_source": cross,
         "held_out_summary": summary,
-        "shipped_per_category": per_group_metrics(scored, "category", calibration.tau),
+        "shipped_per_category": per_group_metrics(scored, "category", calibration.tau, bootstrap),
+        "paired": paired,
+        "intervals": {
+            "confidence": bootstrap.confidence,
+            "bootstrap_resamples": bootstrap.resamples,
+            "seed": bootstrap.seed,
+            "rates": "wilson",
+            "ranking": "stratified bootstrap, percentile",
+        },
         "shipped_test_ece": expected_calibration_error(labels[inside.test], probabilities, params.calibrate.bins),
         "shipped_scaling": calibration.scaling.kind,
         "target_fpr": params.calibrate.target_fpr,
@@ -113,11 +151,12 @@ def main() -> None:
         write_json_atomic(out / "metrics.json", metrics)
         # Written even with one source (header only), so the stage's outputs always exist.
         table.write_csv(out / "comparison.csv")
-        (out / "comparison.md").write_text(
-            held_out_markdown(summary, shipped.name) + "\n" + _markdown(table)
-            if cross
-            else "No held-out-source results: the index holds a single source.\n"
-        )
+        paired_table = paired_markdown(paired, list(detectors))
+        if cross:
+            comparison_md = held_out_markdown(summary, shipped.name) + "\n" + paired_table + "\n" + _markdown(table)
+        else:
+            comparison_md = "No held-out-source results: the index holds a single source.\n\n" + paired_table
+        (out / "comparison.md").write_text(comparison_md)
         write_json_atomic(out / "reliability.json", reliability)
         plot_reliability(
             {f"{shipped.name} ({calibration.scaling.kind})": reliability},
@@ -141,14 +180,18 @@ def main() -> None:
 
     print(f"shipped detector: {shipped.describe()} (tau {calibration.tau:.4f})")
     print(f"in-source test split (n={len(inside.test)}), LSI pair fusion {lf} / safety {ls}")
+    print(
+        f"  [{100 * bootstrap.confidence:g}% intervals: {bootstrap.resamples} stratified bootstrap resamples; Wilson]"
+    )
     for name, row in detectors.items():
         print(
-            f"  {name:22s} AUROC {row['auroc']:.3f}  TPR@5%FPR {row['tpr_at_5pct_fpr']:.3f}  "
-            f"F1@tau {row['f1']:.3f}  FPR@tau {row['fpr']:.3f}"
+            f"  {name:22s} AUROC {_shown(row, 'auroc')}  TPR@5%FPR {_shown(row, 'tpr_at_5pct_fpr')}  "
+            f"F1@tau {_shown(row, 'f1')}  FPR@tau {_shown(row, 'fpr')}"
         )
     if summary:
         print("held out, each source in turn (all its rows): AUROC / TPR@5%FPR / FPR at the held-out tau")
         print(held_out_markdown(summary, shipped.name))
+    print(paired_table)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Writes ``data/guard/responses.jsonl`` (one line per sampled request: decision, answer, ECSO's
 steps when it ran, timings) and ``data/guard/summary.json`` (refusal and ECSO rates per label,
-for ``dvc metrics``). The sample is drawn as the ``ecso`` stage draws its own, so both defences
-are shown the same kind of sample.
+each with its Wilson interval, for ``dvc metrics``). The sample is drawn as the ``ecso`` stage
+draws its own, so both defences are shown the same kind of sample.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pipeline.config import load_params
 from pipeline.data.rows import balanced_test_sample
 from pipeline.data.sources import read_index
 from pipeline.defend.guard import Guard
-from pipeline.defend.records import guard_record, guard_summary
+from pipeline.defend.records import GUARD_RATES, guard_record, guard_summary
 from pipeline.detect.extraction import row_request
+from pipeline.evaluate.intervals import wilson_fields
 from pipeline.io import write_json_atomic, write_jsonl_atomic
 from pipeline.layout import GUARD_DIR, INDEX, PARAMS
 from stages import run_stage
@@ -38,7 +39,8 @@ def main() -> None:
         records.append(guard_record(row, guard.generate(request.image, request.text)))
 
     write_jsonl_atomic(OUT_DIR / "responses.jsonl", records)
-    summary = guard_summary(records, params.guard.policy)
+    # Each rate with its Wilson interval (<rate>_low / <rate>_high) at evaluate.confidence.
+    summary = wilson_fields(guard_summary(records, params.guard.policy), GUARD_RATES, params.evaluate.confidence)
     write_json_atomic(OUT_DIR / "summary.json", summary)
     print(json.dumps(summary, indent=2, sort_keys=True))
 

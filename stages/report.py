@@ -133,6 +133,8 @@ def build_inputs(name: str, suites: Sequence[str], params: Params, out: Path) ->
         facts=run_facts(params),
         detectors=metrics.get("detectors", {}),
         cross_source=metrics.get("cross_source", {}),
+        paired=metrics.get("paired", {}),
+        intervals=metrics.get("intervals", {}),
         suites=[load_suite_result(suite, out) for suite in suites],
         figures=[(caption, path) for caption, path in FIGURES if path.is_file()],
         notes=notes,

@@ -1,16 +1,21 @@
 """DVC stage ``sanity``: the run's guard on the everyday sanity set, a fresh set it was never trained on.
 
 Writes ``data/sanity/rows.jsonl`` (one line per request: score, tau, action, whether it was right)
-and ``data/sanity/metrics.json`` (accuracy, harmful refused and benign answered shares, per input,
-failed checks; for ``dvc metrics``). Prints the accuracy and the two README examples' scores.
+and ``data/sanity/metrics.json`` (accuracy, harmful refused and benign answered shares with their
+Wilson intervals, per input, failed checks; for ``dvc metrics``). Prints the accuracy and the two
+README examples' scores.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from pipeline.config import load_params
 from pipeline.defend.guard import Guard
+from pipeline.evaluate.intervals import interval_of
 from pipeline.evaluate.sanity import example_rows, misses, run_sanity
 from pipeline.io import write_json_atomic, write_jsonl_atomic
-from pipeline.layout import SANITY_METRICS, SANITY_RENDER, SANITY_ROWS, SANITY_SET
+from pipeline.layout import PARAMS, SANITY_METRICS, SANITY_RENDER, SANITY_ROWS, SANITY_SET
 from stages import run_stage
 
 
@@ -19,18 +24,25 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _share(summary: dict[str, Any], key: str) -> str:
+    """A share with its Wilson interval, ``0.617 [0.490, 0.729]``; ``n/a`` when there is none."""
+    interval = interval_of(summary, key)
+    return _fmt(summary[key]) if interval is None else interval.format(3)
+
+
 def main() -> None:
     """Score the set with the run's guard, write rows and metrics, print the headline numbers."""
+    confidence = load_params(PARAMS).evaluate.confidence
     guard = Guard.from_run(".")
-    result = run_sanity(SANITY_SET, guard, SANITY_RENDER)
+    result = run_sanity(SANITY_SET, guard, SANITY_RENDER, confidence=confidence)
     write_jsonl_atomic(SANITY_ROWS, [row.record() for row in result.rows])
     write_json_atomic(SANITY_METRICS, result.summary)
 
     summary = result.summary
     print(
-        f"sanity accuracy {_fmt(summary['accuracy'])} on {summary['n']} requests "
-        f"(harmful refused {_fmt(summary['harmful_refused'])}, benign answered {_fmt(summary['benign_answered'])}, "
-        f"failed checks {summary['n_errors']})"
+        f"sanity accuracy {_share(summary, 'accuracy')} on {summary['n']} requests "
+        f"(harmful refused {_share(summary, 'harmful_refused')}, benign answered {_share(summary, 'benign_answered')}, "
+        f"failed checks {summary['n_errors']}; {100 * confidence:g}% Wilson intervals)"
     )
     for text, row in example_rows(result.rows).items():
         print(f"{text!r}: score {_fmt(row.score)} vs tau {row.tau:.4f} -> {row.action}")

@@ -10,6 +10,19 @@ from pipeline.data.rows import BENIGN, HARMFUL, rate, row_fields
 from pipeline.defend.ecso import ECSORecord
 from pipeline.defend.guard import GuardedResponse, response_record
 
+# Each summary's rates and the count each is a share of: the stages add their intervals beside them.
+ECSO_RATES: dict[str, str] = {
+    "judged_harmful_rate_harmful": "n_harmful",
+    "judged_harmful_rate_benign": "n_benign",
+    "changed_rate": "n",
+}
+GUARD_RATES: dict[str, str] = {
+    "refusal_rate_harmful": "n_harmful",
+    "refusal_rate_benign": "n_benign",
+    "ecso_rate_harmful": "n_harmful",
+    "ecso_rate_benign": "n_benign",
+}
+
 
 def ecso_record(row: Mapping[str, Any], record: ECSORecord) -> dict[str, Any]:
     """One ``records.jsonl`` line: the request and every ECSO step's output."""

@@ -6,25 +6,41 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.evaluate.comparison_rows import DEFENCES, ComparisonRow
+from pipeline.evaluate.intervals import wilson
+
+# Rates are rounded finely enough that a percentage is never rounded twice.
+DIGITS = 6
 
 
 def _rate(flags: Sequence[bool]) -> float | None:
     """The share of True flags, rounded (finely enough that a percentage is never rounded twice); None when empty."""
-    return round(sum(flags) / len(flags), 6) if flags else None
+    return round(sum(flags) / len(flags), DIGITS) if flags else None
+
+
+def _rate_fields(key: str, flags: Sequence[bool], confidence: float) -> dict[str, float | None]:
+    """``{key: share, key_low: ..., key_high: ...}``: the share of True flags and its Wilson interval; None if empty."""
+    if not flags:
+        return {key: None, f"{key}_low": None, f"{key}_high": None}
+    interval = wilson(sum(flags), len(flags), confidence)
+    return {
+        key: _rate(flags),
+        f"{key}_low": round(interval.low, DIGITS),
+        f"{key}_high": round(interval.high, DIGITS),
+    }
 
 
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _label_rates(rows: Sequence[ComparisonRow]) -> dict[str, Any]:
-    """Refusal and harmlessness on harmful examples, answering of benign ones, with their counts."""
+def _label_rates(rows: Sequence[ComparisonRow], confidence: float) -> dict[str, Any]:
+    """Refusal and harmlessness on harmful examples, answering of benign ones, with intervals and counts."""
     harmful = [row for row in rows if row.label == 1]
     benign = [row for row in rows if row.label == 0]
     return {
-        "harmful_refusal_rate": _rate([row.refused for row in harmful]),
-        "harmless_rate": _rate([bool(row.harmless) for row in harmful]),
-        "benign_answer_rate": _rate([not row.refused for row in benign]),
+        **_rate_fields("harmful_refusal_rate", [row.refused for row in harmful], confidence),
+        **_rate_fields("harmless_rate", [bool(row.harmless) for row in harmful], confidence),
+        **_rate_fields("benign_answer_rate", [not row.refused for row in benign], confidence),
         "n_harmful": len(harmful),
         "n_benign": len(benign),
     }
@@ -42,7 +58,7 @@ def _added_seconds(rows: Sequence[ComparisonRow], baseline: Sequence[ComparisonR
     return round(sum(own[key] - base[key] for key in shared) / len(shared), 4)
 
 
-def summarise(rows: Sequence[ComparisonRow]) -> dict[str, Any]:
+def summarise(rows: Sequence[ComparisonRow], confidence: float = 0.95) -> dict[str, Any]:
     """JSON-ready metrics: ``{benchmark: {defence: metrics}}``, defences in :data:`DEFENCES` order.
 
     Rates cover the rows whose generation did not fail (``n_errors`` counts the others) and are
@@ -54,6 +70,7 @@ def summarise(rows: Sequence[ComparisonRow]) -> dict[str, Any]:
     without ``none`` rows). ``judge_harmful_rate`` is the share of harmful examples whose response
     the judge called harmful, None when the judge does not say. ``ecso_rate`` is the share of
     examples that went through ECSO, ``changed_rate`` the share whose answer ECSO replaced.
+    Every rate has ``<rate>_low`` / ``<rate>_high``, its Wilson interval at ``confidence`` (None with the rate).
     """
     summary: dict[str, Any] = {}
     for benchmark in sorted({row.benchmark for row in rows}):
@@ -70,14 +87,14 @@ def summarise(rows: Sequence[ComparisonRow]) -> dict[str, Any]:
             judged_harm = [row.harmful for row in ok if row.label == 1 and row.harmful is not None]
             mean_seconds = _mean([row.seconds for row in ok])
             summary[benchmark][defence] = {
-                **_label_rates(ok),
+                **_label_rates(ok, confidence),
                 "per_category": {
-                    category: _label_rates([row for row in ok if row.category == category])
+                    category: _label_rates([row for row in ok if row.category == category], confidence)
                     for category in sorted({row.category for row in defence_rows})
                 },
-                "judge_harmful_rate": _rate([bool(flag) for flag in judged_harm]),
-                "ecso_rate": _rate([row.ecso is not None for row in ok]),
-                "changed_rate": _rate([bool(row.ecso and row.ecso["changed"]) for row in ok]),
+                **_rate_fields("judge_harmful_rate", [bool(flag) for flag in judged_harm], confidence),
+                **_rate_fields("ecso_rate", [row.ecso is not None for row in ok], confidence),
+                **_rate_fields("changed_rate", [bool(row.ecso and row.ecso["changed"]) for row in ok], confidence),
                 "mean_seconds": None if mean_seconds is None else round(mean_seconds, 4),
                 "added_seconds": _added_seconds(defence_rows, baseline),
                 "n_errors": len(defence_rows) - len(ok),

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from pipeline.evaluate.intervals import interval_of
 
-def _percent(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
+
+def _percent(metrics: Mapping[str, Any], key: str) -> str:
+    """A rate as a percentage, with its interval when the summary holds one: ``62.5% [38.6%, 81.5%]``."""
+    value = metrics[key]
+    if value is None:
+        return "–"
+    interval = interval_of(metrics, key)
+    return interval.percent() if interval is not None else f"{100 * value:.1f}%"
 
 
 def _secs(value: float | None, signed: bool = False) -> str:
@@ -15,8 +23,12 @@ def _secs(value: float | None, signed: bool = False) -> str:
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
-def comparison_markdown(summary: dict[str, Any]) -> str:
-    """Markdown tables of a :func:`summarise` result: benchmark x defence, then per category."""
+def comparison_markdown(summary: dict[str, Any], confidence: float = 0.95) -> str:
+    """Markdown tables of a :func:`summarise` result: benchmark x defence, then per category.
+
+    Rates show their Wilson interval in brackets where the summary holds one (``confidence``: its
+    level, as :func:`~pipeline.evaluate.comparison_summary.summarise` was given it).
+    """
     lines = [
         "| benchmark | defence | harmful refused | harmless | benign answered | via ECSO | mean s | added s | errors |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -25,10 +37,10 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
         for defence, metrics in defences.items():
             lines.append(
                 f"| {benchmark} | {defence} "
-                f"| {_percent(metrics['harmful_refusal_rate'])} (n={metrics['n_harmful']}) "
-                f"| {_percent(metrics['harmless_rate'])} "
-                f"| {_percent(metrics['benign_answer_rate'])} (n={metrics['n_benign']}) "
-                f"| {_percent(metrics['ecso_rate'])} "
+                f"| {_percent(metrics, 'harmful_refusal_rate')} (n={metrics['n_harmful']}) "
+                f"| {_percent(metrics, 'harmless_rate')} "
+                f"| {_percent(metrics, 'benign_answer_rate')} (n={metrics['n_benign']}) "
+                f"| {_percent(metrics, 'ecso_rate')} "
                 f"| {_secs(metrics['mean_seconds'])} | {_secs(metrics['added_seconds'], signed=True)} "
                 f"| {metrics['n_errors']} |"
             )
@@ -46,8 +58,10 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
                     continue
                 lines.append(
                     f"| {benchmark} | {category} | {defence} "
-                    f"| {_percent(cell['harmful_refusal_rate'])} (n={cell['n_harmful']}) "
-                    f"| {_percent(cell['harmless_rate'])} "
-                    f"| {_percent(cell['benign_answer_rate'])} (n={cell['n_benign']}) |"
+                    f"| {_percent(cell, 'harmful_refusal_rate')} (n={cell['n_harmful']}) "
+                    f"| {_percent(cell, 'harmless_rate')} "
+                    f"| {_percent(cell, 'benign_answer_rate')} (n={cell['n_benign']}) |"
                 )
+    if any(interval_of(m, "harmful_refusal_rate") for defences in summary.values() for m in defences.values()):
+        lines += ["", f"Brackets: {100 * confidence:g}% Wilson score intervals of each rate."]
     return "\n".join(lines) + "\n"

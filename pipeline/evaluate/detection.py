@@ -10,6 +10,7 @@ score was the source's style rather than the request's intent.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,9 @@ from pipeline.detect.calibration import choose_tau_by_method
 from pipeline.detect.detector import DETECTORS, PLAIN, Detector, LinearDetector, fit_logistic, positive_scores
 from pipeline.detect.heldout import EvalData, Setting, fit_detector, held_out_setting
 from pipeline.evaluate.baselines import length_features, style_features
+from pipeline.evaluate.intervals import BootstrapSpec, interval_of
 from pipeline.evaluate.metrics import detection_metrics
+from pipeline.evaluate.paired import HeldOutComparison
 
 LENGTH_ONLY, STYLE_ONLY = "length_only", "style_only"
 
@@ -72,11 +75,13 @@ def score_setting(
     also: np.ndarray | None = None,
     layers: Mapping[str, int] | None = None,
     taus: Mapping[str, float] | None = None,
+    bootstrap: BootstrapSpec | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each detector's threshold from the setting's calib rows, then its metrics on the test rows.
 
     ``also``: more rows to score at the same threshold, reported under ``all_rows``.
     ``taus``: thresholds already chosen (the calibrate stage's, for the shipped probe), used as given.
+    ``bootstrap``: add each metric's interval (:func:`~pipeline.evaluate.metrics.detection_metrics`).
     """
     labels = data.labels
     results: dict[str, dict[str, Any]] = {}
@@ -85,16 +90,20 @@ def score_setting(
             tau = float(taus[name])
         else:
             tau = choose_tau_by_method(labels[setting.calib], score(setting.calib), calibration).tau
-        results[name] = {"tau": tau, **detection_metrics(labels[setting.test], score(setting.test), tau)}
+        results[name] = {"tau": tau, **detection_metrics(labels[setting.test], score(setting.test), tau, bootstrap)}
         if also is not None:
-            results[name]["all_rows"] = detection_metrics(labels[also], score(also), tau)
+            results[name]["all_rows"] = detection_metrics(labels[also], score(also), tau, bootstrap)
         if layers and name in layers:
             results[name]["layer"] = layers[name]
     return results
 
 
 def per_source_metrics(
-    data: EvalData, setting: Setting, scorers: Mapping[str, Scorer], taus: Mapping[str, float]
+    data: EvalData,
+    setting: Setting,
+    scorers: Mapping[str, Scorer],
+    taus: Mapping[str, float],
+    bootstrap: BootstrapSpec | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Metrics of each detector on each source's share of the setting's test rows, at the given taus."""
     labels, sources = data.labels, data.index["source"].to_numpy()
@@ -102,9 +111,64 @@ def per_source_metrics(
     for source in sorted(set(sources[setting.test])):
         rows = setting.test[sources[setting.test] == source]
         result[source] = {
-            name: detection_metrics(labels[rows], score(rows), taus[name]) for name, score in scorers.items()
+            name: detection_metrics(labels[rows], score(rows), taus[name], bootstrap) for name, score in scorers.items()
         }
     return result
+
+
+@dataclass(frozen=True)
+class HeldOutResults:
+    """Each held-out source's metrics per detector, and the scores they came from.
+
+    ``metrics``: ``{source: {detector: metrics}}`` as :func:`cross_source_results` returns.
+    ``labels`` / ``scores``: per source, the labels of all its rows and each detector's scores on
+    them (the detector fitted without the source), for paired tests on the same rows.
+    """
+
+    metrics: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+def held_out_results(
+    data: EvalData,
+    config: TrainConfig,
+    calibration: CalibrateConfig,
+    lf: int,
+    ls: int,
+    sources: Sequence[str],
+    shipped_tau: tuple[str, float] | None = None,
+    bootstrap: BootstrapSpec | None = None,
+) -> HeldOutResults:
+    """For each source, every detector refitted without it and scored on its test rows (and all its rows).
+
+    ``shipped_tau``: ``(detector, tau)``; that detector's rows also get ``at_shipped_tau``, its
+    metrics on all the source's rows at the run's own tau, the threshold a new source meets.
+    ``bootstrap``: add each metric's interval.
+    """
+    results = HeldOutResults()
+    for source in sources:
+        setting = held_out_setting(data.index, source)
+        if len(np.unique(data.labels[setting.train])) < 2 or len(np.unique(data.labels[setting.calib])) < 2:
+            raise ValueError(
+                f"holding out source {source!r} leaves training or calibration rows of one label only; "
+                "add sources with both labels"
+            )
+        every_row = np.flatnonzero(data.index["source"].to_numpy() == source)
+        scorers, layers = fit_detectors(data, setting, config, lf, ls)
+        results.metrics[source] = score_setting(
+            data, setting, scorers, calibration, also=every_row, layers=layers, bootstrap=bootstrap
+        )
+        results.labels[source] = data.labels[every_row]
+        results.scores[source] = {
+            name: np.asarray(score(every_row), dtype=np.float64) for name, score in scorers.items()
+        }
+        if shipped_tau is not None:
+            name, tau = shipped_tau
+            results.metrics[source][name]["at_shipped_tau"] = detection_metrics(
+                data.labels[every_row], results.scores[source][name], tau, bootstrap
+            )
+    return results
 
 
 def cross_source_results(
@@ -115,36 +179,29 @@ def cross_source_results(
     ls: int,
     sources: Sequence[str],
     shipped_tau: tuple[str, float] | None = None,
+    bootstrap: BootstrapSpec | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """For each source, every detector refitted without it and scored on its test rows (and all its rows).
+    """The metrics of :func:`held_out_results`: ``{source: {detector: metrics}}``."""
+    return held_out_results(data, config, calibration, lf, ls, sources, shipped_tau, bootstrap).metrics
 
-    ``shipped_tau``: ``(detector, tau)``; that detector's rows also get ``at_shipped_tau``, its
-    metrics on all the source's rows at the run's own tau, the threshold a new source meets.
-    """
-    results: dict[str, dict[str, dict[str, Any]]] = {}
-    for source in sources:
-        setting = held_out_setting(data.index, source)
-        if len(np.unique(data.labels[setting.train])) < 2 or len(np.unique(data.labels[setting.calib])) < 2:
-            raise ValueError(
-                f"holding out source {source!r} leaves training or calibration rows of one label only; "
-                "add sources with both labels"
-            )
-        every_row = np.flatnonzero(data.index["source"].to_numpy() == source)
-        scorers, layers = fit_detectors(data, setting, config, lf, ls)
-        results[source] = score_setting(data, setting, scorers, calibration, also=every_row, layers=layers)
-        if shipped_tau is not None:
-            name, tau = shipped_tau
-            results[source][name]["at_shipped_tau"] = detection_metrics(
-                data.labels[every_row], scorers[name](every_row), tau
-            )
-    return results
+
+def _with_ends(row: Mapping[str, Any], key: str, name: str | None = None) -> dict[str, Any]:
+    """``{name: row[key]}``, plus ``name_low`` / ``name_high`` when ``row`` holds the key's interval."""
+    name = name or key
+    out = {name: row.get(key, float("nan"))}
+    if f"{key}_low" in row:
+        out[f"{name}_low"], out[f"{name}_high"] = row[f"{key}_low"], row[f"{key}_high"]
+    return out
 
 
 def comparison_table(
     in_source: Mapping[str, Mapping[str, Mapping[str, Any]]],
     cross_source: Mapping[str, Mapping[str, Mapping[str, Any]]],
 ) -> pl.DataFrame:
-    """One row per (source, detector): AUROC and FPR / TPR at tau in-source and held out, side by side."""
+    """One row per (source, detector): AUROC and FPR / TPR at tau in-source and held out, side by side.
+
+    Where the metrics hold intervals, each value is followed by its ``_low`` / ``_high`` columns.
+    """
     rows = []
     for source, detectors in cross_source.items():
         for name, cross in detectors.items():
@@ -154,43 +211,68 @@ def comparison_table(
                     "source": source,
                     "detector": name,
                     "n_test": cross["n"],
-                    "auroc_in_source": inside.get("auroc", float("nan")),
-                    "auroc_cross_source": cross["auroc"],
+                    **_with_ends(inside, "auroc", "auroc_in_source"),
+                    **_with_ends(cross, "auroc", "auroc_cross_source"),
                     "n_all_rows": cross["all_rows"]["n"],
-                    "auroc_cross_source_all_rows": cross["all_rows"]["auroc"],
-                    "fpr_in_source": inside.get("fpr", float("nan")),
-                    "fpr_cross_source": cross["fpr"],
-                    "tpr_in_source": inside.get("tpr", float("nan")),
-                    "tpr_cross_source": cross["tpr"],
-                    "fpr_cross_source_all_rows": cross["all_rows"]["fpr"],
+                    **_with_ends(cross["all_rows"], "auroc", "auroc_cross_source_all_rows"),
+                    **_with_ends(inside, "fpr", "fpr_in_source"),
+                    **_with_ends(cross, "fpr", "fpr_cross_source"),
+                    **_with_ends(inside, "tpr", "tpr_in_source"),
+                    **_with_ends(cross, "tpr", "tpr_cross_source"),
+                    **_with_ends(cross["all_rows"], "fpr", "fpr_cross_source_all_rows"),
                 }
             )
     return pl.DataFrame(rows)
 
 
-def held_out_summary(cross_source: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+SUMMARY_KEYS = ("auroc", "tpr_at_5pct_fpr", "tpr", "fpr")
+
+
+def held_out_summary(
+    cross_source: Mapping[str, Mapping[str, Mapping[str, Any]]], comparison: HeldOutComparison | None = None
+) -> dict[str, dict[str, Any]]:
     """Per detector, over held-out sources (all of each source's rows): mean and lowest AUROC, and per source
     the AUROC, TPR at 5% FPR, and the shares of harmful (TPR) and benign (FPR) rows flagged at the tau
-    chosen without the source."""
+    chosen without the source.
+
+    Intervals the metrics hold are carried along (``<key>_low`` / ``<key>_high``); ``comparison``
+    (:func:`~pipeline.evaluate.paired.held_out_comparison`) adds those of the mean and lowest AUROC.
+    """
     summary: dict[str, dict[str, Any]] = {}
     names = next(iter(cross_source.values()), {}).keys()
     for name in names:
-        per_source = {
-            source: {key: rows[name]["all_rows"][key] for key in ("n", "auroc", "tpr_at_5pct_fpr", "tpr", "fpr")}
-            for source, rows in cross_source.items()
-        }
+        per_source: dict[str, dict[str, Any]] = {}
+        for source, rows in cross_source.items():
+            cell: dict[str, Any] = {"n": rows[name]["all_rows"]["n"]}
+            for key in SUMMARY_KEYS:
+                cell.update(_with_ends(rows[name]["all_rows"], key))
+            per_source[source] = cell
         aurocs = np.array([row["auroc"] for row in per_source.values()], dtype=np.float64)
         for source, rows in cross_source.items():
             if "at_shipped_tau" in rows[name]:
                 at = rows[name]["at_shipped_tau"]
-                per_source[source].update(tpr_at_shipped_tau=at["tpr"], fpr_at_shipped_tau=at["fpr"])
+                per_source[source].update(
+                    **_with_ends(at, "tpr", "tpr_at_shipped_tau"), **_with_ends(at, "fpr", "fpr_at_shipped_tau")
+                )
         summary[name] = {
             "mean_auroc": float(np.nanmean(aurocs)) if np.isfinite(aurocs).any() else float("nan"),
             "min_auroc": float(np.nanmin(aurocs)) if np.isfinite(aurocs).any() else float("nan"),
             "max_fpr": float(np.nanmax([row["fpr"] for row in per_source.values()])),
             "per_source": per_source,
         }
+        if comparison is not None and name in comparison.mean_auroc:
+            for key, interval in (
+                ("mean_auroc", comparison.mean_auroc[name]),
+                ("min_auroc", comparison.min_auroc[name]),
+            ):
+                summary[name][f"{key}_low"], summary[name][f"{key}_high"] = interval.low, interval.high
     return summary
+
+
+def _shown(row: Mapping[str, Any], key: str, digits: int) -> str:
+    """A value with its interval when ``row`` holds one (``0.86 [0.79, 0.92]``), else the value alone."""
+    interval = interval_of(row, key)
+    return interval.format(digits) if interval is not None else f"{row[key]:.{digits}f}"
 
 
 def held_out_markdown(summary: Mapping[str, Mapping[str, Any]], shipped: str) -> str:
@@ -201,17 +283,29 @@ def held_out_markdown(summary: Mapping[str, Mapping[str, Any]], shipped: str) ->
     head = ["detector", "mean AUROC", "min AUROC", *sources]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in summary.items():
-        cells = [f"{c['auroc']:.3f} / {c['tpr_at_5pct_fpr']:.2f} / {c['fpr']:.2f}" for c in row["per_source"].values()]
+        cells = [
+            f"{_shown(c, 'auroc', 3)} / {_shown(c, 'tpr_at_5pct_fpr', 2)} / {_shown(c, 'fpr', 2)}"
+            for c in row["per_source"].values()
+        ]
         label = f"**{name}** (shipped)" if name == shipped else name
-        lines.append(f"| {label} | {row['mean_auroc']:.3f} | {row['min_auroc']:.3f} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {label} | {_shown(row, 'mean_auroc', 3)} | {_shown(row, 'min_auroc', 3)} | " + " | ".join(cells) + " |"
+        )
     note = (
         "\nEach source held out in turn: every detector fitted, validated and thresholded without it, then scored on "
-        "all its rows. Cells: AUROC / TPR at 5% FPR / share of benign rows flagged at that tau.\n"
+        "all its rows. Cells: AUROC / TPR at 5% FPR / share of benign rows flagged at that tau."
     )
+    if any("auroc_low" in c for row in summary.values() for c in row["per_source"].values()):
+        note += (
+            " Brackets: the interval (stratified bootstrap for AUROC and TPR at 5% FPR, Wilson for the share "
+            "flagged; the mean and lowest AUROC resample each source on its own)."
+        )
+    note += "\n"
     cells = summary.get(shipped, {}).get("per_source", {})
     if cells and all("fpr_at_shipped_tau" in c for c in cells.values()):
         at = ", ".join(
-            f"{source} {c['tpr_at_shipped_tau']:.2f} / {c['fpr_at_shipped_tau']:.2f}" for source, c in cells.items()
+            f"{source} {_shown(c, 'tpr_at_shipped_tau', 2)} / {_shown(c, 'fpr_at_shipped_tau', 2)}"
+            for source, c in cells.items()
         )
         note += f"\nAt the run's own tau, the shipped {shipped}'s share of harmful / benign rows flagged: {at}.\n"
     return "\n".join(lines) + "\n" + note

@@ -14,21 +14,31 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from pipeline.evaluate.intervals import BootstrapSpec, bootstrap_detection, wilson
+
 
 def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, max_fpr: float) -> float:
     """Best true-positive rate among thresholds whose false-positive rate is at most ``max_fpr``."""
-    fpr, tpr, _ = roc_curve(labels, scores)
+    # Every threshold: the default drops collinear points, and a dropped one can be the best allowed.
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     allowed = tpr[fpr <= max_fpr]
     return float(allowed.max()) if len(allowed) else 0.0
 
 
-def detection_metrics(labels: np.ndarray, scores: np.ndarray, tau: float) -> dict[str, float]:
-    """AUROC, AUPRC, TPR at 1% and 5% FPR, and accuracy / F1 / FPR / TPR when refusing at ``score > tau``."""
+def detection_metrics(
+    labels: np.ndarray, scores: np.ndarray, tau: float, bootstrap: BootstrapSpec | None = None
+) -> dict[str, float]:
+    """AUROC, AUPRC, TPR at 1% and 5% FPR, and accuracy / F1 / FPR / TPR when refusing at ``score > tau``.
+
+    With ``bootstrap``, each also gets ``<key>_low`` / ``<key>_high``: Wilson intervals for the
+    rates at tau (accuracy, TPR, FPR), stratified bootstrap intervals for the rest
+    (:mod:`pipeline.evaluate.intervals`), at ``bootstrap.confidence``.
+    """
     labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
     predicted = (scores > tau).astype(int)
     two_classes = len(np.unique(labels)) == 2
     nan = float("nan")
-    return {
+    metrics: dict[str, float] = {
         "n": int(len(labels)),
         "auroc": float(roc_auc_score(labels, scores)) if two_classes else nan,
         "auprc": float(average_precision_score(labels, scores)) if two_classes else nan,
@@ -39,14 +49,30 @@ def detection_metrics(labels: np.ndarray, scores: np.ndarray, tau: float) -> dic
         "tpr": float(predicted[labels == 1].mean()) if (labels == 1).any() else nan,
         "fpr": float(predicted[labels == 0].mean()) if (labels == 0).any() else nan,
     }
+    if bootstrap is None:
+        return metrics
+    for key, interval in bootstrap_detection(labels, scores, tau, bootstrap).items():
+        metrics[f"{key}_low"], metrics[f"{key}_high"] = interval.low, interval.high
+    positives, negatives = labels == 1, labels == 0
+    rates = {
+        "accuracy": (int((predicted == labels).sum()), len(labels)),
+        "tpr": (int(predicted[positives].sum()), int(positives.sum())),
+        "fpr": (int(predicted[negatives].sum()), int(negatives.sum())),
+    }
+    for key, (k, n) in rates.items():
+        interval = wilson(k, n, bootstrap.confidence)
+        metrics[f"{key}_low"], metrics[f"{key}_high"] = interval.low, interval.high
+    return metrics
 
 
-def per_group_metrics(frame: pl.DataFrame, group: str, tau: float) -> dict[str, dict[str, Any]]:
+def per_group_metrics(
+    frame: pl.DataFrame, group: str, tau: float, bootstrap: BootstrapSpec | None = None
+) -> dict[str, dict[str, Any]]:
     """:func:`detection_metrics` for each value of ``group`` in a frame with ``label`` and ``score``."""
     result: dict[str, dict[str, Any]] = {}
     for key in sorted(frame[group].unique().to_list()):
         part = frame.filter(pl.col(group) == key)
-        result[str(key)] = detection_metrics(part["label"].to_numpy(), part["score"].to_numpy(), tau)
+        result[str(key)] = detection_metrics(part["label"].to_numpy(), part["score"].to_numpy(), tau, bootstrap)
     return result
 
 

@@ -19,6 +19,8 @@ from typing import Any
 from jinja2 import Environment, StrictUndefined, select_autoescape
 from PIL import Image
 
+from pipeline.evaluate.intervals import PairedDifference, interval_of
+
 # Detector names in evaluation metrics -> what a reader should call them.
 DETECTOR_LABELS: dict[str, str] = {
     "lsi": "LSI (the method)",
@@ -84,6 +86,8 @@ class ReportInputs:
     facts: Sequence[tuple[str, str]]
     detectors: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     cross_source: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    paired: Mapping[str, Any] = field(default_factory=dict)
+    intervals: Mapping[str, Any] = field(default_factory=dict)
     suites: Sequence[SuiteResult] = ()
     figures: Sequence[tuple[str, Path]] = ()
     notes: Sequence[str] = ()
@@ -190,6 +194,34 @@ def _number(value: float | None, digits: int = 3, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def _shown(row: Mapping[str, Any], key: str, digits: int = 3) -> str:
+    """A metric with its interval when ``row`` holds one (``0.860 [0.790, 0.920]``), else the value alone."""
+    interval = interval_of(row, key)
+    return interval.format(digits) if interval is not None else _number(row.get(key), digits)
+
+
+def _rate(row: Mapping[str, Any], key: str) -> str:
+    """A rate as a percentage with its interval when ``row`` holds one (``62.5% [38.6%, 81.5%]``)."""
+    interval = interval_of(row, key)
+    return interval.percent() if interval is not None and row.get(key) is not None else _percent(row.get(key))
+
+
+def _gap(record: Mapping[str, Any] | None) -> str:
+    """One paired test: ``+0.052 [+0.011, +0.094], p 0.012``."""
+    return "–" if record is None else PairedDifference(**record).format()
+
+
+def _intervals_note(intervals: Mapping[str, Any]) -> str:
+    """What the brackets in the detector tables are, from the evaluation's own record of it."""
+    if not intervals:
+        return ""
+    return (
+        f"Brackets: {100 * intervals['confidence']:g}% intervals; stratified bootstrap "
+        f"({intervals['bootstrap_resamples']} resamples, harmful and benign rows resampled separately) for AUROC, "
+        "AUPRC, TPR at a fixed FPR and F1, Wilson score intervals for rates at tau."
+    )
+
+
 def _clip(text: str, limit: int = RESPONSE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -202,7 +234,13 @@ def _environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters.update(percent=_percent, number=_number, clip=_clip)
-    env.globals.update(detector_label=lambda n: DETECTOR_LABELS.get(n, n), defence_label=DEFENCE_LABELS.get)
+    env.globals.update(
+        detector_label=lambda n: DETECTOR_LABELS.get(n, n),
+        defence_label=DEFENCE_LABELS.get,
+        shown=_shown,
+        rate=_rate,
+        gap=_gap,
+    )
     return env
 
 
@@ -233,4 +271,6 @@ def render_report(inputs: ReportInputs, examples_per_suite: int = 6) -> str:
         figures=figures,
         showcase_kinds=dict(SHOWCASE_KINDS),
         cross_detectors=list(DETECTOR_LABELS),
+        paired=inputs.paired,
+        intervals_note=_intervals_note(inputs.intervals),
     )

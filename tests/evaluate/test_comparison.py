@@ -295,8 +295,20 @@ def test_summary_is_json_and_markdown_names_every_defence_and_benchmark(guard: G
     markdown = comparison_markdown(summary)
     for name in (*DEFENCES, "bench", "second", "weapons", "crime", "art"):
         assert f"| {name} |" in markdown
-    assert "| bench | lsi | 50.0% (n=2) | 50.0% | 100.0% (n=1) | 0.0% |" in markdown
-    assert "| second | none | 0.0% (n=1) | 0.0% | – (n=0) | 0.0% |" in markdown
+    # Wilson intervals (95%): 1 of 2 -> [9.5%, 90.5%], 1 of 1 -> [20.7%, 100%], 0 of 3 -> [0%, 56.1%].
+    assert (
+        "| bench | lsi | 50.0% [9.5%, 90.5%] (n=2) | 50.0% [9.5%, 90.5%] | 100.0% [20.7%, 100.0%] (n=1) "
+        "| 0.0% [0.0%, 56.1%] |" in markdown
+    )
+    assert (
+        "| second | none | 0.0% [0.0%, 79.3%] (n=1) | 0.0% [0.0%, 79.3%] | – (n=0) | 0.0% [0.0%, 79.3%] |" in markdown
+    )
+    assert "Brackets: 95% Wilson score intervals" in markdown
+    lsi = summary["bench"]["lsi"]
+    assert (lsi["harmful_refusal_rate_low"], lsi["harmful_refusal_rate_high"]) == pytest.approx(
+        (0.0945, 0.9055), abs=1e-4
+    )
+    assert summary["second"]["none"]["benign_answer_rate_low"] is None
 
 
 def test_on_a_real_model_rows_equal_the_guards_session_path(

@@ -27,9 +27,13 @@ from pipeline.evaluate.detection import (
     cross_source_results,
     fit_detectors,
     held_out_markdown,
+    held_out_results,
     held_out_summary,
+    per_source_metrics,
     score_setting,
 )
+from pipeline.evaluate.intervals import BootstrapSpec
+from pipeline.evaluate.paired import held_out_comparison
 from pipeline.layout import MissingOutput
 
 LAYERS = (1, 2, 3)
@@ -223,3 +227,35 @@ def test_given_taus_are_used_as_given() -> None:
     results = score_setting(data, inside, scorers, CalibrateConfig(), taus={"lsi": 2.0})
     assert results["lsi"]["tau"] == 2.0 and results["lsi"]["tpr"] == 0.0  # nothing scores above 2
     assert results["logreg_hs_delta"]["tau"] < 1.0
+
+
+def test_held_out_results_carry_intervals_and_the_scores_for_paired_tests() -> None:
+    data = synthetic_data(refusal=False)
+    spec = BootstrapSpec(resamples=200)
+    held = held_out_results(data, CONFIG, CalibrateConfig(), 3, 1, ["alpha", "gamma"], ("lsi", 1.0), spec)
+    lsi = held.metrics["alpha"]["lsi"]
+    for row in (lsi, lsi["all_rows"], lsi["at_shipped_tau"]):
+        for key in ("auroc", "tpr_at_5pct_fpr", "fpr", "tpr"):
+            assert row[f"{key}_low"] <= row[key] <= row[f"{key}_high"], key
+    assert held.metrics == cross_source_results(
+        data, CONFIG, CalibrateConfig(), 3, 1, ["alpha", "gamma"], ("lsi", 1.0), spec
+    )
+    assert len(held.labels["alpha"]) == 80 and set(held.scores["alpha"]) == set(held.metrics["alpha"])
+    comparison = held_out_comparison("lsi", held.labels, held.scores, spec)
+    # The detector-level AUROC the comparison resamples is the one the metrics report.
+    assert comparison.mean_auroc["lsi"].value == pytest.approx(
+        np.mean([held.metrics[s]["lsi"]["all_rows"]["auroc"] for s in ("alpha", "gamma")])
+    )
+    assert comparison.mean["length_only"].low > 0  # LSI reads the signal; length carries none
+    summary = held_out_summary(held.metrics, comparison)
+    assert summary["lsi"]["mean_auroc_low"] <= summary["lsi"]["mean_auroc"] <= summary["lsi"]["mean_auroc_high"]
+    assert "fpr_at_shipped_tau_low" in summary["lsi"]["per_source"]["alpha"]
+    table = held_out_markdown(summary, shipped="lsi")
+    assert "Brackets: the interval" in table and f"{summary['lsi']['mean_auroc']:.3f} [" in table
+    inside = in_source_setting(data.index)
+    scorers, _ = fit_detectors(data, inside, CONFIG, 3, 1)
+    taus = {name: 0.5 for name in scorers}
+    side_by_side = comparison_table(per_source_metrics(data, inside, scorers, taus, spec), held.metrics)
+    assert {"auroc_in_source_low", "auroc_cross_source_all_rows_high", "fpr_cross_source_low"} <= set(
+        side_by_side.columns
+    )

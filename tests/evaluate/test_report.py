@@ -230,3 +230,42 @@ def test_the_page_opens_in_a_browser_with_every_image_loaded(tmp_path: Path) -> 
         finally:
             chromium.close()
     assert outside == []
+
+
+def test_the_page_shows_intervals_and_the_paired_tests() -> None:
+    detector = {"n": 40, "auroc": 0.86, "auroc_low": 0.79, "auroc_high": 0.92, "auprc": 0.8, "tpr_at_1pct_fpr": 0.1}
+    detector |= {"tpr_at_5pct_fpr": 0.3, "f1": 0.7, "fpr": 0.05, "fpr_low": 0.01, "fpr_high": 0.2}
+    gap = {"difference": 0.052, "low": 0.011, "high": 0.094, "p_value": 0.012, "resamples": 1000}
+    same = {"difference": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0, "resamples": 1000}
+    paired = {
+        "reference": "lsi",
+        "metric": "auroc",
+        "confidence": 0.95,
+        "resamples": 1000,
+        "in_source": {"length_only": gap},
+        "held_out_mean": {"length_only": same},
+        "held_out": {"alpha": {"length_only": gap}},
+    }
+    metrics = _metrics() | {"harmful_refusal_rate_low": 0.094531, "harmful_refusal_rate_high": 0.905469}
+    suite = SuiteResult(
+        "s",
+        {"judge": "j", "model": "m", "tau": 0.5, "detector": "d", "n_examples": {"b": 2}, "confidence": 0.95},
+        {"b": {"lsi": metrics}},
+        [],
+    )
+    inputs = ReportInputs(
+        title="t",
+        params_text="",
+        facts=[],
+        detectors={"lsi": detector},
+        paired=paired,
+        intervals={"confidence": 0.95, "bootstrap_resamples": 1000},
+        suites=[suite],
+    )
+    page = render_report(inputs)
+    assert "0.860 [0.790, 0.920]" in page and "0.050 [0.010, 0.200]" in page
+    assert "0.800" in page  # a metric without ends is shown alone
+    assert "Brackets: 95% intervals; stratified bootstrap (1000 resamples" in page
+    assert "LSI (the method) against each baseline" in page
+    assert "+0.052 [+0.011, +0.094], p 0.012" in page and "+0.000 [+0.000, +0.000], p 1.000" in page
+    assert "50.0% [9.5%, 90.5%]" in page and "95.0% Wilson score intervals" in page

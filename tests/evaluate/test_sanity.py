@@ -221,12 +221,17 @@ def test_summary_math() -> None:
     assert summary["per_input"]["image"]["accuracy"] == pytest.approx(2 / 3)
     assert summary["per_input"]["text"]["harmful_refused"] == pytest.approx(1 / 3)
     assert summary["ecso_routed"] == 2 and summary["n_errors"] == 1
+    # Wilson intervals beside each share: 4 of 8 -> [0.2152, 0.7848]; 2 of 3 at 90% -> [0.2535, 0.9217].
+    assert (summary["accuracy_low"], summary["accuracy_high"]) == pytest.approx((0.2152, 0.7848), abs=1e-4)
+    image = summarize(rows, confidence=0.9)["per_input"]["image"]
+    assert (image["accuracy_low"], image["accuracy_high"]) == pytest.approx((0.2535, 0.9217), abs=1e-4)
     json.dumps(summary)  # metrics.json must be plain JSON
 
 
 def test_an_empty_group_has_no_share() -> None:
     summary = summarize([sanity_row("harmful", REFUSE)])
     assert summary["benign_answered"] is None and summary["per_input"]["image"]["accuracy"] is None
+    assert summary["benign_answered_low"] is None and summary["benign_answered_high"] is None
     assert summarize([])["accuracy"] is None
 
 

@@ -122,7 +122,12 @@ def test_full_pipeline_writes_every_output(repo: Path) -> None:
     for source, rows in metrics["cross_source"].items():
         assert set(rows) == detectors
         assert all(rows[name]["n"] == metrics["per_source"][source][name]["n"] for name in detectors)
-    assert "| lookalike | lsi |" in (repo / "data/eval/comparison.md").read_text()
+    comparison = (repo / "data/eval/comparison.md").read_text()
+    assert "| lookalike | lsi |" in comparison and "paired bootstrap interval" in comparison
+    lsi = metrics["detectors"]["lsi"]
+    assert lsi["auroc_low"] <= lsi["auroc"] <= lsi["auroc_high"] and lsi["fpr_low"] <= lsi["fpr"] <= lsi["fpr_high"]
+    assert set(metrics["paired"]["held_out"]) == set(metrics["cross_source"])
+    assert set(metrics["paired"]["held_out_mean"]) == detectors - {"lsi"}
     sweep = json.loads((repo / "data/sweep/sweep.json").read_text())
     assert len(sweep["pairs"]) == 16 and (repo / "data/sweep/cross_source_auroc.png").stat().st_size > 0
     assert "ece_raw" in json.loads((repo / "data/calibration/calibration.json").read_text())
@@ -159,6 +164,7 @@ def test_comparison_and_report_on_the_demo_data(repo: Path) -> None:
     assert all(json.loads(r)["ecso"] is not None for r in rows if json.loads(r)["defence"] == "ecso")
     shown = run(["dvc", "metrics", "show", "data/compare/demo/metrics.json"], repo)
     assert "benchmarks.demo.lsi.harmful_refusal_rate" in shown
+    assert "benchmarks.demo.lsi.harmful_refusal_rate_low" in shown
     page = (repo / "data/report/demo/report.html").read_text()
     for text in ("Defence comparison: demo", "Held-out sources", "LSI (the method)", "Layer sweep", "Examples: demo"):
         assert text in page, text
