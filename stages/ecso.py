@@ -20,8 +20,9 @@ from pipeline.defend.records import ecso_record, ecso_summary
 from pipeline.detect.extraction import row_request
 from pipeline.io import write_json_atomic, write_jsonl_atomic
 from pipeline.layout import ECSO_DIR, INDEX, PARAMS
+from pipeline.models.base import resolve_device
 from pipeline.models.registry import load_adapter
-from stages import run_stage
+from stages import run_record, run_stage
 
 OUT_DIR = ECSO_DIR
 
@@ -43,7 +44,8 @@ def main() -> None:
 
     write_jsonl_atomic(OUT_DIR / "records.jsonl", records)
     summary = ecso_summary(records)
-    write_json_atomic(OUT_DIR / "summary.json", summary)
+    run = run_record(ecso.adapter.info.name, ecso.adapter.info.revision, str(resolve_device(params.model.device)))
+    write_json_atomic(OUT_DIR / "summary.json", {**summary, "run": run})
     print(json.dumps(summary, indent=2, sort_keys=True))
 
 

@@ -21,7 +21,8 @@ from pipeline.defend.records import guard_record, guard_summary
 from pipeline.detect.extraction import row_request
 from pipeline.io import write_json_atomic, write_jsonl_atomic
 from pipeline.layout import GUARD_DIR, INDEX, PARAMS
-from stages import run_stage
+from pipeline.models.base import resolve_device
+from stages import run_record, run_stage
 
 OUT_DIR = GUARD_DIR
 
@@ -39,7 +40,8 @@ def main() -> None:
 
     write_jsonl_atomic(OUT_DIR / "responses.jsonl", records)
     summary = guard_summary(records, params.guard.policy)
-    write_json_atomic(OUT_DIR / "summary.json", summary)
+    run = run_record(guard.adapter.info.name, guard.adapter.info.revision, str(resolve_device(params.model.device)))
+    write_json_atomic(OUT_DIR / "summary.json", {**summary, "run": run})
     print(json.dumps(summary, indent=2, sort_keys=True))
 
 

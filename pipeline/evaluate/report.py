@@ -87,6 +87,7 @@ class ReportInputs:
     suites: Sequence[SuiteResult] = ()
     figures: Sequence[tuple[str, Path]] = ()
     notes: Sequence[str] = ()
+    run: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,24 @@ def _clip(text: str, limit: int = RESPONSE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def run_rows(run: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A ``run`` record (:func:`pipeline.run_record.build_run_record`) as the rows of a small table."""
+    if not run:
+        return []
+    state = ", with uncommitted changes" if run.get("git_dirty") is True else ""
+    libraries = run.get("libraries") or {}
+    return [
+        ("code", f"lsi-guard {run.get('project_version', '?')}, commit {run.get('git_commit', 'unknown')}{state}"),
+        (
+            "Python and libraries",
+            ", ".join([f"Python {run.get('python', '?')}", *(f"{name} {v}" for name, v in libraries.items())]),
+        ),
+        ("device", str(run.get("device", "?"))),
+        ("model", f"{run.get('model_name', '?')} (revision {run.get('model_revision', '?')})"),
+        ("wall time", f"{run.get('wall_time_s', '?')} s"),
+    ]
+
+
 def _environment() -> Environment:
     env = Environment(
         autoescape=select_autoescape(default=True, default_for_string=True),
@@ -202,7 +221,9 @@ def _environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters.update(percent=_percent, number=_number, clip=_clip)
-    env.globals.update(detector_label=lambda n: DETECTOR_LABELS.get(n, n), defence_label=DEFENCE_LABELS.get)
+    env.globals.update(
+        detector_label=lambda n: DETECTOR_LABELS.get(n, n), defence_label=DEFENCE_LABELS.get, run_rows=run_rows
+    )
     return env
 
 
