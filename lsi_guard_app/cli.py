@@ -5,6 +5,7 @@
     lsi-guard generate --input requests.jsonl --output results.jsonl
     lsi-guard demo                                                # the local web demo
     lsi-guard verify-store data/activations/store.zarr            # check every chunk of a store
+    lsi-guard eval --suite demo [--limit N] [--output DIR] [--lm-eval-json PATH]  # a comparison suite
     lsi-guard --version                                           # also: python -m lsi_guard_app ...
 
 Every command reads the run in ``--run`` (default: the current folder, after ``bash scripts/run.sh``)
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
+from lsi_guard_app.eval_command import add_eval_parser, eval_command
 from pipeline import __version__
 from pipeline.config import GUARD_POLICIES, LimitsConfig, load_params
 from pipeline.data.images import ImageError, load_image
@@ -253,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=7860)
     _common(demo)
     _add_verify_store(commands)
+    add_eval_parser(commands)
     return parser
 
 
@@ -270,6 +273,8 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
     if args.command == "verify-store":
         return verify_store_command(args.path, stdout)
     logging.basicConfig(level=logging.WARNING, format="lsi-guard: %(levelname)s: %(message)s", stream=sys.stderr)
+    if args.command == "eval":
+        return eval_command(args, stdout)
     try:
         if args.command == "demo":
             # Imported only for the demo: gradio takes seconds to import and check/generate never need it.

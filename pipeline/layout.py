@@ -40,6 +40,7 @@ CALIBRATION_DIR = DATA / "calibration"
 CALIBRATION = CALIBRATION_DIR / "calibration.json"
 RELIABILITY = CALIBRATION_DIR / "reliability.json"
 RELIABILITY_PNG = CALIBRATION_DIR / "reliability.png"
+CALIBRATION_METRICS = CALIBRATION_DIR / "metrics.json"
 
 # evaluate
 EVAL_DIR = DATA / "eval"

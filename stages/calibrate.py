@@ -1,9 +1,13 @@
-"""DVC stage ``calibrate``: the shipped detector's scaling and tau from the calibration split, and reliability."""
+"""DVC stage ``calibrate``: the shipped detector's scaling and tau from the calibration split, and reliability.
+
+Writes ``data/calibration/calibration.json`` (what the guard reads), ``reliability.json`` and ``.png``, and
+``metrics.json`` (the same calibration with the detector and the run record, for ``dvc metrics``).
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +20,8 @@ from pipeline.detect.provenance import open_store
 from pipeline.detect.shipped import load_detector
 from pipeline.evaluate.plots import plot_reliability
 from pipeline.io import replace_dir_atomic, write_json_atomic
-from pipeline.layout import CALIBRATION, INDEX, PROBE_DIR, RELIABILITY, RELIABILITY_PNG, STORE
-from stages import run_stage
+from pipeline.layout import CALIBRATION, CALIBRATION_METRICS, INDEX, PROBE_DIR, RELIABILITY, RELIABILITY_PNG, STORE
+from stages import run_record, run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +69,8 @@ def main() -> None:
     params = load_params()
     detector, meta = load_detector(PROBE_DIR)
     index = read_index(INDEX)
-    data = load_eval_data(index, open_store(params, STORE))
+    store = open_store(params, STORE)
+    data = load_eval_data(index, store)
     rows = np.flatnonzero(index["split"].to_numpy() == "calib")
     if params.calibrate.held_out:
         # Each calibration row scored by a detector of the same kind fitted without its source.
@@ -77,6 +82,10 @@ def main() -> None:
     # Built beside data/calibration and swapped in whole (persist: true in dvc.yaml).
     with replace_dir_atomic(OUT.parent) as out:
         calibration = write_calibration(data.labels[rows], scores, params.calibrate, out)
+        # Apart from calibration.json, which later stages depend on: a new run record alone reruns nothing.
+        run = run_record(store.provenance.model_name, store.provenance.model_revision, "cpu")
+        metrics = {**asdict(calibration), "detector": detector.describe(), "run": run}
+        write_json_atomic(out / CALIBRATION_METRICS.name, metrics)
     print(f"{detector.describe()}: {summary_line(calibration)}")
 
 

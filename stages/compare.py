@@ -24,9 +24,11 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from pipeline.config import CompareConfig, Params, load_params
+from pipeline.config import BenchmarkSpec, CompareConfig, Params, load_params
 from pipeline.data.benchmarks.suites import check_suites, load_suite
 from pipeline.data.images import sha256_file
 from pipeline.defend.guard import Guard
@@ -36,24 +38,45 @@ from pipeline.evaluate.judges import build_judge
 from pipeline.evaluate.resume import fingerprint
 from pipeline.evaluate.suite_run import compact_metrics, example_keys, kept_rows, run_resumable
 from pipeline.io import replace_dir_atomic, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from pipeline.layout import CALIBRATION, PARAMS, PROBE_DIR, RENDER_ROOT, compare_dir, compare_partial
-from stages import run_stage
+from pipeline.layout import (
+    CALIBRATION,
+    PARAMS,
+    PARTIAL_SUFFIX,
+    PROBE_DIR,
+    RENDER_ROOT,
+    compare_dir,
+    compare_partial,
+)
+from pipeline.models.base import resolve_device
+from stages import run_record, run_stage
 
 logger = logging.getLogger(__name__)
 
 
-def run_suite(suite: str, params: Params) -> dict[str, Any]:
-    """Load the suite, run every defence on it (resuming a killed run), write its outputs; the summary."""
+def limited(spec: BenchmarkSpec, limit: int | None) -> BenchmarkSpec:
+    """``spec`` keeping at most ``limit`` examples (None: as params.yaml says; its 0 means all)."""
+    if limit is None:
+        return spec
+    return replace(spec, limit=limit if spec.limit == 0 else min(spec.limit, limit))
+
+
+def run_suite(suite: str, params: Params, output: Path | None = None, limit: int | None = None) -> dict[str, Any]:
+    """Load the suite, run every defence on it (resuming a killed run), write its outputs; the summary.
+
+    Paths are read from the current folder (the run). ``output`` replaces ``data/compare/<suite>``
+    (the partial file of a killed run then sits beside it); ``limit`` caps every benchmark's examples.
+    """
     config: CompareConfig = params.compare
     check_suites(config)
-    specs = config.suite(suite)
+    specs = [limited(spec, limit) for spec in config.suite(suite)]
+    target = compare_dir(suite) if output is None else output
+    partial = compare_partial(suite) if output is None else output.with_name(output.name + PARTIAL_SUFFIX)
     # Load and validate every benchmark before the model: a bad file costs seconds, not a model load.
     examples = load_suite(specs, config.seed, RENDER_ROOT)
     keys = example_keys(examples, suite)
     logger.info("%s: %d examples from %d benchmark(s)", suite, len(examples), len(specs))
 
     tau = load_calibration(CALIBRATION).tau
-    partial = compare_partial(suite)
     expected = fingerprint(params, suite, keys, tau, sha256_file(PROBE_DIR / "probe.safetensors"))
     kept = kept_rows(partial, expected, config.defences)
     guard = Guard.from_run(".", max_new_tokens=config.max_new_tokens)
@@ -71,9 +94,12 @@ def run_suite(suite: str, params: Params) -> dict[str, Any]:
         "defences": list(config.defences),
         "n_examples": {spec.name: sum(e.benchmark == spec.name for e in examples) for spec in specs},
         "confidence": confidence,
+        "run": run_record(
+            guard.adapter.info.name, guard.adapter.info.revision, str(resolve_device(params.model.device))
+        ),
     }
     # Built beside data/compare/<suite> and swapped in whole (persist: true in dev/dvc.yaml).
-    with replace_dir_atomic(compare_dir(suite)) as out:
+    with replace_dir_atomic(target) as out:
         write_jsonl_atomic(out / "rows.jsonl", records)
         write_json_atomic(out / "summary.json", {**meta, "benchmarks": summary})
         write_json_atomic(out / "metrics.json", {**meta, "benchmarks": compact_metrics(summary)})

@@ -21,8 +21,9 @@ from pipeline.detect.extraction import row_request
 from pipeline.evaluate.intervals import wilson_fields
 from pipeline.io import write_json_atomic, write_jsonl_atomic
 from pipeline.layout import ECSO_DIR, INDEX, PARAMS
+from pipeline.models.base import resolve_device
 from pipeline.models.registry import load_adapter
-from stages import run_stage
+from stages import run_record, run_stage
 
 OUT_DIR = ECSO_DIR
 
@@ -45,7 +46,8 @@ def main() -> None:
     write_jsonl_atomic(OUT_DIR / "records.jsonl", records)
     # Each rate with its Wilson interval (<rate>_low / <rate>_high) at evaluate.confidence.
     summary = wilson_fields(ecso_summary(records), ECSO_RATES, params.evaluate.confidence)
-    write_json_atomic(OUT_DIR / "summary.json", summary)
+    run = run_record(ecso.adapter.info.name, ecso.adapter.info.revision, str(resolve_device(params.model.device)))
+    write_json_atomic(OUT_DIR / "summary.json", {**summary, "run": run})
     print(json.dumps(summary, indent=2, sort_keys=True))
 
 

@@ -40,7 +40,7 @@ from pipeline.evaluate.refusal_direction import readout_from_adapter, refusal_sc
 from pipeline.io import replace_dir_atomic, write_json_atomic
 from pipeline.layout import CALIBRATION, EVAL_DIR, INDEX, PROBE_DIR, STORE
 from pipeline.models.registry import load_adapter
-from stages import run_stage
+from stages import run_record, run_stage
 
 OUT = EVAL_DIR
 
@@ -145,6 +145,7 @@ def main() -> None:
         "target_fpr": params.calibrate.target_fpr,
         "fusion_layer": lf,
         "safety_layer": ls,
+        "run": run_record(store.provenance.model_name, store.provenance.model_revision, "cpu"),
     }
     # Built beside data/eval and swapped in whole (persist: true in dvc.yaml).
     with replace_dir_atomic(OUT) as out:

@@ -22,7 +22,8 @@ from pipeline.detect.extraction import row_request
 from pipeline.evaluate.intervals import wilson_fields
 from pipeline.io import write_json_atomic, write_jsonl_atomic
 from pipeline.layout import GUARD_DIR, INDEX, PARAMS
-from stages import run_stage
+from pipeline.models.base import resolve_device
+from stages import run_record, run_stage
 
 OUT_DIR = GUARD_DIR
 
@@ -41,7 +42,8 @@ def main() -> None:
     write_jsonl_atomic(OUT_DIR / "responses.jsonl", records)
     # Each rate with its Wilson interval (<rate>_low / <rate>_high) at evaluate.confidence.
     summary = wilson_fields(guard_summary(records, params.guard.policy), GUARD_RATES, params.evaluate.confidence)
-    write_json_atomic(OUT_DIR / "summary.json", summary)
+    run = run_record(guard.adapter.info.name, guard.adapter.info.revision, str(resolve_device(params.model.device)))
+    write_json_atomic(OUT_DIR / "summary.json", {**summary, "run": run})
     print(json.dumps(summary, indent=2, sort_keys=True))
 
 

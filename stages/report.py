@@ -35,7 +35,7 @@ from pipeline.layout import (
     compare_dir,
     require,
 )
-from stages import run_stage
+from stages import run_record, run_stage
 
 OUT_ROOT = REPORT_ROOT
 FIGURES: tuple[tuple[str, Path], ...] = (
@@ -127,6 +127,8 @@ def build_inputs(name: str, suites: Sequence[str], params: Params, out: Path) ->
                 f"The {suite} suite holds the test split of the probe's own training sources: its LSI numbers are "
                 "in-source. Benchmarks from other sources show what a new source will see."
             )
+    model = _json(PROBE_DIR / "probe.json").get("store_provenance", {})
+    run = run_record(str(model.get("model_name", "unknown")), str(model.get("model_revision", "unknown")), "cpu")
     return ReportInputs(
         title=f"LSI-Guard run report: {name}",
         params_text=PARAMS.read_text(encoding="utf-8"),
@@ -138,6 +140,7 @@ def build_inputs(name: str, suites: Sequence[str], params: Params, out: Path) ->
         suites=[load_suite_result(suite, out) for suite in suites],
         figures=[(caption, path) for caption, path in FIGURES if path.is_file()],
         notes=notes,
+        run=run,
     )
 
 

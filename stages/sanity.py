@@ -16,7 +16,8 @@ from pipeline.evaluate.intervals import interval_of
 from pipeline.evaluate.sanity import example_rows, misses, run_sanity
 from pipeline.io import write_json_atomic, write_jsonl_atomic
 from pipeline.layout import PARAMS, SANITY_METRICS, SANITY_RENDER, SANITY_ROWS, SANITY_SET
-from stages import run_stage
+from pipeline.models.base import resolve_device
+from stages import run_record, run_stage
 
 
 def _fmt(value: float | None) -> str:
@@ -36,7 +37,9 @@ def main() -> None:
     guard = Guard.from_run(".")
     result = run_sanity(SANITY_SET, guard, SANITY_RENDER, confidence=confidence)
     write_jsonl_atomic(SANITY_ROWS, [row.record() for row in result.rows])
-    write_json_atomic(SANITY_METRICS, result.summary)
+    device = str(resolve_device(load_params(PARAMS).model.device))
+    run = run_record(guard.adapter.info.name, guard.adapter.info.revision, device)
+    write_json_atomic(SANITY_METRICS, {**result.summary, "run": run})
 
     summary = result.summary
     print(

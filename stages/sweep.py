@@ -19,7 +19,7 @@ from pipeline.detect.sweep import best_pair, score_detectors, score_matrix, swee
 from pipeline.evaluate.plots import plot_heatmap
 from pipeline.io import replace_dir_atomic, write_json_atomic
 from pipeline.layout import INDEX, STORE, SWEEP, SWEEP_DIR, SWEEP_PLOT
-from stages import run_stage
+from stages import run_record, run_stage
 
 OUT = SWEEP_DIR
 TITLES = {
@@ -31,7 +31,8 @@ TITLES = {
 def main() -> None:
     """Sweep, then write the scores, the chosen pair and the heatmaps."""
     params = load_params()
-    data = load_eval_data(read_index(INDEX), open_store(params, STORE))
+    store = open_store(params, STORE)
+    data = load_eval_data(read_index(INDEX), store)
     scores = sweep_pairs(data, params.train)
     best = best_pair(scores, params.train.select_by)
     detectors = score_detectors(data, params.train, best.fusion_layer, best.safety_layer)
@@ -55,6 +56,7 @@ def main() -> None:
                 "best": asdict(best),
                 "pairs": [asdict(s) for s in scores],
                 "detectors": [asdict(d) for d in detectors],
+                "run": run_record(store.provenance.model_name, store.provenance.model_revision, "cpu"),
             },
         )
         write_json_atomic(

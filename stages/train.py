@@ -24,7 +24,7 @@ from pipeline.detect.store import ActivationStore
 from pipeline.detect.sweep import choose_detector, read_detector_scores, resolve_layers
 from pipeline.io import replace_dir_atomic, write_json_atomic
 from pipeline.layout import INDEX, PROBE_DIR, STORE, SWEEP
-from stages import run_stage
+from stages import run_record, run_stage
 
 OUT = PROBE_DIR
 
@@ -72,6 +72,7 @@ def train_linear(name: str, cfg: TrainConfig, held_out_auroc: float, store: Acti
                 "n_train": len(inside.train),
                 "n_val": len(inside.val),
                 "options": _options(cfg),
+                "run": run_record(store.provenance.model_name, store.provenance.model_revision, "cpu"),
             },
         )
     print(
@@ -134,6 +135,7 @@ def main() -> None:
                 "n_train": len(sources["train"]),
                 "n_val": len(sources["val"]),
                 "options": _options(cfg),
+                "run": run_record(store.provenance.model_name, store.provenance.model_revision, "cpu"),
             },
         )
     print(

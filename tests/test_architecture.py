@@ -18,7 +18,10 @@ from tests.paths import PROJECT_ROOT
 
 # Lowest first: a module may import its own layer and the ones before it, never one after it.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("pipeline", "pipeline.config", "pipeline.errors", "pipeline.layout", "pipeline.io")),
+    (
+        "base",
+        ("pipeline", "pipeline.config", "pipeline.errors", "pipeline.layout", "pipeline.io", "pipeline.run_record"),
+    ),
     ("data", ("pipeline.data",)),
     ("models", ("pipeline.models",)),
     ("detect", ("pipeline.detect",)),

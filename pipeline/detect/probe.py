@@ -21,9 +21,13 @@ from tqdm import tqdm
 
 from pipeline.config import TrainConfig
 from pipeline.detect.features import FeatureSource, LSIFeatures
+from pipeline.run_record import HIDDEN_STATE_LIBRARIES, library_versions, warn_if_versions_differ
 
 WEIGHTS_FILE = "probe.safetensors"
 META_FILE = "probe.json"
+# A key of probe.json beside ProbeMeta's fields: the versions of the libraries that computed the
+# states the probe was trained on (a reader under others is warned; see pipeline.run_record).
+VERSIONS_KEY = "library_versions"
 
 
 class LSIProbe(nn.Module):
@@ -251,15 +255,27 @@ def save_probe(probe: LSIProbe, meta: ProbeMeta, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().contiguous() for name, tensor in probe.state_dict().items()}
     save_file(tensors, str(folder / WEIGHTS_FILE))
-    (folder / META_FILE).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True))
+    write_meta(meta, folder)
+
+
+def write_meta(meta: ProbeMeta, folder: Path) -> None:
+    """Write ``probe.json``: the metadata, and the hidden-state library versions of this process."""
+    record = {**asdict(meta), VERSIONS_KEY: library_versions(HIDDEN_STATE_LIBRARIES)}
+    (folder / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
 
 
 def read_meta(folder: Path) -> ProbeMeta:
-    """The metadata of the detector saved in ``folder``; either file missing is a clear error."""
+    """The metadata of the detector saved in ``folder``; either file missing is a clear error.
+
+    A probe saved under other torch or transformers versions than this process runs is read with
+    a :class:`~pipeline.run_record.LibraryVersionWarning` naming them.
+    """
     for path in (folder / WEIGHTS_FILE, folder / META_FILE):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file; run the 'train' stage first (dvc repro train)")
-    return ProbeMeta(**json.loads((folder / META_FILE).read_text()))
+    raw = json.loads((folder / META_FILE).read_text())
+    warn_if_versions_differ(str(folder / META_FILE), raw.pop(VERSIONS_KEY, None))
+    return ProbeMeta(**raw)
 
 
 def load_probe(folder: Path) -> tuple[LSIProbe, ProbeMeta]:

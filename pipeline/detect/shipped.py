@@ -7,15 +7,13 @@ probe's ``weight`` and ``bias``. ``data/probe/probe.json`` holds :class:`ProbeMe
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.detect.detector import LSI, Detector, LinearDetector, LSIDetector, Piece
-from pipeline.detect.probe import META_FILE, WEIGHTS_FILE, ProbeMeta, load_probe, read_meta, save_probe
+from pipeline.detect.probe import META_FILE, WEIGHTS_FILE, ProbeMeta, load_probe, read_meta, save_probe, write_meta
 
 
 def save_detector(detector: Detector, meta: ProbeMeta, folder: Path) -> None:
@@ -30,7 +28,7 @@ def save_detector(detector: Detector, meta: ProbeMeta, folder: Path) -> None:
         {"weight": detector.weight.contiguous(), "bias": torch.tensor([detector.bias], dtype=torch.float32)},
         str(folder / WEIGHTS_FILE),
     )
-    (folder / META_FILE).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True))
+    write_meta(meta, folder)
 
 
 def load_detector(folder: Path) -> tuple[Detector, ProbeMeta]:

@@ -4,6 +4,8 @@ One Zarr v3 group holds ``states`` shaped ``(rows, variants, layers, hidden)`` i
 sharded along rows so a store is a handful of files (DVC hashes every file), plus the
 ``row_id`` of each row. Its attributes carry the provenance (model, revision, templates and
 their position, layers, dtype, code version); readers check it and refuse a mismatch by field name.
+They also record the torch and transformers versions that computed the states; a reader running
+others is warned, not refused.
 
 Every chunk carries a crc32c checksum (as does every shard's index), and every read checks the
 shards it touches: a damaged, truncated or missing shard is a :class:`StoreError` naming the
@@ -39,6 +41,7 @@ from zarr.storage import LocalStore
 from pipeline import __version__
 from pipeline.errors import LSIGuardError
 from pipeline.io import is_temp_name, make_dirs_durable, rename_durable, write_bytes_durable
+from pipeline.run_record import HIDDEN_STATE_LIBRARIES, library_versions, warn_if_versions_differ
 
 # Format 2 added a crc32c checksum to every chunk; a format-1 store reads without them, so it is refused.
 STORE_FORMAT = 2
@@ -272,6 +275,8 @@ class ActivationStore:
             "provenance": provenance.to_json(),
             "shard_rows": shard_rows,
             "complete": False,
+            # Not part of the provenance check: a newer torch is no reason to refuse a store, only to warn.
+            "library_versions": library_versions(HIDDEN_STATE_LIBRARIES),
         }
         if inputs_digest is not None:
             attrs["inputs_digest"] = inputs_digest
@@ -319,6 +324,7 @@ class ActivationStore:
                     f"{metadata}: the store was written under a different setup than params.yaml and the model"
                     f" folder describe: {'; '.join(diffs)}. Rerun the 'extract' stage (dvc repro extract)"
                 )
+        warn_if_versions_differ(str(path), group.attrs.get("library_versions"))
         return store
 
     def array_problem(self, name: str) -> StoreProblem | None:

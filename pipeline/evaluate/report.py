@@ -91,6 +91,7 @@ class ReportInputs:
     suites: Sequence[SuiteResult] = ()
     figures: Sequence[tuple[str, Path]] = ()
     notes: Sequence[str] = ()
+    run: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,24 @@ def _clip(text: str, limit: int = RESPONSE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def run_rows(run: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A ``run`` record (:func:`pipeline.run_record.build_run_record`) as the rows of a small table."""
+    if not run:
+        return []
+    state = ", with uncommitted changes" if run.get("git_dirty") is True else ""
+    libraries = run.get("libraries") or {}
+    return [
+        ("code", f"lsi-guard {run.get('project_version', '?')}, commit {run.get('git_commit', 'unknown')}{state}"),
+        (
+            "Python and libraries",
+            ", ".join([f"Python {run.get('python', '?')}", *(f"{name} {v}" for name, v in libraries.items())]),
+        ),
+        ("device", str(run.get("device", "?"))),
+        ("model", f"{run.get('model_name', '?')} (revision {run.get('model_revision', '?')})"),
+        ("wall time", f"{run.get('wall_time_s', '?')} s"),
+    ]
+
+
 def _environment() -> Environment:
     env = Environment(
         autoescape=select_autoescape(default=True, default_for_string=True),
@@ -240,6 +259,7 @@ def _environment() -> Environment:
         shown=_shown,
         rate=_rate,
         gap=_gap,
+        run_rows=run_rows,
     )
     return env
 

@@ -6,13 +6,15 @@ Each loader reads one benchmark's own file format, validates every record and re
 
 Supported formats (see each loader for details): MM-SafetyBench (TEXT/TYPO/SD/SD_TYPO),
 FigStep SafeBench, VLSafe, MM-Vet, XSTest v2, JailBreakV-28K, the alpaca seed tasks, a generic
-CSV/JSONL/Parquet table, and one split of this pipeline's own prepared index.
+CSV/JSONL/Parquet table, one split of this pipeline's own prepared index, and a dataset from the
+Hugging Face Hub or its local cache (``hf``, by column mapping).
 ``load_benchmark(kind, **kwargs)`` dispatches by name through :data:`LOADERS`;
 :func:`sample_examples` draws a deterministic subset balanced over labels and categories.
 
 The parts: :mod:`~pipeline.data.benchmarks.schema` (the schema, its error and record checks),
 :mod:`~pipeline.data.benchmarks.readers` (the published benchmarks),
-:mod:`~pipeline.data.benchmarks.generic` (generic tables and the prepared index) and
+:mod:`~pipeline.data.benchmarks.generic` (generic tables and the prepared index),
+:mod:`~pipeline.data.benchmarks.hub` (Hugging Face datasets) and
 :mod:`~pipeline.data.benchmarks.sampling`. This module is the registry and re-exports their names.
 """
 
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.data.benchmarks.generic import GENERIC_LABELS, load_generic, load_prepared
+from pipeline.data.benchmarks.hub import load_hf
 from pipeline.data.benchmarks.readers import (
     FIGSTEP_PROMPT,
     MMSB_VARIANTS,
@@ -47,6 +50,7 @@ __all__ = [
     "load_benchmark",
     "load_figstep",
     "load_generic",
+    "load_hf",
     "load_jailbreakv",
     "load_mm_safetybench",
     "load_mm_vet",
@@ -66,6 +70,7 @@ LOADERS: dict[str, Callable[..., list[EvalExample]]] = {
     "generic": load_generic,
     "alpaca-seed": load_alpaca_seed,
     "prepared": load_prepared,
+    "hf": load_hf,
 }
 
 

@@ -427,6 +427,7 @@ def test_registry(tmp_path: Path) -> None:
         "generic",
         "alpaca-seed",
         "prepared",
+        "hf",
     }
     path = _csv(tmp_path / "xs.csv", XSTEST_HEADER, [[1, "p", "homonyms", "safe", "", ""]])
     assert load_benchmark("xstest", csv_path=path)[0].text == "p"
