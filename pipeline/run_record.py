@@ -33,6 +33,7 @@ UNKNOWN = "unknown"
 NOT_INSTALLED = "not installed"
 # git answers in milliseconds; a hung network file system or a huge repository must not hold a stage.
 GIT_TIMEOUT_S = 2.0
+LOCK_FILES: tuple[str, ...] = ("dvc.lock", "dev/dvc.lock")
 
 
 class LibraryVersionWarning(UserWarning):
@@ -68,13 +69,16 @@ def _git(root: Path, *args: str) -> str | None:
 def git_state(root: str | Path = ".") -> dict[str, Any]:
     """``{"commit": sha, "dirty": bool}`` of the checkout holding ``root``; ``"unknown"`` / None outside one.
 
-    Dirty means tracked files differ from the commit; untracked files (data, the model link) do not count.
+    Dirty means tracked files differ from the commit; untracked files (data, the model link) and the
+    DVC lock files (:data:`LOCK_FILES`, which a run itself rewrites) do not count.
     """
     root = Path(root)
     commit = _git(root, "rev-parse", "HEAD")
     if not commit:
         return {"commit": UNKNOWN, "dirty": None}
-    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    # dvc.lock is rewritten by `dvc repro` after each stage, so counting it would mark every stage
+    # after the first of a clean checkout's run as dirty.
+    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", *(f":(exclude){p}" for p in LOCK_FILES))
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 

@@ -36,7 +36,8 @@ def git(folder: Path, *args: str) -> str:
 def test_a_record_names_code_libraries_device_model_and_time(tmp_path: Path) -> None:
     git(tmp_path, "init", "-q")
     (tmp_path / "tracked.txt").write_text("one\n")
-    git(tmp_path, "add", "tracked.txt")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    git(tmp_path, "add", "tracked.txt", "dvc.lock")
     git(tmp_path, "commit", "-q", "-m", "first")
     record = build_run_record(model_name="tiny", model_revision="abc", device="cpu", wall_time_s=1.23456, root=tmp_path)
     assert record["project_version"] == __version__
@@ -49,6 +50,8 @@ def test_a_record_names_code_libraries_device_model_and_time(tmp_path: Path) -> 
 
     (tmp_path / "untracked.txt").write_text("data\n")
     assert git_state(tmp_path)["dirty"] is False  # untracked files (data, the model link) do not count
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    assert git_state(tmp_path)["dirty"] is False  # dvc repro rewrites dvc.lock during a clean run
     (tmp_path / "tracked.txt").write_text("two\n")
     assert git_state(tmp_path)["dirty"] is True
 
