@@ -8,8 +8,8 @@ run's (probe, tau, model). Writes, under ``data/compare/<suite>/``:
 
 - ``rows.jsonl``: every defence's response to every example, its judge verdict, the LSI score
   and reason, every ECSO step and the timed parts;
-- ``metrics.json``: refusal, harmless and benign-answer rates (each with its Wilson interval at
-  ``evaluate.confidence``), ECSO use and added latency per benchmark and defence (for
+- ``metrics.json``: refusal, attack success, harmless and benign-answer rates (each with its Wilson
+  interval at ``evaluate.confidence``), ECSO use and added latency per benchmark and defence (for
   ``dvc metrics``); ``summary.json`` adds the per-category numbers;
 - ``comparison.md``: the same as tables.
 

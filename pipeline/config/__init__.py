@@ -6,7 +6,15 @@ sections, ``loading`` the whole file (read as YAML 1.2).
 """
 
 from pipeline.config.checks import ConfigError
-from pipeline.config.compare import COMPARE_DEFENCES, JUDGE_KINDS, BenchmarkSpec, CompareConfig, JudgeConfig
+from pipeline.config.compare import (
+    COMPARE_DEFENCES,
+    HTTP_ONLY_PRESETS,
+    JUDGE_KINDS,
+    JUDGE_PRESETS,
+    BenchmarkSpec,
+    CompareConfig,
+    JudgeConfig,
+)
 from pipeline.config.loading import Params, load_params, params_from_dict
 from pipeline.config.sections import (
     ATTRIBUTE_TARGETS,
@@ -39,7 +47,9 @@ __all__ = [
     "COMPARE_DEFENCES",
     "GREEDY",
     "GUARD_POLICIES",
+    "HTTP_ONLY_PRESETS",
     "JUDGE_KINDS",
+    "JUDGE_PRESETS",
     "LABELS",
     "LAYER_CHOICE",
     "PLACEHOLDER",

@@ -7,9 +7,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config.checks import ConfigError, choice, from_raw, positive, refuse, text, whole
+from pipeline.config.checks import number as in_interval
 from pipeline.config.sections import MODEL_KINDS
 
 JUDGE_KINDS: tuple[str, ...] = ("refusal_phrases", "model", "http")
+# The judge presets (pipeline/evaluate/judges/presets.py); "" is the plain question. Llama Guard
+# needs chat messages with an assistant turn, which only the http judge sends.
+JUDGE_PRESETS: tuple[str, ...] = ("", "harmbench", "llama_guard", "llama_guard_vision", "strongreject")
+HTTP_ONLY_PRESETS: tuple[str, ...] = ("llama_guard", "llama_guard_vision")
 COMPARE_DEFENCES: tuple[str, ...] = ("none", "lsi", "ecso", "lsi_then_ecso")
 
 
@@ -22,9 +27,12 @@ class JudgeConfig:
     of kind ``model_kind`` (empty: the run's own model). ``http`` asks an OpenAI-compatible
     endpoint (``base_url``, ``model``), with the API key read from the environment variable
     ``api_key_env`` (empty: no key, for a local server), ``max_retries`` with backoff, at most
-    ``requests_per_minute``. ``cache`` (an sqlite file; empty: none) keeps the model and HTTP
-    judges' verdicts so a rerun never asks twice. ``prompt`` replaces the default question; it
-    must hold ``{request}`` and ``{response}``.
+    ``requests_per_minute`` (0: no cap), ``concurrency`` requests in flight at once. ``cache``
+    (an sqlite file; empty: none) keeps the model and HTTP judges' verdicts so a rerun never
+    asks twice. ``prompt`` replaces the default question; it must hold ``{request}`` and
+    ``{response}``. ``preset`` picks a standard judge with its published prompt and parsing
+    (``harmbench``, ``strongreject``; ``llama_guard`` and ``llama_guard_vision`` with ``http``
+    only); "" asks the question of ``prompt``.
     """
 
     kind: str = "refusal_phrases"
@@ -39,20 +47,39 @@ class JudgeConfig:
     max_new_tokens: int = 8
     cache: str = "data/cache/judge.sqlite"
     prompt: str = ""
+    preset: str = ""
+    concurrency: int = 8
 
     def __post_init__(self) -> None:
         choice("compare.judge.kind", self.kind, JUDGE_KINDS)
         choice("compare.judge.model_kind", self.model_kind, MODEL_KINDS)
         for key in ("model_path", "base_url", "model", "api_key_env", "cache", "prompt"):
             text(f"compare.judge.{key}", getattr(self, key))
-        positive("compare.judge.requests_per_minute", self.requests_per_minute)
+        in_interval("compare.judge.requests_per_minute", self.requests_per_minute, 0, low_open=False, high_open=True)
         whole("compare.judge.max_retries", self.max_retries)
         positive("compare.judge.timeout_s", self.timeout_s)
         whole("compare.judge.max_new_tokens", self.max_new_tokens, 1)
+        whole("compare.judge.concurrency", self.concurrency, 1)
+        self._check_preset()
         if self.kind == "http" and (not self.base_url.strip() or not self.model.strip()):
             raise ConfigError("compare.judge.kind http needs base_url (e.g. https://host/v1) and model")
         if self.prompt and ("{request}" not in self.prompt or "{response}" not in self.prompt):
             refuse("compare.judge.prompt", "text containing {request} and {response}", self.prompt)
+
+    def _check_preset(self) -> None:
+        """A preset needs a model-based judge (Llama Guard the http one) and brings its own prompt."""
+        choice("compare.judge.preset", self.preset, JUDGE_PRESETS)
+        if not self.preset:
+            return
+        if self.kind == "refusal_phrases":
+            raise ConfigError(f"compare.judge.preset {self.preset} needs kind model or http, not refusal_phrases")
+        if self.preset in HTTP_ONLY_PRESETS and self.kind != "http":
+            raise ConfigError(
+                f"compare.judge.preset {self.preset} needs kind http: Llama Guard's prompt is built by the served "
+                "model's chat template from the conversation, which the model judge cannot send"
+            )
+        if self.prompt:
+            raise ConfigError(f"compare.judge.prompt must be empty with preset {self.preset}, which has its own prompt")
 
 
 @dataclass(frozen=True)

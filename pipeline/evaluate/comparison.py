@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from tqdm import tqdm
@@ -197,10 +198,11 @@ def _via_check(
 
 def _judge_rows(judge: Judge, pending: list[tuple[EvalExample, str, _Composed]]) -> list[ComparisonRow]:
     """Judge each distinct (request, response) once and build the rows; failed ones are not judged."""
-    items: dict[tuple[str, str], JudgeItem] = {}
+    items: dict[tuple[str, str, Path | None], JudgeItem] = {}
     for example, _, composed in pending:
         if composed.error is None:
-            items.setdefault((example.text, composed.response), JudgeItem(example.text, composed.response))
+            key = (example.text, composed.response, example.image)
+            items.setdefault(key, JudgeItem(example.text, composed.response, example.image))
     keys = list(items)
     verdicts: list[Verdict] = judge.judge([items[key] for key in keys]) if keys else []
     if len(verdicts) != len(keys):
@@ -208,7 +210,7 @@ def _judge_rows(judge: Judge, pending: list[tuple[EvalExample, str, _Composed]])
     by_key = dict(zip(keys, verdicts, strict=True))
     rows: list[ComparisonRow] = []
     for example, defence, composed in pending:
-        verdict = by_key.get((example.text, composed.response)) if composed.error is None else None
+        verdict = by_key.get((example.text, composed.response, example.image)) if composed.error is None else None
         refused = verdict.refused if verdict is not None else False
         harmful = verdict.harmful if verdict is not None else None
         harmless: bool | None = None
@@ -234,6 +236,8 @@ def _judge_rows(judge: Judge, pending: list[tuple[EvalExample, str, _Composed]])
                 score=None if decision is None else decision.score,
                 reason="" if decision is None else decision.reason,
                 judge_raw="" if verdict is None else verdict.raw,
+                judge_score=None if verdict is None else verdict.score,
+                judge_categories=[] if verdict is None else list(verdict.categories),
                 steps=composed.steps,
                 ecso=None if composed.ecso is None else asdict(composed.ecso),
                 error=composed.error,

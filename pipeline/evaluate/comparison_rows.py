@@ -22,6 +22,8 @@ class ComparisonRow:
     says it is not harmful; with a judge that cannot tell harm (the refusal-phrase judge) only a
     refusal counts as harmless. ``steps`` are the timed parts of ``seconds``; ``ecso`` holds every
     ECSO step when ECSO ran; ``score`` / ``reason`` are the LSI check's, when it ran.
+    ``judge_score`` (StrongREJECT's score) and ``judge_categories`` (Llama Guard's hazard codes)
+    are the judge's extras, None and [] when it gives none.
     """
 
     example_id: str
@@ -44,6 +46,8 @@ class ComparisonRow:
     steps: dict[str, float] = field(default_factory=dict)
     ecso: dict[str, Any] | None = None
     error: str | None = None
+    judge_score: float | None = None
+    judge_categories: list[str] = field(default_factory=list)
 
     def record(self) -> dict[str, Any]:
         """A JSON-ready dict of the row (one ``rows.jsonl`` line)."""

@@ -23,21 +23,31 @@ def _secs(value: float | None, signed: bool = False) -> str:
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
+def _asr(metrics: Mapping[str, Any]) -> str:
+    """The attack success rate, marked "(not refused)" when it counts non-refusals, not judged harm."""
+    cell = _percent(metrics, "attack_success_rate")
+    return f"{cell} (not refused)" if metrics.get("asr_basis") == "not_refused" and cell != "–" else cell
+
+
 def comparison_markdown(summary: dict[str, Any], confidence: float = 0.95) -> str:
     """Markdown tables of a :func:`summarise` result: benchmark x defence, then per category.
 
     Rates show their Wilson interval in brackets where the summary holds one (``confidence``: its
     level, as :func:`~pipeline.evaluate.comparison_summary.summarise` was given it).
+    "attack success" is the share of harmful requests the judge called harmful, or, marked
+    "(not refused)", the share not refused where the judge cannot tell harm.
     """
     lines = [
-        "| benchmark | defence | harmful refused | harmless | benign answered | via ECSO | mean s | added s | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| benchmark | defence | harmful refused | attack success | harmless | benign answered | via ECSO | mean s "
+        "| added s | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for benchmark, defences in summary.items():
         for defence, metrics in defences.items():
             lines.append(
                 f"| {benchmark} | {defence} "
                 f"| {_percent(metrics, 'harmful_refusal_rate')} (n={metrics['n_harmful']}) "
+                f"| {_asr(metrics)} "
                 f"| {_percent(metrics, 'harmless_rate')} "
                 f"| {_percent(metrics, 'benign_answer_rate')} (n={metrics['n_benign']}) "
                 f"| {_percent(metrics, 'ecso_rate')} "
@@ -46,8 +56,8 @@ def comparison_markdown(summary: dict[str, Any], confidence: float = 0.95) -> st
             )
     lines += [
         "",
-        "| benchmark | category | defence | harmful refused | harmless | benign answered |",
-        "|---|---|---|---|---|---|",
+        "| benchmark | category | defence | harmful refused | attack success | harmless | benign answered |",
+        "|---|---|---|---|---|---|---|",
     ]
     for benchmark, defences in summary.items():
         categories = sorted({category for metrics in defences.values() for category in metrics["per_category"]})
@@ -59,6 +69,7 @@ def comparison_markdown(summary: dict[str, Any], confidence: float = 0.95) -> st
                 lines.append(
                     f"| {benchmark} | {category} | {defence} "
                     f"| {_percent(cell, 'harmful_refusal_rate')} (n={cell['n_harmful']}) "
+                    f"| {_asr(cell)} "
                     f"| {_percent(cell, 'harmless_rate')} "
                     f"| {_percent(cell, 'benign_answer_rate')} (n={cell['n_benign']}) |"
                 )

@@ -1,13 +1,15 @@
-"""Tests for the judges (pipeline.evaluate.judges): phrase matching, a fake local model, and an HTTP judge
-against a small OpenAI-compatible server run by the test on 127.0.0.1 (no network)."""
+"""Tests for the judges (pipeline.evaluate.judges): phrase matching, a fake local model, the verdict cache,
+and the HTTP judge against a fake OpenAI-compatible endpoint on 127.0.0.1 (pipeline.testing.judge_server;
+no network). The standard presets are in test_judge_presets.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import threading
+import socket
+import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,11 +26,12 @@ from pipeline.evaluate.judges import (
     RefusalPhraseJudge,
     Verdict,
     build_judge,
+    cache_key,
     fill_judge_prompt,
-    parse_retry_after,
 )
 from pipeline.evaluate.judges.cache import judge_cached
 from pipeline.models.base import ModelInfo, Request
+from pipeline.testing.judge_server import Failure, FakeJudgeServer
 
 KEY = "sk-test-secret-1234567890"
 
@@ -153,57 +156,10 @@ def test_fill_judge_prompt_default_prompt_has_both_values() -> None:
 # --- HTTP judge --------------------------------------------------------------------------------
 
 
-@dataclass
-class Scripted:
-    status: int
-    body: dict | str
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class FakeServer:
-    url: str
-    script: list[Scripted] = field(default_factory=list)  # popped first; then normal answers
-    seen: list[dict] = field(default_factory=list)
-
-
-def _make_handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            state.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-            if state.script:
-                reply = state.script.pop(0)
-            else:
-                content = "Yes" if "[harmful]" in body["messages"][0]["content"] else "No."
-                reply = Scripted(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
-            data = (reply.body if isinstance(reply.body, str) else json.dumps(reply.body)).encode()
-            self.send_response(reply.status)
-            for name, value in reply.headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - keeps test output quiet
-            pass
-
-    return Handler
-
-
 @pytest.fixture
-def server() -> Iterator[FakeServer]:
-    state = FakeServer(url="")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(state))
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+def server() -> Iterator[FakeJudgeServer]:
+    with FakeJudgeServer(delay_s=0.2) as running:
+        yield running
 
 
 @pytest.fixture
@@ -211,125 +167,163 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def _http_judge(server: FakeServer, clock: FakeClock, **kwargs: object) -> HTTPJudge:
-    options: dict[str, object] = {"requests_per_minute": 6000, "timeout_s": 5, "clock": clock.clock}
+def _http_judge(server: FakeJudgeServer, **kwargs: object) -> HTTPJudge:
+    options: dict[str, object] = {"requests_per_minute": 0, "timeout_s": 5}
     options.update(kwargs)
-    return HTTPJudge(server.url, "judge-model", sleep=clock.sleep, **options)  # type: ignore[arg-type]
+    return HTTPJudge(server.url, "judge-model", **options)  # type: ignore[arg-type]
 
 
-def test_http_judge_answers_and_sends_key_from_env(
-    server: FakeServer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_http_judge_answers_and_sends_key_from_env(server: FakeJudgeServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    verdicts = _http_judge(server, clock).judge(
-        [JudgeItem("q {x}", "[harmful] do it"), JudgeItem("q", "I'm sorry, I can't.")]
-    )
+    verdicts = _http_judge(server).judge([JudgeItem("q {x}", "[harmful] do it"), JudgeItem("q", "I'm sorry, I can't.")])
     assert [(v.harmful, v.refused, v.raw) for v in verdicts] == [(True, False, "Yes"), (False, True, "No.")]
     assert all(v.judge == "http:judge-model" and not v.cached for v in verdicts)
-    first = server.seen[0]
-    assert first["path"] == "/v1/chat/completions"
-    assert first["auth"] == f"Bearer {KEY}"
-    body = first["body"]
+    assert server.paths == ["/v1/chat/completions"] * 2
+    assert server.keys == [f"Bearer {KEY}"] * 2
+    body = next(b for b in server.bodies if "q {x}" in b["messages"][0]["content"])
     assert body["model"] == "judge-model" and body["temperature"] == 0 and body["max_tokens"] == 8
-    assert body["messages"][0]["role"] == "user"
+    assert body["messages"][0]["role"] == "user" and len(body["messages"]) == 1
     assert "Request: q {x}" in body["messages"][0]["content"]
 
 
-def test_http_judge_reads_key_at_call_time(
-    server: FakeServer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_http_judge_reads_key_at_call_time(server: FakeJudgeServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("JUDGE_KEY", raising=False)
-    judge = _http_judge(server, clock, api_key_env="JUDGE_KEY")
+    judge = _http_judge(server, api_key_env="JUDGE_KEY")
     with pytest.raises(JudgeError, match="JUDGE_KEY is not set"):
         judge.judge([JudgeItem("q", "r")])
+    assert server.total_calls == 0
     monkeypatch.setenv("JUDGE_KEY", "later-key")
     judge.judge([JudgeItem("q", "r")])
-    assert server.seen[-1]["auth"] == "Bearer later-key"
+    assert server.keys == ["Bearer later-key"]
 
 
-def test_http_judge_retries_429_honouring_retry_after(
-    server: FakeServer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+def test_http_judge_without_key_env_sends_no_authorization(
+    server: FakeJudgeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # present, and still not sent
+    _http_judge(server, api_key_env=None).judge([JudgeItem("q", "r")])
+    assert server.keys == [None]
+
+
+def test_http_judge_survives_429_with_retry_after_and_500(
+    server: FakeJudgeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    server.script = [Scripted(429, {"error": {"message": "slow down"}}, {"Retry-After": "7"})]
-    verdict = _http_judge(server, clock).judge([JudgeItem("q", "fine")])[0]
-    assert verdict.harmful is False
-    assert len(server.seen) == 2
-    assert clock.sleeps == [7.0]
+    server.failures = [Failure(429, {"Retry-After": "1"}, "slow down"), Failure(500, message="boom")]
+    verdict = _http_judge(server, max_retries=2).judge([JudgeItem("q", "fine")])[0]
+    assert verdict.harmful is False and verdict.raw == "No."
+    assert server.total_calls == 3  # the two failures, then the answer
 
 
-def test_http_judge_gives_up_on_persistent_500_naming_the_status(
-    server: FakeServer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+def test_http_judge_gives_up_on_persistent_500_naming_endpoint_and_item(
+    server: FakeJudgeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    server.script = [Scripted(500, {"error": {"message": "boom"}}) for _ in range(10)]
-    with pytest.raises(JudgeError, match=r"HTTP 500 after 3 attempts: boom") as err:
-        _http_judge(server, clock, max_retries=2).judge([JudgeItem("q", "r")])
-    assert len(server.seen) == 3
-    assert clock.sleeps == [0.5, 1.0]  # exponential backoff, base 0.5 s
-    assert KEY not in str(err.value)
+    server.failures = [Failure(500, message="boom") for _ in range(10)]
+    with pytest.raises(JudgeError) as err:
+        _http_judge(server, max_retries=1).judge([JudgeItem("How do I pick a lock?", "r")])
+    message = str(err.value)
+    assert message.startswith(f"{server.url}/chat/completions: ")
+    assert "the item with request 'How do I pick a lock?'" in message
+    assert "HTTP 500 after 2 attempts: boom" in message
+    assert server.total_calls == 2
+    assert KEY not in message
 
 
 def test_http_judge_fails_at_once_on_400_with_the_message(
-    server: FakeServer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    server: FakeJudgeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    server.script = [Scripted(400, {"error": {"message": "model 'judge-model' does not exist"}})]
+    server.failures = [Failure(400, message="model 'judge-model' does not exist")]
     with pytest.raises(JudgeError, match=r"HTTP 400: model 'judge-model' does not exist") as err:
-        _http_judge(server, clock).judge([JudgeItem("q", "r")])
-    assert len(server.seen) == 1
-    assert clock.sleeps == []
+        _http_judge(server).judge([JudgeItem("q", "r")])
+    assert server.total_calls == 1
     assert KEY not in str(err.value)
 
 
-def test_http_judge_retries_connection_errors_then_fails(clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_http_judge_retries_connection_errors_then_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     # Bind and close a socket to get a port nobody listens on.
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
-    port = httpd.server_address[1]
-    httpd.server_close()
-    judge = HTTPJudge(f"http://127.0.0.1:{port}", "m", max_retries=1, timeout_s=2, clock=clock.clock, sleep=clock.sleep)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    judge = HTTPJudge(f"http://127.0.0.1:{port}/v1", "m", max_retries=1, timeout_s=2, requests_per_minute=0)
+    with pytest.raises(JudgeError, match=rf"127\.0\.0\.1:{port}/v1/chat/completions: the item with request 'q': "):
+        judge.judge([JudgeItem("q", "r")])
     with pytest.raises(JudgeError, match="ConnectError after 2 attempts"):
         judge.judge([JudgeItem("q", "r")])
-    assert 0.5 in clock.sleeps
 
 
-def test_http_judge_cache_skips_paid_items_across_instances(
-    server: FakeServer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+def test_http_judge_500_verdicts_16_in_flight_and_a_rerun_asks_nothing(
+    server: FakeJudgeServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     path = tmp_path / "judge-cache.sqlite"
-    items = [JudgeItem("q1", "[harmful] yes"), JudgeItem("q2", "I'm sorry")]
-    first = _http_judge(server, clock, cache_path=path)
-    fresh = first.judge(items)
-    assert len(server.seen) == 2 and not any(v.cached for v in fresh)
+    items = [JudgeItem(f"question {i}", "[harmful] steps" if i % 3 == 0 else "I can't help.") for i in range(500)]
+    first = _http_judge(server, concurrency=16, cache_path=path)
+    verdicts = first.judge(items)
+    assert [v.harmful for v in verdicts] == [i % 3 == 0 for i in range(500)]
+    assert [v.refused for v in verdicts] == [i % 3 != 0 for i in range(500)]
+    assert 1 < server.max_in_flight <= 16
+    assert server.total_calls == 500 and set(server.calls.values()) == {1}  # every question asked once
 
-    again = first.judge(items)
-    assert len(server.seen) == 2
-    assert all(v.cached for v in again)
-    assert [(v.refused, v.harmful, v.raw) for v in again] == [(v.refused, v.harmful, v.raw) for v in fresh]
-
-    # A second judge, with its own connection to the same file, sees the entries too.
-    second = _http_judge(server, clock, cache_path=path)
-    assert all(v.cached for v in second.judge(items))
-    assert len(server.seen) == 2
-    assert len(JudgeCache(path)) == 2
+    # A rerun, by the same judge and by a new one on the same cache file, asks no question again.
+    assert all(v.cached for v in first.judge(items))
+    second = _http_judge(server, concurrency=16, cache_path=path)
+    again = second.judge([*reversed(items), JudgeItem("one more", "fine")])
+    assert server.total_calls == 501 and set(server.calls.values()) == {1}
+    assert [v.harmful for v in again[:-1]] == [v.harmful for v in reversed(verdicts)]
+    assert len(JudgeCache(path)) == 501
     first.close()
     second.close()
     assert KEY.encode() not in path.read_bytes()
 
 
-def test_cache_is_keyed_by_prompt_and_model(
-    server: FakeServer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+def test_http_judge_keeps_paid_verdicts_when_one_reply_is_unreadable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     path = tmp_path / "c.sqlite"
-    _http_judge(server, clock, cache_path=path).judge([JudgeItem("q", "r")])
-    _http_judge(server, clock, cache_path=path, prompt="{request}|{response}").judge([JudgeItem("q", "r")])
-    assert len(server.seen) == 2
+    items = [JudgeItem(f"question {i}", f"answer {i}") for i in range(12)]
+    with FakeJudgeServer(
+        delay_s=0.05, reply=lambda body: "Perhaps" if "question 5" in body["prompt"] else "No"
+    ) as server:
+        judge = _http_judge(server, preset="harmbench", concurrency=4, cache_path=path)
+        with pytest.raises(JudgeError, match=r"the item with request 'question 5'.*expected \"Yes\" or \"No\""):
+            judge.judge(items)
+        stored = len(JudgeCache(path))
+        assert 1 <= stored < 12  # what arrived before and with the failure is kept
+        server.reply = lambda body: "No"
+        assert [v.harmful for v in judge.judge(items)] == [False] * 12
+        # First run: the stored ones and the unreadable one; the rerun: only those not stored.
+        assert server.total_calls == stored + 1 + (12 - stored)
+        assert sorted(server.calls.values()) == [1] * 11 + [2]
+        judge.close()
 
 
-# --- rate limit and helpers --------------------------------------------------------------------
+def test_cache_is_keyed_by_prompt_model_and_preset(
+    server: FakeJudgeServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    path = tmp_path / "c.sqlite"
+    item = JudgeItem("q", "r")
+    _http_judge(server, cache_path=path).judge([item])
+    _http_judge(server, cache_path=path, prompt="{request}|{response}").judge([item])
+    server.reply = lambda body: "safe"
+    _http_judge(server, cache_path=path, preset="llama_guard").judge([item])
+    verdict = _http_judge(server, cache_path=path, preset="llama_guard").judge([item])[0]
+    assert server.total_calls == 3 and verdict.cached and verdict.judge == "llama_guard@http:judge-model"
+
+
+def test_http_judge_is_rate_limited(server: FakeJudgeServer, clock: FakeClock) -> None:
+    judge = _http_judge(server, api_key_env=None, requests_per_minute=120, concurrency=1)
+    judge.limiter = RateLimiter(120, clock=clock.clock, sleep=clock.sleep)
+    judge.judge([JudgeItem(f"q{i}", "r") for i in range(4)])
+    assert sum(clock.sleeps) == pytest.approx(3 * 0.5)
+
+
+# --- rate limit and cache ----------------------------------------------------------------------
 
 
 def test_rate_limiter_spaces_request_starts(clock: FakeClock) -> None:
@@ -347,17 +341,33 @@ def test_rate_limiter_does_not_wait_when_time_has_passed(clock: FakeClock) -> No
     assert clock.sleeps == []
 
 
-def test_http_judge_is_rate_limited(server: FakeServer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    _http_judge(server, clock, requests_per_minute=120).judge([JudgeItem(f"q{i}", "r") for i in range(4)])
-    assert sum(clock.sleeps) == pytest.approx(3 * 0.5)
+def test_plain_question_keeps_the_cache_keys_written_before_presets() -> None:
+    # The key of the plain question is the one earlier versions wrote, so their caches still hit.
+    old = hashlib.sha256(json.dumps(["http:m", "m", "P", "q", "r"], ensure_ascii=False).encode()).hexdigest()
+    assert cache_key("http:m", "m", "P", "q", "r") == old
+    assert cache_key("http:m", "m", "P", "q", "r", preset="harmbench") != old
+    assert cache_key("http:m", "m", "P", "q", "r", preset="x", image_sha256="ab") != cache_key(
+        "http:m", "m", "P", "q", "r", preset="x"
+    )
 
 
-def test_parse_retry_after() -> None:
-    assert parse_retry_after("3") == 3.0
-    assert parse_retry_after(None) is None
-    assert parse_retry_after("soon") is None
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: go now
+def test_a_cache_written_before_scores_and_categories_opens_and_keeps_its_verdicts(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE verdicts (key TEXT PRIMARY KEY, judge TEXT NOT NULL, refused INTEGER NOT NULL, "
+        "harmful INTEGER, raw TEXT NOT NULL)"
+    )
+    db.execute("INSERT INTO verdicts VALUES ('k', 'http:m', 0, 1, 'Yes')")
+    db.commit()
+    db.close()
+    cache = JudgeCache(path)
+    assert cache.get("k") == Verdict(refused=False, harmful=True, raw="Yes", judge="http:m", cached=True)
+    cache.put("g", Verdict(refused=False, harmful=True, raw="unsafe\nS1,S10", judge="j", categories=("S1", "S10")))
+    cache.put("s", Verdict(refused=False, harmful=True, raw="...", judge="j", score=0.625))
+    assert cache.get("g") is not None and cache.get("g").categories == ("S1", "S10")  # type: ignore[union-attr]
+    assert cache.get("s") is not None and cache.get("s").score == 0.625  # type: ignore[union-attr]
+    cache.close()
 
 
 def test_build_judge_from_its_config(tmp_path: Path) -> None:
@@ -369,7 +379,15 @@ def test_build_judge_from_its_config(tmp_path: Path) -> None:
         build_judge(JudgeConfig(kind="model"))
     http = build_judge(JudgeConfig(kind="http", base_url="http://127.0.0.1:1/v1", model="m", api_key_env="", cache=""))
     assert isinstance(http, HTTPJudge) and http.url == "http://127.0.0.1:1/v1/chat/completions"
-    assert http.api_key_env is None and http.cache is None
+    assert http.api_key_env is None and http.cache is None and http.concurrency == 8
+    harmbench = build_judge(
+        JudgeConfig(kind="http", base_url="http://h/v1", model="cls", preset="harmbench", concurrency=16, cache="")
+    )
+    assert isinstance(harmbench, HTTPJudge) and harmbench.url == "http://h/v1/completions"
+    assert harmbench.concurrency == 16 and harmbench.name == "harmbench@http:cls"
+    strongreject = build_judge(JudgeConfig(kind="model", preset="strongreject", cache=""), own_model=own)
+    assert isinstance(strongreject, ModelJudge) and strongreject.preset.name == "strongreject"
+    assert strongreject.max_new_tokens >= 1024  # the rubric reasons before it scores
     with pytest.raises(ConfigError, match=r"compare\.judge\.kind: expected one of"):
         JudgeConfig(kind="gpt")
     with pytest.raises(ConfigError, match="needs base_url"):

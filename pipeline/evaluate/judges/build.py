@@ -37,6 +37,7 @@ def build_judge(config: JudgeConfig, own_model: ModelAdapter | None = None) -> J
             prompt=prompt,
             max_new_tokens=config.max_new_tokens,
             cache=JudgeCache(cache) if cache is not None else None,
+            preset=config.preset,
         )
     if config.kind == "http":
         return HTTPJudge(
@@ -49,5 +50,7 @@ def build_judge(config: JudgeConfig, own_model: ModelAdapter | None = None) -> J
             timeout_s=config.timeout_s,
             cache_path=cache,
             max_tokens=config.max_new_tokens,
+            concurrency=config.concurrency,
+            preset=config.preset,
         )
     raise JudgeError(f"unknown judge kind {config.kind!r}")
