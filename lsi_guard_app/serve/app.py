@@ -193,15 +193,17 @@ def build_app(
             if config.mode == "local":
                 answer = await asyncio.wrap_future(worker.submit(lambda: _generate(checked, chat.max_tokens)))
                 decision, text = answer.decision, answer.response
+                # The guard's own timing of its check (prefix and framings), not of the answer after it.
+                check_seconds = answer.seconds.get("prefix", 0.0) + answer.seconds.get("check", 0.0)
             else:
                 decision = await asyncio.wrap_future(worker.check(checked))
                 text = guard.config.refusal_message
+                check_seconds = time.perf_counter() - started  # from arrival: parsing, queueing and the batch
         except REQUEST_LIMIT_ERRORS as exc:
             if isinstance(exc, RequestTimedOut):
                 metrics.requests.labels("limit").inc()
                 return _Served(None, _error_response(504, str(exc), "timeout_error", None, "request_timeout"))
             raise BadRequest(f"{where}: {exc}", where, "request_too_large") from None
-        check_seconds = time.perf_counter() - started
         metrics.check_latency.observe(check_seconds)
         record = _decision(decision, turn, check_seconds)
         headers = {DECISION_HEADER: json.dumps(record)}

@@ -35,7 +35,8 @@ class ServeMetrics:
         )
         self.check_latency = Histogram(
             "lsi_guard_check_seconds",
-            "Seconds from a request's arrival to the guard's decision (queueing and batching included)",
+            "Seconds of the check: upstream mode, from arrival to the decision (queueing and batching included); "
+            "local mode, the guard's prefix and check",
             registry=self.registry,
             buckets=LATENCY_BUCKETS,
         )

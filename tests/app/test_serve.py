@@ -414,3 +414,38 @@ def test_a_burst_of_32_clients_loses_and_duplicates_nothing(servers: Servers) ->
     assert all(decision is not None and decision["action"] in ("answer", "refuse") for _, decision in results)
     checked = [decision["score"] for _, decision in results]
     assert len(checked) == 32
+
+
+# -- the default model (slow) -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_model_behind_the_proxy() -> None:
+    """The finished run's guard in local mode: answers equal Guard.generate's; each --check policy scores its text."""
+    from pipeline.layout import CALIBRATION, PROBE_DIR
+    from tests.app.test_serve_schema import CASES, EXPECTED
+    from tests.paths import PROJECT_ROOT
+
+    missing = [str(p) for p in (PROBE_DIR / "probe.json", CALIBRATION) if not (PROJECT_ROOT / p).is_file()]
+    if missing:
+        pytest.skip(f"no finished run in {PROJECT_ROOT} ({', '.join(missing)} missing): run `bash scripts/run.sh`")
+    guard = Guard.from_run(PROJECT_ROOT, max_new_tokens=16)
+    with live_server(build_app(guard, ServeConfig("local"))) as url:
+        for text in (HARMFUL_EXAMPLE, BENIGN_EXAMPLE):
+            expected = guard.generate(None, text)
+            completion, decision = ask(url, text)
+            assert completion.choices[0].message.content == expected.response
+            assert decision is not None and decision["action"] == expected.decision.action
+            content, _, _ = ask_stream(url, text)
+            assert content == expected.response
+    for policy in ("last-user", "all-user", "all"):
+        config = ServeConfig("upstream", check=policy, upstream=UpstreamConfig("http://127.0.0.1:9/v1", timeout_s=5))
+        with live_server(build_app(guard, config)) as url:
+            for case, messages in CASES.items():
+                response = httpx.post(url + "/v1/chat/completions", json={"messages": messages}, timeout=120)
+                decision = json.loads(response.headers[DECISION_HEADER])
+                expected = guard.check(None, EXPECTED[(case, policy)])
+                assert decision["score"] == pytest.approx(expected.score, abs=1e-4), (case, policy)
+                assert decision["refused"] == expected.refused
+                # Refused: a completion from the proxy; passed: forwarded to the unreachable upstream (502).
+                assert response.status_code == (200 if expected.refused else 502), (case, policy)
