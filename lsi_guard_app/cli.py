@@ -4,6 +4,7 @@
     lsi-guard generate --text "..." [--image ...]                 # refuse, answer, or ECSO
     lsi-guard generate --input requests.jsonl --output results.jsonl
     lsi-guard demo                                                # the local web demo
+    lsi-guard serve [--mode upstream --upstream http://127.0.0.1:8000/v1]  # OpenAI-compatible guarding proxy
     lsi-guard verify-store data/activations/store.zarr            # check every chunk of a store
     lsi-guard eval --suite demo [--limit N] [--output DIR] [--lm-eval-json PATH]  # a comparison suite
     lsi-guard --version                                           # also: python -m lsi_guard_app ...
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from tqdm import tqdm
 
 from lsi_guard_app.eval_command import add_eval_parser, eval_command
+from lsi_guard_app.serve.command import add_serve_arguments, serve_command
 from pipeline import __version__
 from pipeline.config import GUARD_POLICIES, LimitsConfig, load_params
 from pipeline.data.images import ImageError, load_image
@@ -254,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
     demo.add_argument("--port", type=int, default=7860)
     _common(demo)
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server: the guard in front of a model")
+    add_serve_arguments(serve)
+    _common(serve)
     _add_verify_store(commands)
     add_eval_parser(commands)
     return parser
@@ -275,6 +280,8 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="lsi-guard: %(levelname)s: %(message)s", stream=sys.stderr)
     if args.command == "eval":
         return eval_command(args, stdout)
+    if args.command == "serve":
+        return serve_command(args)
     try:
         if args.command == "demo":
             # Imported only for the demo: gradio takes seconds to import and check/generate never need it.

@@ -1,0 +1,164 @@
+"""``lsi-guard serve``: its options, their checks, and serving until Ctrl+C.
+
+Only argparse and the option names load with the CLI's parser; the guard, FastAPI and uvicorn are
+imported once the options have passed their checks, so a bad flag exits 2 at once, naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from lsi_guard_app.serve.schema import CHECK_POLICIES
+from pipeline.config import load_params
+from pipeline.errors import LSIGuardError
+from pipeline.layout import PARAMS
+
+DEFAULT_PORT = 8080
+# pipeline.defend.batching's defaults, repeated so that building the parser does not import the guard.
+DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_WAIT_S = 0.020
+DEFAULT_UPSTREAM_TIMEOUT_S = 300.0
+
+logger = logging.getLogger(__name__)
+
+
+class ServeOptionError(LSIGuardError, ValueError):
+    """An ``lsi-guard serve`` option that cannot work; the message names the option."""
+
+
+def add_serve_arguments(sub: argparse.ArgumentParser) -> None:
+    """The ``serve`` options (the shared ``--run``/``--policy``/... are added by the CLI)."""
+    sub.add_argument("--mode", choices=("local", "upstream"), default="local", help="who answers (default: local)")
+    sub.add_argument("--upstream", help="upstream mode: the OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    sub.add_argument(
+        "--upstream-key-env",
+        metavar="NAME",
+        help="send the key in environment variable NAME to the upstream (default: pass the client's Authorization)",
+    )
+    sub.add_argument(
+        "--upstream-timeout-s", type=float, default=DEFAULT_UPSTREAM_TIMEOUT_S, help="upstream timeout (default: 300)"
+    )
+    sub.add_argument(
+        "--check", choices=CHECK_POLICIES, default="last-user", help="which turns the guard checks (default: last-user)"
+    )
+    sub.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        help="checks per micro-batch (default: 16; 1 = one at a time)",
+    )
+    sub.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=DEFAULT_MAX_WAIT_S * 1000,
+        help="how long a micro-batch waits for more checks after its first (default: 20)",
+    )
+    sub.add_argument(
+        "--max-body-bytes", type=int, default=20 * 1024 * 1024, help="request body limit (default: 20 MiB)"
+    )
+    sub.add_argument("--max-messages", type=int, default=256, help="messages per request (default: 256)")
+    sub.add_argument(
+        "--allow-image-urls", action="store_true", help="fetch http(s) image URLs (default: data URIs only)"
+    )
+    sub.add_argument("--image-url-timeout-s", type=float, default=10.0, help="image URL fetch timeout (default: 10)")
+    sub.add_argument(
+        "--max-new-tokens", type=int, help="local mode: default answer length (default: guard.max_new_tokens)"
+    )
+    sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
+    sub.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
+
+
+def check_options(args: argparse.Namespace, environ: dict[str, str] | None = None) -> str | None:
+    """Raise :class:`ServeOptionError` naming the first bad option; the upstream key (from the environment) or None."""
+    environ = dict(os.environ) if environ is None else environ
+    if args.mode == "upstream":
+        if not args.upstream:
+            raise ServeOptionError("--mode upstream needs --upstream URL (the model server's base URL, ending in /v1)")
+        if not args.upstream.startswith(("http://", "https://")):
+            raise ServeOptionError(f"--upstream must be an http:// or https:// URL, got {args.upstream!r}")
+    elif args.upstream or args.upstream_key_env:
+        flag = "--upstream" if args.upstream else "--upstream-key-env"
+        raise ServeOptionError(f"{flag} is for --mode upstream; local mode answers with the guard's own model")
+    for flag, value, low in (
+        ("--max-batch", args.max_batch, 1),
+        ("--max-body-bytes", args.max_body_bytes, 1),
+        ("--max-messages", args.max_messages, 1),
+        ("--port", args.port, 0),
+    ):
+        if value < low:
+            raise ServeOptionError(f"{flag} must be >= {low}, got {value}")
+    if not args.max_wait_ms >= 0:
+        raise ServeOptionError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
+    for flag, seconds in (
+        ("--upstream-timeout-s", args.upstream_timeout_s),
+        ("--image-url-timeout-s", args.image_url_timeout_s),
+    ):
+        if not seconds > 0:
+            raise ServeOptionError(f"{flag} must be > 0 seconds, got {seconds}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ServeOptionError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    params = Path(args.run) / PARAMS
+    policy = args.policy or (load_params(params).guard.policy if params.is_file() else "lsi")
+    if args.mode == "upstream" and policy != "lsi":
+        raise ServeOptionError(
+            f"--mode upstream needs the lsi policy, not {policy!r} (--policy or guard.policy): ECSO runs the "
+            "guard's own model, which does not answer in upstream mode"
+        )
+    if args.upstream_key_env is None:
+        return None
+    key = environ.get(args.upstream_key_env)
+    if not key:
+        raise ServeOptionError(f"--upstream-key-env {args.upstream_key_env}: that environment variable is not set")
+    return key
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Check the options, load the run's guard and serve until interrupted; 2 on a bad option or run."""
+    try:
+        key = check_options(args)
+        # Imported only now: the guard (torch, the model code), FastAPI and uvicorn take seconds.
+        import uvicorn
+
+        from lsi_guard_app.serve.app import ServeConfig, build_app
+        from lsi_guard_app.serve.upstream import UpstreamConfig
+        from pipeline.defend.guard import Guard
+
+        upstream = None
+        if args.mode == "upstream":
+            upstream = UpstreamConfig(args.upstream, key, args.upstream_timeout_s)
+        config = ServeConfig(
+            mode=args.mode,
+            check=args.check,
+            upstream=upstream,
+            max_batch=args.max_batch,
+            max_wait_s=args.max_wait_ms / 1000,
+            max_body_bytes=args.max_body_bytes,
+            max_messages=args.max_messages,
+            allow_image_urls=args.allow_image_urls,
+            image_timeout_s=args.image_url_timeout_s,
+        )
+        guard = Guard.from_run(
+            args.run,
+            policy=args.policy,
+            on_error=args.on_error,
+            ecso_margin=args.ecso_margin,
+            max_new_tokens=args.max_new_tokens,
+        )
+    except LSIGuardError as exc:
+        print(f"lsi-guard: error: {exc}", file=sys.stderr)
+        return 2
+    app = build_app(guard, config)
+    print(
+        f"lsi-guard serve: {args.mode} mode on http://{args.host}:{args.port}/v1 "
+        f"(check {args.check}, policy {guard.config.policy}, model {guard.adapter.info.name}"
+        + (f", upstream {args.upstream}" if upstream else "")
+        + "); Ctrl+C stops it",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0

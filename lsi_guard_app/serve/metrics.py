@@ -1,0 +1,60 @@
+"""The proxy's Prometheus metrics, in a registry of its own (so several apps in one process keep theirs apart)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from pipeline.defend.batching import BatchStats
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServeMetrics:
+    """Requests by outcome, refusals, check errors, and latency / batch-size histograms."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lsi_guard_requests",
+            "Chat completion requests by outcome (answered, refused, bad_request, limit, upstream_error, error)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.refusals = Counter("lsi_guard_refusals", "Requests the guard refused", registry=self.registry)
+        self.check_errors = Counter(
+            "lsi_guard_check_errors", "Checks that failed, decided by guard.on_error", registry=self.registry
+        )
+        self.latency = Histogram(
+            "lsi_guard_request_seconds",
+            "Seconds from a request's arrival to its response (to the first byte when streaming)",
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.check_latency = Histogram(
+            "lsi_guard_check_seconds",
+            "Seconds of the check: upstream mode, from arrival to the decision (queueing and batching included); "
+            "local mode, the guard's prefix and check",
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.batch_size = Histogram(
+            "lsi_guard_batch_size", "Requests per micro-batch of checks", registry=self.registry, buckets=BATCH_BUCKETS
+        )
+        self.batch_seconds = Histogram(
+            "lsi_guard_batch_seconds",
+            "Seconds of one micro-batch's check",
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+
+    def record_batch(self, stats: BatchStats) -> None:
+        """One micro-batch scored (called on the model thread; prometheus_client is thread-safe)."""
+        self.batch_size.observe(stats.size)
+        self.batch_seconds.observe(stats.seconds)
+
+    def render(self) -> bytes:
+        """Every metric in the Prometheus text format."""
+        return generate_latest(self.registry)
