@@ -1,10 +1,12 @@
 """What ``lsi-guard serve`` sustains: N concurrent clients, micro-batched checks against one at a time, same run.
 
-Two setups, each served on loopback by uvicorn in this process, clients on threads (httpx):
+Two setups, each a real ``lsi-guard serve`` process on loopback (so the proxy does not share this
+process's interpreter lock with the clients), clients on threads here (httpx):
 
 - **upstream**: the proxy in upstream mode in front of a fake OpenAI-compatible server that answers
-  instantly (it echoes the request), so what is measured is the guard's own overhead: parsing, the
-  check on the default model, forwarding. Clients: ``--upstream-clients`` (1 4 16 64).
+  instantly (it echoes the request; a process of its own, this script run with ``--fake-upstream``),
+  so what is measured is the guard's own overhead: parsing, the check on the default model,
+  forwarding. Clients: ``--upstream-clients`` (1 4 16 64).
 - **local**: the default model answers (``--max-tokens`` tokens) after the check. Clients:
   ``--local-clients`` (1 4). In local mode each request is one ``Guard.generate`` (the answer reuses
   the check's cache), so micro-batching has nothing to batch there; it is measured to show that.
@@ -26,27 +28,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
+import uvicorn
 from fastapi import FastAPI
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse
 
-from lsi_guard_app.serve.app import ServeConfig, build_app
 from lsi_guard_app.serve.completions import DECISION_HEADER
-from lsi_guard_app.serve.upstream import UpstreamConfig
-from pipeline.defend.guard import Guard
-from tests.app.serve_support import live_server
 
 RESULTS = Path("bench/results")
 PROMPTS = (
@@ -84,6 +88,10 @@ class Level:
 def fake_upstream() -> FastAPI:
     """An OpenAI-compatible server that answers at once, echoing the last user text with a fresh id."""
     app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest) -> JSONResponse:
@@ -176,15 +184,54 @@ def run_level(url: str, setup: str, max_batch: int, clients: int, requests: int,
     )
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def server_process(command: list[str], what: str, startup_s: float = 600.0) -> Iterator[str]:
+    """Run ``command`` (a server taking ``--port``) in its own process; yields its base URL once /health answers."""
+    port = free_port()
+    log = open(RESULTS / f"serve-{what}.log", "w")  # noqa: SIM115 - closed below, after the process
+    process = subprocess.Popen([*command, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        ends = time.monotonic() + startup_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{what} exited with status {process.returncode}; see {log.name}")
+            if time.monotonic() > ends:
+                raise RuntimeError(f"{what} did not answer {url}/health within {startup_s:.0f} s; see {log.name}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
 def run_setup(
-    guard: Guard, setup: str, upstream_url: str | None, clients: list[int], requests: int, args: argparse.Namespace
+    setup: str, upstream_url: str | None, clients: list[int], requests: int, args: argparse.Namespace
 ) -> list[Level]:
-    """Every client count, micro-batched then one at a time, each on a fresh proxy."""
+    """Every client count, micro-batched then one at a time, each on a fresh ``lsi-guard serve`` process."""
     levels = []
     for max_batch in (args.max_batch, 1):
-        upstream = None if upstream_url is None else UpstreamConfig(upstream_url, timeout_s=60)
-        config = ServeConfig(setup, upstream=upstream, max_batch=max_batch, max_wait_s=args.max_wait_ms / 1000)
-        with live_server(build_app(guard, config)) as url:
+        command = [sys.executable, "-m", "lsi_guard_app", "serve", "--run", args.run, "--mode", setup]
+        command += ["--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+        if upstream_url is not None:
+            command += ["--upstream", upstream_url]
+        with server_process(command, f"{setup}-batch{max_batch}") as url:
             run_level(url, setup, max_batch, 1, 2, args.max_tokens)  # warm-up
             for count in clients:
                 total = max(requests, count)
@@ -222,17 +269,22 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16, help="local mode: answer length")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
+    parser.add_argument("--fake-upstream", action="store_true", help="serve the instant fake upstream (internal)")
+    parser.add_argument("--port", type=int, help="with --fake-upstream: the port to listen on")
     args = parser.parse_args()
+    if args.fake_upstream:
+        uvicorn.run(fake_upstream(), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+        return
 
-    guard = Guard.from_run(args.run)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     levels: list[Level] = []
-    with live_server(fake_upstream()) as upstream:
+    with server_process([sys.executable, __file__, "--fake-upstream"], "fake-upstream") as upstream:
         if args.upstream_clients:
             requests = max(1, round(args.upstream_requests * args.scale))
-            levels += run_setup(guard, "upstream", upstream + "/v1", args.upstream_clients, requests, args)
+            levels += run_setup("upstream", upstream + "/v1", args.upstream_clients, requests, args)
     if args.local_clients:
         requests = max(1, round(args.local_requests * args.scale))
-        levels += run_setup(guard, "local", None, args.local_clients, requests, args)
+        levels += run_setup("local", None, args.local_clients, requests, args)
 
     speedups = ratios(levels, args.max_batch)
     top = max(args.upstream_clients, default=None)
@@ -253,15 +305,12 @@ def main() -> None:
         print(f"  {setup:8s} " + "  ".join(f"{clients} clients: {ratio:.2f}x" for clients, ratio in row.items()))
     if acceptance is not None:
         print(f"acceptance at {acceptance['clients']} clients (upstream): {acceptance}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = {
-        "model": guard.adapter.info.name,
-        "detector": guard.detector.describe(),
-        "views": guard.config.views,
+        "run": str(Path(args.run).resolve()),
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
         "max_tokens": args.max_tokens,
-        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "levels": [asdict(level) for level in levels],
         "speedup": speedups,
