@@ -17,10 +17,12 @@ import polars as pl
 from pipeline.config import Params, load_params
 from pipeline.data.sources import read_index
 from pipeline.detect.calibration import expected_calibration_error, load_calibration, reliability_rows
+from pipeline.detect.cluster import cluster_client
 from pipeline.detect.heldout import in_source_setting, load_eval_data
 from pipeline.detect.provenance import open_store
 from pipeline.detect.shipped import load_detector
 from pipeline.detect.store import ActivationStore
+from pipeline.evaluate.cluster_refits import cross_source_results_on_cluster
 from pipeline.evaluate.detection import (
     comparison_table,
     cross_source_results,
@@ -65,7 +67,8 @@ def main() -> None:
     index = read_index(INDEX)
     # Checked before the model loads: a store from another setup is refused by field name.
     store = open_store(params, STORE)
-    data = load_eval_data(index, store, refusal_direction_scores(params, store))
+    refusal = refusal_direction_scores(params, store)
+    data = load_eval_data(index, store, refusal)
     lf, ls = meta.fusion_layer, meta.safety_layer
     inside = in_source_setting(index)
 
@@ -78,11 +81,16 @@ def main() -> None:
     per_source = per_source_metrics(data, inside, scorers, taus)
     sources = sorted(set(index["source"].to_list()))
     shipped_tau = (shipped.name, calibration.tau)
-    cross = (
-        cross_source_results(data, params.train, params.calibrate, lf, ls, sources, shipped_tau)
-        if len(sources) > 1
-        else {}
-    )
+    cross: dict[str, dict[str, dict[str, Any]]] = {}
+    if len(sources) > 1:
+        with cluster_client(params.cluster) as client:
+            # On a cluster each held-out source's refits are a task, and each worker reads the store itself.
+            if client is None:
+                cross = cross_source_results(data, params.train, params.calibrate, lf, ls, sources, shipped_tau)
+            else:
+                cross = cross_source_results_on_cluster(
+                    client, store, index, refusal, params.train, params.calibrate, lf, ls, sources, shipped_tau
+                )
     table = comparison_table(per_source, cross) if cross else pl.DataFrame()
     summary = held_out_summary(cross)
 

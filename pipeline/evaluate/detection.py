@@ -121,22 +121,31 @@ def cross_source_results(
     ``shipped_tau``: ``(detector, tau)``; that detector's rows also get ``at_shipped_tau``, its
     metrics on all the source's rows at the run's own tau, the threshold a new source meets.
     """
-    results: dict[str, dict[str, dict[str, Any]]] = {}
-    for source in sources:
-        setting = held_out_setting(data.index, source)
-        if len(np.unique(data.labels[setting.train])) < 2 or len(np.unique(data.labels[setting.calib])) < 2:
-            raise ValueError(
-                f"holding out source {source!r} leaves training or calibration rows of one label only; "
-                "add sources with both labels"
-            )
-        every_row = np.flatnonzero(data.index["source"].to_numpy() == source)
-        scorers, layers = fit_detectors(data, setting, config, lf, ls)
-        results[source] = score_setting(data, setting, scorers, calibration, also=every_row, layers=layers)
-        if shipped_tau is not None:
-            name, tau = shipped_tau
-            results[source][name]["at_shipped_tau"] = detection_metrics(
-                data.labels[every_row], scorers[name](every_row), tau
-            )
+    return {source: source_results(data, config, calibration, lf, ls, source, shipped_tau) for source in sources}
+
+
+def source_results(
+    data: EvalData,
+    config: TrainConfig,
+    calibration: CalibrateConfig,
+    lf: int,
+    ls: int,
+    source: str,
+    shipped_tau: tuple[str, float] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """One source of :func:`cross_source_results`: every detector refitted without it, scored on its rows."""
+    setting = held_out_setting(data.index, source)
+    if len(np.unique(data.labels[setting.train])) < 2 or len(np.unique(data.labels[setting.calib])) < 2:
+        raise ValueError(
+            f"holding out source {source!r} leaves training or calibration rows of one label only; "
+            "add sources with both labels"
+        )
+    every_row = np.flatnonzero(data.index["source"].to_numpy() == source)
+    scorers, layers = fit_detectors(data, setting, config, lf, ls)
+    results = score_setting(data, setting, scorers, calibration, also=every_row, layers=layers)
+    if shipped_tau is not None:
+        name, tau = shipped_tau
+        results[name]["at_shipped_tau"] = detection_metrics(data.labels[every_row], scorers[name](every_row), tau)
     return results
 
 

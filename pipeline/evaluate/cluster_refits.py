@@ -1,0 +1,69 @@
+"""The evaluation's held-out-source refits on a Dask cluster: one task per held-out source."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import polars as pl
+from distributed import Client
+
+from pipeline.config import CalibrateConfig, TrainConfig
+from pipeline.detect.cluster import use_core_share
+from pipeline.detect.cluster_data import release_eval_data, share_eval_data, worker_eval_data
+from pipeline.detect.store import ActivationStore
+from pipeline.evaluate.detection import source_results
+
+
+def source_results_task(
+    config: TrainConfig,
+    calibration: CalibrateConfig,
+    lf: int,
+    ls: int,
+    source: str,
+    shipped_tau: tuple[str, float] | None,
+) -> dict[str, dict[str, Any]]:
+    """Task: :func:`~pipeline.evaluate.detection.source_results` on the states this worker read from the store."""
+    use_core_share()
+    return source_results(worker_eval_data(), config, calibration, lf, ls, source, shipped_tau)
+
+
+def cross_source_results_on_cluster(
+    client: Client,
+    store: ActivationStore,
+    index: pl.DataFrame,
+    refusal: np.ndarray | None,
+    config: TrainConfig,
+    calibration: CalibrateConfig,
+    lf: int,
+    ls: int,
+    sources: Sequence[str],
+    shipped_tau: tuple[str, float] | None = None,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """:func:`~pipeline.evaluate.detection.cross_source_results` with each source's refits run by a worker.
+
+    ``refusal``: the refusal-direction score of every store row (as
+    :func:`~pipeline.detect.heldout.load_eval_data` takes it), or ``None``. Same results, same order.
+    """
+    share_eval_data(client, store, index, refusal)
+    run = uuid.uuid4().hex[:8]
+    try:
+        futures = [
+            client.submit(
+                source_results_task,
+                config,
+                calibration,
+                lf,
+                ls,
+                source,
+                shipped_tau,
+                key=f"held-out-refit-{run}-{i}",
+                pure=False,
+            )
+            for i, source in enumerate(sources)
+        ]
+        return dict(zip(sources, client.gather(futures), strict=True))
+    finally:
+        release_eval_data(client)
