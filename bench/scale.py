@@ -15,10 +15,13 @@ workers, their imports) is timed apart: it is paid once per stage, whatever the 
   includes reading the store (in process: once; on the cluster: once per worker).
 
 The in-process path runs torch on every core, as it does without ``OMP_NUM_THREADS``; each of N
-workers gets cores / N threads.
+workers gets cores / N threads. Every path first does a small untimed warm-up of both workloads
+(imports, first forward, first training step in each process). The machine may be shared: the
+paths run in ``--rounds`` interleaved rounds, so a stretch of load from other jobs slows all of
+them alike, and each path's fastest round counts (every round's time is in the JSON).
 
     python bench/scale.py
-    python bench/scale.py --requests 96 --layers 8 --epochs 15
+    python bench/scale.py --requests 96 --layers 8 --epochs 15 --rounds 3
 
 Prints a table and writes ``bench/results/scale.json``.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -220,11 +224,13 @@ def main() -> None:
     )
     # Interleaved, so a stretch of heavy load from other jobs slows every path alike.
     samples: dict[tuple[str, int], list[tuple[float, bool]]] = {}
+    loads: list[float] = []  # the machine's 1-minute load average after each path: other jobs show here
     for round_no in range(args.rounds):
         for workers in [0, *args.workers]:
             found = in_process_round(w, cores, round_no) if workers == 0 else cluster_round(w, workers, round_no)
             for workload, sample in found.items():
                 samples.setdefault((workload, workers), []).append(sample)
+            loads.append(os.getloadavg()[0])
             print(
                 f"round {round_no + 1}, {workers or 'in-process'}: "
                 + ", ".join(f"{k} {v[0]:.2f} s" for k, v in found.items()),
@@ -273,6 +279,7 @@ def main() -> None:
         )
     for workload, value in overhead.items():
         print(f"cluster path overhead at 1 worker, {workload}: {100 * value:+.1f}%")
+    print(f"1-minute load average after each path: {', '.join(f'{load:.1f}' for load in loads)}")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {
@@ -280,6 +287,7 @@ def main() -> None:
         "args": vars(args),
         "rows": rows,
         "overhead_at_1_worker": overhead,
+        "load_average_after_each_path": loads,
     }
     (RESULTS / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
     shutil.rmtree(work)

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import dask
 from distributed import Client, Nanny, Scheduler, SpecCluster, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -27,6 +28,7 @@ from pipeline.errors import LSIGuardError
 log = logging.getLogger(__name__)
 
 CORE_SHARE_PLUGIN = "lsi-guard-core-share"
+TRIM_SETTING = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 
 
 class ClusterError(LSIGuardError, RuntimeError):
@@ -118,7 +120,11 @@ def local_cluster(workers: int, gpus: int = 0) -> SpecCluster:
             "dashboard": False,
         }
         specs[i] = {"cls": Nanny, "options": options}
-    return SpecCluster(workers=specs, scheduler=scheduler, silence_logs=logging.WARNING, name=f"local:{workers}")
+    # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also fixes glibc's mmap
+    # threshold at 128 KiB: every tensor that size or larger is then mapped and zeroed anew at each
+    # allocation, and probe training ran about twice as slow (bench/scale.py). None: glibc's default.
+    with dask.config.set({TRIM_SETTING: None}):  # read when each nanny is built, here
+        return SpecCluster(workers=specs, scheduler=scheduler, silence_logs=logging.WARNING, name=f"local:{workers}")
 
 
 def connect(address: str, timeout_s: float) -> Client:

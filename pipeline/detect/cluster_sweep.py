@@ -39,7 +39,8 @@ def sweep_pairs_on_cluster(
             client.submit(score_pair_task, config, lf, ls, key=f"sweep-pair-{run}-{lf}-{ls}", pure=False)
             for lf, ls in layer_pairs(tuple(store.provenance.layers))
         ]
-        for _ in tqdm(as_completed(futures, loop=client.loop), total=len(futures), desc="layer sweep", disable=not progress):
+        done = as_completed(futures, loop=client.loop)
+        for _ in tqdm(done, total=len(futures), desc="layer sweep", disable=not progress):
             pass
         return client.gather(futures)
     finally:
