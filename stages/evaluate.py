@@ -17,11 +17,13 @@ import polars as pl
 from pipeline.config import Params, load_params
 from pipeline.data.sources import read_index
 from pipeline.detect.calibration import expected_calibration_error, load_calibration, reliability_rows
+from pipeline.detect.cluster import cluster_client
 from pipeline.detect.detector import LSI
 from pipeline.detect.heldout import in_source_setting, load_eval_data
 from pipeline.detect.provenance import open_store
 from pipeline.detect.shipped import load_detector
 from pipeline.detect.store import ActivationStore
+from pipeline.evaluate.cluster_refits import held_out_results_on_cluster
 from pipeline.evaluate.detection import (
     HeldOutResults,
     comparison_table,
@@ -83,7 +85,8 @@ def main() -> None:
     index = read_index(INDEX)
     # Checked before the model loads: a store from another setup is refused by field name.
     store = open_store(params, STORE)
-    data = load_eval_data(index, store, refusal_direction_scores(params, store))
+    refusal = refusal_direction_scores(params, store)
+    data = load_eval_data(index, store, refusal)
     lf, ls = meta.fusion_layer, meta.safety_layer
     inside = in_source_setting(index)
     bootstrap = BootstrapSpec(params.evaluate.bootstrap_resamples, params.evaluate.confidence, seed=params.train.seed)
@@ -103,11 +106,26 @@ def main() -> None:
     per_source = per_source_metrics(data, inside, scorers, taus, bootstrap)
     sources = sorted(set(index["source"].to_list()))
     shipped_tau = (shipped.name, calibration.tau)
-    held = (
-        held_out_results(data, params.train, params.calibrate, lf, ls, sources, shipped_tau, bootstrap)
-        if len(sources) > 1
-        else HeldOutResults()
-    )
+    held = HeldOutResults()
+    if len(sources) > 1:
+        with cluster_client(params.cluster) as client:
+            # On a cluster each held-out source's refits are a task, and each worker reads the store itself.
+            if client is None:
+                held = held_out_results(data, params.train, params.calibrate, lf, ls, sources, shipped_tau, bootstrap)
+            else:
+                held = held_out_results_on_cluster(
+                    client,
+                    store,
+                    index,
+                    refusal,
+                    params.train,
+                    params.calibrate,
+                    lf,
+                    ls,
+                    sources,
+                    shipped_tau,
+                    bootstrap,
+                )
     cross = held.metrics
     labels = data.labels
     test_scores = {name: score(inside.test) for name, score in scorers.items()}

@@ -1,13 +1,17 @@
 """DVC stage ``extract``: the model's forward passes, once, into a Zarr activation store.
 
 The store is written beside its target and swapped into place when complete
-(:mod:`pipeline.detect.store_swap`), so a run killed at any moment loses nothing.
+(:mod:`pipeline.detect.store_swap`), so a run killed at any moment loses nothing. With
+``cluster.address`` set, the shards are computed by a Dask cluster's workers and this process
+writes them (:mod:`pipeline.detect.cluster_extraction`); the store is the same.
 """
 
 from __future__ import annotations
 
 from pipeline.config import load_params
 from pipeline.data.sources import read_index
+from pipeline.detect.cluster import cluster_client
+from pipeline.detect.cluster_extraction import extract_on_cluster, gpus_to_pin, model_loader, worker_model_config
 from pipeline.detect.extraction import extract_to_store
 from pipeline.detect.store_swap import partial_path, recover_swap, swap_into_place
 from pipeline.layout import INDEX, STORE
@@ -20,11 +24,17 @@ def main() -> None:
     params = load_params()
     index = read_index(INDEX)
     recover_swap(STORE)
-    adapter = load_adapter(params.model, params.limits.max_request_tokens)
     # An earlier good store is only replaced by a finished one, and a killed run never leaves a
     # store that looks finished under the final name.
     partial = partial_path(STORE)
-    extract_to_store(adapter, index, params.prompts, params.extract, partial)
+    gpus = gpus_to_pin(params.model) if params.cluster.local_workers else 0
+    with cluster_client(params.cluster, gpus) as client:
+        if client is None:
+            adapter = load_adapter(params.model, params.limits.max_request_tokens)
+            extract_to_store(adapter, index, params.prompts, params.extract, partial)
+        else:
+            load = model_loader(worker_model_config(params.model, gpus), params.limits.max_request_tokens)
+            extract_on_cluster(client, load, index, params.prompts, params.extract, partial)
     swap_into_place(partial, STORE)
     print(f"stored {len(index)} rows x {len(params.extract.layers)} layers -> {STORE}")
 

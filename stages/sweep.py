@@ -13,6 +13,8 @@ from dataclasses import asdict
 
 from pipeline.config import load_params
 from pipeline.data.sources import read_index
+from pipeline.detect.cluster import cluster_client
+from pipeline.detect.cluster_sweep import sweep_pairs_on_cluster
 from pipeline.detect.heldout import load_eval_data
 from pipeline.detect.provenance import open_store
 from pipeline.detect.sweep import best_pair, score_detectors, score_matrix, sweep_pairs
@@ -31,9 +33,15 @@ TITLES = {
 def main() -> None:
     """Sweep, then write the scores, the chosen pair and the heatmaps."""
     params = load_params()
-    store = open_store(params, STORE)
-    data = load_eval_data(read_index(INDEX), store)
-    scores = sweep_pairs(data, params.train)
+    index, store = read_index(INDEX), open_store(params, STORE)
+    data = load_eval_data(index, store)
+    with cluster_client(params.cluster) as client:
+        # On a cluster each pair is a task, and each worker reads the store itself.
+        scores = (
+            sweep_pairs(data, params.train)
+            if client is None
+            else sweep_pairs_on_cluster(client, store, index, params.train)
+        )
     best = best_pair(scores, params.train.select_by)
     detectors = score_detectors(data, params.train, best.fusion_layer, best.safety_layer)
     # Built beside data/sweep and swapped in whole (persist: true in dvc.yaml).

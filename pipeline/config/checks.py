@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, NoReturn, TypeVar
 
@@ -92,6 +93,21 @@ def layer_list(where: str, value: Any, *, nonempty: bool) -> None:
     ok = isinstance(value, tuple) and all(_is_int(item) and item >= 0 for item in value)
     if not ok or len(set(value)) != len(value) or (nonempty and not value):
         refuse(where, f"a list of {'one or more ' if nonempty else ''}distinct whole numbers >= 0", value)
+
+
+# cluster.address: a Dask scheduler's address (the protocols distributed speaks), host and optional port.
+SCHEDULER_ADDRESS = re.compile(r"(tcp|tls|ucx|ws|wss)://(\[[0-9a-fA-F:.]+\]|[^\s/:\[\]]+)(:\d{1,5})?")
+LOCAL_CLUSTER = re.compile(r"local:(\d+)")
+
+
+def cluster_address(where: str, value: Any) -> None:
+    """Empty (in process), ``local:N`` (N >= 1 worker processes) or a scheduler address such as ``tcp://host:8786``."""
+    if not isinstance(value, str):
+        refuse(where, "text", value)
+    local = LOCAL_CLUSTER.fullmatch(value)
+    if value == "" or (local and int(local.group(1)) >= 1) or SCHEDULER_ADDRESS.fullmatch(value):
+        return
+    refuse(where, "'' (in process), 'local:N' with N >= 1, or a scheduler address such as 'tcp://host:8786'", value)
 
 
 def mapping(where: str, value: Any) -> None:

@@ -17,6 +17,7 @@ from pipeline.config.sections import (
     AttributeConfig,
     BuildConfig,
     CalibrateConfig,
+    ClusterConfig,
     ContrastivePrompts,
     Decoding,
     ECSOConfig,
@@ -47,6 +48,7 @@ class Params:
     attribute: AttributeConfig = field(default_factory=AttributeConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         for key, layer in (("fusion_layer", self.train.fusion_layer), ("safety_layer", self.train.safety_layer)):
@@ -76,6 +78,7 @@ SECTIONS: dict[str, type] = {
     "attribute": AttributeConfig,
     "compare": CompareConfig,
     "limits": LimitsConfig,
+    "cluster": ClusterConfig,
 }
 
 

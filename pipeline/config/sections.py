@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pipeline.config.checks import (
     ConfigError,
     choice,
+    cluster_address,
     flag,
     layer_list,
     number,
@@ -431,3 +432,26 @@ class AttributeConfig:
         whole("attribute.examples", self.examples, 1)
         whole("attribute.steps", self.steps, 1)
         choice("attribute.target", self.target, ATTRIBUTE_TARGETS)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the parallel work (extraction shards, sweep pairs, held-out refits) runs.
+
+    ``address``: ``""`` runs everything in this process, as without a cluster; ``local:N`` starts
+    N Dask worker processes on this machine (one per GPU when there are GPUs); any other value is
+    the address of a running Dask scheduler (``tcp://host:8786``). ``connect_timeout_s``: how long
+    to wait for that scheduler, and for its first worker, before giving up.
+    """
+
+    address: str = ""
+    connect_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        cluster_address("cluster.address", self.address)
+        positive("cluster.connect_timeout_s", self.connect_timeout_s)
+
+    @property
+    def local_workers(self) -> int | None:
+        """N for ``local:N``, else ``None``."""
+        return int(self.address.split(":", 1)[1]) if self.address.startswith("local:") else None

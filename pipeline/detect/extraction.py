@@ -79,7 +79,7 @@ def _batches(n: int, size: int) -> Iterator[tuple[int, int]]:
         yield lo, min(lo + size, n)
 
 
-def _open_or_create(
+def open_or_create_store(
     path: Path, row_ids: list[int], provenance: Provenance, config: ExtractConfig, digest: str
 ) -> ActivationStore:
     """The store to write into: a new one, or the one at ``path`` if it was started under this same setup."""
@@ -103,15 +103,18 @@ def _open_or_create(
     )
 
 
-def _compute_rows(
+def compute_rows(
     adapter: ModelAdapter,
     requests: Sequence[Request],
     row_ids: Sequence[int],
     prompts: ContrastivePrompts,
     config: ExtractConfig,
-    bar: tqdm,
+    bar: tqdm | None = None,
 ) -> np.ndarray:
-    """States of ``requests`` in batches of ``config.batch_size``, counted on ``bar``."""
+    """States of ``requests`` in batches of ``config.batch_size``, counted on ``bar`` if given.
+
+    A request the model cannot read is an :class:`ExtractionError` naming its batch's index rows.
+    """
     blocks: list[np.ndarray] = []
     for lo, hi in _batches(len(requests), config.batch_size):
         try:
@@ -119,7 +122,8 @@ def _compute_rows(
         except ValueError as exc:  # unreadable images and the like: say which rows
             raise ExtractionError(f"index rows {list(row_ids[lo:hi])}: {exc}") from exc
         blocks.append(states.numpy())
-        bar.update(hi - lo)
+        if bar is not None:
+            bar.update(hi - lo)
     return np.concatenate(blocks)
 
 
@@ -142,7 +146,7 @@ def extract_to_store(
     requests = requests_from_index(index)
     row_ids = index["row_id"].to_list()
     provenance = store_provenance(adapter, prompts, config.layers)
-    store = _open_or_create(Path(path), row_ids, provenance, config, inputs_digest(requests))
+    store = open_or_create_store(Path(path), row_ids, provenance, config, inputs_digest(requests))
     if store.is_complete:
         return store
     missing = store.missing_row_blocks()
@@ -150,7 +154,7 @@ def extract_to_store(
     # The context manager ends the progress line even on error, so the error starts on its own line.
     with tqdm(total=len(requests), initial=done, desc="extract", unit="req", disable=not progress) as bar:
         for start, end in missing:
-            states = _compute_rows(adapter, requests[start:end], row_ids[start:end], prompts, config, bar)
+            states = compute_rows(adapter, requests[start:end], row_ids[start:end], prompts, config, bar)
             store.write_block(start, states)
     store.mark_complete()
     return store

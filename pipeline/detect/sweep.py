@@ -114,20 +114,31 @@ def read_detector_scores(sweep: Path) -> list[DetectorScore]:
 
 def sweep_pairs(data: EvalData, config: TrainConfig, progress: bool = True) -> list[PairScore]:
     """Every ordered pair of stored layers, scored in-source and across sources."""
-    labels = data.labels
     inside = in_source_setting(data.index)
     held_out = held_out_settings(data)
-    results = []
-    pairs = list(product(data.layers, data.layers))
-    for lf, ls in tqdm(pairs, desc="layer sweep", disable=not progress):
-        probe = fit_lsi(data, inside, config, lf, ls)
-        val_auroc = auroc_or_nan(labels[inside.val], probe.score(data.lsi(inside.val, lf, ls)))
-        cross = [
-            auroc_or_nan(labels[s.test], fit_lsi(data, s, config, lf, ls).score(data.lsi(s.test, lf, ls)))
-            for s in held_out
-        ]
-        results.append(PairScore(lf, ls, val_auroc, float(np.mean(cross)) if cross else float("nan")))
-    return results
+    pairs = layer_pairs(data.layers)
+    return [
+        score_pair(data, inside, held_out, config, lf, ls)
+        for lf, ls in tqdm(pairs, desc="layer sweep", disable=not progress)
+    ]
+
+
+def layer_pairs(layers: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Every ordered ``(fusion, safety)`` pair of stored layers, in sweep order."""
+    return list(product(layers, layers))
+
+
+def score_pair(
+    data: EvalData, inside: Setting, held_out: list[Setting], config: TrainConfig, lf: int, ls: int
+) -> PairScore:
+    """One pair: LSI trained in-source and scored on the val split, then once per held-out setting."""
+    labels = data.labels
+    probe = fit_lsi(data, inside, config, lf, ls)
+    val_auroc = auroc_or_nan(labels[inside.val], probe.score(data.lsi(inside.val, lf, ls)))
+    cross = [
+        auroc_or_nan(labels[s.test], fit_lsi(data, s, config, lf, ls).score(data.lsi(s.test, lf, ls))) for s in held_out
+    ]
+    return PairScore(lf, ls, val_auroc, float(np.mean(cross)) if cross else float("nan"))
 
 
 def best_pair(scores: list[PairScore], select_by: str) -> PairScore:

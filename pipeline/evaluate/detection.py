@@ -146,29 +146,49 @@ def held_out_results(
     metrics on all the source's rows at the run's own tau, the threshold a new source meets.
     ``bootstrap``: add each metric's interval.
     """
-    results = HeldOutResults()
-    for source in sources:
-        setting = held_out_setting(data.index, source)
-        if len(np.unique(data.labels[setting.train])) < 2 or len(np.unique(data.labels[setting.calib])) < 2:
-            raise ValueError(
-                f"holding out source {source!r} leaves training or calibration rows of one label only; "
-                "add sources with both labels"
-            )
-        every_row = np.flatnonzero(data.index["source"].to_numpy() == source)
-        scorers, layers = fit_detectors(data, setting, config, lf, ls)
-        results.metrics[source] = score_setting(
-            data, setting, scorers, calibration, also=every_row, layers=layers, bootstrap=bootstrap
+    return merge_held_out(
+        [source_results(data, config, calibration, lf, ls, source, shipped_tau, bootstrap) for source in sources]
+    )
+
+
+def source_results(
+    data: EvalData,
+    config: TrainConfig,
+    calibration: CalibrateConfig,
+    lf: int,
+    ls: int,
+    source: str,
+    shipped_tau: tuple[str, float] | None = None,
+    bootstrap: BootstrapSpec | None = None,
+) -> HeldOutResults:
+    """One source of :func:`held_out_results`: every detector refitted without it, scored on its rows.
+
+    A task of its own on a cluster (:mod:`pipeline.evaluate.cluster_refits`).
+    """
+    setting = held_out_setting(data.index, source)
+    if len(np.unique(data.labels[setting.train])) < 2 or len(np.unique(data.labels[setting.calib])) < 2:
+        raise ValueError(
+            f"holding out source {source!r} leaves training or calibration rows of one label only; "
+            "add sources with both labels"
         )
-        results.labels[source] = data.labels[every_row]
-        results.scores[source] = {
-            name: np.asarray(score(every_row), dtype=np.float64) for name, score in scorers.items()
-        }
-        if shipped_tau is not None:
-            name, tau = shipped_tau
-            results.metrics[source][name]["at_shipped_tau"] = detection_metrics(
-                data.labels[every_row], results.scores[source][name], tau, bootstrap
-            )
-    return results
+    every_row = np.flatnonzero(data.index["source"].to_numpy() == source)
+    scorers, layers = fit_detectors(data, setting, config, lf, ls)
+    metrics = score_setting(data, setting, scorers, calibration, also=every_row, layers=layers, bootstrap=bootstrap)
+    scores = {name: np.asarray(score(every_row), dtype=np.float64) for name, score in scorers.items()}
+    if shipped_tau is not None:
+        name, tau = shipped_tau
+        metrics[name]["at_shipped_tau"] = detection_metrics(data.labels[every_row], scores[name], tau, bootstrap)
+    return HeldOutResults({source: metrics}, {source: data.labels[every_row]}, {source: scores})
+
+
+def merge_held_out(parts: Sequence[HeldOutResults]) -> HeldOutResults:
+    """One :class:`HeldOutResults` from per-source ones, sources in the order given."""
+    merged = HeldOutResults()
+    for part in parts:
+        merged.metrics.update(part.metrics)
+        merged.labels.update(part.labels)
+        merged.scores.update(part.scores)
+    return merged
 
 
 def cross_source_results(

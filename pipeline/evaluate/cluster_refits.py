@@ -1,0 +1,72 @@
+"""The evaluation's held-out-source refits on a Dask cluster: one task per held-out source."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+from distributed import Client
+
+from pipeline.config import CalibrateConfig, TrainConfig
+from pipeline.detect.cluster import use_core_share
+from pipeline.detect.cluster_data import release_eval_data, share_eval_data, worker_eval_data
+from pipeline.detect.store import ActivationStore
+from pipeline.evaluate.detection import HeldOutResults, merge_held_out, source_results
+from pipeline.evaluate.intervals import BootstrapSpec
+
+
+def source_results_task(
+    config: TrainConfig,
+    calibration: CalibrateConfig,
+    lf: int,
+    ls: int,
+    source: str,
+    shipped_tau: tuple[str, float] | None,
+    bootstrap: BootstrapSpec | None,
+) -> HeldOutResults:
+    """Task: :func:`~pipeline.evaluate.detection.source_results` on the states this worker read from the store."""
+    use_core_share()
+    return source_results(worker_eval_data(), config, calibration, lf, ls, source, shipped_tau, bootstrap)
+
+
+def held_out_results_on_cluster(
+    client: Client,
+    store: ActivationStore,
+    index: pl.DataFrame,
+    refusal: np.ndarray | None,
+    config: TrainConfig,
+    calibration: CalibrateConfig,
+    lf: int,
+    ls: int,
+    sources: Sequence[str],
+    shipped_tau: tuple[str, float] | None = None,
+    bootstrap: BootstrapSpec | None = None,
+) -> HeldOutResults:
+    """:func:`~pipeline.evaluate.detection.held_out_results` with each source's refits run by a worker.
+
+    ``refusal``: the refusal-direction score of every store row (as
+    :func:`~pipeline.detect.heldout.load_eval_data` takes it), or ``None``. Same results, same order.
+    """
+    share_eval_data(client, store, index, refusal)
+    run = uuid.uuid4().hex[:8]
+    try:
+        futures = [
+            client.submit(
+                source_results_task,
+                config,
+                calibration,
+                lf,
+                ls,
+                source,
+                shipped_tau,
+                bootstrap,
+                key=f"held-out-refit-{run}-{i}",
+                pure=False,
+            )
+            for i, source in enumerate(sources)
+        ]
+        return merge_held_out(client.gather(futures))
+    finally:
+        release_eval_data(client)
