@@ -3,7 +3,8 @@
 lm-evaluation-harness writes one JSON document per run: ``results`` maps a task to its metrics,
 each beside its standard error (``<metric>`` and ``<metric>_stderr``), with ``versions``,
 ``n-samples``, ``higher_is_better`` and the run's ``config``. Here a task is one benchmark under
-one defence (``<benchmark>_<defence>``), and its metrics are the comparison's three rates; the
+one defence (``<benchmark>_<defence>``), and its metrics are the comparison's rates (refusal,
+harmlessness, benign answers, attack success); the
 standard error of a rate ``p`` over ``n`` examples is ``sqrt(p (1 - p) / n)``.
 """
 
@@ -20,6 +21,7 @@ RATES: tuple[tuple[str, str, bool], ...] = (
     ("harmful_refusal_rate", "n_harmful", True),
     ("harmless_rate", "n_harmful", True),
     ("benign_answer_rate", "n_benign", True),
+    ("attack_success_rate", "n_harmful", False),  # see the summary's asr_basis for what it counts
 )
 
 

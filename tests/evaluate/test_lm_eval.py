@@ -15,6 +15,7 @@ SUMMARY = {
             "harmful_refusal_rate": 0.75,
             "harmless_rate": 1.0,
             "benign_answer_rate": None,
+            "attack_success_rate": 0.25,
             "n_harmful": 8,
             "n_benign": 0,
         },
@@ -49,7 +50,12 @@ def test_each_benchmark_and_defence_is_a_task_with_its_rates_and_their_stderr() 
     assert "benign_answer_rate" not in lsi and "benign_answer_rate_stderr" not in lsi
     assert document["versions"] == {"mmsb_lsi": __version__, "mmsb_none": __version__}
     assert document["n-samples"]["mmsb_none"] == {"original": 8, "effective": 8}
-    assert document["higher_is_better"]["mmsb_lsi"] == {"harmful_refusal_rate": True, "harmless_rate": True}
+    assert lsi["attack_success_rate_stderr"] == pytest.approx(math.sqrt(0.25 * 0.75 / 8))
+    assert document["higher_is_better"]["mmsb_lsi"] == {
+        "harmful_refusal_rate": True,
+        "harmless_rate": True,
+        "attack_success_rate": False,
+    }
     assert document["config"]["model_args"] == "model=tiny,detector=lsi@3/1,tau=0.4"
     assert document["config"]["limit"] == 8 and document["config"]["run"] == run
     assert (document["git_hash"], document["date"]) == ("abc", 1.5)
