@@ -120,7 +120,7 @@ def per_source_metrics(
 class HeldOutResults:
     """Each held-out source's metrics per detector, and the scores they came from.
 
-    ``metrics``: ``{source: {detector: metrics}}`` as :func:`cross_source_results` returns.
+    ``metrics``: ``{source: {detector: metrics}}``.
     ``labels`` / ``scores``: per source, the labels of all its rows and each detector's scores on
     them (the detector fitted without the source), for paired tests on the same rows.
     """
@@ -189,20 +189,6 @@ def merge_held_out(parts: Sequence[HeldOutResults]) -> HeldOutResults:
         merged.labels.update(part.labels)
         merged.scores.update(part.scores)
     return merged
-
-
-def cross_source_results(
-    data: EvalData,
-    config: TrainConfig,
-    calibration: CalibrateConfig,
-    lf: int,
-    ls: int,
-    sources: Sequence[str],
-    shipped_tau: tuple[str, float] | None = None,
-    bootstrap: BootstrapSpec | None = None,
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """The metrics of :func:`held_out_results`: ``{source: {detector: metrics}}``."""
-    return held_out_results(data, config, calibration, lf, ls, sources, shipped_tau, bootstrap).metrics
 
 
 def _with_ends(row: Mapping[str, Any], key: str, name: str | None = None) -> dict[str, Any]:

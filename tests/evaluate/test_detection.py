@@ -24,13 +24,14 @@ from pipeline.detect.sweep import (
 )
 from pipeline.evaluate.detection import (
     comparison_table,
-    cross_source_results,
     fit_detectors,
     held_out_markdown,
     held_out_results,
     held_out_summary,
+    merge_held_out,
     per_source_metrics,
     score_setting,
+    source_results,
 )
 from pipeline.evaluate.intervals import BootstrapSpec
 from pipeline.evaluate.paired import held_out_comparison
@@ -110,7 +111,7 @@ def test_every_detector_is_fitted_and_scored_on_the_same_rows() -> None:
 
 def test_cross_source_refits_without_the_source_and_tables_side_by_side() -> None:
     data = synthetic_data(refusal=False)
-    cross = cross_source_results(data, CONFIG, CalibrateConfig(), 3, 1, ["alpha", "gamma"])
+    cross = held_out_results(data, CONFIG, CalibrateConfig(), 3, 1, ["alpha", "gamma"]).metrics
     assert set(cross) == {"alpha", "gamma"}
     assert cross["alpha"]["lsi"]["all_rows"]["n"] == 80 and cross["alpha"]["lsi"]["n"] == 20
     assert cross["gamma"]["lsi"]["all_rows"]["auroc"] > 0.85
@@ -131,7 +132,7 @@ def test_holding_out_the_only_harmful_source_is_a_clear_error() -> None:
         pl.when(pl.col("label") == 1).then(pl.lit("harm")).otherwise(pl.col("source")).alias("source")
     )
     with pytest.raises(ValueError, match="holding out source 'harm'.*one label only"):
-        cross_source_results(replace(data, index=index), CONFIG, CalibrateConfig(), 3, 1, ["harm"])
+        held_out_results(replace(data, index=index), CONFIG, CalibrateConfig(), 3, 1, ["harm"])
 
 
 def test_sweep_finds_the_planted_pair_and_never_reads_test_rows() -> None:
@@ -203,7 +204,7 @@ def test_held_out_scores_of_a_linear_detector_are_cross_fitted_too() -> None:
 
 def test_held_out_summary_gives_mean_lowest_and_operating_points() -> None:
     data = synthetic_data(refusal=False)
-    cross = cross_source_results(data, CONFIG, CalibrateConfig(), 3, 1, ["alpha", "gamma"])
+    cross = held_out_results(data, CONFIG, CalibrateConfig(), 3, 1, ["alpha", "gamma"]).metrics
     summary = held_out_summary(cross)
     lsi = summary["lsi"]
     aurocs = [cross[s]["lsi"]["all_rows"]["auroc"] for s in ("alpha", "gamma")]
@@ -211,7 +212,7 @@ def test_held_out_summary_gives_mean_lowest_and_operating_points() -> None:
     assert set(lsi["per_source"]["alpha"]) == {"n", "auroc", "tpr_at_5pct_fpr", "tpr", "fpr"}
     assert "fpr_at_shipped_tau" not in lsi["per_source"]["alpha"]
     shipped = held_out_summary(
-        cross_source_results(data, CONFIG, CalibrateConfig(), 3, 1, ["alpha", "gamma"], shipped_tau=("lsi", 1.0))
+        held_out_results(data, CONFIG, CalibrateConfig(), 3, 1, ["alpha", "gamma"], shipped_tau=("lsi", 1.0)).metrics
     )
     assert shipped["lsi"]["per_source"]["alpha"]["fpr_at_shipped_tau"] == 0.0  # nothing scores above 1
     assert shipped["lsi"]["per_source"]["alpha"]["tpr_at_shipped_tau"] == 0.0
@@ -237,9 +238,9 @@ def test_held_out_results_carry_intervals_and_the_scores_for_paired_tests() -> N
     for row in (lsi, lsi["all_rows"], lsi["at_shipped_tau"]):
         for key in ("auroc", "tpr_at_5pct_fpr", "fpr", "tpr"):
             assert row[f"{key}_low"] <= row[key] <= row[f"{key}_high"], key
-    assert held.metrics == cross_source_results(
-        data, CONFIG, CalibrateConfig(), 3, 1, ["alpha", "gamma"], ("lsi", 1.0), spec
-    )
+    # Source by source (as the cluster runs them), merged: the same results.
+    parts = [source_results(data, CONFIG, CalibrateConfig(), 3, 1, s, ("lsi", 1.0), spec) for s in ("alpha", "gamma")]
+    assert repr(merge_held_out(parts)) == repr(held)
     assert len(held.labels["alpha"]) == 80 and set(held.scores["alpha"]) == set(held.metrics["alpha"])
     comparison = held_out_comparison("lsi", held.labels, held.scores, spec)
     # The detector-level AUROC the comparison resamples is the one the metrics report.
