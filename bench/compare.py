@@ -76,13 +76,13 @@ def main() -> None:
     examples = sample_examples(load_prepared(args.run / INDEX, "test"), args.examples, seed=0)
     examples = [
         EvalExample(
-            e.example_id,
-            e.benchmark,
-            e.text,
-            None if e.image is None else args.run / e.image,
-            e.label,
-            e.category,
-            e.attack,
+            example_id=e.example_id,
+            benchmark=e.benchmark,
+            text=e.text,
+            image=None if e.image is None else args.run / e.image,
+            label=e.label,
+            category=e.category,
+            attack=e.attack,
         )
         for e in examples
     ]

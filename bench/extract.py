@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from pipeline.config import VARIANTS, ContrastivePrompts, load_params
-from pipeline.config.sections import PROMPT_POSITIONS
+from pipeline.config.prompts import PROMPT_POSITIONS
 from pipeline.detect.features import states_for_requests
 from pipeline.layout import INDEX
 from pipeline.models.base import ModelInfo, Request
@@ -114,7 +114,7 @@ def fast_states(
 
 def default_model_and_requests(count: int) -> tuple[object, list[Request]]:
     """The embedded default and the first ``count`` requests of the prepared index (OCR cache warmed)."""
-    from pipeline.data.sources import read_index
+    from pipeline.data.index import read_index
     from pipeline.detect.extraction import requests_from_index
     from pipeline.models.registry import load_adapter
 
@@ -181,12 +181,12 @@ def llava7b_shaped_adapter(scale: int, device: str, dtype: torch.dtype) -> objec
         hidden_size=text.hidden_size,
         dtype=str(dtype).removeprefix("torch."),
     )
-    return HFVisionLanguageAdapter(model, processor, info, batch_size=64)
+    return HFVisionLanguageAdapter(model=model, processor=processor, info=info, batch_size=64)
 
 
 def benchmark_requests(count: int, folder: Path) -> list[Request]:
     """Typography-style requests: an image with a typed instruction and a short question, as in the attacks."""
-    from pipeline.data.images import render_typography
+    from pipeline.data.drawing import render_typography
 
     subjects = ["a bicycle chain", "a neighbour's door lock", "autumn rain", "money through a shop", "a garden shed"]
     verbs = ["Replace", "Open", "Describe", "Move", "Paint", "Inspect", "Clean"]

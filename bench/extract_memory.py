@@ -27,7 +27,7 @@ def child(count: int) -> None:
     import polars as pl
 
     from pipeline.config import load_params
-    from pipeline.data.sources import read_index
+    from pipeline.data.index import read_index
     from pipeline.detect.extraction import extract_to_store
     from pipeline.layout import INDEX
     from pipeline.models.registry import load_adapter

@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "guard.json")
     args = parser.parse_args()
 
-    from pipeline.data.sources import read_index
+    from pipeline.data.index import read_index
 
     torch.manual_seed(0)
     guard = Guard.from_run(args.run)

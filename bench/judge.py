@@ -42,7 +42,12 @@ def items(count: int, offset: int = 0) -> list[JudgeItem]:
 def timed(server: FakeJudgeServer, batch: list[JudgeItem], concurrency: int, cache: Path | None) -> float:
     """Seconds for one judge call on ``batch``; checks every verdict against the fake judge's rule."""
     judge = HTTPJudge(
-        server.url, "fake-judge", api_key_env=None, requests_per_minute=0, concurrency=concurrency, cache_path=cache
+        base_url=server.url,
+        model="fake-judge",
+        api_key_env=None,
+        requests_per_minute=0,
+        concurrency=concurrency,
+        cache_path=cache,
     )
     started = time.perf_counter()
     verdicts = judge.judge(batch)

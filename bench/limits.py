@@ -12,7 +12,7 @@ For each surface that takes requests, three cases:
 
 Surfaces:
 
-- ``prepare``: :func:`pipeline.data.sources.build_index` (what ``stages/prepare.py`` runs) on a
+- ``prepare``: :func:`pipeline.data.index.build_index` (what ``stages/prepare.py`` runs) on a
   temporary source folder. The baseline source is a copy of ``data/demo/everyday.jsonl`` (60 rows,
   12 typography renders); an oversized case is the same file with one oversized row appended, so
   the whole source is read before the bad row is reached.
@@ -214,8 +214,8 @@ def refusal(exc: BaseException) -> Outcome:
 
 def prepare_call(inputs: Inputs, run: Path, case: str) -> Callable[[], Callable[[], Outcome]]:
     """Set-up of ``build_index`` on a fresh copy of the baseline source, with the case's row appended."""
-    from pipeline.data.sources import build_index
-    from pipeline.defend.guard import run_params
+    from pipeline.data.index import build_index
+    from pipeline.defend.loading import run_params
     from pipeline.errors import LSIGuardError
 
     params = run_params(run)
@@ -261,7 +261,7 @@ def prepare_call(inputs: Inputs, run: Path, case: str) -> Callable[[], Callable[
 
 def api_call(guard: object, inputs: Inputs, case: str) -> Callable[[], Callable[[], Outcome]]:
     """Set-up of ``Guard.check`` on the case's request (nothing to prepare)."""
-    from pipeline.defend.guard import REQUEST_LIMIT_ERRORS
+    from pipeline.defend.admission import REQUEST_LIMIT_ERRORS
 
     image, text = {
         "baseline": (None, BASELINE_TEXT),
@@ -441,7 +441,7 @@ def main() -> None:
         surfaces.append(("api", lambda case: api_call(guard, inputs, case)))
         work = Path(tmp) / "demo"
         work.mkdir()
-        responder = app.Responder(guard, work)
+        responder = app.Responder(guard=guard, work=work)
         surfaces.append(("demo", lambda case: demo_call(responder, inputs, case)))
         for _, make in surfaces:
             make("baseline")()()  # warm-up: lazy initialisation is not charged to any case

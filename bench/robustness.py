@@ -35,6 +35,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.defend.guard import Guard
+from pipeline.defend.scoring import view_scores
 from pipeline.defend.views import VIEWS, request_views
 from pipeline.detect.extraction import row_request
 from pipeline.layout import INDEX
@@ -86,11 +87,12 @@ def score_modes(guard: Guard, requests: list[Request]) -> dict[str, np.ndarray]:
             for text in texts:
                 unique.setdefault((text, None if request.image is None else str(request.image)), len(unique))
     keys = list(unique)
+    batches = [
+        [Request(text, Path(image) if image else None) for text, image in keys[i : i + 16]]
+        for i in range(0, len(keys), 16)
+    ]
     scores = np.concatenate(
-        [
-            guard._view_scores([Request(text, Path(image) if image else None) for text, image in keys[i : i + 16]])
-            for i in range(0, len(keys), 16)
-        ]
+        [view_scores(guard.adapter, guard.detector, guard.prompts, guard.layers, batch) for batch in batches]
     )
     out: dict[str, np.ndarray] = {}
     for mode in VIEWS:

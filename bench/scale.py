@@ -51,7 +51,8 @@ from pipeline.detect.cluster_extraction import extract_on_cluster, model_loader
 from pipeline.detect.cluster_sweep import sweep_pairs_on_cluster
 from pipeline.detect.extraction import extract_to_store
 from pipeline.detect.heldout import load_eval_data
-from pipeline.detect.store import ActivationStore, Provenance
+from pipeline.detect.store import ActivationStore
+from pipeline.detect.store_schema import Provenance
 from pipeline.detect.sweep import sweep_pairs
 from pipeline.models.registry import load_adapter
 

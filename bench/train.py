@@ -31,9 +31,9 @@ import torch
 from extract import naive_states  # bench/extract.py: the seed's forward procedure
 
 from pipeline.config import load_params
+from pipeline.detect.detector import LSIDetector
 from pipeline.detect.extraction import requests_from_index
 from pipeline.detect.features import InMemoryFeatures, LSIFeatures, StoreFeatures, features_from_states
-from pipeline.detect.probe import train_probe
 from pipeline.detect.store import ActivationStore
 from pipeline.detect.sweep import resolve_layers
 from pipeline.layout import INDEX, STORE, SWEEP
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "train.json")
     args = parser.parse_args()
 
-    from pipeline.data.sources import read_index
+    from pipeline.data.index import read_index
 
     params = load_params()
     index = read_index(INDEX).sort("row_id")
@@ -89,18 +89,21 @@ def main() -> None:
 
     def store_source(rows: object) -> StoreFeatures:
         return StoreFeatures(
-            store,
-            rows["row_id"].to_numpy(),  # type: ignore[index]
-            rows["label"].to_numpy().astype(np.int64),  # type: ignore[index]
-            lf,
-            ls,
-            args.chunk_rows,
+            store=store,
+            row_ids=rows["row_id"].to_numpy(),  # type: ignore[index]
+            labels=rows["label"].to_numpy().astype(np.int64),  # type: ignore[index]
+            fusion_layer=lf,
+            safety_layer=ls,
+            chunk_rows=args.chunk_rows,
         )
 
+    def detector(epochs: int) -> LSIDetector:
+        return LSIDetector.from_config(replace(config, epochs=epochs), lf, ls)
+
     # Warm-up outside the timings (imports, allocator, dask and optimiser first use), for both paths.
-    train_probe(store_source(train_rows), store_source(val_rows), replace(config, epochs=1), progress=False)
+    detector(1).fit_sources(store_source(train_rows), store_source(val_rows))
     start = time.perf_counter()
-    store_probe, _ = train_probe(store_source(train_rows), store_source(val_rows), config, progress=False)
+    store_probe = detector(config.epochs).fit_sources(store_source(train_rows), store_source(val_rows)).probe_
     store_seconds = time.perf_counter() - start
 
     adapter = load_adapter(params.model)
@@ -113,7 +116,7 @@ def main() -> None:
         args.chunk_rows,
     )
     start = time.perf_counter()
-    forward_probe, _ = train_probe(forward_train, val, config, progress=False)
+    forward_probe = detector(config.epochs).fit_sources(forward_train, val).probe_
     forward_seconds = time.perf_counter() - start
 
     # What the store cost to fill for these rows, once: the extract stage's path.

@@ -40,13 +40,13 @@ from tqdm import tqdm
 
 from lsi_guard_app.eval_command import add_eval_parser, eval_command
 from lsi_guard_app.serve.command import add_serve_arguments, serve_command
-from pipeline import __version__
 from pipeline.config import GUARD_POLICIES, LimitsConfig, load_params
-from pipeline.data.images import ImageError, load_image
 from pipeline.data.limits import RequestTooLarge, check_image_size, check_request_text
 from pipeline.errors import LSIGuardError
-from pipeline.io import write_text_atomic
+from pipeline.images import ImageError, load_image
+from pipeline.io import json_lines, jsonl_text, write_text_atomic
 from pipeline.layout import PARAMS
+from pipeline.version import __version__
 
 if TYPE_CHECKING:
     from pipeline.defend.guard import Guard
@@ -66,7 +66,7 @@ class InputError(LSIGuardError, ValueError):
     """A request file that cannot be read as requests; the message names the file and line."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InputRequest:
     """One request to guard, with the fields it came with (echoed into its result)."""
 
@@ -81,28 +81,12 @@ def read_requests(path: Path) -> list[InputRequest]:
     """Every request in a JSON-lines file, validated before any model work starts.
 
     Each non-blank line is an object with a non-empty string ``text`` and optionally ``image``,
-    a path (relative paths are read from the file's folder) or null. Other keys are kept.
-    A leading UTF-8 byte-order mark is skipped; only ``\n`` (or ``\r\n``) ends a line, since JSON
-    strings may hold U+2028 and other characters that ``str.splitlines`` would break on.
+    a path (relative paths are read from the file's folder) or null. Other keys are kept. The
+    file is read by :func:`pipeline.io.json_lines`, as the pipeline reads its sources: a leading
+    byte-order mark is skipped, only ``\n`` (or ``\r\n``) ends a line, and a lone surrogate is refused.
     """
-    try:
-        content = Path(path).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, not a JSON-lines file") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text ({exc})") from None
-    lines = [line.removesuffix("\r") for line in content.split("\n")]
     requests: list[InputRequest] = []
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    for number, where, record in json_lines(Path(path), InputError, "requests file"):
         if not isinstance(record, dict):
             raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
         text = record.get(TEXT)
@@ -114,10 +98,8 @@ def read_requests(path: Path) -> list[InputRequest]:
         clashes = sorted(RESULT_KEYS & set(record))
         if clashes:
             raise InputError(f"{where}: keys {clashes} are result fields; rename them in the input")
-        for key, value in record.items():
-            _check_encodable(f"{where}: '{key}'", value)
         image_path = None if image is None else _relative_to(Path(image), Path(path).parent)
-        requests.append(InputRequest(text, image_path, record, number, where))
+        requests.append(InputRequest(text=text, image=image_path, fields=record, line=number, where=where))
     if not requests:
         raise InputError(f"{path}: no requests (every line is blank)")
     return requests
@@ -172,7 +154,8 @@ def check_output(output: Path) -> None:
 
 def _results(guard: Guard, requests: Sequence[InputRequest], command: str) -> Iterator[dict[str, Any]]:
     """One result record per request, in order; an answer that fails is recorded, not raised."""
-    from pipeline.defend.guard import REQUEST_LIMIT_ERRORS, decision_record, make_request, response_record
+    from pipeline.defend.admission import REQUEST_LIMIT_ERRORS, make_request
+    from pipeline.defend.decisions import decision_record, response_record
 
     if command == "check":
         for start in range(0, len(requests), CHECK_BATCH):
@@ -196,7 +179,8 @@ def _results(guard: Guard, requests: Sequence[InputRequest], command: str) -> It
 
 def _check_alone(guard: Guard, request: InputRequest) -> dict[str, Any]:
     """One request's check record; a request over a limit is recorded with its error."""
-    from pipeline.defend.guard import REQUEST_LIMIT_ERRORS, decision_record
+    from pipeline.defend.admission import REQUEST_LIMIT_ERRORS
+    from pipeline.defend.decisions import decision_record
 
     try:
         return {**request.fields, **decision_record(guard.check(request.image, request.text))}
@@ -226,7 +210,7 @@ def summary_line(records: Sequence[dict[str, Any]]) -> str:
 
 
 def _write(records: Sequence[dict[str, Any]], output: Path | None, stream: TextIO) -> None:
-    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    text = jsonl_text(records)
     if output is None:
         stream.write(text)
     else:
@@ -297,7 +281,11 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
             if not args.text.strip():
                 raise InputError("--text is empty")
             _check_encodable("--text", args.text)
-            requests = [InputRequest(args.text, args.image, {TEXT: args.text, IMAGE: _image_field(args.image)})]
+            requests = [
+                InputRequest(
+                    text=args.text, image=args.image, fields={TEXT: args.text, IMAGE: _image_field(args.image)}
+                )
+            ]
         else:
             requests = read_requests(args.input)
         admit_requests(requests, _run_limits(args.run))

@@ -3,11 +3,14 @@
 Readers never see half a file, and a failed write leaves the previous file untouched. The
 durable variants (used by activation stores) also fsync the file and its folder, so the same
 holds after a power cut, and name their temp files so that leftovers can be recognised.
+
+JSON-lines files are read here too (:func:`json_lines`), with errors that name the file and line.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -70,6 +73,64 @@ def jsonl_text(records: Iterable[Mapping[str, Any]]) -> str:
 def write_jsonl_atomic(path: str | Path, records: Iterable[Mapping[str, Any]]) -> None:
     """One JSON object per line, atomically."""
     write_text_atomic(path, jsonl_text(records))
+
+
+def json_lines(path: Path, error: type[Exception], what: str) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, "path:line", decoded value)`` for each non-blank line of a JSON-lines file.
+
+    A missing or unreadable file, a line that is not JSON and a string holding a lone surrogate
+    (an escape such as ``"\\ud800"``, which JSON decoders accept but no UTF-8 writer can store)
+    raise ``error`` naming the file (and line); ``what`` names the kind of file in those messages.
+    A UTF-8 byte order mark is skipped; records are split on ``"\\n"`` only (:func:`jsonl_lines`).
+    """
+    try:
+        lines = jsonl_lines(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder, not a {what}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot read {what} ({exc})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        bad = _lone_surrogate(value, "")
+        if bad is not None:
+            place, char = bad
+            raise error(
+                f"{where}: {place} holds a lone surrogate (\\u{ord(char):04x}), which is not "
+                "valid Unicode text; escape a non-BMP character as a surrogate pair or write it raw"
+            )
+        yield number, where, value
+
+
+def _lone_surrogate(value: Any, place: str) -> tuple[str, str] | None:
+    """``(where, char)`` of the first lone surrogate in a decoded JSON value, or None.
+
+    ``where`` names the field by its key path (``field 'image.text'``), or a key itself.
+    """
+    if isinstance(value, str):
+        found = next((char for char in value if "\ud800" <= char <= "\udfff"), None)
+        return None if found is None else (f"field {place!r}" if place else "the value", found)
+    items: Iterable[tuple[str, Any]] = ()
+    if isinstance(value, dict):
+        for key in value:
+            if _lone_surrogate(key, "") is not None:
+                return f"a key in {place!r}" if place else "a key", next(c for c in key if "\ud800" <= c <= "\udfff")
+        items = ((str(key), item) for key, item in value.items())
+    elif isinstance(value, list):
+        items = ((f"[{i}]", item) for i, item in enumerate(value))
+    for key, item in items:
+        inner = key if not place else (f"{place}{key}" if key.startswith("[") else f"{place}.{key}")
+        bad = _lone_surrogate(item, inner)
+        if bad is not None:
+            return bad
+    return None
 
 
 # Durable writes: a SIGKILL or a power cut at any moment leaves either the old file or the new
@@ -247,3 +308,17 @@ def restore_dir_on_failure(folder: str | Path) -> Iterator[None]:
         _put_back(backup, folder)
         raise
     shutil.rmtree(backup)
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

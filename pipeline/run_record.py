@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__
+from pipeline.version import __version__
 
 # The versions a run record names: what computes the numbers (torch, transformers), stores them
 # (zarr) and drives the pipeline (dvc).

@@ -20,8 +20,8 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.config import load_params
+from pipeline.data.index import read_index
 from pipeline.data.rows import pick_examples, row_fields, row_title
-from pipeline.data.sources import read_index
 from pipeline.detect.extraction import row_request
 from pipeline.detect.shipped import load_detector
 from pipeline.explain.attribution import attribution_target, attribution_to_json, intent_attribution, safe_name

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import CalibrateConfig, load_params
-from pipeline.data.sources import read_index
+from pipeline.data.index import read_index
 from pipeline.detect.calibration import Calibration, calibrate, reliability_rows, save_calibration
 from pipeline.detect.heldout import held_out_scores, load_eval_data
 from pipeline.detect.provenance import open_store

@@ -30,14 +30,13 @@ from typing import Any
 
 from pipeline.config import BenchmarkSpec, CompareConfig, Params, load_params
 from pipeline.data.benchmarks.suites import check_suites, load_suite
-from pipeline.data.images import sha256_file
 from pipeline.defend.guard import Guard
 from pipeline.detect.calibration import load_calibration
 from pipeline.evaluate.comparison import ComparisonRow, comparison_markdown, summarise
 from pipeline.evaluate.judges import build_judge
 from pipeline.evaluate.resume import fingerprint
 from pipeline.evaluate.suite_run import compact_metrics, example_keys, kept_rows, run_resumable
-from pipeline.io import replace_dir_atomic, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from pipeline.io import replace_dir_atomic, sha256_file, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from pipeline.layout import (
     CALIBRATION,
     PARAMS,

@@ -13,8 +13,8 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.config import load_params
+from pipeline.data.index import read_index
 from pipeline.data.rows import balanced_test_sample, batches
-from pipeline.data.sources import read_index
 from pipeline.defend.ecso import ECSO
 from pipeline.defend.records import ECSO_RATES, ecso_record, ecso_summary
 from pipeline.detect.extraction import row_request

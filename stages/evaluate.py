@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.config import Params, load_params
-from pipeline.data.sources import read_index
+from pipeline.data.index import read_index
 from pipeline.detect.calibration import expected_calibration_error, load_calibration, reliability_rows
 from pipeline.detect.cluster import cluster_client
 from pipeline.detect.detector import LSI
@@ -35,6 +35,7 @@ from pipeline.evaluate.detection import (
     score_setting,
 )
 from pipeline.evaluate.intervals import BootstrapSpec, interval_of
+from pipeline.evaluate.markdown import markdown_table
 from pipeline.evaluate.metrics import per_group_metrics, roc_points
 from pipeline.evaluate.paired import held_out_comparison, in_source_paired, paired_markdown, paired_record
 from pipeline.evaluate.plots import plot_reliability, plot_roc
@@ -58,7 +59,7 @@ def _markdown(table: pl.DataFrame) -> str:
     """A Markdown table of the side-by-side comparison, three decimals; a value and its ``_low`` / ``_high``
     columns share one cell, ``0.860 [0.790, 0.920]``."""
     columns = [c for c in table.columns if not c.endswith(("_low", "_high"))]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    rows = []
     for row in table.iter_rows(named=True):
         cells = []
         for column in columns:
@@ -67,8 +68,8 @@ def _markdown(table: pl.DataFrame) -> str:
                 cells.append(interval.format(3))
             else:
                 cells.append(f"{value:.3f}" if isinstance(value, float) else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return markdown_table(columns, rows) + "\n"
 
 
 def _shown(row: dict[str, Any], key: str, digits: int = 3) -> str:

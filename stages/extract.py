@@ -9,7 +9,7 @@ writes them (:mod:`pipeline.detect.cluster_extraction`); the store is the same.
 from __future__ import annotations
 
 from pipeline.config import load_params
-from pipeline.data.sources import read_index
+from pipeline.data.index import read_index
 from pipeline.detect.cluster import cluster_client
 from pipeline.detect.cluster_extraction import extract_on_cluster, gpus_to_pin, model_loader, worker_model_config
 from pipeline.detect.extraction import extract_to_store

@@ -14,8 +14,8 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.config import load_params
+from pipeline.data.index import read_index
 from pipeline.data.rows import balanced_test_sample
-from pipeline.data.sources import read_index
 from pipeline.defend.guard import Guard
 from pipeline.defend.records import GUARD_RATES, guard_record, guard_summary
 from pipeline.detect.extraction import row_request

@@ -12,7 +12,7 @@ import polars as pl
 
 from pipeline.config import SPLITS, load_params
 from pipeline.data.built_sources import all_sources, read_built_sources
-from pipeline.data.sources import build_index
+from pipeline.data.index import build_index
 from pipeline.io import restore_dir_on_failure
 from pipeline.layout import INDEX, SOURCES_FILE
 from stages import run_stage

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from pipeline.config import load_params
-from pipeline.data.sources import read_index
+from pipeline.data.index import read_index
 from pipeline.detect.cluster import cluster_client
 from pipeline.detect.cluster_sweep import sweep_pairs_on_cluster
 from pipeline.detect.heldout import load_eval_data

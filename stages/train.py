@@ -13,11 +13,11 @@ from dataclasses import asdict, replace
 import numpy as np
 
 from pipeline.config import TrainConfig, load_params
-from pipeline.data.sources import read_index
-from pipeline.detect.detector import LSI, LinearDetector
+from pipeline.data.index import read_index
+from pipeline.detect.detector import LSI, LinearDetector, LSIDetector
 from pipeline.detect.features import StoreFeatures
 from pipeline.detect.heldout import fit_detector, in_source_setting, load_eval_data
-from pipeline.detect.probe import ProbeMeta, auroc_or_nan, best_epoch, save_probe, train_probe
+from pipeline.detect.probe import ProbeMeta, auroc_or_nan, best_epoch
 from pipeline.detect.provenance import open_store
 from pipeline.detect.shipped import save_detector
 from pipeline.detect.store import ActivationStore
@@ -98,14 +98,17 @@ def main() -> None:
     for split in ("train", "val"):
         part = index.filter(index["split"] == split)
         sources[split] = StoreFeatures(
-            store,
-            part["row_id"].to_numpy(),
-            part["label"].to_numpy().astype(np.int64),
-            fusion_layer,
-            safety_layer,
+            store=store,
+            row_ids=part["row_id"].to_numpy(),
+            labels=part["label"].to_numpy().astype(np.int64),
+            fusion_layer=fusion_layer,
+            safety_layer=safety_layer,
             chunk_rows=cfg.chunk_rows,
         )
-    probe, history = train_probe(sources["train"], sources["val"], cfg)
+    detector = LSIDetector.from_config(cfg, fusion_layer, safety_layer).fit_sources(
+        sources["train"], sources["val"], progress=True
+    )
+    probe, history = detector.probe_, detector.history_
     best = best_epoch(history)
     meta = ProbeMeta(
         hidden_size=int(probe.projector.in_features),
@@ -120,7 +123,7 @@ def main() -> None:
     )
     # Built beside data/probe and swapped in whole (persist: true in dvc.yaml).
     with replace_dir_atomic(OUT) as out:
-        save_probe(probe, meta, out)
+        save_detector(detector, meta, out)
         write_json_atomic(out / "history.json", [asdict(r) for r in history])
         write_json_atomic(
             out / "train_metrics.json",

@@ -3,14 +3,16 @@
 The files a stage's code runs are its module and everything it imports inside the repository.
 
 Read from the source with ``ast`` (no import is executed, no model loads), following imports at any
-depth, including those inside functions, and the ``__init__.py`` of every package on the way.
+depth, including those inside functions, and the ``__init__.py`` of every package on the way. A
+closure leaves out imports under ``if TYPE_CHECKING:``: they never run (the public API in
+``pipeline/__init__.py`` names its types there and loads them only when a user asks for one).
 """
 
 from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import yaml
@@ -34,12 +36,38 @@ def _package_inits(root: Path, module: str) -> list[Path]:
     return [path for path in inits if path is not None and path.name == "__init__.py"]
 
 
-def imported_modules(path: Path, module: str) -> set[str]:
-    """Every module name an ``import`` or ``from ... import`` in ``path`` may load, at any depth of the code."""
+def _is_type_checking_block(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``): its body never runs."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _nodes(tree: ast.AST, runtime_only: bool) -> Iterator[ast.AST]:
+    """Every node of ``tree``; with ``runtime_only``, without the bodies of ``if TYPE_CHECKING:`` blocks."""
+    pending = [tree]
+    while pending:
+        node = pending.pop()
+        yield node
+        if runtime_only and _is_type_checking_block(node):
+            assert isinstance(node, ast.If)
+            pending.extend(node.orelse)
+            continue
+        pending.extend(ast.iter_child_nodes(node))
+
+
+def imported_modules(path: Path, module: str, runtime_only: bool = False) -> set[str]:
+    """Every module name an ``import`` or ``from ... import`` in ``path`` may load, at any depth of the code.
+
+    ``runtime_only`` leaves out imports under ``if TYPE_CHECKING:``, which only type checkers read.
+    """
     is_package = path.name == "__init__.py"
     package = module if is_package else module.rpartition(".")[0]
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in _nodes(ast.parse(path.read_text(), filename=str(path)), runtime_only):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -69,7 +97,7 @@ def import_closure(root: Path, modules: Iterable[str]) -> set[Path]:
             continue  # the standard library or an installed package
         for file in [path, *_package_inits(root, module)]:
             seen.add(file.relative_to(root))
-        pending.extend(imported_modules(path, module))
+        pending.extend(imported_modules(path, module, runtime_only=True))
         pending.extend(".".join(module.split(".")[:i]) for i in range(1, len(module.split("."))))
     return seen
 

@@ -7,12 +7,17 @@ backwards dependency.
 
 from __future__ import annotations
 
+import ast
+import importlib
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
 import pipeline
+from pipeline.version import __version__
 from tests.imports import imported_modules
 from tests.paths import PROJECT_ROOT
 
@@ -20,7 +25,15 @@ from tests.paths import PROJECT_ROOT
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "base",
-        ("pipeline", "pipeline.config", "pipeline.errors", "pipeline.layout", "pipeline.io", "pipeline.run_record"),
+        (
+            "pipeline.version",
+            "pipeline.config",
+            "pipeline.errors",
+            "pipeline.layout",
+            "pipeline.io",
+            "pipeline.images",
+            "pipeline.run_record",
+        ),
     ),
     ("data", ("pipeline.data",)),
     ("models", ("pipeline.models",)),
@@ -28,6 +41,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("explain", ("pipeline.explain",)),
     ("defend", ("pipeline.defend",)),
     ("evaluate", ("pipeline.evaluate",)),
+    # The package itself is the public API: it names objects from every layer (loaded on first use).
+    ("api", ("pipeline",)),
     ("testing", ("pipeline.testing",)),
     ("stages", ("stages",)),
     ("app", ("lsi_guard_app",)),
@@ -119,6 +134,18 @@ def test_the_module_graph_has_no_cycle() -> None:
     assert find_cycle(import_graph()) is None
 
 
+def test_models_never_import_data() -> None:
+    """Model adapters read images through the base ``pipeline.images``, never through the data layer."""
+    offenders = [
+        f"{name} imports {target}"
+        for name, targets in sorted(import_graph().items())
+        if name.startswith("pipeline.models.") or name == "pipeline.models"
+        for target in sorted(targets)
+        if target == "pipeline.data" or target.startswith("pipeline.data.")
+    ]
+    assert offenders == []
+
+
 def test_the_library_never_imports_its_test_doubles_tests_or_benchmarks() -> None:
     offenders = [
         f"{name} imports {target}"
@@ -156,7 +183,7 @@ def test_bench_imports_only_the_library_and_apps() -> None:
 
 def test_package_version_and_typing_marker_ship() -> None:
     project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    assert project["project"]["version"] == pipeline.__version__
+    assert project["project"]["version"] == pipeline.__version__ == __version__
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["pipeline"]
     assert (PROJECT_ROOT / "pipeline" / "py.typed").is_file()
 
@@ -177,3 +204,49 @@ def test_a_backwards_import_is_reported() -> None:
     graph = {"pipeline.config": {"pipeline.detect.store"}, "pipeline.detect.store": {"pipeline.config"}}
     assert backwards_imports(graph) == ["pipeline.config (base) imports pipeline.detect.store (detect)"]
     assert backwards_imports({"pipeline.defend.guard": {"pipeline.explain.attribution"}}) == []
+
+
+def test_the_public_api_names_what_it_loads() -> None:
+    """``__all__``, the lazy table and the TYPE_CHECKING imports of ``pipeline/__init__.py`` name the same objects."""
+    facade = PROJECT_ROOT / "pipeline" / "__init__.py"
+    checked: dict[str, str] = {}
+    for node in ast.walk(ast.parse(facade.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for statement in node.body:
+                assert isinstance(statement, ast.ImportFrom) and statement.module is not None
+                checked.update({alias.name: statement.module for alias in statement.names})
+    lazy: dict[str, str] = pipeline._PUBLIC
+    assert checked == lazy
+    assert pipeline.__all__ == ["__version__", *lazy]
+    for name, module in lazy.items():
+        assert getattr(pipeline, name) is getattr(importlib.import_module(module), name), name
+
+
+def test_the_short_imports_work_and_load_no_model_code() -> None:
+    """``import pipeline`` stays light: torch loads only when a user asks for a name that needs it."""
+    code = (
+        "import sys, pipeline; light = 'torch' not in sys.modules; "
+        "from pipeline import Guard, make_request, load_params; "
+        "print(light, Guard.__name__, make_request.__name__, load_params.__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT, check=True)
+    assert result.stdout.split() == ["True", "Guard", "make_request", "load_params"]
+    with pytest.raises(AttributeError, match="has no attribute 'Gaurd'"):
+        pipeline.Gaurd  # noqa: B018
+
+
+def test_library_and_stages_import_from_deep_paths() -> None:
+    """The public API is for users: the library and the stages name each module they use.
+
+    DVC's code dependencies are read from the imports (tests/imports.py), which cannot follow a
+    name loaded lazily through ``pipeline``; a stage using the short imports would depend on code
+    its ``dvc.yaml`` deps do not list.
+    """
+    offenders = [
+        f"{name} imports {target}"
+        for name, path in project_modules().items()
+        if name.startswith(("pipeline.", "stages"))
+        for target in imported_modules(path, name)
+        if target == "pipeline" or target.removeprefix("pipeline.") in pipeline._PUBLIC
+    ]
+    assert offenders == []

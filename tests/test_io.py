@@ -1,4 +1,4 @@
-"""Atomic and durable file writes, and splitting JSON-lines text into records."""
+"""Atomic and durable file writes, and reading JSON-lines text into records."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import pytest
 
 from pipeline.io import (
     is_temp_name,
+    json_lines,
     jsonl_lines,
     jsonl_text,
     make_dirs_durable,
     rename_durable,
+    write_bytes_atomic,
     write_bytes_durable,
     write_jsonl_atomic,
 )
@@ -74,3 +76,31 @@ def test_jsonl_lines_keep_blank_lines_for_numbering_and_drop_crlf() -> None:
     assert jsonl_lines('{"a": 1}') == ['{"a": 1}']
     assert jsonl_lines("") == []
     assert jsonl_lines(jsonl_text([{"x": "\n inside"}])) == ['{"x": "\\n inside"}']
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "file.bin"
+    write_bytes_atomic(target, b"one")
+    write_bytes_atomic(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in target.parent.iterdir()] == ["file.bin"]
+
+
+class _BadLine(ValueError):
+    """The error a test asks json_lines to raise."""
+
+
+def test_json_lines_skip_blank_lines_and_name_file_and_line_in_errors(tmp_path: Path) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_text('\ufeff{"a": 1}\n\n[2]\n', encoding="utf-8")
+    assert list(json_lines(good, _BadLine, "test file")) == [(1, f"{good}:1", {"a": 1}), (3, f"{good}:3", [2])]
+    with pytest.raises(_BadLine, match=r"absent\.jsonl: no such test file"):
+        list(json_lines(tmp_path / "absent.jsonl", _BadLine, "test file"))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"a": 1}\n{"a": \n', encoding="utf-8")
+    with pytest.raises(_BadLine, match=r"broken\.jsonl:2: invalid JSON"):
+        list(json_lines(broken, _BadLine, "test file"))
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text('{"a": {"b": ["ok", "x\\udc00"]}}\n', encoding="utf-8")
+    with pytest.raises(_BadLine, match=r"surrogate\.jsonl:1: field 'a\.b\[1\]' holds a lone surrogate \(\\udc00\)"):
+        list(json_lines(surrogate, _BadLine, "test file"))

@@ -45,11 +45,13 @@ from lsi_guard_app.serve.images import checked_image_file, data_uri_bytes, fetch
 from lsi_guard_app.serve.metrics import CONTENT_TYPE, ServeMetrics
 from lsi_guard_app.serve.schema import BadRequest, ChatRequest, CheckedTurn, checked_turn, error_body, parse_body
 from lsi_guard_app.serve.upstream import Upstream, UpstreamConfig
-from pipeline.data.images import ImageTooLarge
 from pipeline.data.limits import RequestTooLarge
+from pipeline.defend.admission import REQUEST_LIMIT_ERRORS
 from pipeline.defend.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, ModelWorker
 from pipeline.defend.deadline import RequestTimedOut
-from pipeline.defend.guard import REQUEST_LIMIT_ERRORS, Guard, GuardDecision, GuardedResponse, decision_record
+from pipeline.defend.decisions import GuardDecision, GuardedResponse, decision_record
+from pipeline.defend.guard import Guard
+from pipeline.images import ImageTooLarge
 from pipeline.models.base import Request
 
 MODES = ("local", "upstream")
@@ -59,7 +61,7 @@ DEFAULT_MAX_MESSAGES = 256
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServeConfig:
     """How the proxy serves: mode, turn policy, batching, input bounds, and the upstream in upstream mode."""
 
@@ -109,7 +111,9 @@ def build_app(
             "which does not answer in upstream mode (use --mode local, or --policy lsi)"
         )
     metrics = ServeMetrics()
-    worker = ModelWorker(guard, config.max_batch, config.max_wait_s, on_batch=metrics.record_batch)
+    worker = ModelWorker(
+        guard=guard, max_batch=config.max_batch, max_wait_s=config.max_wait_s, on_batch=metrics.record_batch
+    )
     upstream = None if config.upstream is None else Upstream(config.upstream, upstream_transport)
     images = httpx.AsyncClient(timeout=httpx.Timeout(config.image_timeout_s))
     own_work = work_dir is None

@@ -21,8 +21,8 @@ import httpx
 
 from lsi_guard_app.serve.schema import BadRequest, ImagePart
 from pipeline.config import LimitsConfig
-from pipeline.data.images import ImageError, ImageTooLarge, load_image
 from pipeline.data.limits import check_image_size
+from pipeline.images import ImageError, ImageTooLarge, load_image
 
 
 def data_uri_bytes(image: ImagePart) -> bytes:

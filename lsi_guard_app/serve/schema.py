@@ -57,7 +57,7 @@ class ImagePart:
     where: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Message:
     """One message: its role, the text of its text parts (joined by newlines), and its images."""
 
@@ -76,7 +76,7 @@ class CheckedTurn:
     messages: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ChatRequest:
     """The fields of a Chat Completions body the proxy reads, and the body itself."""
 
@@ -115,7 +115,7 @@ def parse_body(raw: bytes, max_messages: int, allow_image_urls: bool) -> ChatReq
             raise BadRequest(f"{key} must be a whole number >= 1, got {value!r}", key, "invalid_value")
         max_tokens = max_tokens or value
     messages = parse_messages(body.get("messages"), max_messages, allow_image_urls)
-    return ChatRequest(body, messages, stream, model, max_tokens)
+    return ChatRequest(body=body, messages=messages, stream=stream, model=model, max_tokens=max_tokens)
 
 
 def parse_messages(value: object, max_messages: int, allow_image_urls: bool) -> tuple[Message, ...]:
@@ -143,10 +143,10 @@ def _message(item: object, where: str, allow_image_urls: bool) -> Message:
         raise BadRequest(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
     content = item.get("content")
     if content is None and role in ("assistant", "tool", "function"):
-        return Message(role, "", (), where)  # an assistant turn made only of tool calls
+        return Message(role=role, text="", images=(), where=where)  # an assistant turn made only of tool calls
     if isinstance(content, str):
         _check_text(content, f"{where}.content", role)
-        return Message(role, content, (), where)
+        return Message(role=role, text=content, images=(), where=where)
     if not isinstance(content, list):
         raise BadRequest(
             f"{where}.content must be a string or a list of parts, got {_kind(content)}",
@@ -177,7 +177,7 @@ def _message(item: object, where: str, allow_image_urls: bool) -> Message:
                 part_where,
                 "unsupported_content",
             )
-    return Message(role, "\n".join(texts), tuple(images), where)
+    return Message(role=role, text="\n".join(texts), images=tuple(images), where=where)
 
 
 def _check_text(text: str, where: str, role: str) -> None:

@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING
 from lsi_guard_app.web.handling import UnknownPolicy, choose_guard, policy_guards, run_request, uploaded_path
 from lsi_guard_app.web.render import PLACEHOLDER_HTML, decision_html, ecso_html, error_html
 from pipeline.config import GUARD_POLICIES, load_params
-from pipeline.data.images import render_typography, save_png
+from pipeline.data.drawing import render_typography
 from pipeline.defend.guard import Guard
 from pipeline.errors import LSIGuardError
+from pipeline.images import save_png
 from pipeline.layout import PARAMS
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ class Responder:
 
     def __init__(
         self,
+        *,
         guard: Guard,
         work: Path,
         attribution_steps: int = 16,
@@ -171,7 +173,9 @@ def build_demo(
         work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
         atexit.register(shutil.rmtree, work, ignore_errors=True)
     examples, example_labels = example_rows(work)
-    respond = Responder(guard, work, attribution_steps, attribution_target)
+    respond = Responder(
+        guard=guard, work=work, attribution_steps=attribution_steps, attribution_target=attribution_target
+    )
 
     def attribution_image(label: str, elem_id: str) -> gr.Image:
         # Hidden until a request asks for the maps; read-only, filled from a PNG path.

@@ -21,11 +21,13 @@ from pathlib import Path
 
 from lsi_guard_app.web.render import draw_attribution_maps
 from pipeline.config import DEFAULT_LIMITS, GUARD_POLICIES, LimitsConfig
-from pipeline.data.images import ImageError, load_image
 from pipeline.data.limits import RequestTooLarge, check_image_size, check_request_text
+from pipeline.defend.admission import REQUEST_LIMIT_ERRORS, make_request
 from pipeline.defend.deadline import RequestTimedOut, bounded
-from pipeline.defend.guard import REQUEST_LIMIT_ERRORS, Guard, GuardedResponse, make_request
+from pipeline.defend.decisions import GuardedResponse
+from pipeline.defend.guard import Guard
 from pipeline.errors import LSIGuardError
+from pipeline.images import ImageError, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def uploaded_path(value: object) -> str | None:
     return str(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DemoResult:
     """What one press of the button produced: a guarded response or an error, and the attribution maps."""
 
@@ -131,7 +133,7 @@ def run_request(
         logger.exception("the guard failed on a demo request")
         return DemoResult(error=f"the model failed on this request ({type(exc).__name__}: {exc})")
     if not explain:
-        return DemoResult(response)
+        return DemoResult(response=response)
     started = time.perf_counter()
     token_map = out_dir / f"{name}-tokens.png"
     image_map = out_dir / f"{name}-image.png" if image is not None else None
@@ -141,9 +143,11 @@ def run_request(
         draw_attribution_maps(attribution, text, image, token_map, image_map)
     except RequestTimedOut as exc:
         note = f"No attribution maps: {exc}"
-        return DemoResult(response, explain_note=note, explain_seconds=time.perf_counter() - started)
+        return DemoResult(response=response, explain_note=note, explain_seconds=time.perf_counter() - started)
     except Exception as exc:  # the decision still stands; only the explanation is missing
         logger.exception("attribution failed on a demo request")
         note = f"No attribution maps: {type(exc).__name__}: {exc}"
-        return DemoResult(response, explain_note=note, explain_seconds=time.perf_counter() - started)
-    return DemoResult(response, token_map=token_map, image_map=image_map, explain_seconds=time.perf_counter() - started)
+        return DemoResult(response=response, explain_note=note, explain_seconds=time.perf_counter() - started)
+    return DemoResult(
+        response=response, token_map=token_map, image_map=image_map, explain_seconds=time.perf_counter() - started
+    )

@@ -1,6 +1,6 @@
 """What the demo page shows: the guard's decision, ECSO's steps and the attribution maps, rendered.
 
-Pure functions from a :class:`~pipeline.defend.guard.GuardedResponse` (or its parts) to HTML and
+Pure functions from a :class:`~pipeline.defend.decisions.GuardedResponse` (or its parts) to HTML and
 text, and from an attribution to figure files; nothing here knows about gradio.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from pipeline.defend.decisions import ANSWER, REFUSE, GuardDecision, GuardedResponse
 from pipeline.defend.ecso import ECSORecord
-from pipeline.defend.guard import ANSWER, REFUSE, GuardDecision, GuardedResponse
 from pipeline.explain.attribution import Attribution
 
 # Colours of the decision banner: (text, background).

@@ -1,8 +1,8 @@
 """Typed configuration: each ``params.yaml`` section maps to a frozen dataclass.
 
 Validation happens once, here, at the edge; the library takes these objects, never dicts.
-``checks`` holds the field checks and the one error shape, ``sections`` and ``compare`` the
-sections, ``loading`` the whole file (read as YAML 1.2).
+``checks`` holds the field checks and the one error shape, ``prompts``, ``sections`` and
+``compare`` the sections, ``loading`` the whole file (read as YAML 1.2).
 """
 
 from pipeline.config.checks import ConfigError
@@ -16,22 +16,18 @@ from pipeline.config.compare import (
     JudgeConfig,
 )
 from pipeline.config.loading import Params, load_params, params_from_dict
+from pipeline.config.prompts import GREEDY, PLACEHOLDER, VARIANTS, ContrastivePrompts, Decoding
 from pipeline.config.sections import (
     ATTRIBUTE_TARGETS,
     DEFAULT_LIMITS,
-    GREEDY,
     GUARD_POLICIES,
     LABELS,
     LAYER_CHOICE,
-    PLACEHOLDER,
     SPLITS,
-    VARIANTS,
     AttributeConfig,
     BuildConfig,
     CalibrateConfig,
     ClusterConfig,
-    ContrastivePrompts,
-    Decoding,
     ECSOConfig,
     EvaluateConfig,
     ExtractConfig,

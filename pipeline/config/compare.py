@@ -18,7 +18,7 @@ HTTP_ONLY_PRESETS: tuple[str, ...] = ("llama_guard", "llama_guard_vision")
 COMPARE_DEFENCES: tuple[str, ...] = ("none", "lsi", "ecso", "lsi_then_ecso")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JudgeConfig:
     """Which judge scores the comparison's responses (see :mod:`pipeline.evaluate.judges`).
 
@@ -82,7 +82,7 @@ class JudgeConfig:
             raise ConfigError(f"compare.judge.prompt must be empty with preset {self.preset}, which has its own prompt")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BenchmarkSpec:
     """One benchmark of a comparison suite: a loader ``kind`` with its options, and how many to keep.
 
@@ -113,7 +113,7 @@ class BenchmarkSpec:
         return dict(self.options)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CompareConfig:
     """The defence comparison (``compare`` stage): which defences, on which suites, judged how.
 
@@ -187,7 +187,9 @@ def _suite(suite: str, entries: Any) -> tuple[BenchmarkSpec, ...]:
             raise ConfigError(f"{where}: each benchmark needs at least 'name' and 'kind', got {entry!r}")
         options = tuple(sorted((str(k), v) for k, v in entry.items() if k not in ("name", "kind", "limit")))
         try:
-            specs.append(BenchmarkSpec(entry["name"], entry["kind"], entry.get("limit", 0), options))
+            specs.append(
+                BenchmarkSpec(name=entry["name"], kind=entry["kind"], limit=entry.get("limit", 0), options=options)
+            )
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     return tuple(specs)

@@ -12,14 +12,13 @@ from ruamel.yaml.error import YAMLError
 
 from pipeline.config.checks import ConfigError, from_raw, refuse
 from pipeline.config.compare import CompareConfig, compare_from_raw
+from pipeline.config.prompts import ContrastivePrompts, Decoding
 from pipeline.config.sections import (
     LAYER_CHOICE,
     AttributeConfig,
     BuildConfig,
     CalibrateConfig,
     ClusterConfig,
-    ContrastivePrompts,
-    Decoding,
     ECSOConfig,
     EvaluateConfig,
     ExtractConfig,
@@ -31,7 +30,7 @@ from pipeline.config.sections import (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Params:
     """The whole of ``params.yaml``."""
 

@@ -98,7 +98,7 @@ _CLAUSE_STARTS = frozenset({"to", "that", "which", "who"})
 _QUESTION_TO_ACTIVITY = re.compile(r"^(?:how to|how do i|how can i|can you|could you) (?P<phrase>.+)\?$", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KeyPhrase:
     """A benign phrase for a typography image, from benchmark record ``origin`` (``"alpaca/seed_task_11"``)."""
 
@@ -179,10 +179,14 @@ def benign_key_phrases(benign: Sequence[BenignQuestion]) -> list[KeyPhrase]:
     for question in benign:
         activity = imperative_phrase(question.text)
         if activity:
-            phrases.append(KeyPhrase(benign_id(question), question.source, activity, "activity"))
+            phrases.append(
+                KeyPhrase(origin=benign_id(question), category=question.source, text=activity, phrase_type="activity")
+            )
         product = task_name_phrase(question.name) if question.name else None
         if product:
-            phrases.append(KeyPhrase(benign_id(question), question.source, product, "product"))
+            phrases.append(
+                KeyPhrase(origin=benign_id(question), category=question.source, text=product, phrase_type="product")
+            )
     return unique(phrases, lambda p: p.text)
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import DEFAULT_LIMITS, LimitsConfig
-from pipeline.data.images import ImageError, ImageTooLarge, image_size
 from pipeline.errors import LSIGuardError
+from pipeline.images import image_size
 
-__all__ = ["ImageError", "ImageTooLarge", "RequestTooLarge", "check_image_size", "check_request_text"]
+__all__ = ["RequestTooLarge", "check_image_size", "check_request_text"]
 
 
 class RequestTooLarge(LSIGuardError, ValueError):
@@ -34,8 +34,8 @@ def check_request_text(text: str, limits: LimitsConfig = DEFAULT_LIMITS, what: s
 def check_image_size(path: str | Path, limits: LimitsConfig = DEFAULT_LIMITS) -> tuple[int, int]:
     """Width and height of the image at ``path`` from its header, refused if over ``limits.max_image_pixels``.
 
-    Nothing is decoded, so a huge image costs only its header. Raises :class:`ImageError`
-    naming the file when it is missing or not an image, and :class:`ImageTooLarge` naming the
-    file and its size when it has too many pixels.
+    Nothing is decoded, so a huge image costs only its header. Raises
+    :class:`~pipeline.images.ImageError` naming the file when it is missing or not an image, and
+    :class:`~pipeline.images.ImageTooLarge` naming the file and its size when it has too many pixels.
     """
     return image_size(path, limits.max_image_pixels)

@@ -67,7 +67,7 @@ TYPO_PROMPTS: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Instruction:
     """One vendored instruction: ``origin`` is ``file-stem/position`` (``advbench/12``), unique across files."""
 
@@ -133,7 +133,7 @@ def _read_file(path: Path, label: str) -> list[Instruction]:
         category = record.get("category") or stem
         if label == "benign" and MISSING_INPUT.search(text):
             continue  # "Edit the following sentence": its input is not part of the request
-        out.append(Instruction(f"{stem}/{position}", str(category), normalise(text), label))
+        out.append(Instruction(origin=f"{stem}/{position}", category=str(category), text=normalise(text), label=label))
     return out
 
 

@@ -1,4 +1,4 @@
-"""Request sources: read and validate them, render their images, split them, write the index.
+"""Request sources: read and validate the JSONL files of requests, one record per row.
 
 A source is a JSONL file, one request per line::
 
@@ -8,8 +8,7 @@ A source is a JSONL file, one request per line::
               | {"kind": "scene", "seed": 7, "caption": "..."}}
 
 Rows that share a ``request_id`` within a source are one request in several forms (plain text,
-typed into an image, ...). They always land in the same split, or a detector would be scored
-on requests it was trained on.
+typed into an image, ...); they must agree on label and category.
 
 Every row is checked before anything is written: no other keys, valid Unicode, texts within
 ``limits.max_request_chars``, images (given or rendered) within ``limits.max_image_pixels``, and
@@ -19,61 +18,28 @@ an image path relative to the source's folder that stays inside it.
 from __future__ import annotations
 
 import difflib
-import json
-import math
-import warnings
-from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import polars as pl
-from sklearn.model_selection import StratifiedGroupKFold
-
-from pipeline.config import DEFAULT_LIMITS, LABELS, SPLITS, LimitsConfig, PrepareConfig
-from pipeline.data.images import (
-    ImageError,
-    check_typography,
-    load_image,
-    png_bytes,
-    render_scene,
-    render_typography,
-    sha256_bytes,
-    write_bytes_atomic,
-)
+from pipeline.config import DEFAULT_LIMITS, LABELS, LimitsConfig
+from pipeline.data.drawing import check_typography
 from pipeline.data.limits import RequestTooLarge, check_request_text
 from pipeline.errors import LSIGuardError
-from pipeline.io import jsonl_lines, replace_atomic
+from pipeline.images import ImageError, load_image
+from pipeline.io import json_lines
 
 IMAGE_KINDS: tuple[str, ...] = ("typography", "scene")
 REQUIRED_FIELDS: tuple[str, ...] = ("request_id", "category", "label", "text")
 KNOWN_FIELDS: tuple[str, ...] = (*REQUIRED_FIELDS, "image")
-INDEX_COLUMNS: tuple[str, ...] = (
-    "row_id",
-    "request_id",
-    "source",
-    "category",
-    "split",
-    "label",
-    "image_path",
-    "image_sha256",
-    "image_kind",
-    "text",
-    "image_text",
-)
-INDEX_FILE = "index.parquet"
-SUMMARY_FILE = "summary.json"
-IMAGES_DIR = "images"
-SPLIT_FOLDS = 20
 
 
 class DatasetError(LSIGuardError, ValueError):
     """A request source or index that cannot be used, named by file (and line)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RequestRecord:
     """One validated request row.
 
@@ -236,166 +202,6 @@ def read_requests(path: str | Path, limits: LimitsConfig = DEFAULT_LIMITS) -> li
     return records
 
 
-def json_lines(path: Path, error: type[Exception], what: str) -> Iterator[tuple[int, str, Any]]:
-    """``(line number, "path:line", decoded value)`` for each non-blank line of a JSON-lines file.
-
-    A missing or unreadable file, a line that is not JSON and a string holding a lone surrogate
-    (an escape such as ``"\\ud800"``, which JSON decoders accept but no UTF-8 writer can store)
-    raise ``error`` naming the file (and line); ``what`` names the kind of file in those messages.
-    A UTF-8 byte order mark is skipped; records are split on ``"\\n"`` only (:func:`jsonl_lines`).
-    """
-    try:
-        lines = jsonl_lines(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise error(f"{path}: no such {what}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise error(f"{path}: cannot read {what} ({exc})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise error(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        bad = _lone_surrogate(value, "")
-        if bad is not None:
-            place, char = bad
-            raise error(
-                f"{where}: {place} holds a lone surrogate (\\u{ord(char):04x}), which is not "
-                "valid Unicode text; escape a non-BMP character as a surrogate pair or write it raw"
-            )
-        yield number, where, value
-
-
-def _lone_surrogate(value: Any, place: str) -> tuple[str, str] | None:
-    """``(where, char)`` of the first lone surrogate in a decoded JSON value, or None.
-
-    ``where`` names the field by its key path (``field 'image.text'``), or a key itself.
-    """
-    if isinstance(value, str):
-        found = next((char for char in value if "\ud800" <= char <= "\udfff"), None)
-        return None if found is None else (f"field {place!r}" if place else "the value", found)
-    items: Iterable[tuple[str, Any]] = ()
-    if isinstance(value, dict):
-        for key in value:
-            if _lone_surrogate(key, "") is not None:
-                return f"a key in {place!r}" if place else "a key", next(c for c in key if "\ud800" <= c <= "\udfff")
-        items = ((str(key), item) for key, item in value.items())
-    elif isinstance(value, list):
-        items = ((f"[{i}]", item) for i, item in enumerate(value))
-    for key, item in items:
-        inner = key if not place else (f"{place}{key}" if key.startswith("[") else f"{place}.{key}")
-        bad = _lone_surrogate(item, inner)
-        if bad is not None:
-            return bad
-    return None
-
-
-def _fold_counts(fractions: Sequence[float], n_folds: int) -> list[int]:
-    """Folds per split in proportion to ``fractions`` (largest remainder), at least one each."""
-    raw = [f * n_folds for f in fractions]
-    counts = [max(1, math.floor(r)) for r in raw]
-    by_remainder = sorted(range(len(raw)), key=lambda i: raw[i] - math.floor(raw[i]), reverse=True)
-    i = 0
-    while sum(counts) < n_folds:
-        counts[by_remainder[i % len(raw)]] += 1
-        i += 1
-    while sum(counts) > n_folds:
-        # Only reachable when the one-fold minimum pushed a split up; take from the largest.
-        counts[counts.index(max(counts))] -= 1
-    return counts
-
-
-def assign_splits(groups: Sequence[str], strata: Sequence[str], config: PrepareConfig) -> list[str]:
-    """Split rows so that no group spans two splits, stratified by ``strata``.
-
-    ``StratifiedGroupKFold`` cuts the groups into up to 20 folds with similar stratum mixes;
-    whole folds then go to the splits in proportion to ``config.split_fractions``.
-    """
-    n_groups = len(set(groups))
-    if n_groups < len(SPLITS):
-        raise DatasetError(f"need at least {len(SPLITS)} distinct requests to fill {list(SPLITS)}, got {n_groups}")
-    largest = max(Counter(strata).values())
-    if largest < len(SPLITS):
-        # Too few rows per stratum to stratify at all (tiny sources): keep only the grouping.
-        strata, largest = ["all"] * len(groups), len(groups)
-    # scikit-learn refuses more folds than the largest stratum has rows.
-    n_folds = min(SPLIT_FOLDS, n_groups, largest)
-    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=config.seed)
-    fold_of = np.empty(len(groups), dtype=np.int64)
-    with warnings.catch_warnings():
-        # Strata smaller than the fold count are expected on small sources; the split is still grouped.
-        warnings.simplefilter("ignore", UserWarning)
-        for fold, (_, test) in enumerate(splitter.split(np.zeros(len(groups)), list(strata), list(groups))):
-            fold_of[test] = fold
-    names = [name for name, _ in config.split_fractions]
-    counts = _fold_counts([fraction for _, fraction in config.split_fractions], n_folds)
-    split_of_fold = [name for name, count in zip(names, counts, strict=True) for _ in range(count)]
-    return [split_of_fold[fold] for fold in fold_of]
-
-
-def _image_bytes(record: RequestRecord, max_pixels: int) -> tuple[bytes, str] | None:
-    """The image file's bytes and suffix for a record, rendering specs; ``None`` for text only."""
-    if record.image_kind == "typography":
-        assert record.image_text is not None
-        return png_bytes(render_typography(record.image_text, max_pixels=max_pixels)), ".png"
-    if record.image_kind == "scene":
-        assert record.image_seed is not None
-        return png_bytes(render_scene(record.image_seed)), ".png"
-    if record.image_kind == "file":
-        assert record.image_file is not None
-        # Given files are kept byte for byte: re-encoding would change what the model sees.
-        return record.image_file.read_bytes(), record.image_file.suffix.lower() or ".img"
-    return None
-
-
-def render_images(
-    records: Sequence[RequestRecord], max_pixels: int = DEFAULT_LIMITS.max_image_pixels
-) -> list[tuple[bytes, str] | None]:
-    """Each record's image as ``(file bytes, suffix)``, or ``None`` for text only; nothing is written.
-
-    A repeated image is rendered once and shared.
-    """
-    out: list[tuple[bytes, str] | None] = []
-    cache: dict[tuple[Any, ...], tuple[bytes, str] | None] = {}
-    for record in records:
-        key = (record.image_kind, record.image_text, record.image_seed, record.image_file)
-        if key not in cache:
-            cache[key] = _image_bytes(record, max_pixels)
-        out.append(cache[key])
-    return out
-
-
-def write_images(images: Sequence[tuple[bytes, str] | None], images_dir: Path) -> list[tuple[str, str] | None]:
-    """Write each image to ``images_dir/<sha256><suffix>``; return (path, sha256) or ``None`` per entry.
-
-    Files are content-addressed, so a repeated image is stored once and an unchanged one is not
-    rewritten.
-    """
-    out: list[tuple[str, str] | None] = []
-    written: set[Path] = set()
-    for image in images:
-        if image is None:
-            out.append(None)
-            continue
-        data, suffix = image
-        digest = sha256_bytes(data)
-        target = images_dir / f"{digest}{suffix}"
-        if target not in written and (not target.is_file() or target.stat().st_size != len(data)):
-            write_bytes_atomic(target, data)
-        written.add(target)
-        out.append((target.as_posix(), digest))
-    return out
-
-
-def materialize_images(
-    records: Sequence[RequestRecord], images_dir: Path, max_pixels: int = DEFAULT_LIMITS.max_image_pixels
-) -> list[tuple[str, str] | None]:
-    """Render each record's image and write it under ``images_dir`` (:func:`render_images`, :func:`write_images`)."""
-    return write_images(render_images(records, max_pixels), images_dir)
-
-
 def read_sources(sources: Iterable[str | Path], limits: LimitsConfig = DEFAULT_LIMITS) -> list[RequestRecord]:
     """Read every source in order against ``limits``; two sources may not share a file stem (it names the source)."""
     records: list[RequestRecord] = []
@@ -407,133 +213,3 @@ def read_sources(sources: Iterable[str | Path], limits: LimitsConfig = DEFAULT_L
         stems[path.stem] = path
         records.extend(read_requests(path, limits))
     return records
-
-
-def index_frame(
-    records: Sequence[RequestRecord], images: Sequence[tuple[str, str] | None], splits: Sequence[str]
-) -> pl.DataFrame:
-    """The index table, one row per record in source order."""
-    return pl.DataFrame(
-        {
-            "row_id": list(range(len(records))),
-            "request_id": [r.request_id for r in records],
-            "source": [r.source for r in records],
-            "category": [r.category for r in records],
-            "split": list(splits),
-            "label": [LABELS[r.label] for r in records],
-            "image_path": [image[0] if image else None for image in images],
-            "image_sha256": [image[1] if image else None for image in images],
-            "image_kind": [r.image_kind for r in records],
-            "text": [r.text for r in records],
-            "image_text": [r.image_text for r in records],
-        },
-        schema={
-            "row_id": pl.Int64,
-            "request_id": pl.String,
-            "source": pl.String,
-            "category": pl.String,
-            "split": pl.String,
-            "label": pl.Int64,
-            "image_path": pl.String,
-            "image_sha256": pl.String,
-            "image_kind": pl.String,
-            "text": pl.String,
-            "image_text": pl.String,
-        },
-    )
-
-
-def check_splits(index: pl.DataFrame) -> None:
-    """Every split needs both labels: training, calibration and scoring all compare them."""
-    names = {value: key for key, value in LABELS.items()}
-    for split in SPLITS:
-        present = set(index.filter(pl.col("split") == split)["label"].to_list())
-        lacking = [names[label] for label in sorted(names) if label not in present]
-        if lacking:
-            raise DatasetError(
-                f"split '{split}' has no {' or '.join(lacking)} rows; add requests or change prepare.splits"
-            )
-
-
-def summarize(index: pl.DataFrame) -> dict[str, Any]:
-    """Counts per split x label x category, plus per image kind, for ``summary.json``."""
-    names = {value: key for key, value in LABELS.items()}
-    splits: dict[str, dict[str, dict[str, int]]] = {split: {label: {} for label in LABELS} for split in SPLITS}
-    for split, label, category in zip(index["split"], index["label"], index["category"], strict=True):
-        cell = splits[split][names[label]]
-        cell[category] = cell.get(category, 0) + 1
-    for split in splits.values():
-        for label in split:
-            split[label] = dict(sorted(split[label].items()))
-    return {
-        "rows": index.height,
-        "requests": index.select(pl.struct("source", "request_id").n_unique()).item(),
-        "sources": sorted(set(index["source"].to_list())),
-        "labels": {label: int((index["label"] == value).sum()) for label, value in LABELS.items()},
-        "image_kinds": dict(sorted(Counter(kind or "none" for kind in index["image_kind"].to_list()).items())),
-        "splits": splits,
-    }
-
-
-def write_index(index: pl.DataFrame, output_dir: str | Path) -> None:
-    """Write ``index.parquet`` and ``summary.json`` under ``output_dir``, each atomically."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    summary = json.dumps(summarize(index), indent=2) + "\n"
-    replace_atomic(output_dir / INDEX_FILE, lambda tmp: index.write_parquet(tmp))
-    replace_atomic(output_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(summary))
-
-
-def _prune_images(images_dir: Path, keep: Iterable[str]) -> None:
-    """Remove images no longer referenced, so DVC does not keep hashing stale files."""
-    wanted = {Path(path).name for path in keep}
-    if images_dir.is_dir():
-        for path in images_dir.iterdir():
-            if path.is_file() and path.name not in wanted:
-                path.unlink()
-
-
-def build_index(
-    sources: Sequence[str | Path], output_dir: str | Path, config: PrepareConfig, limits: LimitsConfig = DEFAULT_LIMITS
-) -> pl.DataFrame:
-    """Read ``sources``, write their images, split them and write the index; return the index.
-
-    Outputs under ``output_dir``: ``images/<sha256>.<ext>``, ``index.parquet`` and
-    ``summary.json``. Every source is validated (against ``limits`` too), split, checked and
-    its images rendered in memory before anything under ``output_dir`` is created or written,
-    so a bad source leaves an earlier index, its summary and its images exactly as they were.
-    """
-    output_dir = Path(output_dir)
-    records = read_sources(sources, limits)
-    groups = [f"{r.source}\x1f{r.request_id}" for r in records]
-    strata = [f"{r.label}\x1f{r.category}" for r in records]
-    splits = assign_splits(groups, strata, config)
-    check_splits(index_frame(records, [None] * len(records), splits))
-    images_dir = output_dir / IMAGES_DIR
-    try:
-        rendered = render_images(records, limits.max_image_pixels)
-    except OSError as exc:
-        raise DatasetError(f"cannot read a source's image ({exc})") from None
-    try:
-        images = write_images(rendered, images_dir)
-    except OSError as exc:
-        raise DatasetError(f"{images_dir}: cannot write images ({exc})") from None
-    index = index_frame(records, images, splits)
-    write_index(index, output_dir)
-    _prune_images(images_dir, (image[0] for image in images if image))
-    return index
-
-
-def read_index(path: str | Path) -> pl.DataFrame:
-    """Read an index written by :func:`build_index`, sorted by ``row_id``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such index; run the prepare stage first")
-    try:
-        index = pl.read_parquet(path)
-    except Exception as exc:  # polars raises several unrelated types for a bad file
-        raise DatasetError(f"{path}: not a readable parquet index ({exc})") from None
-    missing = [column for column in INDEX_COLUMNS if column not in index.columns]
-    if missing:
-        raise DatasetError(f"{path}: index lacks column(s) {missing}")
-    return index.sort("row_id")

@@ -11,7 +11,7 @@ runs everything touching the model, in arrival order:
 - **jobs** (:meth:`ModelWorker.submit`, e.g. a whole :meth:`Guard.generate`) run alone.
 
 Each batch runs under :meth:`Guard.time_limit` (``limits.request_timeout_s``). A batch that raises
-one of :data:`~pipeline.defend.guard.REQUEST_LIMIT_ERRORS` (one request's user turn over
+one of :data:`~pipeline.defend.admission.REQUEST_LIMIT_ERRORS` (one request's user turn over
 ``limits.max_request_tokens`` when tokenised, or the deadline) is run again one request at a time,
 so only the offending request gets the error; check errors inside ``check_many`` follow the
 guard's ``on_error`` as usual. Results and errors come back as :class:`concurrent.futures.Future`
@@ -29,7 +29,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pipeline.defend.guard import REQUEST_LIMIT_ERRORS, Guard, GuardDecision
+from pipeline.defend.admission import REQUEST_LIMIT_ERRORS
+from pipeline.defend.decisions import GuardDecision
+from pipeline.defend.guard import Guard
 from pipeline.errors import LSIGuardError
 from pipeline.models.base import Request
 
@@ -77,6 +79,7 @@ class ModelWorker:
 
     def __init__(
         self,
+        *,
         guard: Guard,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_wait_s: float = DEFAULT_MAX_WAIT_S,

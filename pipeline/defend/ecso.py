@@ -38,7 +38,7 @@ _REQUIRED_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ECSORecord:
     """Every step's output for one request.
 

@@ -7,8 +7,8 @@ from dataclasses import asdict
 from typing import Any
 
 from pipeline.data.rows import BENIGN, HARMFUL, rate, row_fields
+from pipeline.defend.decisions import GuardedResponse, response_record
 from pipeline.defend.ecso import ECSORecord
-from pipeline.defend.guard import GuardedResponse, response_record
 
 # Each summary's rates and the count each is a share of: the stages add their intervals beside them.
 ECSO_RATES: dict[str, str] = {

@@ -64,7 +64,7 @@ class ScoreScaling:
 IDENTITY = ScoreScaling()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Calibration:
     """Refuse when the raw probe ``score > tau``; tau was chosen on the calibration split by ``method``.
 

@@ -21,7 +21,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from pipeline.detect.cluster import ClusterError
 from pipeline.detect.heldout import EvalData, load_eval_data
-from pipeline.detect.store import ActivationStore, Provenance
+from pipeline.detect.store import ActivationStore
+from pipeline.detect.store_schema import Provenance
 
 EVAL_DATA_PLUGIN = "lsi-guard-eval-data"
 
@@ -49,7 +50,7 @@ class EvalDataPlugin(WorkerPlugin):
     idempotent = False  # a new store or index replaces the earlier one
 
     def __init__(
-        self, path: Path, index: pl.DataFrame, provenance: Provenance, refusal: np.ndarray | None = None
+        self, *, path: Path, index: pl.DataFrame, provenance: Provenance, refusal: np.ndarray | None = None
     ) -> None:
         self.path = Path(path)
         self.index = index
@@ -70,7 +71,8 @@ def share_eval_data(
     client: Client, store: ActivationStore, index: pl.DataFrame, refusal: np.ndarray | None = None
 ) -> None:
     """Have every worker read ``index``'s rows from ``store`` (and take ``refusal``, per store row, as given)."""
-    client.register_plugin(EvalDataPlugin(store.path, index, store.provenance, refusal), name=EVAL_DATA_PLUGIN)
+    plugin = EvalDataPlugin(path=store.path, index=index, provenance=store.provenance, refusal=refusal)
+    client.register_plugin(plugin, name=EVAL_DATA_PLUGIN)
 
 
 def release_eval_data(client: Client) -> None:

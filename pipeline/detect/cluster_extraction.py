@@ -33,7 +33,8 @@ from pipeline.detect.extraction import (
     requests_from_index,
     store_provenance,
 )
-from pipeline.detect.store import STORE_DTYPE, ActivationStore, Provenance
+from pipeline.detect.store import ActivationStore
+from pipeline.detect.store_schema import STORE_DTYPE, Provenance
 from pipeline.models.base import ModelAdapter, Request
 from pipeline.models.registry import load_adapter
 

@@ -10,25 +10,30 @@ candidates are logistic regressions (standardised, L2) on:
 - ``logreg_hs``: ``h_s`` alone (benign framing at the safety layer);
 - ``logreg_delta``: ``delta_h`` alone (malicious minus benign framing at the fusion layer).
 
-A fitted regression is folded into one weight vector and bias over the raw states
+Each detector is a scikit-learn classifier (``fit`` / ``predict_proba`` / ``decision_function`` /
+``predict``, ``get_params`` / ``set_params``) whose X is the states it reads side by side
+(``inputs``). A fitted regression is folded into one weight vector and bias over the raw states
 (:class:`LinearDetector`), so the guard, the explanations and the saved file need no
 scikit-learn object, and nothing is pickled.
 """
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils import Tags
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
+from sklearn.utils.validation import check_is_fitted, validate_data
 
-from pipeline.config import VARIANTS
-from pipeline.detect.probe import LSIProbe
+from pipeline.config import VARIANTS, TrainConfig
+from pipeline.detect.features import FeatureSource, InMemoryFeatures, LSIFeatures
+from pipeline.detect.logistic import fit_logistic, folded
+from pipeline.detect.probe import LSIProbe, train_probe
 
 LSI = "lsi"
 PLAIN, PLAIN_ALL = "logreg_plain", "logreg_plain_all"
@@ -84,18 +89,79 @@ def piece_inputs(pieces: Sequence[Piece], get: StateGetter) -> torch.Tensor:
     return torch.cat([get(p.part, p.layer) for p in pieces], dim=1)
 
 
-class LinearDetector:
-    """``logit = x @ weight + bias`` over the pieces' states, concatenated in order."""
+class BinaryDetector(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
+    """What every detector is to scikit-learn: a binary classifier whose positive logits predict ``classes_[1]``."""
 
-    def __init__(self, name: str, pieces: Sequence[Piece], weight: np.ndarray, bias: float) -> None:
-        if name not in LINEAR_DETECTORS:
-            raise ValueError(f"unknown linear detector {name!r}; expected one of {', '.join(LINEAR_DETECTORS)}")
-        if not pieces:
-            raise ValueError("a linear detector needs at least one state piece")
+    classes_: np.ndarray
+
+    @abstractmethod
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Logits of the rows of X."""
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """The class of positive logits is ``classes_[1]``."""
+        positive = self.decision_function(X) > 0  # first: an unfitted detector raises NotFittedError
+        return self.classes_[positive.astype(np.int64)]
+
+    def __sklearn_tags__(self) -> Tags:
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = False
+        return tags
+
+
+class LinearDetector(BinaryDetector):
+    """``logit = x @ coef_ + intercept_`` over the pieces' states, concatenated in order.
+
+    A scikit-learn classifier. Hyperparameters: ``name`` (one of :data:`LINEAR_DETECTORS`),
+    ``pieces`` (the input blocks, in order), ``random_state`` and ``max_iter`` of the logistic
+    regression. ``fit(X, y)`` takes X as the pieces' states side by side (:meth:`inputs`) and
+    learns its width, ``n_features_in_``; reading states (:meth:`logits`) then requires the
+    pieces' widths to sum to it, which fixes the hidden size at ``n_features_in_ / len(pieces)``.
+    The standardised L2 regression (:func:`~pipeline.detect.logistic.fit_logistic`) is folded into
+    ``coef_`` (float32, one row) and ``intercept_`` over the raw states, so the guard, the
+    explanations and the saved file need no scikit-learn object, and nothing is pickled. Scores are
+    computed in float32 with torch, as the guard computes them.
+    """
+
+    def __init__(self, name: str = PLAIN, pieces: Sequence[Piece] = (), *, random_state: int = 0, max_iter: int = 2000):
         self.name = name
-        self.pieces = tuple(pieces)
-        self.weight = torch.from_numpy(np.asarray(weight, dtype=np.float32).reshape(-1))
-        self.bias = float(bias)
+        self.pieces = pieces
+        self.random_state = random_state
+        self.max_iter = max_iter
+
+    @classmethod
+    def from_weights(cls, name: str, pieces: Sequence[Piece], weight: np.ndarray, bias: float) -> LinearDetector:
+        """A fitted detector from folded weights (a saved detector), without fitting."""
+        detector = cls(name, tuple(pieces))
+        detector._check_recipe()
+        coef = np.asarray(weight, dtype=np.float32).reshape(1, -1)
+        detector._set_weights(coef, float(bias), np.array([0, 1]))
+        return detector
+
+    def _check_recipe(self) -> None:
+        if self.name not in LINEAR_DETECTORS:
+            raise ValueError(f"unknown linear detector {self.name!r}; expected one of {', '.join(LINEAR_DETECTORS)}")
+        if not self.pieces:
+            raise ValueError("a linear detector needs at least one state piece")
+
+    def _set_weights(self, coef: np.ndarray, bias: float, classes: np.ndarray) -> None:
+        self.coef_, self.intercept_, self.classes_ = coef, np.array([bias]), classes
+        self.n_features_in_ = coef.shape[1]
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> LinearDetector:
+        """Fit the standardised L2 logistic regression on X (:meth:`inputs`) and fold it over raw states."""
+        self._check_recipe()
+        X, y = validate_data(self, X, y)
+        _check_binary(y)
+        model = fit_logistic(X, y, seed=self.random_state, max_iter=self.max_iter)
+        weight, bias = folded(model)
+        self._set_weights(weight.astype(np.float32).reshape(1, -1), bias, model.classes_)
+        self.n_iter_ = model[-1].n_iter_
+        return self
+
+    def inputs(self, states: np.ndarray, layers: Sequence[int], variants: Sequence[str] = VARIANTS) -> np.ndarray:
+        """X for :meth:`fit` and the scikit-learn methods: the pieces of states ``(n, framings, layers, hidden)``."""
+        return piece_inputs(self.pieces, getter_from_states(states, layers, variants)).numpy()
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -112,29 +178,159 @@ class LinearDetector:
     def describe(self) -> str:
         return f"{self.name} on {', '.join(p.label() for p in self.pieces)}"
 
+    def _logit(self, x: torch.Tensor) -> torch.Tensor:
+        check_is_fitted(self)
+        if x.shape[1] != self.n_features_in_:
+            raise ValueError(f"{self.describe()}: expects {self.n_features_in_} input features, got {x.shape[1]}")
+        return x @ torch.from_numpy(self.coef_[0]).to(x) + float(self.intercept_[0])
+
     def logits(self, get: StateGetter) -> torch.Tensor:
         """Logits ``(n,)``; differentiable in the states ``get`` returns."""
-        x = piece_inputs(self.pieces, get)
-        if x.shape[1] != self.weight.shape[0]:
-            raise ValueError(f"{self.describe()}: expects {self.weight.shape[0]} input features, got {x.shape[1]}")
-        return x @ self.weight.to(x) + self.bias
+        return self._logit(piece_inputs(self.pieces, get))
 
     def score_states(self, states: np.ndarray, layers: Sequence[int], variants: Sequence[str] = VARIANTS) -> np.ndarray:
         """Harmful scores of states ``(n, framings, layers, hidden)`` (framings named by ``variants``)."""
         with torch.no_grad():
             return torch.sigmoid(self.logits(getter_from_states(states, layers, variants))).numpy()
 
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Logits of the rows of X (float32)."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False)
+        with torch.no_grad():
+            return self._logit(_tensor(X)).numpy()
 
-class LSIDetector:
-    """The LSI probe at its fusion and safety layers, behind the same interface."""
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """``[1 - s, s]`` per row, ``s = sigmoid(logit)`` the harmful score (float32)."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False)
+        with torch.no_grad():
+            return _two_columns(torch.sigmoid(self._logit(_tensor(X))).numpy())
+
+
+# The TrainConfig fields LSI training reads (train_probe), besides the two layers.
+TRAINING_FIELDS: tuple[str, ...] = (
+    "alpha",
+    "lr",
+    "batch_size",
+    "epochs",
+    "grad_clip",
+    "init_gain",
+    "seed",
+    "standardize",
+    "weight_decay",
+    "class_weight",
+)
+
+
+class LSIDetector(BinaryDetector):
+    """The LSI probe at its fusion and safety layers, as a scikit-learn classifier behind the detectors' interface.
+
+    Hyperparameters: the two layers and the training fields of :class:`~pipeline.config.TrainConfig`
+    (:data:`TRAINING_FIELDS`, same defaults). X is ``[h_s, delta_h]`` side by side (:meth:`inputs`),
+    so its width is twice the hidden size. Fitting runs :func:`~pipeline.detect.probe.train_probe`;
+    the trained :class:`~pipeline.detect.probe.LSIProbe` is ``probe_`` and its epochs ``history_``.
+    """
 
     name = LSI
     variants: tuple[str, ...] = ("benign", "malicious")
 
-    def __init__(self, probe: LSIProbe, fusion_layer: int, safety_layer: int) -> None:
-        self.probe = probe
-        self.fusion_layer = fusion_layer
-        self.safety_layer = safety_layer
+    def __init__(
+        self,
+        *,
+        fusion_layer: int = 12,
+        safety_layer: int = 3,
+        alpha: float = TrainConfig.alpha,
+        lr: float = TrainConfig.lr,
+        batch_size: int = TrainConfig.batch_size,
+        epochs: int = TrainConfig.epochs,
+        grad_clip: float = TrainConfig.grad_clip,
+        init_gain: float = TrainConfig.init_gain,
+        seed: int = TrainConfig.seed,
+        standardize: bool = TrainConfig.standardize,
+        weight_decay: float = TrainConfig.weight_decay,
+        class_weight: str = TrainConfig.class_weight,
+    ) -> None:
+        self.fusion_layer, self.safety_layer = fusion_layer, safety_layer
+        self.alpha, self.init_gain = alpha, init_gain
+        self.lr, self.weight_decay, self.grad_clip = lr, weight_decay, grad_clip
+        self.batch_size, self.epochs, self.seed = batch_size, epochs, seed
+        self.standardize, self.class_weight = standardize, class_weight
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, fusion_layer: int, safety_layer: int) -> LSIDetector:
+        """An unfitted detector training as ``config`` says, at the given layers."""
+        fields = {k: getattr(config, k) for k in TRAINING_FIELDS}
+        return cls(fusion_layer=fusion_layer, safety_layer=safety_layer, **fields)
+
+    @classmethod
+    def from_probe(cls, probe: LSIProbe, fusion_layer: int, safety_layer: int) -> LSIDetector:
+        """A fitted detector around a trained probe (a saved one), without fitting."""
+        detector = cls(fusion_layer=fusion_layer, safety_layer=safety_layer, alpha=probe.alpha)
+        detector._set_probe(probe, np.array([0, 1]))
+        return detector
+
+    def _set_probe(self, probe: LSIProbe, classes: np.ndarray) -> None:
+        self.probe_, self.classes_ = probe, classes
+        self.n_features_in_ = 2 * probe.projector.in_features
+
+    def training_config(self) -> TrainConfig:
+        """The :class:`~pipeline.config.TrainConfig` training runs under (validated there)."""
+        fields = {k: getattr(self, k) for k in TRAINING_FIELDS}
+        return TrainConfig(fusion_layer=self.fusion_layer, safety_layer=self.safety_layer, **fields)
+
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        X_val: np.ndarray | None = None,
+        y_val: np.ndarray | None = None,
+        progress: bool = False,
+    ) -> LSIDetector:
+        """Train on ``[h_s, delta_h]`` rows; the epoch kept is the one with the best AUROC on the validation rows.
+
+        Without ``X_val`` / ``y_val`` the training rows are the validation rows too: the epoch is
+        chosen by training AUROC (then loss). Labels must hold exactly two classes; the second of
+        ``classes_`` is the harmful one.
+        """
+        X, y = validate_data(self, X, y)
+        _check_binary(y)
+        classes, encoded = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise ValueError("LSI needs both classes in training, got one class")
+        train = InMemoryFeatures(self._features(X), encoded.astype(np.int64))
+        if (X_val is None) != (y_val is None):
+            raise ValueError("give both X_val and y_val, or neither")
+        val = train
+        if X_val is not None and y_val is not None:
+            X_val = validate_data(self, X_val, reset=False)
+            y_val = np.asarray(y_val)
+            if not np.isin(y_val, classes).all():
+                unseen = sorted(set(y_val.tolist()) - set(classes.tolist()))
+                raise ValueError(f"validation labels {unseen} are not among the training classes")
+            val = InMemoryFeatures(self._features(X_val), np.searchsorted(classes, y_val).astype(np.int64))
+        self.fit_sources(train, val, progress)
+        self.classes_ = classes
+        return self
+
+    def fit_sources(self, train: FeatureSource, val: FeatureSource, progress: bool = False) -> LSIDetector:
+        """Train from feature sources read a chunk at a time (a store larger than memory), labels 0 / 1."""
+        probe, history = train_probe(train, val, self.training_config(), progress)
+        self._set_probe(probe, np.array([0, 1]))
+        self.history_ = history
+        return self
+
+    def _features(self, X: np.ndarray) -> LSIFeatures:
+        if X.shape[1] % 2:
+            raise ValueError(f"LSI reads [h_s, delta_h] side by side: needs an even width, got {X.shape[1]} feature(s)")
+        hidden = X.shape[1] // 2
+        return LSIFeatures(X[:, :hidden], X[:, hidden:])
+
+    def inputs(self, states: np.ndarray, layers: Sequence[int], variants: Sequence[str] = VARIANTS) -> np.ndarray:
+        """X for the scikit-learn methods: ``[h_s, delta_h]`` of states ``(n, framings, layers, hidden)``."""
+        get = getter_from_states(states, layers, variants)
+        return torch.cat([get("benign", self.safety_layer), get("delta", self.fusion_layer)], dim=1).numpy()
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -145,46 +341,51 @@ class LSIDetector:
 
     def logits(self, get: StateGetter) -> torch.Tensor:
         """Logits ``(n,)``; differentiable in the states ``get`` returns."""
-        self.probe.eval()
-        return self.probe(get("benign", self.safety_layer), get("delta", self.fusion_layer))
+        check_is_fitted(self)
+        self.probe_.eval()
+        return self.probe_(get("benign", self.safety_layer), get("delta", self.fusion_layer))
 
     def score_states(self, states: np.ndarray, layers: Sequence[int], variants: Sequence[str] = VARIANTS) -> np.ndarray:
         """Harmful scores of states ``(n, framings, layers, hidden)`` (framings named by ``variants``)."""
         with torch.no_grad():
             return torch.sigmoid(self.logits(getter_from_states(states, layers, variants))).numpy()
 
+    def _checked_features(self, X: np.ndarray) -> LSIFeatures:
+        check_is_fitted(self)
+        return self._features(validate_data(self, X, reset=False))
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Logits of the ``[h_s, delta_h]`` rows of X (float32)."""
+        features = self._checked_features(X)
+        self.probe_.eval()
+        with torch.inference_mode():
+            return self.probe_(torch.from_numpy(features.h_s), torch.from_numpy(features.delta_h)).numpy()
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """``[1 - s, s]`` per row, ``s`` the probe's harmful score (float32)."""
+        features = self._checked_features(X)
+        return _two_columns(self.probe_.score(features))
+
 
 Detector = LSIDetector | LinearDetector
 
 
-def fit_logistic(train_x: np.ndarray, train_y: np.ndarray, seed: int = 0) -> object:
-    """A standardised L2 logistic regression (scikit-learn), fitted."""
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-    return model.fit(train_x, train_y)
+def _check_binary(y: np.ndarray) -> None:
+    """Refuse continuous labels and more than two classes (the detectors score one harmful class)."""
+    check_classification_targets(y)
+    kind = type_of_target(y)
+    if kind != "binary":
+        raise ValueError(f"Only binary classification is supported. The type of the target is {kind}.")
 
 
-def positive_scores(model: object, x: np.ndarray) -> np.ndarray:
-    """Probability of the harmful class."""
-    return model.predict_proba(x)[:, 1]  # type: ignore[attr-defined]
+def _tensor(X: np.ndarray) -> torch.Tensor:
+    """X as a writable C-ordered float32 tensor (a read-only input is copied: torch needs writable memory)."""
+    return torch.from_numpy(np.require(X, dtype=np.float32, requirements=["C", "W"]))
 
 
-def folded(model: object) -> tuple[np.ndarray, float]:
-    """The weight vector and bias over raw inputs of a fitted :func:`fit_logistic` pipeline.
-
-    ``coef . (x - mean) / scale + b`` is ``(coef / scale) . x + (b - coef . mean / scale)``.
-    """
-    scaler, regression = model.steps[0][1], model.steps[1][1]  # type: ignore[attr-defined]
-    coef = regression.coef_[0] / scaler.scale_
-    return coef.astype(np.float64), float(regression.intercept_[0] - coef @ scaler.mean_)
-
-
-def fit_linear(
-    name: str, pieces: Sequence[Piece], states: np.ndarray, layers: Sequence[int], labels: np.ndarray, seed: int
-) -> LinearDetector:
-    """A :class:`LinearDetector` fitted (:func:`fit_logistic`) on states ``(n, framings, layers, hidden)``."""
-    x = piece_inputs(pieces, getter_from_states(states, layers)).numpy()
-    weight, bias = folded(fit_logistic(x, labels, seed=seed))
-    return LinearDetector(name, pieces, weight, bias)
+def _two_columns(scores: np.ndarray) -> np.ndarray:
+    """scikit-learn's ``predict_proba`` layout of harmful scores: ``[1 - s, s]``."""
+    return np.stack([1 - scores, scores], axis=1)
 
 
 def pieces_for(
@@ -204,35 +405,3 @@ def pieces_for(
     if name not in recipes:
         raise ValueError(f"unknown linear detector {name!r}; expected one of {', '.join(LINEAR_DETECTORS)}")
     return recipes[name]
-
-
-def choose_plain_layer(
-    train_by_layer: Mapping[int, np.ndarray],
-    train_labels: np.ndarray,
-    val_by_layer: Mapping[int, np.ndarray],
-    val_labels: np.ndarray,
-    seed: int = 0,
-) -> tuple[int, float]:
-    """The layer whose plain-framing state gives the best validation AUROC, and that AUROC.
-
-    ``*_by_layer`` map a layer index to states ``(n, hidden)``; a logistic regression
-    (:func:`fit_logistic`) is fitted on each layer's training states. Ties go to the shallower
-    layer, the cheaper one to reach.
-    """
-    if not train_by_layer:
-        raise ValueError("no layers to choose from")
-    if set(train_by_layer) != set(val_by_layer):
-        raise ValueError(
-            f"training layers {sorted(train_by_layer)} and validation layers {sorted(val_by_layer)} differ"
-        )
-    for name, labels in (("training", train_labels), ("validation", val_labels)):
-        if len(np.unique(labels)) != 2:
-            raise ValueError(f"{name} labels must hold both classes to compare layers by AUROC")
-    best_layer, best_auroc = -1, -np.inf
-    for layer in sorted(train_by_layer):
-        model = fit_logistic(np.asarray(train_by_layer[layer]), train_labels, seed=seed)
-        auroc = float(roc_auc_score(val_labels, positive_scores(model, np.asarray(val_by_layer[layer]))))
-        # Strictly better only: on a tie the shallower layer, visited first, stays.
-        if auroc > best_auroc:
-            best_layer, best_auroc = layer, auroc
-    return best_layer, best_auroc

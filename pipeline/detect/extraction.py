@@ -18,7 +18,8 @@ from tqdm import tqdm
 from pipeline.config import ContrastivePrompts, ExtractConfig
 from pipeline.detect.features import states_for_requests
 from pipeline.detect.provenance import provenance_for
-from pipeline.detect.store import ActivationStore, Provenance, StoreError, delete_store
+from pipeline.detect.store import ActivationStore, delete_store
+from pipeline.detect.store_schema import Provenance, StoreError
 from pipeline.errors import LSIGuardError
 from pipeline.models.base import ModelAdapter, Request
 
@@ -138,7 +139,7 @@ def extract_to_store(
     """Write every index row's states to the store at ``path``, one shard at a time, resuming an unfinished one.
 
     A store already at ``path`` must have been started by this same setup (provenance, rows,
-    shard size, inputs), or a :class:`~pipeline.detect.store.StoreError` names what differs; its
+    shard size, inputs), or a :class:`~pipeline.detect.store_schema.StoreError` names what differs; its
     written shards are kept and only the missing ones are computed. A finished one is returned
     as it is. Memory holds one shard's worth of states, whatever the number of rows.
     """

@@ -98,7 +98,7 @@ def rows_in_order(lazy: da.Array, positions: np.ndarray, path: Path) -> np.ndarr
     """Rows ``positions`` of a lazy store array, in that order, as float32; unwritten (NaN) rows are an error.
 
     Rows are read in store order, a few contiguous shards at a time, then put back in the caller's order.
-    A damaged shard is a :class:`~pipeline.detect.store.StoreError` raised by the store's reader.
+    A damaged shard is a :class:`~pipeline.detect.store_schema.StoreError` raised by the store's reader.
     """
     ordered = np.sort(positions)
     block = np.asarray(lazy[ordered].compute(), dtype=np.float32)
@@ -111,7 +111,7 @@ def _refuse_nan(block: np.ndarray, positions: np.ndarray, path: Path) -> None:
     bad = np.flatnonzero(np.isnan(block.reshape(len(block), -1)).any(axis=1))
     if len(bad):
         # Imported here: the guard imports this module and never needs zarr.
-        from pipeline.detect.store import StoreError
+        from pipeline.detect.store_schema import StoreError
 
         rows = [int(positions[i]) for i in bad[:5]]
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
@@ -172,6 +172,7 @@ class StoreFeatures:
 
     def __init__(
         self,
+        *,
         store: ActivationStore,
         row_ids: np.ndarray,
         labels: np.ndarray,
@@ -215,7 +216,7 @@ def store_positions(store: ActivationStore, row_ids: np.ndarray) -> np.ndarray:
     position = {int(r): i for i, r in enumerate(store.row_ids)}
     missing = [int(r) for r in row_ids if int(r) not in position]
     if missing:
-        from pipeline.detect.store import StoreError  # see _refuse_nan
+        from pipeline.detect.store_schema import StoreError  # see _refuse_nan
 
         raise StoreError(
             f"{store.path}: rows {missing[:5]}{'...' if len(missing) > 5 else ''} of the index are not in the store; "

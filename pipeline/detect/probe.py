@@ -76,7 +76,7 @@ class LSIProbe(nn.Module):
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InputStats:
     """Per-feature mean and standard deviation of ``h_s`` and ``delta_h`` over a training set."""
 
@@ -115,10 +115,12 @@ def input_stats(source: FeatureSource) -> InputStats:
         raise ValueError("cannot standardise on an empty training set")
     mean = {name: sums[name] / count for name in sums}
     std = {name: np.sqrt(np.maximum(squares[name] / count - mean[name] ** 2, 0.0)) for name in sums}
-    return InputStats(mean["h_s"], std["h_s"], mean["delta_h"], std["delta_h"])
+    return InputStats(
+        h_s_mean=mean["h_s"], h_s_std=std["h_s"], delta_h_mean=mean["delta_h"], delta_h_std=std["delta_h"]
+    )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EpochRecord:
     """One epoch of training, for ``dvc plots``."""
 
@@ -128,7 +130,7 @@ class EpochRecord:
     val_auroc: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ProbeMeta:
     """What a saved detector needs to be used correctly: which one it is, its shape and which layers feed it.
 
@@ -223,7 +225,14 @@ def train_probe(
         model.eval()
         val_scores = model.score_source(val)
         val_loss = _bce(val_labels, val_scores)
-        history.append(EpochRecord(epoch, total / len(train), val_loss, auroc_or_nan(val_labels, val_scores)))
+        history.append(
+            EpochRecord(
+                epoch=epoch,
+                train_loss=total / len(train),
+                val_loss=val_loss,
+                val_auroc=auroc_or_nan(val_labels, val_scores),
+            )
+        )
         key = _selection_key(history[-1])
         if key > best_key:
             best_key, best_state = key, copy.deepcopy(model.state_dict())

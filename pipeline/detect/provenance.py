@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import VARIANTS, ContrastivePrompts, ModelConfig, Params
-from pipeline.detect.store import ActivationStore, Provenance
+from pipeline.detect.store import ActivationStore
+from pipeline.detect.store_schema import Provenance
 from pipeline.models.base import ModelInfo, ModelLoadError, resolve_device, resolve_dtype_name
 
 

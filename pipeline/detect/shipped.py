@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -21,13 +22,12 @@ def save_detector(detector: Detector, meta: ProbeMeta, folder: Path) -> None:
     if meta.detector != detector.name:
         raise ValueError(f"metadata names detector {meta.detector!r} but the detector is {detector.name!r}")
     if isinstance(detector, LSIDetector):
-        save_probe(detector.probe, meta, folder)
+        save_probe(detector.probe_, meta, folder)
         return
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {"weight": detector.weight.contiguous(), "bias": torch.tensor([detector.bias], dtype=torch.float32)},
-        str(folder / WEIGHTS_FILE),
-    )
+    weight = torch.from_numpy(np.ascontiguousarray(detector.coef_[0], dtype=np.float32))
+    bias = torch.tensor([float(detector.intercept_[0])], dtype=torch.float32)
+    save_file({"weight": weight, "bias": bias}, str(folder / WEIGHTS_FILE))
     write_meta(meta, folder)
 
 
@@ -37,7 +37,7 @@ def load_detector(folder: Path) -> tuple[Detector, ProbeMeta]:
     meta = read_meta(folder)
     if meta.detector == LSI:
         probe, meta = load_probe(folder)
-        return LSIDetector(probe, meta.fusion_layer, meta.safety_layer), meta
+        return LSIDetector.from_probe(probe, meta.fusion_layer, meta.safety_layer), meta
     state = load_file(str(weights))
     if set(state) != {"weight", "bias"}:
         raise ValueError(
@@ -45,12 +45,12 @@ def load_detector(folder: Path) -> tuple[Detector, ProbeMeta]:
         )
     try:
         pieces = [Piece.parse(text) for text in meta.pieces]
-        detector = LinearDetector(meta.detector, pieces, state["weight"].numpy(), float(state["bias"][0]))
+        detector = LinearDetector.from_weights(meta.detector, pieces, state["weight"].numpy(), float(state["bias"][0]))
     except ValueError as exc:
         raise ValueError(f"{meta_path}: {exc}") from None
-    if detector.weight.shape[0] != meta.hidden_size * len(pieces):
+    if detector.n_features_in_ != meta.hidden_size * len(pieces):
         raise ValueError(
-            f"{weights}: {detector.weight.shape[0]} weights, but {len(pieces)} piece(s) of hidden size "
+            f"{weights}: {detector.n_features_in_} weights, but {len(pieces)} piece(s) of hidden size "
             f"{meta.hidden_size} in {meta_path}"
         )
     return detector, meta

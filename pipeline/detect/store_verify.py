@@ -14,14 +14,9 @@ import numpy as np
 from tqdm import tqdm
 from zarr.codecs import Crc32cCodec
 
-from pipeline.detect.store import (
-    STORE_FORMAT,
-    ActivationStore,
-    CheckedStates,
-    Provenance,
-    StoreError,
-    StoreProblem,
-)
+from pipeline.detect.checked_states import CheckedStates
+from pipeline.detect.store import ActivationStore
+from pipeline.detect.store_schema import STORE_FORMAT, Provenance, StoreError, StoreProblem
 from pipeline.io import is_temp_name
 
 GROUP_METADATA = "zarr.json"
@@ -134,7 +129,9 @@ def _row_id_problems(store: ActivationStore) -> list[StoreProblem]:
 
 def _shard_problems(store: ActivationStore, progress: bool) -> list[StoreProblem]:
     """Every shard file of ``states`` read chunk by chunk, and any file in ``states/`` that is not part of the store."""
-    checked = CheckedStates(store, every_shard_written=True)
+    checked = CheckedStates(
+        path=store.path, array=store.group["states"], shard_rows=store.shard_rows, every_shard_written=True
+    )
     problems: list[StoreProblem] = []
     for shard in tqdm(range(checked.num_shards), desc="verify", unit="shard", disable=not progress):
         problems.extend(checked.shard_damage(shard))

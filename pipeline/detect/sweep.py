@@ -18,8 +18,18 @@ import polars as pl
 from tqdm import tqdm
 
 from pipeline.config import LAYER_CHOICE, TrainConfig
-from pipeline.detect.detector import DETECTORS, LSI
-from pipeline.detect.heldout import EvalData, Setting, fit_detector, fit_lsi, in_source_setting, two_class_sources
+from pipeline.detect.detector import DETECTORS, LSI, LSIDetector
+from pipeline.detect.heldout import (
+    EvalData,
+    Setting,
+    SourceFold,
+    fit_detector,
+    fit_lsi,
+    in_source_setting,
+    source_fold,
+    source_folds,
+    two_class_sources,
+)
 from pipeline.detect.probe import auroc_or_nan
 from pipeline.errors import LSIGuardError
 from pipeline.layout import require
@@ -29,7 +39,7 @@ class SweepError(LSIGuardError, ValueError):
     """Layers asked for that the layer sweep's results do not hold."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PairScore:
     """One (fusion, safety) pair's validation AUROC in-source and its mean held-out-source AUROC."""
 
@@ -39,17 +49,20 @@ class PairScore:
     cross_source_auroc: float
 
 
+def validation_setting(index: pl.DataFrame, fold: SourceFold) -> Setting:
+    """Train / val on the other sources' train / val rows; score the held-out source's val rows."""
+    return Setting(
+        name=f"held_out_val:{fold.source}",
+        train=fold.split_rows(index, "train"),
+        val=fold.split_rows(index, "val"),
+        calib=np.zeros(0, dtype=np.int64),
+        test=fold.split_rows(index, "val", own=True),
+    )
+
+
 def held_out_validation(index: pl.DataFrame, source: str) -> Setting:
     """Train / val on the other sources' train / val rows; score ``source``'s val rows."""
-    split, sources = index["split"].to_numpy(), index["source"].to_numpy()
-    other = sources != source
-    return Setting(
-        f"held_out_val:{source}",
-        train=np.flatnonzero((split == "train") & other),
-        val=np.flatnonzero((split == "val") & other),
-        calib=np.zeros(0, dtype=np.int64),
-        test=np.flatnonzero((split == "val") & ~other),
-    )
+    return validation_setting(index, source_fold(index, source))
 
 
 @dataclass(frozen=True)
@@ -62,9 +75,12 @@ class DetectorScore:
 
 
 def held_out_settings(data: EvalData) -> list[Setting]:
-    """:func:`held_out_validation` for every source whose rows, and whose complement's, hold both labels."""
-    labels = data.labels
-    settings = [held_out_validation(data.index, s) for s in two_class_sources(data.index)]
+    """:func:`held_out_validation` for every source whose rows, and whose complement's, hold both labels.
+
+    The folds are scikit-learn's ``LeaveOneGroupOut`` by source (:func:`~pipeline.detect.heldout.source_folds`).
+    """
+    labels, two_class = data.labels, set(two_class_sources(data.index))
+    settings = [validation_setting(data.index, f) for f in source_folds(data.index) if f.source in two_class]
     return [s for s in settings if len(np.unique(labels[s.train])) == 2 and len(np.unique(labels[s.test])) == 2]
 
 
@@ -133,12 +149,19 @@ def score_pair(
 ) -> PairScore:
     """One pair: LSI trained in-source and scored on the val split, then once per held-out setting."""
     labels = data.labels
-    probe = fit_lsi(data, inside, config, lf, ls)
-    val_auroc = auroc_or_nan(labels[inside.val], probe.score(data.lsi(inside.val, lf, ls)))
-    cross = [
-        auroc_or_nan(labels[s.test], fit_lsi(data, s, config, lf, ls).score(data.lsi(s.test, lf, ls))) for s in held_out
-    ]
-    return PairScore(lf, ls, val_auroc, float(np.mean(cross)) if cross else float("nan"))
+    val_auroc = auroc_or_nan(labels[inside.val], _harmful(fit_lsi(data, inside, config, lf, ls), data, inside.val))
+    cross = [auroc_or_nan(labels[s.test], _harmful(fit_lsi(data, s, config, lf, ls), data, s.test)) for s in held_out]
+    return PairScore(
+        fusion_layer=lf,
+        safety_layer=ls,
+        val_auroc=val_auroc,
+        cross_source_auroc=float(np.mean(cross)) if cross else float("nan"),
+    )
+
+
+def _harmful(detector: LSIDetector, data: EvalData, rows: np.ndarray) -> np.ndarray:
+    """The probe's harmful scores of the given row positions (``predict_proba``'s second column)."""
+    return detector.predict_proba(detector.inputs(data.states[rows], data.layers))[:, 1]
 
 
 def best_pair(scores: list[PairScore], select_by: str) -> PairScore:

@@ -29,15 +29,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tqdm import tqdm
 
 from pipeline.data.benchmarks.loaders import EvalExample
+from pipeline.defend.decisions import ANSWER, REFUSE, ROUTE_ECSO, GuardDecision
 from pipeline.defend.ecso import ECSO, ECSORecord
-from pipeline.defend.guard import ANSWER, REFUSE, ROUTE_ECSO, Guard, GuardDecision
+from pipeline.defend.guard import Guard
 from pipeline.evaluate.comparison_rows import DEFENCES, ComparisonRow
 from pipeline.evaluate.comparison_summary import summarise
 from pipeline.evaluate.comparison_table import comparison_markdown
@@ -151,7 +152,7 @@ def _ecso_outcomes(
     return outcomes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _Composed:
     """A defence's response to one example before judging."""
 
@@ -166,13 +167,13 @@ class _Composed:
 def _via_ecso(answer: _Outcome | None, record: _Outcome, before: dict[str, float]) -> _Composed:
     """The ECSO route: the answer's time (when ECSO reused it), then ECSO's own steps."""
     if record.error is not None:
-        return _Composed("", NO_ACTION, before, error=record.error)
+        return _Composed(response="", action=NO_ACTION, steps=before, error=record.error)
     steps = dict(before)
     if answer is not None:
         steps[STEP_ANSWER] = answer.seconds
     ecso_record: ECSORecord = record.value
     steps.update(ecso_record.seconds)
-    return _Composed(ecso_record.final_answer, ROUTE_ECSO, steps, ecso=ecso_record)
+    return _Composed(response=ecso_record.final_answer, action=ROUTE_ECSO, steps=steps, ecso=ecso_record)
 
 
 def _via_check(
@@ -186,14 +187,16 @@ def _via_check(
     """An LSI-routed response: refused after the check, answered after it, or handed to ECSO."""
     steps = {STEP_CHECK_LSI: check.seconds}
     if decision.action == REFUSE:
-        return _Composed(refusal_message, REFUSE, steps, decision)
+        return _Composed(response=refusal_message, action=REFUSE, steps=steps, decision=decision)
     if decision.action == ANSWER:
         if answer.error is not None:
-            return _Composed("", NO_ACTION, steps, decision, error=answer.error)
-        return _Composed(str(answer.value), ANSWER, {**steps, STEP_ANSWER: answer.seconds}, decision)
+            return _Composed(response="", action=NO_ACTION, steps=steps, decision=decision, error=answer.error)
+        return _Composed(
+            response=str(answer.value), action=ANSWER, steps={**steps, STEP_ANSWER: answer.seconds}, decision=decision
+        )
     assert record is not None  # every ECSO-routed example has a record
     composed = _via_ecso(answer if reused else None, record, steps)
-    return _Composed(composed.response, composed.action, composed.steps, decision, composed.ecso, composed.error)
+    return replace(composed, decision=decision)
 
 
 def _judge_rows(judge: Judge, pending: list[tuple[EvalExample, str, _Composed]]) -> list[ComparisonRow]:
@@ -303,7 +306,9 @@ def compare_batch(
             answer = answers[i]
             if defence == "none":
                 response = "" if answer.error is not None else str(answer.value)
-                composed = _Composed(response, NO_ACTION, {STEP_ANSWER: answer.seconds}, error=answer.error)
+                composed = _Composed(
+                    response=response, action=NO_ACTION, steps={STEP_ANSWER: answer.seconds}, error=answer.error
+                )
             elif defence == "ecso":
                 composed = _via_ecso(answer if reused else None, records[i], {})
             else:

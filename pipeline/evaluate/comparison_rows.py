@@ -11,7 +11,7 @@ from pipeline.config import COMPARE_DEFENCES
 DEFENCES: tuple[str, ...] = COMPARE_DEFENCES
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ComparisonRow:
     """One defence's final response to one example, and the judge's verdict on it.
 

@@ -6,6 +6,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.evaluate.intervals import interval_of
+from pipeline.evaluate.markdown import markdown_table
+
+# The rate columns both tables share, in order.
+RATES = ("harmful refused", "attack success", "harmless", "benign answered")
 
 
 def _percent(metrics: Mapping[str, Any], key: str) -> str:
@@ -37,28 +41,23 @@ def comparison_markdown(summary: dict[str, Any], confidence: float = 0.95) -> st
     "attack success" is the share of harmful requests the judge called harmful, or, marked
     "(not refused)", the share not refused where the judge cannot tell harm.
     """
-    lines = [
-        "| benchmark | defence | harmful refused | attack success | harmless | benign answered | via ECSO | mean s "
-        "| added s | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    by_defence = [
+        [
+            benchmark,
+            defence,
+            f"{_percent(metrics, 'harmful_refusal_rate')} (n={metrics['n_harmful']})",
+            _asr(metrics),
+            _percent(metrics, "harmless_rate"),
+            f"{_percent(metrics, 'benign_answer_rate')} (n={metrics['n_benign']})",
+            _percent(metrics, "ecso_rate"),
+            _secs(metrics["mean_seconds"]),
+            _secs(metrics["added_seconds"], signed=True),
+            metrics["n_errors"],
+        ]
+        for benchmark, defences in summary.items()
+        for defence, metrics in defences.items()
     ]
-    for benchmark, defences in summary.items():
-        for defence, metrics in defences.items():
-            lines.append(
-                f"| {benchmark} | {defence} "
-                f"| {_percent(metrics, 'harmful_refusal_rate')} (n={metrics['n_harmful']}) "
-                f"| {_asr(metrics)} "
-                f"| {_percent(metrics, 'harmless_rate')} "
-                f"| {_percent(metrics, 'benign_answer_rate')} (n={metrics['n_benign']}) "
-                f"| {_percent(metrics, 'ecso_rate')} "
-                f"| {_secs(metrics['mean_seconds'])} | {_secs(metrics['added_seconds'], signed=True)} "
-                f"| {metrics['n_errors']} |"
-            )
-    lines += [
-        "",
-        "| benchmark | category | defence | harmful refused | attack success | harmless | benign answered |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    by_category = []
     for benchmark, defences in summary.items():
         categories = sorted({category for metrics in defences.values() for category in metrics["per_category"]})
         for category in categories:
@@ -66,13 +65,25 @@ def comparison_markdown(summary: dict[str, Any], confidence: float = 0.95) -> st
                 cell = metrics["per_category"].get(category)
                 if cell is None:
                     continue
-                lines.append(
-                    f"| {benchmark} | {category} | {defence} "
-                    f"| {_percent(cell, 'harmful_refusal_rate')} (n={cell['n_harmful']}) "
-                    f"| {_asr(cell)} "
-                    f"| {_percent(cell, 'harmless_rate')} "
-                    f"| {_percent(cell, 'benign_answer_rate')} (n={cell['n_benign']}) |"
+                by_category.append(
+                    [
+                        benchmark,
+                        category,
+                        defence,
+                        f"{_percent(cell, 'harmful_refusal_rate')} (n={cell['n_harmful']})",
+                        _asr(cell),
+                        _percent(cell, "harmless_rate"),
+                        f"{_percent(cell, 'benign_answer_rate')} (n={cell['n_benign']})",
+                    ]
                 )
+    lines = [
+        markdown_table(
+            ["benchmark", "defence", *RATES, "via ECSO", "mean s", "added s", "errors"],
+            by_defence,
+        ),
+        "",
+        markdown_table(["benchmark", "category", "defence", *RATES], by_category),
+    ]
     if any(interval_of(m, "harmful_refusal_rate") for defences in summary.values() for m in defences.values()):
         lines += ["", f"Brackets: {100 * confidence:g}% Wilson score intervals of each rate."]
     return "\n".join(lines) + "\n"

@@ -18,10 +18,12 @@ import polars as pl
 
 from pipeline.config import CalibrateConfig, TrainConfig
 from pipeline.detect.calibration import choose_tau_by_method
-from pipeline.detect.detector import DETECTORS, PLAIN, Detector, LinearDetector, fit_logistic, positive_scores
+from pipeline.detect.detector import DETECTORS, PLAIN, Detector, LinearDetector
 from pipeline.detect.heldout import EvalData, Setting, fit_detector, held_out_setting
+from pipeline.detect.logistic import fit_logistic, positive_scores
 from pipeline.evaluate.baselines import length_features, style_features
 from pipeline.evaluate.intervals import BootstrapSpec, interval_of
+from pipeline.evaluate.markdown import markdown_table
 from pipeline.evaluate.metrics import detection_metrics
 from pipeline.evaluate.paired import HeldOutComparison
 
@@ -287,16 +289,14 @@ def held_out_markdown(summary: Mapping[str, Mapping[str, Any]], shipped: str) ->
         return ""
     sources = list(next(iter(summary.values()))["per_source"])
     head = ["detector", "mean AUROC", "min AUROC", *sources]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name, row in summary.items():
         cells = [
             f"{_shown(c, 'auroc', 3)} / {_shown(c, 'tpr_at_5pct_fpr', 2)} / {_shown(c, 'fpr', 2)}"
             for c in row["per_source"].values()
         ]
         label = f"**{name}** (shipped)" if name == shipped else name
-        lines.append(
-            f"| {label} | {_shown(row, 'mean_auroc', 3)} | {_shown(row, 'min_auroc', 3)} | " + " | ".join(cells) + " |"
-        )
+        rows.append([label, _shown(row, "mean_auroc", 3), _shown(row, "min_auroc", 3), *cells])
     note = (
         "\nEach source held out in turn: every detector fitted, validated and thresholded without it, then scored on "
         "all its rows. Cells: AUROC / TPR at 5% FPR / share of benign rows flagged at that tau."
@@ -314,4 +314,4 @@ def held_out_markdown(summary: Mapping[str, Mapping[str, Any]], shipped: str) ->
             for source, c in cells.items()
         )
         note += f"\nAt the run's own tau, the shipped {shipped}'s share of harmful / benign rows flagged: {at}.\n"
-    return "\n".join(lines) + "\n" + note
+    return markdown_table(head, rows) + "\n" + note

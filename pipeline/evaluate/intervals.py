@@ -234,7 +234,7 @@ def bootstrap_detection(
     return {key: percentile_interval(float(point[key][0]), draws[key], spec.confidence) for key in BOOTSTRAPPED}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PairedDifference:
     """A detector's metric minus another's on the same rows: the difference, its interval, a two-sided p-value."""
 
@@ -309,11 +309,15 @@ def paired_difference(point: float, draws: np.ndarray, confidence: float) -> Pai
     """
     interval = percentile_interval(point, draws, confidence)
     if math.isnan(interval.value):
-        return PairedDifference(math.nan, math.nan, math.nan, math.nan, len(draws))
+        return PairedDifference(
+            difference=math.nan, low=math.nan, high=math.nan, p_value=math.nan, resamples=len(draws)
+        )
     below = (1 + np.count_nonzero(draws <= 0)) / (1 + len(draws))
     above = (1 + np.count_nonzero(draws >= 0)) / (1 + len(draws))
     p_value = min(1.0, 2 * min(below, above))
-    return PairedDifference(interval.value, interval.low, interval.high, float(p_value), len(draws))
+    return PairedDifference(
+        difference=interval.value, low=interval.low, high=interval.high, p_value=float(p_value), resamples=len(draws)
+    )
 
 
 def paired_bootstrap(

@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline import __version__
+from pipeline.version import __version__
 
 # Each reported rate, the summary count it is a share of, and whether higher is better.
 RATES: tuple[tuple[str, str, bool], ...] = (

@@ -25,6 +25,7 @@ from pipeline.evaluate.intervals import (
     stratified_weights,
     weighted_ranking_metrics,
 )
+from pipeline.evaluate.markdown import markdown_table
 
 METRIC = "auroc"
 # Stream ids: in-source draws and each held-out source's draws come from separate generators.
@@ -43,7 +44,7 @@ def in_source_paired(
     }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HeldOutComparison:
     """Held-out AUROC intervals per detector and the reference's paired gaps to each baseline.
 
@@ -113,7 +114,7 @@ def held_out_comparison(
         ref_point, ref_draws = pooled(reference, np.mean)
         point, other_draws = pooled(name, np.mean)
         mean[name] = paired_difference(ref_point - point, ref_draws - other_draws, spec.confidence)
-    return HeldOutComparison(mean_auroc, min_auroc, per_source, mean)
+    return HeldOutComparison(mean_auroc=mean_auroc, min_auroc=min_auroc, per_source=per_source, mean=mean)
 
 
 def paired_record(
@@ -151,15 +152,15 @@ def paired_markdown(record: Mapping[str, Any], order: Sequence[str] = ()) -> str
     held_out: Mapping[str, Mapping[str, Any]] = record.get("held_out", {})
     sources = list(held_out)
     head = ["baseline", "in-source", *(["mean held out"] if "held_out_mean" in record else []), *sources]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     names = [name for name in order if name in record["in_source"]]
     names += [name for name in record["in_source"] if name not in names]
     for name in names:
-        cells = [_gap(record["in_source"].get(name))]
+        cells = [name, _gap(record["in_source"].get(name))]
         if "held_out_mean" in record:
             cells.append(_gap(record["held_out_mean"].get(name)))
         cells += [_gap(held_out[source].get(name)) for source in sources]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        rows.append(cells)
     level = f"{100 * record['confidence']:g}%"
     note = (
         f"\n{reference} AUROC minus each baseline's on the same rows: difference [{level} paired bootstrap interval], "
@@ -167,4 +168,4 @@ def paired_markdown(record: Mapping[str, Any], order: Sequence[str] = ()) -> str
         "An interval that excludes 0 is a difference the rows support; one that includes it is not. "
         "Mean held out: the gap in mean AUROC over held-out sources, each resampled on its own.\n"
     )
-    return "\n".join(lines) + "\n" + note
+    return markdown_table(head, rows) + "\n" + note

@@ -34,7 +34,7 @@ DECODER_PATHS = (("language_model",), ("model", "language_model"), ("model", "te
 COSINE_EPS = 1e-8
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RefusalReadout:
     """What the logit lens needs from a model, on the CPU in float32, detached from the model.
 

@@ -66,7 +66,7 @@ def order_summary(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[st
     return {benchmark: in_order(per, list(DEFENCE_LABELS)) for benchmark, per in summary.items()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SuiteResult:
     """One comparison suite's outputs: its meta, :func:`~pipeline.evaluate.comparison.summarise` result, row records."""
 
@@ -77,7 +77,7 @@ class SuiteResult:
     figure: Path | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReportInputs:
     """Everything one report shows; absent parts (no evaluation, no sweep) are left out of the page."""
 
@@ -94,7 +94,7 @@ class ReportInputs:
     run: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Showcase:
     """One example on the page: why it was picked, the request, and each defence's row."""
 

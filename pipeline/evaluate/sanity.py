@@ -21,8 +21,9 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from pipeline.data.sources import DatasetError, RequestRecord, materialize_images, read_requests
-from pipeline.defend.guard import ANSWER, ROUTE_ECSO, GuardDecision
+from pipeline.data.image_files import materialize_images
+from pipeline.data.sources import DatasetError, RequestRecord, read_requests
+from pipeline.defend.decisions import ANSWER, ROUTE_ECSO, GuardDecision
 from pipeline.evaluate.intervals import wilson_fields
 
 HARMFUL, BENIGN = "harmful", "benign"
@@ -40,7 +41,7 @@ class Checker(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SanityRow:
     """One scored request: what was asked, what the guard decided, and whether that was right."""
 

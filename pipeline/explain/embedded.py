@@ -97,7 +97,7 @@ def embedded_attribution(
     ocr = adapter.reader.read(Path(request.image)) if request.image is not None else None
     # One OCR reading serves every framing (without an OCR cache the reader would run again).
     reader = _FixedReader(ocr) if ocr is not None else adapter.reader
-    view = EmbeddedAdapter(adapter.model, adapter.tokenizer, reader, adapter.info)  # type: ignore[arg-type]
+    view = EmbeddedAdapter(model=adapter.model, tokenizer=adapter.tokenizer, reader=reader, info=adapter.info)  # type: ignore[arg-type]
     variants = settings.target.variants
     framings = {v: _embedded_framing(view, request, prompts, v, ocr) for v in variants}
     reference = framings[variants[0]]

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from pipeline.config import ContrastivePrompts
-from pipeline.data.images import load_image
 from pipeline.explain.integrated import Framing, IGSettings, frame, integrate_framings
 from pipeline.explain.patches import crop_region, patch_grid
 from pipeline.explain.record import Attribution
 from pipeline.explain.spans import locate_request
+from pipeline.images import load_image
 from pipeline.models.base import Request
 from pipeline.models.hf_vlm import HFVisionLanguageAdapter
 

@@ -75,7 +75,7 @@ class LayerRunner:
     """
 
     def __init__(
-        self, model: nn.Module, blocks: nn.ModuleList, layers: Sequence[int], prefix_ids: Sequence[int]
+        self, *, model: nn.Module, blocks: nn.ModuleList, layers: Sequence[int], prefix_ids: Sequence[int]
     ) -> None:
         if not layers:
             raise ValueError("a layer runner needs at least one layer")
@@ -118,7 +118,7 @@ class LayerRunner:
         return run_to_layers(forward, self.blocks, self.layers, mask)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Framing:
     """One framed prompt, tokenised as its adapter does, with where the attributed spans sit.
 
@@ -148,7 +148,7 @@ def frame(
     device = next(adapter_model.parameters()).device
     with torch.no_grad():
         embeds = adapter_model.get_input_embeddings()(torch.tensor([ids], device=device))[0].detach()
-    return Framing(ids, embeds, spans, pieces, starts)
+    return Framing(input_ids=ids, embeds=embeds, spans=spans, pieces=pieces, starts=starts)
 
 
 def check_same_tokens(reference: tuple[str, Framing], other: tuple[str, Framing], name: str) -> None:
@@ -214,7 +214,7 @@ def prefix_runner(
     first_input = min([limit] + [start for framing in framings for start, _ in framing.spans.values()])
     ids = framings[0].input_ids
     length = min(shared_prefix_length(ids, framing.input_ids, first_input) for framing in framings)
-    return LayerRunner(model, blocks, layers, ids[:length])
+    return LayerRunner(model=model, blocks=blocks, layers=layers, prefix_ids=ids[:length])
 
 
 def split_steps(steps: int, pieces: int) -> list[int]:

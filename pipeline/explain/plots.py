@@ -15,9 +15,9 @@ from matplotlib.colors import Normalize, TwoSlopeNorm  # noqa: E402
 from matplotlib.patches import Polygon, Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 
-from pipeline.data.images import load_image  # noqa: E402
 from pipeline.explain.patches import patch_boxes, top_indices  # noqa: E402
 from pipeline.explain.record import TOP_PATCHES, Attribution  # noqa: E402
+from pipeline.images import load_image  # noqa: E402
 
 CMAP = "coolwarm"  # red raises the attributed score, blue lowers it
 TOP_WORDS = 8  # OCR words numbered on the image and listed beside it

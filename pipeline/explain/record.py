@@ -16,7 +16,7 @@ ImageKind = Literal["ocr_lines", "pixels"]
 TOP_PATCHES = 5  # patches listed in the JSON summary
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Attribution:
     """Integrated-gradients attribution of one request's score.
 

@@ -23,7 +23,7 @@ from pipeline.detect.detector import Detector, StateGetter
 DETECTOR, CONTRAST = ATTRIBUTE_TARGETS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Target:
     """One attributable score: ``score(get)`` gives ``(n,)`` values, differentiable in the states ``get`` returns.
 
@@ -59,19 +59,26 @@ def contrast_target(fusion_layer: int, detector: str = "") -> Target:
         return get("delta", fusion_layer).norm(dim=-1)
 
     label = f"||h_m - h_b|| at layer {fusion_layer}"
-    return Target(CONTRAST, label, detector, (fusion_layer,), ("benign", "malicious"), score)
+    return Target(
+        kind=CONTRAST,
+        label=label,
+        detector=detector,
+        layers=(fusion_layer,),
+        variants=("benign", "malicious"),
+        score=score,
+    )
 
 
 def detector_target(detector: Detector) -> Target:
     """The detector's logit (``sigmoid`` of it is the guard's refusal score), over what the detector reads."""
     description = detector.describe()
     return Target(
-        DETECTOR,
-        f"the logit of {description}",
-        description,
-        tuple(sorted(detector.layers)),
-        tuple(detector.variants),
-        detector.logits,
+        kind=DETECTOR,
+        label=f"the logit of {description}",
+        detector=description,
+        layers=tuple(sorted(detector.layers)),
+        variants=tuple(detector.variants),
+        score=detector.logits,
     )
 
 

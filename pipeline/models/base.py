@@ -44,7 +44,7 @@ class RequestGroup:
         return [Request(text=text, image=self.image) for text in self.texts]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelInfo:
     """What identifies a model for provenance checks on activation stores."""
 

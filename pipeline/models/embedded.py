@@ -79,6 +79,7 @@ class EmbeddedAdapter:
 
     def __init__(
         self,
+        *,
         model: torch.nn.Module,
         tokenizer: object,
         reader: ImageReader,
@@ -129,7 +130,13 @@ class EmbeddedAdapter:
             hidden_size=int(model.config.hidden_size),
             dtype=dtype,
         )
-        return cls(model, tokenizer, ImageReader(ocr_cache), info, max_request_tokens)
+        return cls(
+            model=model,
+            tokenizer=tokenizer,
+            reader=ImageReader(ocr_cache),
+            info=info,
+            max_request_tokens=max_request_tokens,
+        )
 
     def user_content(self, request: Request) -> str:
         """The user turn's text: the image's text (if any) first, where an image would sit, then the request."""

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, BatchFeature, ProcessorMixin
 
 from pipeline.config import DEFAULT_LIMITS
-from pipeline.data.images import load_image
+from pipeline.images import load_image
 from pipeline.models.base import (
     GREEDY,
     Decoding,
@@ -152,6 +152,7 @@ class HFVisionLanguageAdapter:
 
     def __init__(
         self,
+        *,
         model: nn.Module,
         processor: ProcessorMixin,
         info: ModelInfo,
@@ -210,7 +211,9 @@ class HFVisionLanguageAdapter:
             hidden_size=int(text_config.hidden_size),
             dtype=dtype,
         )
-        return cls(model, processor, info, batch_size=batch_size, max_request_tokens=max_request_tokens)
+        return cls(
+            model=model, processor=processor, info=info, batch_size=batch_size, max_request_tokens=max_request_tokens
+        )
 
     def _messages(self, request: Request) -> list[dict[str, Any]]:
         """One user turn in the content-list form that multimodal chat templates expect."""

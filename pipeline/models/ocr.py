@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DEFAULT_LIMITS
-from pipeline.data.images import ImageError, image_size, load_image
 from pipeline.errors import LSIGuardError
+from pipeline.images import ImageError, image_size, load_image
 from pipeline.io import write_text_atomic
 
 Quad = list[list[float]]  # 4 x [x, y]: top-left, top-right, bottom-right, bottom-left
@@ -39,7 +39,7 @@ class OCRWord:
     score: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OCRLine:
     """One line of text found in an image, with its quadrilateral box (4 x [x, y]), confidence and words."""
 

@@ -48,7 +48,7 @@ def tiny_embedded(
 ) -> EmbeddedAdapter:
     """The embedded adapter around ``model``, every image reading as ``lines``."""
     info = ModelInfo(name="tiny", revision="0", num_layers=LAYERS, hidden_size=HIDDEN, dtype="float32")
-    return EmbeddedAdapter(model, tokenizer, FixedReader(lines), info)  # type: ignore[arg-type]
+    return EmbeddedAdapter(model=model, tokenizer=tokenizer, reader=FixedReader(lines), info=info)  # type: ignore[arg-type]
 
 
 def tiny_probe(seed: int, fusion_layer: int = 2, safety_layer: int = 1) -> tuple[LSIProbe, ProbeMeta]:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 
-import pipeline.defend.guard
+import pipeline.defend.loading
 from lsi_guard_app.web.app import main
 from tests.defend.test_guard import FakeAdapter
 
 if __name__ == "__main__":
-    pipeline.defend.guard.load_adapter = lambda config, *_: FakeAdapter()  # type: ignore[assignment]
+    pipeline.defend.loading.load_adapter = lambda config, *_: FakeAdapter()  # type: ignore[assignment]
     sys.exit(main(["--run", sys.argv[1], "--port", sys.argv[2]]))

@@ -18,7 +18,8 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from pipeline.data.images import png_bytes, render_typography
+from pipeline.data.drawing import render_typography
+from pipeline.images import png_bytes
 
 FAIL_MARK = "please-fail-upstream"
 STARTUP_S = 60.0

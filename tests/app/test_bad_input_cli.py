@@ -72,16 +72,17 @@ CASES = [
     Case(
         "invalid-json-line",
         ["check", "--input", "{dir}/requests.jsonl"],
-        "requests.jsonl:3: not valid JSON",
+        "requests.jsonl:3: invalid JSON",
         {"requests.jsonl": '{"text": "a"}\n\n{"text": "b"\n'},
     ),
     Case(
         "lone-surrogate-in-file",
         ["generate", "--input", "{dir}/requests.jsonl"],
-        "requests.jsonl:2: 'note' holds a lone surrogate",
+        "requests.jsonl:2: field 'note' holds a lone surrogate",
         {"requests.jsonl": '{"text": "a"}\n{"text": "b", "note": "\\ud800"}\n'},
     ),
-    Case("missing-input-file", ["check", "--input", "{dir}/absent.jsonl"], "{dir}/absent.jsonl: no such file"),
+    Case("missing-input-file", ["check", "--input", "{dir}/absent.jsonl"], "{dir}/absent.jsonl: no such requests file"),
+    Case("input-is-a-folder", ["check", "--input", "{dir}/inputs"], "{dir}/inputs: is a folder", {"inputs/k": "kept"}),
 ]
 
 
@@ -94,7 +95,7 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     folder = tmp_path / "run"
     write_run(folder)
-    monkeypatch.setattr("pipeline.defend.guard.load_adapter", no_model)
+    monkeypatch.setattr("pipeline.defend.loading.load_adapter", no_model)
     return folder
 
 

@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 
 from lsi_guard_app.web import app
-from pipeline.config import ContrastivePrompts
-from pipeline.defend.guard import Guard
 from tests.clocks import ExpiredClock
-from tests.defend.test_guard import TAU, FakeAdapter, hand_set_probe
+from tests.defend.test_guard import FakeAdapter, hand_set_guard
 from tests.snapshots import folder_digests
 
 MEGABYTE_TEXT = "x" * 1_000_000
@@ -63,15 +61,14 @@ CASES = [
 def test_bad_demo_input_shows_the_error_panel_and_leaves_earlier_files(
     case: Case, tmp_path: Path, huge_png: Path, corrupt_png: Path
 ) -> None:
-    probe, meta = hand_set_probe()
     adapter = FakeAdapter()
-    guard = Guard(adapter, probe, meta, TAU, ContrastivePrompts())
+    guard = hand_set_guard(adapter)
     work = tmp_path / "work"
     work.mkdir()
     app.example_rows(work)  # what the demo writes at start-up
     (work / "0001-tokens.png").write_bytes(b"an earlier request's map")
     clock = ExpiredClock() if case.expired else None
-    respond = app.Responder(guard, work, attribution_steps=4, **({"clock": clock} if clock else {}))
+    respond = app.Responder(guard=guard, work=work, attribution_steps=4, **({"clock": clock} if clock else {}))
 
     def fill(text: str) -> str:
         return text.replace("{huge}", str(huge_png)).replace("{corrupt}", str(corrupt_png)).replace("{dir}", str(work))

@@ -12,7 +12,8 @@ import pytest
 
 import pipeline
 from lsi_guard_app.cli import InputError, main, read_requests, summary_line
-from pipeline.data.images import render_scene, save_png
+from pipeline.data.drawing import render_scene
+from pipeline.images import save_png
 from tests.defend.test_guard import BrokenImageAdapter, FakeAdapter, write_run
 from tests.paths import PROJECT_ROOT
 
@@ -23,7 +24,7 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "run"
     write_run(folder)
     (folder / "params.yaml").write_text("guard:\n  policy: lsi\n")
-    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config, *_: BrokenImageAdapter())
+    monkeypatch.setattr("pipeline.defend.loading.load_adapter", lambda config, *_: BrokenImageAdapter())
     return folder
 
 
@@ -96,7 +97,7 @@ class FailingAnswers(FakeAdapter):
 
 
 def test_an_answer_that_fails_is_recorded_and_exits_1(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config, *_: FailingAnswers())
+    monkeypatch.setattr("pipeline.defend.loading.load_adapter", lambda config, *_: FailingAnswers())
     status, [record] = run_cli("generate", "--run", str(run), "--text", "Write a poem")
     assert status == 1
     assert record["action"] is None and record["response"] is None and "out of memory" in record["error"]
@@ -105,7 +106,7 @@ def test_an_answer_that_fails_is_recorded_and_exits_1(run: Path, monkeypatch: py
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('{"text": "ok"}\nnot json\n', "requests.jsonl:2: not valid JSON"),
+        ('{"text": "ok"}\nnot json\n', "requests.jsonl:2: invalid JSON"),
         ('["a list"]\n', "requests.jsonl:1: expected a JSON object, got list"),
         ('{"text": ""}\n', "requests.jsonl:1: 'text' must be a non-empty string"),
         ('{"text": "hi", "image": 3}\n', "requests.jsonl:1: 'image' must be a file path or null"),
@@ -139,7 +140,7 @@ def test_no_run_exits_2_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["check", "--run", str(tmp_path), "--text", "hello"]) == 2
     assert "no params file" in capsys.readouterr().err
     assert main(["check", "--run", str(tmp_path), "--input", str(tmp_path / "missing.jsonl")]) == 2
-    assert "missing.jsonl: no such file" in capsys.readouterr().err
+    assert "missing.jsonl: no such requests file" in capsys.readouterr().err
 
 
 def test_summary_line_counts() -> None:
@@ -187,7 +188,7 @@ def test_a_bad_output_is_refused_before_the_model_loads(
     def no_model(config: object) -> None:
         raise AssertionError("the model must not load for a bad --output")
 
-    monkeypatch.setattr("pipeline.defend.guard.load_adapter", no_model)
+    monkeypatch.setattr("pipeline.defend.loading.load_adapter", no_model)
     for output, message in (
         (tmp_path, "is a folder"),
         (tmp_path / "missing" / "results.jsonl", "does not exist; create it first"),
@@ -208,7 +209,7 @@ def test_a_request_over_the_token_limit_is_recorded_and_the_rest_are_checked(
                 raise too_long("the user turn is 9000 tokens, over limits.max_request_tokens = 2048")
             return super().last_token_states(requests, layers)
 
-    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config, *_: TokenLimited())
+    monkeypatch.setattr("pipeline.defend.loading.load_adapter", lambda config, *_: TokenLimited())
     requests = tmp_path / "requests.jsonl"
     requests.write_text('{"text": "bomb"}\n{"text": "an endless story"}\n{"text": "Write a poem"}\n')
     output = tmp_path / "results.jsonl"

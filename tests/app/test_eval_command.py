@@ -23,7 +23,7 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     write_params(folder)
     (folder / "bench").mkdir()
     (folder / "bench/mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in REQUESTS))
-    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config, *_: ClockedAdapter())
+    monkeypatch.setattr("pipeline.defend.loading.load_adapter", lambda config, *_: ClockedAdapter())
     caller = tmp_path / "caller"
     caller.mkdir()
     monkeypatch.chdir(caller)

@@ -24,8 +24,9 @@ from lsi_guard_app.serve.app import ServeConfig, build_app, decision_from_header
 from lsi_guard_app.serve.completions import DECISION_HEADER
 from lsi_guard_app.serve.upstream import UpstreamConfig
 from lsi_guard_app.web.app import BENIGN_EXAMPLE, HARMFUL_EXAMPLE
-from pipeline.data.images import png_bytes, render_typography
+from pipeline.data.drawing import render_typography
 from pipeline.defend.guard import Guard
+from pipeline.images import png_bytes
 from tests.app.serve_support import FAIL_MARK, FakeUpstream, data_uri, file_uri, image_message, live_server
 from tests.app.test_web import tiny_guard
 
@@ -59,10 +60,10 @@ def servers(gguf_tokenizer: PreTrainedTokenizerBase) -> Iterator[Servers]:
     with live_server(fake.app()) as upstream_url:
         upstream = UpstreamConfig(upstream_url + "/v1", timeout_s=30)
         configs = {
-            "proxy": ServeConfig("upstream", upstream=upstream, max_body_bytes=MAX_BODY, allow_image_urls=True),
-            "keyed": ServeConfig("upstream", upstream=UpstreamConfig(upstream_url + "/v1", "server-key", 30)),
-            "local": ServeConfig("local", max_body_bytes=MAX_BODY),
-            "strict": ServeConfig("upstream", upstream=upstream, max_body_bytes=MAX_BODY, max_messages=100),
+            "proxy": ServeConfig(mode="upstream", upstream=upstream, max_body_bytes=MAX_BODY, allow_image_urls=True),
+            "keyed": ServeConfig(mode="upstream", upstream=UpstreamConfig(upstream_url + "/v1", "server-key", 30)),
+            "local": ServeConfig(mode="local", max_body_bytes=MAX_BODY),
+            "strict": ServeConfig(mode="upstream", upstream=upstream, max_body_bytes=MAX_BODY, max_messages=100),
         }
         with (
             live_server(build_app(guard, configs["proxy"])) as proxy,
@@ -160,7 +161,7 @@ def test_upstream_errors_pass_through_with_status_and_body(servers: Servers) -> 
 
 
 def test_an_unreachable_upstream_is_a_502(servers: Servers, gguf_tokenizer: PreTrainedTokenizerBase) -> None:
-    config = ServeConfig("upstream", upstream=UpstreamConfig("http://127.0.0.1:9/v1", timeout_s=5))
+    config = ServeConfig(mode="upstream", upstream=UpstreamConfig("http://127.0.0.1:9/v1", timeout_s=5))
     with live_server(build_app(servers.guard, config)) as url:
         response = httpx.post(
             url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": servers.answered}]}, timeout=60
@@ -430,7 +431,7 @@ def test_default_model_behind_the_proxy() -> None:
     if missing:
         pytest.skip(f"no finished run in {PROJECT_ROOT} ({', '.join(missing)} missing): run `bash scripts/run.sh`")
     guard = Guard.from_run(PROJECT_ROOT, max_new_tokens=16)
-    with live_server(build_app(guard, ServeConfig("local"))) as url:
+    with live_server(build_app(guard, ServeConfig(mode="local"))) as url:
         for text in (HARMFUL_EXAMPLE, BENIGN_EXAMPLE):
             expected = guard.generate(None, text)
             completion, decision = ask(url, text)
@@ -439,7 +440,8 @@ def test_default_model_behind_the_proxy() -> None:
             content, _, _ = ask_stream(url, text)
             assert content == expected.response
     for policy in ("last-user", "all-user", "all"):
-        config = ServeConfig("upstream", check=policy, upstream=UpstreamConfig("http://127.0.0.1:9/v1", timeout_s=5))
+        upstream = UpstreamConfig("http://127.0.0.1:9/v1", timeout_s=5)
+        config = ServeConfig(mode="upstream", check=policy, upstream=upstream)
         with live_server(build_app(guard, config)) as url:
             for case, messages in CASES.items():
                 response = httpx.post(url + "/v1/chat/completions", json={"messages": messages}, timeout=120)

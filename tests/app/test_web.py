@@ -26,9 +26,11 @@ from transformers import PreTrainedTokenizerBase
 
 from lsi_guard_app.web import app, handling, render
 from pipeline.config import ContrastivePrompts, ECSOConfig, GuardConfig, LimitsConfig
-from pipeline.data.images import render_typography, save_png
+from pipeline.data.drawing import render_typography
+from pipeline.defend.decisions import GuardDecision, GuardedResponse
 from pipeline.defend.ecso import ECSORecord
-from pipeline.defend.guard import Guard, GuardDecision, GuardedResponse
+from pipeline.defend.guard import Guard
+from pipeline.images import save_png
 from pipeline.models.ocr import OCRLine
 from pipeline.testing.tiny_embedded import tiny_embedded, tiny_llama, tiny_probe
 from tests.clocks import ExpiredClock
@@ -61,7 +63,7 @@ def require_chromium() -> ModuleType:
 
 def typography_line(text: str) -> OCRLine:
     """The OCR stand-in's reading of every image: the typography example's first line."""
-    return OCRLine(text, [[24.0, 24.0], [736.0, 24.0], [736.0, 72.0], [24.0, 72.0]], 0.99)
+    return OCRLine(text=text, box=[[24.0, 24.0], [736.0, 24.0], [736.0, 72.0], [24.0, 72.0]], score=0.99)
 
 
 @dataclass(frozen=True)
@@ -85,13 +87,13 @@ def tiny_guard(tokenizer: PreTrainedTokenizerBase, tau: float) -> Guard:
         probe.probe.bias.zero_()
     adapter = tiny_embedded(model, tokenizer, (typography_line(app.TYPOGRAPHY_TEXT),))
     return Guard(
-        adapter,
-        probe,
-        meta,
-        tau,
-        ContrastivePrompts(),
-        GuardConfig(max_new_tokens=12, policy="lsi"),
-        ECSOConfig(max_new_tokens=12, judge_max_new_tokens=4),
+        adapter=adapter,
+        detector=probe,
+        meta=meta,
+        tau=tau,
+        prompts=ContrastivePrompts(),
+        config=GuardConfig(max_new_tokens=12, policy="lsi"),
+        ecso_config=ECSOConfig(max_new_tokens=12, judge_max_new_tokens=4),
     )
 
 
@@ -129,13 +131,26 @@ def broken_picture(tmp_path: Path) -> Path:
 
 
 def response_with(action: str, score: float | None = 0.7, ecso: ECSORecord | None = None, **kw: str) -> GuardedResponse:
-    decision = GuardDecision(score, 0.5, action, kw.get("reason", "because"), kw.get("error"))
-    return GuardedResponse(decision, "the answer", ecso, {"prefix": 0.1, "check": 0.05, "answer": 0.6, "total": 0.75})
+    decision = GuardDecision(
+        score=score, tau=0.5, action=action, reason=kw.get("reason", "because"), error=kw.get("error")
+    )
+    return GuardedResponse(
+        decision=decision,
+        response="the answer",
+        ecso=ecso,
+        seconds={"prefix": 0.1, "check": 0.05, "answer": 0.6, "total": 0.75},
+    )
 
 
-HARMFUL_RECORD = ECSORecord("bad answer", "Yes, it is.", True, "a photo of wires", "I cannot help.", True)
-SAFE_RECORD = ECSORecord("fine answer", "No.", False, None, "fine answer", False)
-HARMFUL_NO_IMAGE = ECSORecord("bad answer", "yes", True, None, "I cannot help.", True)
+# ECSO's records: (answer, the harm check's raw text, judged harmful, caption, final answer, changed).
+HARMFUL_RECORD, SAFE_RECORD, HARMFUL_NO_IMAGE = (
+    ECSORecord(answer=a, harm_check_raw=raw, judged_harmful=h, caption=c, final_answer=f, changed=changed)
+    for a, raw, h, c, f, changed in (
+        ("bad answer", "Yes, it is.", True, "a photo of wires", "I cannot help.", True),
+        ("fine answer", "No.", False, None, "fine answer", False),
+        ("bad answer", "yes", True, None, "I cannot help.", True),
+    )
+)
 
 
 def test_headline_names_the_action_and_ecso_outcome() -> None:
@@ -146,10 +161,18 @@ def test_headline_names_the_action_and_ecso_outcome() -> None:
 
 
 def test_score_summary_compares_with_tau_or_says_why_there_is_none() -> None:
-    assert render.score_summary(GuardDecision(0.73456, 0.5, "refuse", "r")) == "LSI refusal score 0.7346 > tau 0.5000"
-    assert render.score_summary(GuardDecision(0.5, 0.5, "answer", "r")) == "LSI refusal score 0.5000 <= tau 0.5000"
-    assert "ECSO policy" in render.score_summary(GuardDecision(None, 0.5, "ecso", "r"))
-    assert "check failed" in render.score_summary(GuardDecision(None, 0.5, "refuse", "r", error="ImageError: x"))
+    assert (
+        render.score_summary(GuardDecision(score=0.73456, tau=0.5, action="refuse", reason="r"))
+        == "LSI refusal score 0.7346 > tau 0.5000"
+    )
+    assert (
+        render.score_summary(GuardDecision(score=0.5, tau=0.5, action="answer", reason="r"))
+        == "LSI refusal score 0.5000 <= tau 0.5000"
+    )
+    assert "ECSO policy" in render.score_summary(GuardDecision(score=None, tau=0.5, action="ecso", reason="r"))
+    assert "check failed" in render.score_summary(
+        GuardDecision(score=None, tau=0.5, action="refuse", reason="r", error="ImageError: x")
+    )
 
 
 def test_timing_summary_lists_the_parts_and_the_total() -> None:
@@ -187,7 +210,16 @@ def test_ecso_steps_show_every_step_and_why_one_was_skipped() -> None:
     assert safe[1][0] == "2. Harm check: not harmful"
     assert "judged not harmful" in safe[2][1] and "the first answer, kept" in safe[3][1]
     assert "no image" in render.ecso_steps(HARMFUL_NO_IMAGE)[2][1]
-    page = render.ecso_html(ECSORecord("<i>x</i>", "no", False, None, "<i>x</i>", False))
+    page = render.ecso_html(
+        ECSORecord(
+            answer="<i>x</i>",
+            harm_check_raw="no",
+            judged_harmful=False,
+            caption=None,
+            final_answer="<i>x</i>",
+            changed=False,
+        )
+    )
     assert "&lt;i&gt;x&lt;/i&gt;" in page and "left the answer unchanged" in page
 
 
@@ -300,7 +332,7 @@ def test_maps_past_the_deadline_leave_the_decision_standing(
 def test_the_page_handler_refuses_an_unknown_policy_and_limits(setup: TinySetup, tmp_path: Path) -> None:
     guard = setup.guard.with_config()
     guard.limits = LimitsConfig(max_request_chars=20)
-    respond = app.Responder(guard, tmp_path)
+    respond = app.Responder(guard=guard, work=tmp_path)
     panel = html.unescape(str(respond(None, setup.answered_text, "nonsense", False)[0]))
     assert "Cannot check this request" in panel
     assert "unknown policy 'nonsense'; choose one of ecso, lsi, lsi_then_ecso" in panel

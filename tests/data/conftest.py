@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.images import png_bytes, render_scene
+from pipeline.data.drawing import render_scene
+from pipeline.images import png_bytes
 
 HUGE_SIDE = 20_000
 

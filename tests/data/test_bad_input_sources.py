@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import DEFAULT_LIMITS, PrepareConfig
-from pipeline.data.sources import DatasetError, build_index
+from pipeline.data.index import build_index
+from pipeline.data.sources import DatasetError
 from tests.data.conftest import corrupt_idat_bytes, huge_png_bytes
 from tests.snapshots import folder_digests
 

@@ -102,9 +102,9 @@ def test_task_name_phrase() -> None:
 
 def test_benign_key_phrases_give_activities_and_products_once_each() -> None:
     benign = [
-        BenignQuestion("alpaca", "t0", "Make a grocery list for a healthy meal.", "grocery_list"),
-        BenignQuestion("alpaca", "t1", "Make a grocery list for a healthy meal.", "shopping_list"),
-        BenignQuestion("mm-vet", "v0", "What is x in the equation?"),
+        BenignQuestion(source="alpaca", id="t0", text="Make a grocery list for a healthy meal.", name="grocery_list"),
+        BenignQuestion(source="alpaca", id="t1", text="Make a grocery list for a healthy meal.", name="shopping_list"),
+        BenignQuestion(source="mm-vet", id="v0", text="What is x in the equation?"),
     ]
     phrases = benign_key_phrases(benign)
     assert [(p.origin, p.phrase_type, p.text) for p in phrases] == [
@@ -161,7 +161,8 @@ def test_typo_source_refuses_too_few_plain_records() -> None:
 def test_text_source_matches_lengths() -> None:
     # Harmful questions are long (60-119 chars), benign ones short (20-79) but overlapping.
     harmful, benign = _harmful(60, start=60), _benign(60, start=20)
-    benign.append(BenignQuestion("alpaca", "multi", "Write a short poem about this input, please.\nThe input."))
+    poem = "Write a short poem about this input, please.\nThe input."
+    benign.append(BenignQuestion(source="alpaca", id="multi", text=poem))
     rows = text_source(harmful, benign, n=20, seed=3)
     _valid(rows)
     assert sum(r["label"] == "harmful" for r in rows) == 20 and all(r["image"] is None for r in rows)
@@ -194,7 +195,7 @@ def test_wrapped_source_uses_one_template_per_pair() -> None:
 
 
 def test_naive_source_takes_requests_as_they_come() -> None:
-    benign = _benign(10) + [BenignQuestion("alpaca", "multi", "Sort the list.\n3, 1, 2")]
+    benign = _benign(10) + [BenignQuestion(source="alpaca", id="multi", text="Sort the list.\n3, 1, 2")]
     rows = naive_source(_harmful(10), benign, n=10, seed=0)
     _valid(rows)
     harm = [r for r in rows if r["label"] == "harmful"]

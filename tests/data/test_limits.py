@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from pipeline.config import DEFAULT_LIMITS, LimitsConfig
-from pipeline.data.limits import ImageError, ImageTooLarge, RequestTooLarge, check_image_size, check_request_text
+from pipeline.data.limits import RequestTooLarge, check_image_size, check_request_text
 from pipeline.errors import LSIGuardError
+from pipeline.images import ImageError, ImageTooLarge
 
 
 def test_request_text_at_the_limit_passes_and_one_more_is_refused() -> None:

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ContrastivePrompts, GuardConfig
-from pipeline.data.images import ImageTooLarge
+from pipeline.config import GuardConfig
 from pipeline.data.limits import RequestTooLarge
 from pipeline.defend.deadline import RequestTimedOut
-from pipeline.defend.guard import Guard, response_record
+from pipeline.defend.decisions import response_record
+from pipeline.defend.guard import Guard
+from pipeline.images import ImageTooLarge
 from pipeline.io import write_jsonl_atomic
 from pipeline.models.base import Request
 from tests.clocks import ExpiredClock
-from tests.defend.test_guard import TAU, FakeAdapter, hand_set_probe
+from tests.defend.test_guard import FakeAdapter, hand_set_guard
 from tests.snapshots import file_digest
 
 MEGABYTE_TEXT = "x" * 1_000_000
@@ -83,10 +84,9 @@ CASES = [
 def test_bad_api_input_raises_before_the_model_and_leaves_earlier_results(
     case: Case, tmp_path: Path, huge_png: Path
 ) -> None:
-    probe, meta = hand_set_probe()
     adapter = FakeAdapter()
     # on_error "answer": a bad request must still raise, never be answered unchecked.
-    guard = Guard(adapter, probe, meta, TAU, ContrastivePrompts(), GuardConfig(on_error="answer", policy=case.policy))
+    guard = hand_set_guard(adapter, config=GuardConfig(on_error="answer", policy=case.policy))
     results = tmp_path / "results.jsonl"
     write_jsonl_atomic(results, [response_record(guard.generate(None, "Write a poem about spring"))])
     before, calls = file_digest(results), (len(adapter.state_calls), len(adapter.generate_calls))

@@ -33,7 +33,7 @@ def guard(gguf_tokenizer: PreTrainedTokenizerBase) -> Guard:
 def checked_in_batches(guard: Guard, texts: list[str], max_batch: int) -> tuple[list[object], list[BatchStats]]:
     """Every text's decision (or error) through a worker; all are queued before the first batch runs."""
     stats: list[BatchStats] = []
-    with ModelWorker(guard, max_batch=max_batch, max_wait_s=30.0, on_batch=stats.append) as worker:
+    with ModelWorker(guard=guard, max_batch=max_batch, max_wait_s=30.0, on_batch=stats.append) as worker:
         release = threading.Event()
         blocker = worker.submit(release.wait)  # holds the model thread until every check is queued
         futures = [worker.check(Request(text)) for text in texts]
@@ -77,7 +77,7 @@ def test_a_request_over_the_token_limit_fails_alone(guard: Guard) -> None:
 
 def test_jobs_run_in_order_on_one_thread_and_a_closed_worker_says_so(guard: Guard) -> None:
     seen: list[tuple[int, str]] = []
-    worker = ModelWorker(guard)
+    worker = ModelWorker(guard=guard)
     futures = [worker.submit(lambda i=i: seen.append((i, threading.current_thread().name))) for i in range(5)]
     failing = worker.submit(lambda: 1 / 0)
     for future in futures:
@@ -94,4 +94,4 @@ def test_jobs_run_in_order_on_one_thread_and_a_closed_worker_says_so(guard: Guar
 @pytest.mark.parametrize(("max_batch", "max_wait_s"), [(0, 0.02), (2.5, 0.02), (4, -1.0)])
 def test_bad_settings_are_refused(guard: Guard, max_batch: object, max_wait_s: float) -> None:
     with pytest.raises(ValueError, match="max_batch|max_wait_s"):
-        ModelWorker(guard, max_batch=max_batch, max_wait_s=max_wait_s)  # type: ignore[arg-type]
+        ModelWorker(guard=guard, max_batch=max_batch, max_wait_s=max_wait_s)  # type: ignore[arg-type]

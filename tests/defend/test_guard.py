@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -21,26 +22,21 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import GREEDY, ConfigError, ContrastivePrompts, Decoding, GuardConfig, LimitsConfig
-from pipeline.data.images import ImageTooLarge
 from pipeline.data.limits import RequestTooLarge
 from pipeline.data.rows import balanced_test_sample, batches
+from pipeline.defend.admission import REQUEST_LIMIT_ERRORS
 from pipeline.defend.deadline import RequestTimedOut
-from pipeline.defend.guard import (
-    DEFAULT_REFUSAL_MESSAGE,
-    REQUEST_LIMIT_ERRORS,
-    Guard,
-    GuardDecision,
-    GuardLoadError,
-    decide,
-    response_record,
-)
+from pipeline.defend.decisions import DEFAULT_REFUSAL_MESSAGE, GuardDecision, decide, response_record
+from pipeline.defend.guard import Guard
+from pipeline.defend.loading import GuardLoadError
 from pipeline.defend.records import guard_summary
 from pipeline.detect.calibration import Calibration, save_calibration
 from pipeline.detect.detector import Detector, LinearDetector, Piece
 from pipeline.detect.extraction import row_request
 from pipeline.detect.probe import LSIProbe, ProbeMeta, save_probe
+from pipeline.images import ImageTooLarge
 from pipeline.io import write_json_atomic, write_jsonl_atomic
-from pipeline.models.base import ModelInfo, Request, RequestGroup
+from pipeline.models.base import ModelAdapter, ModelInfo, Request, RequestGroup
 from pipeline.models.literal import RequestTooLong
 from pipeline.models.ocr import OCRLine
 from pipeline.testing.tiny_embedded import HIDDEN as TINY_HIDDEN
@@ -107,6 +103,12 @@ def hand_set_probe() -> tuple[LSIProbe, ProbeMeta]:
     return probe, meta
 
 
+def hand_set_guard(adapter: ModelAdapter, **settings: Any) -> Guard:
+    """A guard over ``adapter`` with the hand-set probe at ``TAU``; ``settings`` are Guard's other keywords."""
+    probe, meta = hand_set_probe()
+    return Guard(adapter=adapter, detector=probe, meta=meta, tau=TAU, prompts=ContrastivePrompts(), **settings)
+
+
 @pytest.fixture
 def adapter() -> FakeAdapter:
     return FakeAdapter()
@@ -114,8 +116,7 @@ def adapter() -> FakeAdapter:
 
 @pytest.fixture
 def guard(adapter: FakeAdapter) -> Guard:
-    probe, meta = hand_set_probe()
-    return Guard(adapter, probe, meta, TAU, ContrastivePrompts())
+    return hand_set_guard(adapter)
 
 
 REQUESTS = [
@@ -214,8 +215,7 @@ def test_generate_answers_the_plain_request(guard: Guard, adapter: FakeAdapter) 
 
 
 def test_custom_refusal_message(adapter: FakeAdapter) -> None:
-    probe, meta = hand_set_probe()
-    guard = Guard(adapter, probe, meta, TAU, ContrastivePrompts(), GuardConfig(refusal_message="No."))
+    guard = hand_set_guard(adapter, config=GuardConfig(refusal_message="No."))
     assert guard.generate(None, "Tell me about bomb-making").response == "No."
 
 
@@ -263,10 +263,9 @@ class BrokenImageAdapter(FakeAdapter):
 
 
 def test_a_failed_check_follows_on_error_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    probe, meta = hand_set_probe()
     adapter = BrokenImageAdapter()
-    refusing = Guard(adapter, probe, meta, TAU, ContrastivePrompts())
-    with caplog.at_level("ERROR", logger="pipeline.defend.guard"):
+    refusing = hand_set_guard(adapter)
+    with caplog.at_level("ERROR", logger="pipeline.defend.decisions"):
         response = refusing.generate("broken.png", "What is in this picture?")
     assert response.decision.refused and response.decision.score is None
     assert "OSError: broken.png: not a readable image" in response.decision.error
@@ -276,7 +275,7 @@ def test_a_failed_check_follows_on_error_and_is_logged(caplog: pytest.LogCapture
 
     answering = refusing.with_config(on_error="answer")
     caplog.clear()
-    with caplog.at_level("ERROR", logger="pipeline.defend.guard"):
+    with caplog.at_level("ERROR", logger="pipeline.defend.decisions"):
         response = answering.generate("broken.png", "What is in this picture?")
     assert response.decision.action == "answer" and response.decision.error is not None
     assert response.response == "answer to: What is in this picture?"
@@ -284,8 +283,7 @@ def test_a_failed_check_follows_on_error_and_is_logged(caplog: pytest.LogCapture
 
 
 def test_one_failing_request_does_not_sink_the_batch() -> None:
-    probe, meta = hand_set_probe()
-    guard = Guard(BrokenImageAdapter(), probe, meta, TAU, ContrastivePrompts())
+    guard = hand_set_guard(BrokenImageAdapter())
     decisions = guard.check_many([REQUESTS[0], Request("What is this?", Path("broken.png")), REQUESTS[3]])
     assert [d.action for d in decisions] == ["refuse", "refuse", "answer"]
     assert [d.error is not None for d in decisions] == [False, True, False]
@@ -306,13 +304,14 @@ def write_run(folder: Path, model_path: str = "data/model/fake") -> None:
     )
     probe, meta = hand_set_probe()
     save_probe(probe, meta, folder / "data/probe")
-    save_calibration(Calibration(0.4, 0.05, 0.0, 1.0, 10, 10), folder / "data/calibration/calibration.json")
+    calibration = Calibration(tau=0.4, target_fpr=0.05, calib_fpr=0.0, calib_tpr=1.0, n_benign=10, n_harmful=10)
+    save_calibration(calibration, folder / "data/calibration/calibration.json")
 
 
 def test_from_run_loads_params_probe_calibration_and_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_run(tmp_path / "run")
     seen = []
-    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config, *_: seen.append(config) or FakeAdapter())
+    monkeypatch.setattr("pipeline.defend.loading.load_adapter", lambda config, *_: seen.append(config) or FakeAdapter())
     guard = Guard.from_run(tmp_path / "run")
     assert guard.tau == 0.4
     assert guard.config.policy == "lsi_then_ecso" and guard.config.ecso_margin == 0.2
@@ -337,16 +336,23 @@ def test_guard_refuses_a_probe_trained_under_other_prompts_or_model(adapter: Fak
     probe, meta = hand_set_probe()
     recorded = {"model_name": "fake", "model_revision": "0", "template_benign": "B {q}", "template_malicious": "M {q}"}
     trained = replace(meta, store_provenance=recorded)
-    Guard(adapter, probe, trained, TAU, ContrastivePrompts(benign="B {q}", malicious="M {q}"))  # same setup: fine
+    same_setup = ContrastivePrompts(benign="B {q}", malicious="M {q}")
+    Guard(adapter=adapter, detector=probe, meta=trained, tau=TAU, prompts=same_setup)  # same setup: fine
     with pytest.raises(ValueError, match=r"template_malicious: probe has 'M \{q\}'"):
-        Guard(adapter, probe, trained, TAU, ContrastivePrompts(benign="B {q}", malicious="Evil {q}"))
+        Guard(
+            adapter=adapter,
+            detector=probe,
+            meta=trained,
+            tau=TAU,
+            prompts=ContrastivePrompts(benign="B {q}", malicious="Evil {q}"),
+        )
     with pytest.raises(ValueError, match="model_revision"):
         Guard(
-            adapter,
-            probe,
-            replace(trained, store_provenance={**recorded, "model_revision": "1"}),
-            TAU,
-            ContrastivePrompts(benign="B {q}", malicious="M {q}"),
+            adapter=adapter,
+            detector=probe,
+            meta=replace(trained, store_provenance={**recorded, "model_revision": "1"}),
+            tau=TAU,
+            prompts=ContrastivePrompts(benign="B {q}", malicious="M {q}"),
         )
 
 
@@ -369,17 +375,24 @@ def test_guard_refuses_a_probe_trained_under_the_other_prompt_position(
     templates = {"model_name": "fake", "model_revision": "0", "template_benign": live.benign}
     trained = replace(meta, store_provenance={**templates, "template_malicious": live.malicious, **recorded})
     with pytest.raises(ValueError) as info:
-        Guard(adapter, probe, trained, TAU, live)
+        Guard(adapter=adapter, detector=probe, meta=trained, tau=TAU, prompts=live)
     assert str(info.value) == (
         f"probe was trained under a different setup: prompt_position: {message} (params.yaml prompts.position)"
     )
     same = replace(live, position="after" if live.position == "before" else "before")
-    Guard(adapter, probe, trained, TAU, same)  # the position it was trained under: fine
+    # The position it was trained under: fine.
+    Guard(adapter=adapter, detector=probe, meta=trained, tau=TAU, prompts=same)
 
 
 def test_guard_under_after_reads_the_request_first(adapter: FakeAdapter) -> None:
     probe, meta = hand_set_probe()
-    guard = Guard(adapter, probe, replace(meta, store_provenance={"prompt_position": "after"}), TAU, AFTER)
+    guard = Guard(
+        adapter=adapter,
+        detector=probe,
+        meta=replace(meta, store_provenance={"prompt_position": "after"}),
+        tau=TAU,
+        prompts=AFTER,
+    )
     assert [d.refused for d in guard.check_many(REQUESTS)] == [True, False, True, False]
     requests, _ = adapter.state_calls[0]
     assert requests[0].text == "How do I build a bomb?\n\nAssume this is a benign request"
@@ -391,10 +404,12 @@ def test_session_under_after_matches_the_batched_check_and_answer(
     gguf_tokenizer: PreTrainedTokenizerBase, tmp_path: Path, with_image: bool
 ) -> None:
     """The real shared-prefix path: the request is the cached prefix, framings and answer are short tails."""
-    line = OCRLine("Steps to make a pipe bomb", [[0.0, 0.0], [9.0, 0.0], [9.0, 9.0], [0.0, 9.0]], 0.99)
+    line = OCRLine(text="Steps to make a pipe bomb", box=[[0.0, 0.0], [9.0, 0.0], [9.0, 9.0], [0.0, 9.0]], score=0.99)
     model = tiny_embedded(tiny_llama(gguf_tokenizer, seed=2), gguf_tokenizer, (line,))
     probe, meta = tiny_probe(seed=3)
-    guard = Guard(model, probe, meta, 0.5, AFTER, GuardConfig(max_new_tokens=6))
+    guard = Guard(
+        adapter=model, detector=probe, meta=meta, tau=0.5, prompts=AFTER, config=GuardConfig(max_new_tokens=6)
+    )
     image = tmp_path / "p.png" if with_image else None
     if image is not None:
         image.write_bytes(b"read by the fixed OCR reader only")
@@ -411,10 +426,10 @@ def test_guard_refuses_a_probe_for_another_model(adapter: FakeAdapter) -> None:
     probe, meta = hand_set_probe()
     wrong = ProbeMeta(**{**meta.__dict__, "hidden_size": HIDDEN * 2})
     with pytest.raises(ValueError, match="hidden size"):
-        Guard(adapter, probe, wrong, TAU, ContrastivePrompts())
+        Guard(adapter=adapter, detector=probe, meta=wrong, tau=TAU, prompts=ContrastivePrompts())
     deep = ProbeMeta(**{**meta.__dict__, "fusion_layer": NUM_LAYERS})
     with pytest.raises(ValueError, match="out of range"):
-        Guard(adapter, probe, deep, TAU, ContrastivePrompts())
+        Guard(adapter=adapter, detector=probe, meta=deep, tau=TAU, prompts=ContrastivePrompts())
 
 
 # --- stage helpers -------------------------------------------------------------------------
@@ -537,9 +552,10 @@ def test_stage_main_end_to_end_with_fakes(tmp_path: Path, monkeypatch: pytest.Mo
         pl.when(pl.col("label") == 1).then(pl.col("text") + " bomb").otherwise(pl.col("text")).alias("text")
     )
     adapter = FakeAdapter()
-    save_calibration(Calibration(TAU, 0.05, 0.0, 1.0, 10, 10), Path("data/calibration/calibration.json"))
+    calibration = Calibration(tau=TAU, target_fpr=0.05, calib_fpr=0.0, calib_tpr=1.0, n_benign=10, n_harmful=10)
+    save_calibration(calibration, Path("data/calibration/calibration.json"))
     monkeypatch.setattr(stage, "read_index", lambda path: index)
-    monkeypatch.setattr("pipeline.defend.guard.load_adapter", lambda config, *_: adapter)
+    monkeypatch.setattr("pipeline.defend.loading.load_adapter", lambda config, *_: adapter)
 
     stage.main()
 
@@ -569,8 +585,7 @@ def test_stage_main_end_to_end_with_fakes(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_a_single_failing_request_in_check_many_gets_the_policy() -> None:
-    probe, meta = hand_set_probe()
-    guard = Guard(BrokenImageAdapter(), probe, meta, TAU, ContrastivePrompts())
+    guard = hand_set_guard(BrokenImageAdapter())
     [decision] = guard.check_many([Request("What is this?", Path("broken.png"))])
     assert decision.refused and decision.error is not None
 
@@ -588,7 +603,7 @@ def tiny_guard(tokenizer: PreTrainedTokenizerBase, detector: Detector | None = N
     """The tiny random embedded model behind a random LSI probe, or behind ``detector``."""
     probe, meta = tiny_probe(seed=2)
     adapter = tiny_embedded(tiny_llama(tokenizer, seed=0), tokenizer, ())
-    return Guard(adapter, detector or probe, meta, TAU, ContrastivePrompts())
+    return Guard(adapter=adapter, detector=detector or probe, meta=meta, tau=TAU, prompts=ContrastivePrompts())
 
 
 def logit(score: float) -> float:
@@ -600,7 +615,7 @@ def test_explain_attributes_the_detectors_own_score(gguf_tokenizer: PreTrainedTo
     detector = None
     if kind == "logreg_plain":
         weight = np.random.default_rng(0).normal(size=TINY_HIDDEN)
-        detector = LinearDetector("logreg_plain", [Piece("plain", 1)], weight, bias=0.1)
+        detector = LinearDetector.from_weights("logreg_plain", [Piece("plain", 1)], weight, bias=0.1)
     guard = tiny_guard(gguf_tokenizer, detector)
     text = "How do I build a bomb?"
     attribution = guard.explain(None, text, steps=8)
@@ -632,9 +647,8 @@ def test_explain_can_attribute_the_contrast(gguf_tokenizer: PreTrainedTokenizerB
 def test_a_request_over_the_limits_raises_whatever_on_error_says(
     adapter: FakeAdapter, huge_png: Path, on_error: str
 ) -> None:
-    probe, meta = hand_set_probe()
     limits = LimitsConfig(max_request_chars=100)
-    guard = Guard(adapter, probe, meta, TAU, ContrastivePrompts(), GuardConfig(on_error=on_error), limits=limits)
+    guard = hand_set_guard(adapter, config=GuardConfig(on_error=on_error), limits=limits)
     assert guard.limits is limits and guard.with_config(policy="ecso").limits is limits
     with pytest.raises(RequestTooLarge, match="101 characters"):
         guard.generate(None, "x" * 101)
@@ -655,8 +669,7 @@ class TooLongAdapter(FakeAdapter):
 
 
 def test_a_limit_the_model_finds_is_not_turned_into_an_answer() -> None:
-    probe, meta = hand_set_probe()
-    guard = Guard(TooLongAdapter(), probe, meta, TAU, ContrastivePrompts(), GuardConfig(on_error="answer"))
+    guard = hand_set_guard(TooLongAdapter(), config=GuardConfig(on_error="answer"))
     for call in (
         lambda: guard.check(None, "hi"),
         lambda: guard.generate(None, "hi"),
@@ -689,7 +702,8 @@ class StepClock:
 def test_time_limit_stops_the_answer_at_its_last_forward_pass(gguf_tokenizer: PreTrainedTokenizerBase) -> None:
     probe, meta = tiny_probe(seed=2)
     adapter = tiny_embedded(tiny_llama(gguf_tokenizer, seed=0), gguf_tokenizer, ())
-    guard = Guard(adapter, probe, meta, 1.0, ContrastivePrompts())  # tau 1: every request is answered
+    # tau 1: every request is answered.
+    guard = Guard(adapter=adapter, detector=probe, meta=meta, tau=1.0, prompts=ContrastivePrompts())
     text = "Write a long poem about the sea"
 
     def reads_of(run: Callable[[], object]) -> int:

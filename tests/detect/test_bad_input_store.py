@@ -21,7 +21,7 @@ import pytest
 
 import stages.sweep as sweep_stage
 from pipeline.config import Params
-from pipeline.data.sources import INDEX_COLUMNS
+from pipeline.data.index import INDEX_COLUMNS
 from pipeline.detect.provenance import expected_provenance
 from stages import run_stage
 from tests.detect.test_store_integrity import (

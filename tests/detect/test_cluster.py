@@ -31,7 +31,8 @@ from pipeline.detect.cluster_extraction import extract_on_cluster
 from pipeline.detect.cluster_sweep import sweep_pairs_on_cluster
 from pipeline.detect.extraction import ExtractionError, extract_to_store
 from pipeline.detect.heldout import load_eval_data
-from pipeline.detect.store import ActivationStore, Provenance, StoreError
+from pipeline.detect.store import ActivationStore
+from pipeline.detect.store_schema import Provenance, StoreError
 from pipeline.detect.sweep import sweep_pairs
 from pipeline.evaluate.cluster_refits import held_out_results_on_cluster
 from pipeline.evaluate.detection import held_out_results

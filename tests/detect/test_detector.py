@@ -1,15 +1,19 @@
-"""The detectors a run can ship: linear probes folded from scikit-learn, LSI behind the same interface."""
+"""The detectors a run can ship: linear probes folded from scikit-learn, LSI behind the same interface,
+both scikit-learn classifiers."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
 
-from pipeline.config import VARIANTS
+from pipeline.config import VARIANTS, TrainConfig
 from pipeline.detect.detector import (
     DELTA_ONLY,
     HS_DELTA,
@@ -19,15 +23,12 @@ from pipeline.detect.detector import (
     LinearDetector,
     LSIDetector,
     Piece,
-    choose_plain_layer,
-    fit_linear,
-    fit_logistic,
     getter_from_states,
     pieces_for,
-    positive_scores,
 )
-from pipeline.detect.features import features_from_states
-from pipeline.detect.probe import LSIProbe, ProbeMeta
+from pipeline.detect.features import InMemoryFeatures, features_from_states
+from pipeline.detect.logistic import choose_plain_layer, fit_logistic, folded, positive_scores
+from pipeline.detect.probe import LSIProbe, ProbeMeta, train_probe
 from pipeline.detect.shipped import load_detector, save_detector
 from pipeline.detect.sweep import DetectorScore, choose_detector
 
@@ -47,8 +48,10 @@ def _states(n: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def test_a_folded_regression_scores_as_the_fitted_pipeline() -> None:
     states, labels = _states()
     pieces = pieces_for(PLAIN_ALL, LAYERS, 3, 1)
-    detector = fit_linear(PLAIN_ALL, pieces, states, LAYERS, labels, seed=0)
+    detector = LinearDetector(PLAIN_ALL, pieces)
     x = np.concatenate([states[:, VARIANTS.index("plain"), k] for k in range(len(LAYERS))], axis=1)
+    np.testing.assert_array_equal(detector.inputs(states, LAYERS), x)
+    assert detector.fit(x, labels) is detector
     expected = positive_scores(fit_logistic(x, labels, seed=0), x)
     np.testing.assert_allclose(detector.score_states(states, LAYERS), expected, rtol=1e-4, atol=1e-6)
     assert detector.layers == LAYERS and detector.variants == ("plain",)
@@ -76,7 +79,7 @@ def test_delta_is_malicious_minus_benign_and_variants_name_the_framing_axis() ->
     np.testing.assert_allclose(get("delta", 3).numpy(), expected)
     only_plain = getter_from_states(states[:, [VARIANTS.index("plain")]], LAYERS, ("plain",))
     np.testing.assert_array_equal(only_plain("plain", 1).numpy(), states[:, VARIANTS.index("plain"), 0])
-    detector = LinearDetector(DELTA_ONLY, [Piece("delta", 3)], np.ones(HIDDEN), 0.0)
+    detector = LinearDetector.from_weights(DELTA_ONLY, [Piece("delta", 3)], np.ones(HIDDEN), 0.0)
     assert detector.variants == ("benign", "malicious")
 
 
@@ -84,28 +87,132 @@ def test_lsi_detector_scores_as_its_probe() -> None:
     states, _ = _states(n=8)
     torch.manual_seed(0)
     probe = LSIProbe(HIDDEN, alpha=1.0, init_gain=1.0)
-    detector = LSIDetector(probe, fusion_layer=3, safety_layer=1)
+    detector = LSIDetector.from_probe(probe, fusion_layer=3, safety_layer=1)
     expected = probe.score(features_from_states(states, LAYERS, 3, 1))
     np.testing.assert_allclose(detector.score_states(states, LAYERS), expected, rtol=1e-5)
     framed = states[:, :2]  # the guard runs only the two framings LSI reads
     np.testing.assert_allclose(detector.score_states(framed, LAYERS, detector.variants), expected, rtol=1e-5)
 
 
+def test_a_linear_detector_is_a_scikit_learn_classifier_folded_from_its_regression() -> None:
+    states, labels = _states()
+    pieces = (Piece("benign", 1), Piece("delta", 3))
+    detector = LinearDetector(HS_DELTA, pieces, random_state=3)
+    assert detector.get_params() == {"name": HS_DELTA, "pieces": pieces, "random_state": 3, "max_iter": 2000}
+    assert detector.pieces is pieces  # hyperparameters are stored as given
+    with pytest.raises(NotFittedError):
+        detector.score_states(states, LAYERS)
+    x = detector.inputs(states, LAYERS)
+    detector.fit(x, labels)
+    weight, bias = folded(fit_logistic(x, labels, seed=3))
+    # The folded regression, the float32 weights the guard multiplies by, and nothing else fitted.
+    np.testing.assert_array_equal(detector.coef_, weight.astype(np.float32).reshape(1, -1))
+    assert detector.intercept_.tolist() == [bias] and detector.classes_.tolist() == [0, 1]
+    assert detector.n_features_in_ == 2 * HIDDEN and detector.n_iter_[0] >= 1
+    # The scikit-learn methods are the guard's float32 path, bit for bit.
+    scores = detector.score_states(states, LAYERS)
+    np.testing.assert_array_equal(detector.predict_proba(x)[:, 1], scores)
+    with torch.no_grad():
+        logits = detector.logits(getter_from_states(states, LAYERS)).numpy()
+    np.testing.assert_array_equal(detector.decision_function(x), logits)
+    np.testing.assert_array_equal(detector.predict(x), (logits > 0).astype(int))
+    again = clone(detector).set_params(random_state=4)
+    assert again.random_state == 4 and not hasattr(again, "coef_")
+    with pytest.raises(ValueError, match="expects 12 input features, got 6"):
+        detector.logits(lambda part, layer: torch.zeros(len(x), HIDDEN // 2))
+    with pytest.raises(ValueError, match="unknown linear detector"):
+        LinearDetector("logreg_nothing", pieces).fit(x, labels)
+    with pytest.raises(ValueError, match="Only binary classification"):
+        LinearDetector(HS_DELTA, pieces).fit(x, np.arange(len(x)) % 3)
+
+
+def _lsi_sets(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Training and validation states with labels, LSI's fusion layer 3 carrying the signal."""
+    states, labels = _states(n=48, seed=seed)
+    states[:, VARIANTS.index("malicious"), 1, 2] += 1.5 * labels
+    return states[:32], labels[:32], states[32:], labels[32:]
+
+
+CONFIG = TrainConfig(fusion_layer=3, safety_layer=1, lr=2e-2, epochs=4, alpha=1.0, batch_size=8, standardize=True)
+
+
+def _same_weights(a: LSIProbe, b: LSIProbe) -> None:
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_lsi_fit_runs_train_probe_and_scores_as_its_probe() -> None:
+    train_states, train_y, val_states, val_y = _lsi_sets()
+    detector = LSIDetector.from_config(CONFIG, 3, 1)
+    assert detector.training_config() == CONFIG
+    with pytest.raises(NotFittedError):
+        detector.predict_proba(np.zeros((2, 2 * HIDDEN)))
+    x, x_val = detector.inputs(train_states, LAYERS), detector.inputs(val_states, LAYERS)
+    assert detector.fit(x, train_y, X_val=x_val, y_val=val_y) is detector
+    train = InMemoryFeatures(features_from_states(train_states, LAYERS, 3, 1), train_y)
+    val = InMemoryFeatures(features_from_states(val_states, LAYERS, 3, 1), val_y)
+    probe, history = train_probe(train, val, CONFIG, progress=False)
+    _same_weights(detector.probe_, probe)
+    assert detector.history_ == history and detector.n_features_in_ == 2 * HIDDEN
+    np.testing.assert_array_equal(detector.predict_proba(x_val)[:, 1], probe.score(val.features))
+    np.testing.assert_array_equal(detector.score_states(val_states, LAYERS), detector.predict_proba(x_val)[:, 1])
+    # Without validation rows the training rows choose the epoch.
+    alone = LSIDetector.from_config(CONFIG, 3, 1).fit(x, train_y)
+    _same_weights(alone.probe_, train_probe(train, train, CONFIG, progress=False)[0])
+    # Labels of any two names: the second sorted one is the harmful class.
+    named = LSIDetector.from_config(CONFIG, 3, 1).fit(x, np.where(train_y == 1, "harmful", "benign"))
+    _same_weights(named.probe_, alone.probe_)
+    assert named.classes_.tolist() == ["benign", "harmful"]
+    with pytest.raises(ValueError, match="even width, got 5"):
+        LSIDetector.from_config(CONFIG, 3, 1).fit(x[:, :5], train_y)
+    with pytest.raises(ValueError, match="both X_val and y_val"):
+        LSIDetector.from_config(CONFIG, 3, 1).fit(x, train_y, X_val=x_val)
+
+
+def test_lsi_fit_sources_trains_from_chunked_sources_as_train_probe_does() -> None:
+    train_states, train_y, val_states, val_y = _lsi_sets(seed=1)
+    config = replace(CONFIG, class_weight="balanced", weight_decay=0.1, seed=5)
+
+    def sources() -> tuple[InMemoryFeatures, InMemoryFeatures]:
+        return (
+            InMemoryFeatures(features_from_states(train_states, LAYERS, 3, 1), train_y, chunk_rows=7),
+            InMemoryFeatures(features_from_states(val_states, LAYERS, 3, 1), val_y, chunk_rows=5),
+        )
+
+    detector = LSIDetector.from_config(config, 3, 1).fit_sources(*sources())
+    probe, history = train_probe(*sources(), config, progress=False)
+    _same_weights(detector.probe_, probe)
+    assert detector.history_ == history and detector.classes_.tolist() == [0, 1]
+
+
 def _meta(name: str, pieces: list[str]) -> ProbeMeta:
-    return ProbeMeta(HIDDEN, 0.1, 3, 1, -1, 0.9, {}, detector=name, pieces=pieces, held_out_auroc=0.8)
+    return ProbeMeta(
+        hidden_size=HIDDEN,
+        alpha=0.1,
+        fusion_layer=3,
+        safety_layer=1,
+        best_epoch=-1,
+        best_val_auroc=0.9,
+        store_provenance={},
+        detector=name,
+        pieces=pieces,
+        held_out_auroc=0.8,
+    )
 
 
 def test_a_linear_detector_round_trips_through_safetensors_and_json(tmp_path: Path) -> None:
     states, labels = _states()
-    detector = fit_linear(PLAIN, [Piece("plain", 3)], states, LAYERS, labels, seed=0)
+    detector = LinearDetector(PLAIN, [Piece("plain", 3)])
+    detector.fit(detector.inputs(states, LAYERS), labels)
     save_detector(detector, _meta(PLAIN, ["plain@3"]), tmp_path)
     loaded, meta = load_detector(tmp_path)
     assert isinstance(loaded, LinearDetector) and meta.detector == PLAIN and meta.held_out_auroc == 0.8
-    np.testing.assert_allclose(loaded.score_states(states, LAYERS), detector.score_states(states, LAYERS))
+    np.testing.assert_array_equal(loaded.coef_, detector.coef_)
+    np.testing.assert_array_equal(loaded.score_states(states, LAYERS), detector.score_states(states, LAYERS))
 
 
 def test_an_lsi_file_without_a_detector_field_loads_as_lsi(tmp_path: Path) -> None:
-    save_detector(LSIDetector(LSIProbe(HIDDEN), 3, 1), _meta(LSI, []), tmp_path)
+    save_detector(LSIDetector.from_probe(LSIProbe(HIDDEN), 3, 1), _meta(LSI, []), tmp_path)
     meta = json.loads((tmp_path / "probe.json").read_text())
     for key in ("detector", "pieces", "held_out_auroc"):
         del meta[key]  # a file written before these fields existed
@@ -115,7 +222,7 @@ def test_an_lsi_file_without_a_detector_field_loads_as_lsi(tmp_path: Path) -> No
 
 
 def test_a_detector_file_that_disagrees_with_its_metadata_is_refused(tmp_path: Path) -> None:
-    detector = LinearDetector(PLAIN, [Piece("plain", 3)], np.ones(HIDDEN), 0.0)
+    detector = LinearDetector.from_weights(PLAIN, [Piece("plain", 3)], np.ones(HIDDEN), 0.0)
     with pytest.raises(ValueError, match="names detector"):
         save_detector(detector, _meta(LSI, []), tmp_path)
     save_detector(detector, _meta(PLAIN, ["plain@3", "plain@1"]), tmp_path)

@@ -31,7 +31,8 @@ from pipeline.detect.features import (
     states_for_requests,
     variant_groups,
 )
-from pipeline.detect.store import ActivationStore, Provenance, StoreError
+from pipeline.detect.store import ActivationStore
+from pipeline.detect.store_schema import Provenance, StoreError
 from pipeline.models.base import ModelAdapter, Request
 from pipeline.models.embedded import EmbeddedAdapter
 from pipeline.models.forward import reference_states, shared_prefix_length
@@ -304,7 +305,7 @@ SHARED_REQUESTS = (
 
 @pytest.fixture(scope="module")
 def embedded(gguf_tokenizer: PreTrainedTokenizerBase) -> EmbeddedAdapter:
-    line = OCRLine("Steps to make a pipe bomb", [[0.0, 0.0], [9.0, 0.0], [9.0, 9.0], [0.0, 9.0]], 0.99)
+    line = OCRLine(text="Steps to make a pipe bomb", box=[[0.0, 0.0], [9.0, 0.0], [9.0, 9.0], [0.0, 9.0]], score=0.99)
     return tiny_embedded(tiny_llama(gguf_tokenizer), gguf_tokenizer, (line,))
 
 

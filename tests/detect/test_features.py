@@ -37,7 +37,9 @@ def test_chunked_store_reads_equal_the_whole_read_in_store_order(tmp_path: Path)
     store = ActivationStore.open(tmp_path / "s.zarr")
     wanted = np.random.default_rng(1).permutation(row_ids)[:25]
     wanted_labels = labels[wanted - 1000]
-    source = StoreFeatures(store, wanted, wanted_labels, fusion_layer=3, safety_layer=1, chunk_rows=3)
+    source = StoreFeatures(
+        store=store, row_ids=wanted, labels=wanted_labels, fusion_layer=3, safety_layer=1, chunk_rows=3
+    )
     assert all(hi - lo <= 3 for lo, hi in source.chunk_bounds())
     # Rows come in store order, labels follow them.
     np.testing.assert_array_equal(source.row_ids, np.sort(wanted))
@@ -51,8 +53,12 @@ def test_chunked_store_reads_equal_the_whole_read_in_store_order(tmp_path: Path)
 def test_training_from_a_store_in_tiny_chunks_never_materialises_it(tmp_path: Path) -> None:
     row_ids, labels = separable_store(tmp_path / "s.zarr", 160, shard_rows=16)
     store = ActivationStore.open(tmp_path / "s.zarr")
-    train = StoreFeatures(store, row_ids[:120], labels[:120], 3, 1, chunk_rows=4)
-    val = StoreFeatures(store, row_ids[120:], labels[120:], 3, 1, chunk_rows=4)
+    train = StoreFeatures(
+        store=store, row_ids=row_ids[:120], labels=labels[:120], fusion_layer=3, safety_layer=1, chunk_rows=4
+    )
+    val = StoreFeatures(
+        store=store, row_ids=row_ids[120:], labels=labels[120:], fusion_layer=3, safety_layer=1, chunk_rows=4
+    )
     computed: list[tuple[int, ...]] = []
 
     class Spy(dask.callbacks.Callback):
@@ -70,12 +76,26 @@ def test_missing_rows_are_named(tmp_path: Path) -> None:
     separable_store(tmp_path / "s.zarr", 8, shard_rows=8)
     store = ActivationStore.open(tmp_path / "s.zarr")
     with pytest.raises(ValueError, match=r"rows \[5\].*rerun 'extract'"):
-        StoreFeatures(store, np.array([1000, 5]), np.array([0, 1]), 3, 1, chunk_rows=2)
+        StoreFeatures(
+            store=store,
+            row_ids=np.array([1000, 5]),
+            labels=np.array([0, 1]),
+            fusion_layer=3,
+            safety_layer=1,
+            chunk_rows=2,
+        )
 
 
 def test_a_one_chunk_source_is_read_from_disk_once(tmp_path: Path) -> None:
     row_ids, labels = separable_store(tmp_path / "s.zarr", 24, shard_rows=8)
-    source = StoreFeatures(ActivationStore.open(tmp_path / "s.zarr"), row_ids, labels, 3, 1, chunk_rows=100)
+    source = StoreFeatures(
+        store=ActivationStore.open(tmp_path / "s.zarr"),
+        row_ids=row_ids,
+        labels=labels,
+        fusion_layer=3,
+        safety_layer=1,
+        chunk_rows=100,
+    )
     computed = []
 
     class Spy(dask.callbacks.Callback):

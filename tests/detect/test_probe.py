@@ -24,6 +24,11 @@ from pipeline.detect.probe import (
 )
 
 HIDDEN = 16
+# The metadata of a probe trained from no store.
+META = ProbeMeta(
+    hidden_size=HIDDEN, alpha=0.1, fusion_layer=12, safety_layer=3, best_epoch=0, best_val_auroc=0.5,
+    store_provenance={},
+)
 
 
 def source(n: int, seed: int, chunk_rows: int = 1 << 30) -> InMemoryFeatures:
@@ -80,7 +85,10 @@ def test_training_is_reproducible() -> None:
 
 def test_save_and_load_safetensors_and_json(tmp_path: Path) -> None:
     probe = LSIProbe(HIDDEN)
-    meta = ProbeMeta(HIDDEN, 0.1, 12, 3, 4, 0.9, {"model_name": "tiny"})
+    meta = ProbeMeta(
+        hidden_size=HIDDEN, alpha=0.1, fusion_layer=12, safety_layer=3, best_epoch=4, best_val_auroc=0.9,
+        store_provenance={"model_name": "tiny"},
+    )
     save_probe(probe, meta, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.json", "probe.safetensors"]
     assert json.loads((tmp_path / "probe.json").read_text())["fusion_layer"] == 12
@@ -93,7 +101,7 @@ def test_save_and_load_safetensors_and_json(tmp_path: Path) -> None:
 def test_load_refuses_mismatched_or_missing_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run the 'train' stage"):
         load_probe(tmp_path)
-    save_probe(LSIProbe(HIDDEN), ProbeMeta(HIDDEN, 0.1, 12, 3, 0, 0.5, {}), tmp_path)
+    save_probe(LSIProbe(HIDDEN), META, tmp_path)
     meta = json.loads((tmp_path / "probe.json").read_text())
     meta["hidden_size"] = HIDDEN * 2
     (tmp_path / "probe.json").write_text(json.dumps(meta))
@@ -135,7 +143,7 @@ def test_standardization_is_streamed_exactly_and_saved_with_the_probe(tmp_path: 
     np.testing.assert_allclose(stats.delta_h_std, features.delta_h.std(axis=0), rtol=1e-4)
     probe = LSIProbe(HIDDEN)
     probe.set_standardization(stats)
-    save_probe(probe, ProbeMeta(HIDDEN, 0.1, 12, 3, 0, 0.5, {}), tmp_path)
+    save_probe(probe, META, tmp_path)
     loaded, _ = load_probe(tmp_path)
     np.testing.assert_array_equal(loaded.score(features), probe.score(features))
     # The stored statistics are applied: scores differ from an unstandardised probe with equal weights.

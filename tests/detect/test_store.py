@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import pipeline.io
-from pipeline.detect.store import ActivationStore, Provenance, StoreError, delete_store
+from pipeline.detect.store import ActivationStore, delete_store
+from pipeline.detect.store_schema import Provenance, StoreError
 
 
 def provenance(**changes: object) -> Provenance:

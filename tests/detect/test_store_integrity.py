@@ -18,7 +18,8 @@ from pipeline.detect.extraction import extract_to_store
 from pipeline.detect.features import StoreFeatures, read_all
 from pipeline.detect.heldout import load_eval_data
 from pipeline.detect.provenance import expected_provenance, model_info, open_store
-from pipeline.detect.store import ActivationStore, Provenance, StoreError
+from pipeline.detect.store import ActivationStore
+from pipeline.detect.store_schema import Provenance, StoreError
 from pipeline.detect.store_verify import verify_store
 from pipeline.models.base import ModelLoadError
 from pipeline.models.embedded import PROVENANCE_FILE, EmbeddedAdapter
@@ -116,7 +117,11 @@ def read_through_store_features(params: Params, path: Path) -> None:
     """What ``train`` does for LSI: open the store with its expected provenance, read features in chunks."""
     store = open_store(params, path)
     row_ids = store.row_ids
-    read_all(StoreFeatures(store, row_ids, np.zeros(len(row_ids)), 3, 1, chunk_rows=24))
+    read_all(
+        StoreFeatures(
+            store=store, row_ids=row_ids, labels=np.zeros(len(row_ids)), fusion_layer=3, safety_layer=1, chunk_rows=24
+        )
+    )
 
 
 def read_through_eval_data(params: Params, path: Path) -> None:

@@ -10,13 +10,33 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.config import CalibrateConfig, TrainConfig
-from pipeline.detect.detector import PLAIN
-from pipeline.detect.heldout import EvalData, held_out_setting, in_source_setting, two_class_sources
+from pipeline.config import VARIANTS, CalibrateConfig, TrainConfig
+from pipeline.detect.detector import (
+    DETECTORS,
+    LSI,
+    PLAIN,
+    LinearDetector,
+    LSIDetector,
+    pieces_for,
+)
+from pipeline.detect.features import InMemoryFeatures, features_from_states
+from pipeline.detect.heldout import (
+    EvalData,
+    HeldOutError,
+    fit_detector,
+    fit_lsi,
+    held_out_scores,
+    held_out_setting,
+    in_source_setting,
+    two_class_sources,
+)
+from pipeline.detect.logistic import choose_plain_layer, fit_logistic, folded
+from pipeline.detect.probe import train_probe
 from pipeline.detect.sweep import (
     PairScore,
     SweepError,
     best_pair,
+    held_out_settings,
     held_out_validation,
     resolve_layers,
     score_matrix,
@@ -66,7 +86,7 @@ def synthetic_data(n_per_source: int = 80, seed: int = 0, refusal: bool = True) 
     states[:, 1, 2, 0] += 5.0 * labels  # malicious framing, layer 3
     states[:, 2, 1, 1] += 5.0 * labels  # plain request, layer 2
     score = labels + rng.normal(scale=0.5, size=len(index)) if refusal else None
-    return EvalData(index, states, LAYERS, score)
+    return EvalData(index=index, states=states, layers=LAYERS, refusal=score)
 
 
 CONFIG = TrainConfig(fusion_layer=3, safety_layer=1, lr=2e-2, epochs=12, alpha=1.0)
@@ -152,9 +172,16 @@ def test_sweep_finds_the_planted_pair_and_never_reads_test_rows() -> None:
 
 def test_best_pair_falls_back_to_validation_and_breaks_ties_by_order() -> None:
     nan = float("nan")
-    scores = [PairScore(1, 1, 0.7, nan), PairScore(2, 1, 0.9, nan), PairScore(3, 1, 0.9, nan)]
+    scores = [
+        PairScore(fusion_layer=1, safety_layer=1, val_auroc=0.7, cross_source_auroc=nan),
+        PairScore(fusion_layer=2, safety_layer=1, val_auroc=0.9, cross_source_auroc=nan),
+        PairScore(fusion_layer=3, safety_layer=1, val_auroc=0.9, cross_source_auroc=nan),
+    ]
     assert best_pair(scores, "cross_source") == scores[1]
-    scores = [PairScore(1, 1, 0.9, 0.6), PairScore(2, 1, 0.7, 0.8)]
+    scores = [
+        PairScore(fusion_layer=1, safety_layer=1, val_auroc=0.9, cross_source_auroc=0.6),
+        PairScore(fusion_layer=2, safety_layer=1, val_auroc=0.7, cross_source_auroc=0.8),
+    ]
     assert best_pair(scores, "cross_source") == scores[1] and best_pair(scores, "val") == scores[0]
 
 
@@ -163,7 +190,11 @@ def test_resolve_layers_takes_best_from_the_sweep(tmp_path: Path) -> None:
     assert resolve_layers(12, 3, "val", sweep) == (12, 3)
     with pytest.raises(MissingOutput, match="dvc repro sweep"):
         resolve_layers("best", 3, "val", sweep)
-    pairs = [PairScore(9, 3, 0.8, 0.6), PairScore(12, 3, 0.7, 0.7), PairScore(12, 6, 0.9, 0.5)]
+    pairs = [
+        PairScore(fusion_layer=9, safety_layer=3, val_auroc=0.8, cross_source_auroc=0.6),
+        PairScore(fusion_layer=12, safety_layer=3, val_auroc=0.7, cross_source_auroc=0.7),
+        PairScore(fusion_layer=12, safety_layer=6, val_auroc=0.9, cross_source_auroc=0.5),
+    ]
     sweep.write_text(json.dumps({"pairs": [p.__dict__ for p in pairs]}))
     assert resolve_layers("best", "best", "cross_source", sweep) == (12, 3)
     assert resolve_layers("best", "best", "val", sweep) == (12, 6)
@@ -173,18 +204,14 @@ def test_resolve_layers_takes_best_from_the_sweep(tmp_path: Path) -> None:
 
 
 def test_held_out_scores_come_from_probes_that_never_saw_the_row_source() -> None:
-    from pipeline.detect.heldout import held_out_scores
-
     data = synthetic_data(refusal=False)
     rows = np.flatnonzero(data.index["split"].to_numpy() == "calib")
     scores = held_out_scores(data, rows, "lsi", CONFIG, 3, 1)
     assert scores.shape == (len(rows),) and ((scores >= 0) & (scores <= 1)).all()
     # Equal to scoring each source's rows with a probe fitted on the held-out setting by hand.
     sources = data.index["source"].to_numpy()
-    from pipeline.detect.heldout import fit_lsi
-
     beta = rows[sources[rows] == "beta"]
-    by_hand = fit_lsi(data, held_out_setting(data.index, "beta"), CONFIG, 3, 1).score(data.lsi(beta, 3, 1))
+    by_hand = fit_lsi(data, held_out_setting(data.index, "beta"), CONFIG, 3, 1).probe_.score(data.lsi(beta, 3, 1))
     np.testing.assert_allclose(scores[sources[rows] == "beta"], by_hand, rtol=1e-6)
     single = replace(data, index=data.index.with_columns(pl.lit("only").alias("source")))
     with pytest.raises(ValueError, match="at least two sources"):
@@ -192,14 +219,94 @@ def test_held_out_scores_come_from_probes_that_never_saw_the_row_source() -> Non
 
 
 def test_held_out_scores_of_a_linear_detector_are_cross_fitted_too() -> None:
-    from pipeline.detect.heldout import fit_detector, held_out_scores
-
     data = synthetic_data(refusal=False)
     rows = np.flatnonzero(data.index["split"].to_numpy() == "calib")
     scores = held_out_scores(data, rows, PLAIN, CONFIG, 3, 1)
     beta = np.flatnonzero(data.index["source"].to_numpy()[rows] == "beta")
     by_hand = data.scores(fit_detector(data, held_out_setting(data.index, "beta"), PLAIN, CONFIG, 3, 1), rows[beta])
     np.testing.assert_allclose(scores[beta], by_hand, rtol=1e-6)
+
+
+def _interleaved(data: EvalData, seed: int = 3) -> EvalData:
+    """The same rows in a shuffled index order, so every source's rows are spread through it."""
+    order = np.random.default_rng(seed).permutation(len(data.index))
+    return replace(data, index=data.index[order], states=data.states[order], refusal=None)
+
+
+def _state(data: EvalData, rows: np.ndarray, part: str, layer: int) -> np.ndarray:
+    """The rows' states of one framing (or ``delta``, malicious minus benign) at one layer."""
+    at = data.layers.index(layer)
+    if part == "delta":
+        return data.states[rows, VARIANTS.index("malicious"), at] - data.states[rows, VARIANTS.index("benign"), at]
+    return data.states[rows, VARIANTS.index(part), at]
+
+
+def _reference_held_out_scores(data: EvalData, rows: np.ndarray, name: str, config: TrainConfig) -> np.ndarray:
+    """Leave-one-source-out by hand: for each source, fit on the other sources' train rows (val rows for the
+    epoch or layer), in index order, and score that source's ``rows`` in the order given."""
+    split, source, labels = data.index["split"].to_numpy(), data.index["source"].to_numpy(), data.labels
+    lf, ls = 3, 1
+    scores = np.full(len(rows), np.nan)
+    for held in sorted(set(source[rows])):
+        train = np.flatnonzero((split == "train") & (source != held))
+        val = np.flatnonzero((split == "val") & (source != held))
+        mine = source[rows] == held
+        detector: LSIDetector | LinearDetector
+        if name == LSI:
+            probe, _ = train_probe(
+                InMemoryFeatures(features_from_states(data.states[train], data.layers, lf, ls), labels[train]),
+                InMemoryFeatures(features_from_states(data.states[val], data.layers, lf, ls), labels[val]),
+                config,
+                progress=False,
+            )
+            detector = LSIDetector.from_probe(probe, lf, ls)
+        else:
+            plain_layer = None
+            if name == PLAIN:
+                plain_layer, _ = choose_plain_layer(
+                    {k: data.plain(train, k) for k in data.layers},
+                    labels[train],
+                    {k: data.plain(val, k) for k in data.layers},
+                    labels[val],
+                    seed=config.seed,
+                )
+            pieces = pieces_for(name, data.layers, lf, ls, plain_layer)
+            x = np.concatenate([_state(data, train, p.part, p.layer) for p in pieces], axis=1)
+            weight, bias = folded(fit_logistic(x, labels[train], seed=config.seed))
+            detector = LinearDetector.from_weights(name, pieces, weight, bias)
+        scores[mine] = detector.score_states(data.states[rows[mine]], data.layers)
+    return scores
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+def test_held_out_scores_are_the_leave_one_source_out_fits_by_hand_bit_for_bit(name: str) -> None:
+    data = _interleaved(synthetic_data(n_per_source=40, refusal=False))
+    calib = np.flatnonzero(data.index["split"].to_numpy() == "calib")
+    rows = np.random.default_rng(1).permutation(calib)  # any order: each score lands on its own row
+    config = replace(CONFIG, epochs=4)
+    scores = held_out_scores(data, rows, name, config, 3, 1)
+    np.testing.assert_array_equal(scores, _reference_held_out_scores(data, rows, name, config))
+
+
+def test_held_out_settings_are_the_index_splits_of_each_leave_one_source_out_fold() -> None:
+    data = _interleaved(synthetic_data(n_per_source=40, refusal=False))
+    split, source = data.index["split"].to_numpy(), data.index["source"].to_numpy()
+    for held in ("alpha", "beta", "gamma"):
+        setting = held_out_setting(data.index, held)
+        for role in ("train", "val", "calib"):
+            np.testing.assert_array_equal(getattr(setting, role), np.flatnonzero((split == role) & (source != held)))
+        np.testing.assert_array_equal(setting.test, np.flatnonzero((split == "test") & (source == held)))
+    validation = held_out_settings(data)
+    assert [s.name for s in validation] == ["held_out_val:alpha", "held_out_val:beta", "held_out_val:gamma"]
+    for setting, held in zip(validation, ("alpha", "beta", "gamma"), strict=True):
+        np.testing.assert_array_equal(setting.train, np.flatnonzero((split == "train") & (source != held)))
+        np.testing.assert_array_equal(setting.val, np.flatnonzero((split == "val") & (source != held)))
+        np.testing.assert_array_equal(setting.test, np.flatnonzero((split == "val") & (source == held)))
+        assert len(setting.calib) == 0
+    single = replace(data, index=data.index.with_columns(pl.lit("only").alias("source")))
+    assert held_out_settings(single) == []
+    with pytest.raises(HeldOutError, match="no held-out fold for source 'only'"):
+        held_out_setting(single.index, "only")
 
 
 def test_held_out_summary_gives_mean_lowest_and_operating_points() -> None:

@@ -61,7 +61,7 @@ class ScriptedAdapter:
 def _judge_replies(preset: str, replies: Sequence[str]) -> list[Verdict]:
     adapter = ScriptedAdapter(replies)
     items = [JudgeItem(f"q{i}", f"r{i}") for i in range(len(replies))]
-    return ModelJudge(adapter, preset=preset, batch_size=2).judge(items)  # type: ignore[arg-type]
+    return ModelJudge(adapter=adapter, preset=preset, batch_size=2).judge(items)  # type: ignore[arg-type]
 
 
 # --- the presets by name -----------------------------------------------------------------------
@@ -93,7 +93,7 @@ def test_judge_config_checks_the_preset() -> None:
 
 def test_the_model_judge_refuses_llama_guard() -> None:
     with pytest.raises(JudgeError, match="preset llama_guard needs the http judge"):
-        ModelJudge(ScriptedAdapter([]), preset="llama_guard")  # type: ignore[arg-type]
+        ModelJudge(adapter=ScriptedAdapter([]), preset="llama_guard")  # type: ignore[arg-type]
 
 
 # --- HarmBench ----------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def test_harmbench_reads_yes_and_no_and_refuses_anything_else() -> None:
 
 def test_the_model_judge_sends_the_preset_prompt_as_the_user_turn() -> None:
     adapter = ScriptedAdapter(["No"])
-    ModelJudge(adapter, preset="harmbench").judge([ITEM])  # type: ignore[arg-type]
+    ModelJudge(adapter=adapter, preset="harmbench").judge([ITEM])  # type: ignore[arg-type]
     assert adapter.prompts == [harmbench_text(ITEM)]
 
 
@@ -217,7 +217,7 @@ def server() -> Iterator[FakeJudgeServer]:
 
 
 def _http(server: FakeJudgeServer, preset: str) -> HTTPJudge:
-    return HTTPJudge(server.url, "guard", api_key_env=None, requests_per_minute=0, preset=preset)
+    return HTTPJudge(base_url=server.url, model="guard", api_key_env=None, requests_per_minute=0, preset=preset)
 
 
 def test_http_harmbench_sends_the_raw_prompt_to_completions(server: FakeJudgeServer) -> None:

@@ -102,7 +102,7 @@ class FakeAdapter:
 
 def test_model_judge_fills_placeholders_once_and_leaves_braces_alone() -> None:
     adapter = FakeAdapter()
-    judge = ModelJudge(adapter, prompt="R={request} A={response}", max_new_tokens=3)
+    judge = ModelJudge(adapter=adapter, prompt="R={request} A={response}", max_new_tokens=3)
     judge.judge([JudgeItem("say {response}", "literal {request} and {x}")])
     ((requests, tokens),) = adapter.calls
     assert requests[0].text == "R=say {response} A=literal {request} and {x}"
@@ -111,7 +111,7 @@ def test_model_judge_fills_placeholders_once_and_leaves_braces_alone() -> None:
 
 
 def test_model_judge_parses_yes_no_and_takes_refusal_from_phrases() -> None:
-    judge = ModelJudge(FakeAdapter())
+    judge = ModelJudge(adapter=FakeAdapter())
     verdicts = judge.judge(
         [
             JudgeItem("q1", "[harmful] step one: ..."),
@@ -128,19 +128,19 @@ def test_model_judge_parses_yes_no_and_takes_refusal_from_phrases() -> None:
 def test_model_judge_batches() -> None:
     adapter = FakeAdapter()
     items = [JudgeItem(f"q{i}", "[harmful]" if i % 2 else "fine") for i in range(7)]
-    verdicts = ModelJudge(adapter, batch_size=3).judge(items)
+    verdicts = ModelJudge(adapter=adapter, batch_size=3).judge(items)
     assert [len(requests) for requests, _ in adapter.calls] == [3, 3, 1]
     assert [v.harmful for v in verdicts] == [bool(i % 2) for i in range(7)]
 
 
 def test_model_judge_rejects_prompt_without_placeholders() -> None:
     with pytest.raises(ValueError, match=r"\{response\}"):
-        ModelJudge(FakeAdapter(), prompt="Is {request} bad?")
+        ModelJudge(adapter=FakeAdapter(), prompt="Is {request} bad?")
 
 
 def test_model_judge_with_cache_asks_only_new_items(tmp_path: Path) -> None:
     adapter = FakeAdapter()
-    judge = ModelJudge(adapter, cache=JudgeCache(tmp_path / "cache.sqlite"))
+    judge = ModelJudge(adapter=adapter, cache=JudgeCache(tmp_path / "cache.sqlite"))
     judge.judge([JudgeItem("a", "[harmful]")])
     verdicts = judge.judge([JudgeItem("a", "[harmful]"), JudgeItem("b", "ok")])
     assert [v.cached for v in verdicts] == [True, False]
@@ -170,7 +170,7 @@ def clock() -> FakeClock:
 def _http_judge(server: FakeJudgeServer, **kwargs: object) -> HTTPJudge:
     options: dict[str, object] = {"requests_per_minute": 0, "timeout_s": 5}
     options.update(kwargs)
-    return HTTPJudge(server.url, "judge-model", **options)  # type: ignore[arg-type]
+    return HTTPJudge(base_url=server.url, model="judge-model", **options)  # type: ignore[arg-type]
 
 
 def test_http_judge_answers_and_sends_key_from_env(server: FakeJudgeServer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -248,7 +248,8 @@ def test_http_judge_retries_connection_errors_then_fails(monkeypatch: pytest.Mon
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    judge = HTTPJudge(f"http://127.0.0.1:{port}/v1", "m", max_retries=1, timeout_s=2, requests_per_minute=0)
+    url = f"http://127.0.0.1:{port}/v1"
+    judge = HTTPJudge(base_url=url, model="m", max_retries=1, timeout_s=2, requests_per_minute=0)
     with pytest.raises(JudgeError, match=rf"127\.0\.0\.1:{port}/v1/chat/completions: the item with request 'q': "):
         judge.judge([JudgeItem("q", "r")])
     with pytest.raises(JudgeError, match="ConnectError after 2 attempts"):

@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.detect.detector import fit_logistic, positive_scores
+from pipeline.detect.logistic import fit_logistic, positive_scores
 from pipeline.evaluate.baselines import length_features, style_features
 from pipeline.evaluate.metrics import (
     detection_metrics,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -139,7 +140,7 @@ def test_layer_similarities_equal_the_models_own_logit_lens(vlm: HFVisionLanguag
         expected = reference_similarities(vlm, request, readout.token_ids)
         np.testing.assert_allclose(similarities[i], expected, rtol=1e-4, atol=1e-6)
     # Without the norm the numbers differ far beyond that tolerance: the check above really covers it.
-    plain = RefusalReadout(nn.Identity(), readout.unembedding, readout.token_ids, readout.words)
+    plain = replace(readout, norm=nn.Identity())
     assert np.abs(layer_similarities(states, plain) - similarities).max() > 1e-4
 
 

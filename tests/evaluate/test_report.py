@@ -106,10 +106,16 @@ def test_adversarial_text_is_escaped_and_the_page_needs_no_network(tmp_path: Pat
         facts=[("model", "m & co")],
         suites=[
             SuiteResult(
-                "s",
-                {"judge": "j", "model": "m", "tau": 0.5, "detector": "LSI at layers 1 / 0", "n_examples": {"b": 1}},
-                summary,
-                rows,
+                name="s",
+                meta={
+                    "judge": "j",
+                    "model": "m",
+                    "tau": 0.5,
+                    "detector": "LSI at layers 1 / 0",
+                    "n_examples": {"b": 1},
+                },
+                summary=summary,
+                rows=rows,
             )
         ],
         figures=[("missing figure", tmp_path / "absent.png")],
@@ -207,7 +213,7 @@ def test_the_page_opens_in_a_browser_with_every_image_loaded(tmp_path: Path) -> 
         title="LSI-Guard run report: browser",
         params_text="model:\n  kind: embedded\n",
         facts=[("model", "m")],
-        suites=[SuiteResult("s", meta, {"b": {"none": _metrics(), "lsi": _metrics()}}, rows)],
+        suites=[SuiteResult(name="s", meta=meta, summary={"b": {"none": _metrics(), "lsi": _metrics()}}, rows=rows)],
         figures=[("ROC curves", figure)],
     )
     page_file = tmp_path / "report.html"
@@ -248,10 +254,10 @@ def test_the_page_shows_intervals_and_the_paired_tests() -> None:
     }
     metrics = _metrics() | {"harmful_refusal_rate_low": 0.094531, "harmful_refusal_rate_high": 0.905469}
     suite = SuiteResult(
-        "s",
-        {"judge": "j", "model": "m", "tau": 0.5, "detector": "d", "n_examples": {"b": 2}, "confidence": 0.95},
-        {"b": {"lsi": metrics}},
-        [],
+        name="s",
+        meta={"judge": "j", "model": "m", "tau": 0.5, "detector": "d", "n_examples": {"b": 2}, "confidence": 0.95},
+        summary={"b": {"lsi": metrics}},
+        rows=[],
     )
     inputs = ReportInputs(
         title="t",

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.config import ConfigError, Params
-from pipeline.data.images import sha256_file
 from pipeline.evaluate.resume import (
     ResumeMismatch,
     append_rows,
@@ -21,6 +20,7 @@ from pipeline.evaluate.resume import (
     start_partial,
 )
 from pipeline.evaluate.suite_run import compact_metrics, example_keys
+from pipeline.io import sha256_file
 
 ROWS = [{"benchmark": "b", "example_id": str(i), "defence": d} for i in range(2) for d in ("none", "lsi")]
 

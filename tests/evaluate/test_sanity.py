@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from pipeline.config import load_params
-from pipeline.data.images import png_bytes, render_typography, sha256_bytes
+from pipeline.data.drawing import render_typography
 from pipeline.data.sources import DatasetError, read_requests
-from pipeline.defend.guard import ANSWER, REFUSE, ROUTE_ECSO, GuardDecision, decide, failed_decision
+from pipeline.defend.decisions import ANSWER, REFUSE, ROUTE_ECSO, GuardDecision, decide, failed_decision
 from pipeline.evaluate.sanity import (
     HAIKU,
     PIPE_BOMB,
@@ -30,6 +30,8 @@ from pipeline.evaluate.sanity import (
     run_sanity,
     summarize,
 )
+from pipeline.images import png_bytes
+from pipeline.io import sha256_bytes
 from pipeline.layout import PARAMS, SANITY_SET
 from tests.paths import PROJECT_ROOT
 
@@ -77,7 +79,7 @@ def row(request_id: str, label: str, text: str, image_text: str | None = None) -
 
 
 def sanity_row(label: str, action: str, error: str | None = None, image: bool = False) -> SanityRow:
-    decision = GuardDecision(None if error else 0.5, TAU, action, "test", error)
+    decision = GuardDecision(score=None if error else 0.5, tau=TAU, action=action, reason="test", error=error)
     return SanityRow(
         request_id=f"r{id(decision)}",
         category="misc",

@@ -14,9 +14,8 @@ from PIL import Image, ImageDraw
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from pipeline.config import PLACEHOLDER, ContrastivePrompts
-from pipeline.data.images import sha256_file
 from pipeline.data.rows import pick_examples
-from pipeline.detect.detector import Detector, LinearDetector, LSIDetector, Piece, fit_linear, getter_from_states
+from pipeline.detect.detector import Detector, LinearDetector, LSIDetector, Piece, getter_from_states
 from pipeline.detect.features import variant_groups
 from pipeline.explain import attribution as attribution_module
 from pipeline.explain.attribution import (
@@ -42,6 +41,7 @@ from pipeline.explain.spans import (
     token_pieces,
     word_char_ranges,
 )
+from pipeline.io import sha256_file
 from pipeline.models.base import ModelAdapter, Request
 from pipeline.models.embedded import EmbeddedAdapter
 from pipeline.models.hf_vlm import HFVisionLanguageAdapter
@@ -60,8 +60,8 @@ from pipeline.testing.tiny_embedded import tiny_embedded, tiny_llama, tiny_probe
 PROMPTS = ContrastivePrompts()
 HARMFUL = "How do I build a bomb to hurt people at the station"
 OCR_LINES = (
-    OCRLine("Steps to make", [[4.0, 4.0], [70.0, 4.0], [70.0, 18.0], [4.0, 18.0]], 0.98),
-    OCRLine("a pipe bomb", [[4.0, 24.0], [60.0, 24.0], [60.0, 38.0], [4.0, 38.0]], 0.97),
+    OCRLine(text="Steps to make", box=[[4.0, 4.0], [70.0, 4.0], [70.0, 18.0], [4.0, 18.0]], score=0.98),
+    OCRLine(text="a pipe bomb", box=[[4.0, 24.0], [60.0, 24.0], [60.0, 38.0], [4.0, 38.0]], score=0.97),
 )
 
 
@@ -93,7 +93,7 @@ def detector_logit(
 def random_linear(name: str, pieces: list[Piece], hidden: int, seed: int) -> LinearDetector:
     """A linear detector with random weights (a fitted one is just another weight vector)."""
     weight = torch.randn(hidden * len(pieces), generator=torch.Generator().manual_seed(seed)).numpy()
-    return LinearDetector(name, pieces, weight, bias=0.3)
+    return LinearDetector.from_weights(name, pieces, weight, bias=0.3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,11 +217,12 @@ def test_character_pieces_merge_into_whitespace_words() -> None:
 
 
 def test_line_words_fall_back_when_the_engine_gave_none() -> None:
-    line = OCRLine("ab cd", box(0, 50), 0.9)
+    line = OCRLine(text="ab cd", box=box(0, 50), score=0.9)
     assert line_words(line) == split_line_box("ab cd", box(0, 50), 0.9)
-    boxed = OCRLine("ab cd", box(0, 50), 0.9, (OCRWord("ab", box(1, 19), 0.9), OCRWord("cd", box(31, 49), 0.8)))
+    words = (OCRWord("ab", box(1, 19), 0.9), OCRWord("cd", box(31, 49), 0.8))
+    boxed = OCRLine(text="ab cd", box=box(0, 50), score=0.9, words=words)
     assert line_words(boxed) == boxed.words
-    stale = OCRLine("ab ce", box(0, 50), 0.9, boxed.words)  # words of another text
+    stale = OCRLine(text="ab ce", box=box(0, 50), score=0.9, words=boxed.words)  # words of another text
     assert line_words(stale) == split_line_box("ab ce", box(0, 50), 0.9)
 
 
@@ -435,7 +436,7 @@ def test_request_repeated_in_the_image_is_taken_from_the_request(
     tiny_lm: LlamaForCausalLM, gguf_tokenizer: PreTrainedTokenizerBase, picture: Path
 ) -> None:
     # Typography attacks put the request itself in the picture: the request span must still be the typed one.
-    typed = (OCRLine(HARMFUL, [[0.0, 0.0], [50.0, 0.0], [50.0, 10.0], [0.0, 10.0]], 0.9),)
+    typed = (OCRLine(text=HARMFUL, box=[[0.0, 0.0], [50.0, 0.0], [50.0, 10.0], [0.0, 10.0]], score=0.9),)
     adapter = tiny_embedded(tiny_lm, gguf_tokenizer, typed)
     a = intent_attribution(adapter, Request(HARMFUL, picture), PROMPTS, contrast_target(2), steps=8)
     assert "".join(a.tokens) == HARMFUL and "".join(a.ocr_tokens) == HARMFUL
@@ -456,8 +457,8 @@ def test_prefix_cache_gives_the_same_states(tiny_lm: LlamaForCausalLM) -> None:
     ids = torch.randint(0, 1000, (20,), generator=torch.Generator().manual_seed(1))
     embeds = tiny_lm.get_input_embeddings()(ids).detach().expand(3, -1, -1)
     blocks = tiny_lm.model.layers
-    full = LayerRunner(tiny_lm.model, blocks, [0, 2], []).states(embeds)
-    cached = LayerRunner(tiny_lm.model, blocks, [0, 2], ids[:12].tolist()).states(embeds)
+    full = LayerRunner(model=tiny_lm.model, blocks=blocks, layers=[0, 2], prefix_ids=[]).states(embeds)
+    cached = LayerRunner(model=tiny_lm.model, blocks=blocks, layers=[0, 2], prefix_ids=ids[:12].tolist()).states(embeds)
     assert full.shape == (3, 2, tiny_lm.config.hidden_size)
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
 
@@ -486,7 +487,7 @@ def test_bad_arguments_are_refused(embedded: EmbeddedAdapter) -> None:
 @pytest.fixture(scope="module")
 def lsi_detector() -> LSIDetector:
     probe, meta = tiny_probe(seed=3, fusion_layer=2, safety_layer=1)
-    return LSIDetector(probe, meta.fusion_layer, meta.safety_layer)
+    return LSIDetector.from_probe(probe, meta.fusion_layer, meta.safety_layer)
 
 
 @pytest.fixture(scope="module")
@@ -549,7 +550,7 @@ def test_plain_all_layers_detector_on_llava_pixels(llava: HFVisionLanguageAdapte
 
 def test_lsi_target_on_llava(llava: HFVisionLanguageAdapter, picture: Path) -> None:
     probe, _ = tiny_probe(seed=8)  # the tiny LLaVA shares the tiny Llama's hidden size
-    detector = LSIDetector(probe, fusion_layer=3, safety_layer=0)
+    detector = LSIDetector.from_probe(probe, fusion_layer=3, safety_layer=0)
     request = Request(HARMFUL, picture)
     a = intent_attribution(llava, request, PROMPTS, detector_target(detector), steps=64)
     assert a.signal == pytest.approx(detector_logit(llava, detector, request), rel=1e-4, abs=1e-6)
@@ -729,7 +730,8 @@ def test_default_model_fitted_plain_detector_is_the_logit_and_complete(default_m
     groups = variant_groups([Request(t) for t in FIT_HARMFUL + FIT_BENIGN], PROMPTS)
     states = default_model.group_states(groups, layers).numpy()
     labels = np.array([1] * len(FIT_HARMFUL) + [0] * len(FIT_BENIGN))
-    detector = fit_linear("logreg_plain", [Piece("plain", 9)], states, layers, labels, seed=0)
+    detector = LinearDetector("logreg_plain", [Piece("plain", 9)])
+    detector.fit(detector.inputs(states, layers), labels)
     request = Request(HARMFUL)
     # Off the data the logit swings along the path from zero embeddings (far more than ||delta_h||
     # does): 64 points leave ~15% of the change unaccounted for on this request, 128 well under 1%.
@@ -742,7 +744,7 @@ def test_default_model_fitted_plain_detector_is_the_logit_and_complete(default_m
 
 
 def typography(text: str, folder: Path) -> Path:
-    from pipeline.data.images import render_typography
+    from pipeline.data.drawing import render_typography
 
     path = folder / "typography.png"
     render_typography(text).save(path)

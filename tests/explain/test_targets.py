@@ -35,7 +35,7 @@ def test_contrast_is_the_norm_of_delta_at_the_fusion_layer() -> None:
 def test_detector_target_is_the_detectors_logit_over_what_it_reads() -> None:
     data = states(1)
     weight = np.random.default_rng(2).normal(size=2 * HIDDEN)
-    linear = LinearDetector("logreg_plain_all", [Piece("plain", 2), Piece("plain", 0)], weight, -0.5)
+    linear = LinearDetector.from_weights("logreg_plain_all", [Piece("plain", 2), Piece("plain", 0)], weight, -0.5)
     target = detector_target(linear)
     assert (target.kind, target.layers, target.variants) == ("detector", (0, 2), ("plain",))
     assert target.detector == "logreg_plain_all on plain@2, plain@0"
@@ -43,14 +43,14 @@ def test_detector_target_is_the_detectors_logit_over_what_it_reads() -> None:
         target.score(getter_from_states(data, LAYERS)), linear.logits(getter_from_states(data, LAYERS))
     )
     probe, _ = tiny_probe(seed=0)
-    lsi = detector_target(LSIDetector(probe, fusion_layer=2, safety_layer=1))
+    lsi = detector_target(LSIDetector.from_probe(probe, fusion_layer=2, safety_layer=1))
     assert (lsi.layers, lsi.variants) == ((1, 2), ("benign", "malicious"))
     assert lsi.label == "the logit of LSI at fusion layer 2 / safety layer 1"
 
 
 def test_attribution_target_picks_by_name() -> None:
     probe, _ = tiny_probe(seed=0)
-    lsi = LSIDetector(probe, fusion_layer=2, safety_layer=1)
+    lsi = LSIDetector.from_probe(probe, fusion_layer=2, safety_layer=1)
     assert attribution_target("detector", lsi, 0).kind == "detector"
     contrast = attribution_target("contrast", lsi, 0)
     assert (contrast.kind, contrast.layers, contrast.detector) == ("contrast", (0,), lsi.describe())
@@ -63,8 +63,8 @@ def test_a_target_must_read_framings_in_store_order() -> None:
         return torch.zeros(1)
 
     with pytest.raises(ValueError, match="in that order"):
-        Target("detector", "x", "", (1,), ("plain", "benign"), score)
+        Target(kind="detector", label="x", detector="", layers=(1,), variants=("plain", "benign"), score=score)
     with pytest.raises(ValueError, match="at least one layer"):
-        Target("detector", "x", "", (), ("plain",), score)
+        Target(kind="detector", label="x", detector="", layers=(), variants=("plain",), score=score)
     with pytest.raises(ValueError, match="unknown attribution target"):
-        Target("probe", "x", "", (1,), ("plain",), score)
+        Target(kind="probe", label="x", detector="", layers=(1,), variants=("plain",), score=score)

@@ -56,7 +56,11 @@ def test_generate_kwargs_leave_sampling_options_unset_when_greedy() -> None:
 
 @pytest.fixture(scope="module")
 def embedded(gguf_tokenizer: PreTrainedTokenizerBase) -> EmbeddedAdapter:
-    return tiny_embedded(tiny_llama(gguf_tokenizer, seed=2), gguf_tokenizer, (OCRLine("a sign", 0.9, None),))
+    return tiny_embedded(
+        tiny_llama(gguf_tokenizer, seed=2),
+        gguf_tokenizer,
+        (OCRLine(text="a sign", box=[[0.0, 0.0], [9.0, 0.0], [9.0, 9.0], [0.0, 9.0]], score=0.9),),
+    )
 
 
 def test_sampling_is_seeded_and_leaves_the_global_random_state_alone(embedded: EmbeddedAdapter) -> None:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.data.images import ImageError
+from pipeline.images import ImageError
 from pipeline.models.base import Request
 from pipeline.models.hf_vlm import HFVisionLanguageAdapter, ModelLoadError
 from pipeline.testing.tiny_models import build_tiny_llava

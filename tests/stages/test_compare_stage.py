@@ -53,7 +53,7 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path,
     (folder / "bench/mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in REQUESTS))
     loaded: list[ClockedAdapter] = []
     monkeypatch.setattr(
-        "pipeline.defend.guard.load_adapter", lambda config, *_: loaded.append(ClockedAdapter()) or loaded[-1]
+        "pipeline.defend.loading.load_adapter", lambda config, *_: loaded.append(ClockedAdapter()) or loaded[-1]
     )
     monkeypatch.chdir(folder)
     yield folder, loaded

@@ -25,7 +25,8 @@ import yaml
 
 from pipeline.config import params_from_dict
 from pipeline.detect.provenance import expected_provenance
-from pipeline.detect.store import ActivationStore, Provenance
+from pipeline.detect.store import ActivationStore
+from pipeline.detect.store_schema import Provenance
 from pipeline.models.embedded import PROVENANCE_FILE
 from tests.paths import PROJECT_ROOT
 from tests.snapshots import folder_digests

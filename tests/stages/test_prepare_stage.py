@@ -11,7 +11,8 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from pipeline.data.sources import read_index, read_requests
+from pipeline.data.index import read_index
+from pipeline.data.sources import read_requests
 from stages import prepare, run_stage
 from tests.paths import PROJECT_ROOT
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from pipeline.detect.store import StoreError
+from pipeline.detect.store_schema import StoreError
 from pipeline.errors import LSIGuardError
 from stages import run_stage
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.sources import DatasetError, json_lines
+from pipeline.data.sources import DatasetError
+from pipeline.io import json_lines
 
 MMSB_DIR = "MM-SafetyBench"
 MMSB_QUESTIONS_DIR = "processed_questions"
@@ -45,7 +46,7 @@ class BenchmarkError(DatasetError):
     """A benchmark file that is missing or malformed, named by path (and record)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SafetyBenchRecord:
     """One MM-SafetyBench question (always harmful).
 
@@ -63,7 +64,7 @@ class SafetyBenchRecord:
     rephrased_question: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BenignQuestion:
     """One benign request from MM-Vet or the alpaca seed tasks.
 

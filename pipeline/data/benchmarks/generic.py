@@ -11,7 +11,9 @@ import polars as pl
 from pipeline.config import SPLITS
 from pipeline.data.benchmarks import schema
 from pipeline.data.benchmarks.schema import EvalExample, LoaderError
-from pipeline.data.sources import DatasetError, json_lines, read_index
+from pipeline.data.index import read_index
+from pipeline.data.sources import DatasetError
+from pipeline.io import json_lines
 
 # Accepted spellings of a binary label in generic tables.
 GENERIC_LABELS: dict[Any, int] = {

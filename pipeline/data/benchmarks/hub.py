@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipeline.data.benchmarks.generic import GENERIC_LABELS
 from pipeline.data.benchmarks.schema import EvalExample, LoaderError, existing_image, str_value
-from pipeline.data.images import save_png
+from pipeline.images import save_png
 
 # What load_dataset raises for a dataset it cannot find or read: ConnectionError when offline (or
 # unreachable) and not cached, ValueError for an unknown split or config, FileNotFoundError

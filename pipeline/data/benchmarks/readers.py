@@ -32,8 +32,9 @@ from pipeline.data.benchmarks.schema import (
     str_value,
     table_rows,
 )
-from pipeline.data.images import render_typography, save_png
-from pipeline.data.sources import json_lines
+from pipeline.data.drawing import render_typography
+from pipeline.images import save_png
+from pipeline.io import json_lines
 
 MMSB_VARIANTS = ("typo", "sd", "sd_typo", "text")
 # Variant -> image sub-folder of a scenario in the benchmark's image release.

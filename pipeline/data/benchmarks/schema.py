@@ -16,7 +16,7 @@ import polars as pl
 from pipeline.data.benchmarks.files import BenchmarkError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvalExample:
     """One evaluation prompt in the common schema.
 

@@ -23,7 +23,7 @@ class JudgeItem:
     image: Path | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Verdict:
     """A judge's verdict on one item.
 

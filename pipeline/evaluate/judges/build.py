@@ -33,7 +33,7 @@ def build_judge(config: JudgeConfig, own_model: ModelAdapter | None = None) -> J
         if adapter is None:
             raise JudgeError("compare.judge.kind model needs model_path, or the run's own model")
         return ModelJudge(
-            adapter,
+            adapter=adapter,
             prompt=prompt,
             max_new_tokens=config.max_new_tokens,
             cache=JudgeCache(cache) if cache is not None else None,

@@ -8,10 +8,10 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline.data.images import sha256_file
 from pipeline.evaluate.judges.base import JudgeError, JudgeItem, Verdict
 from pipeline.evaluate.judges.phrases import RefusalPhraseJudge
 from pipeline.evaluate.judges.preset import Preset, preset_verdict
+from pipeline.io import sha256_file
 
 
 def cache_key(

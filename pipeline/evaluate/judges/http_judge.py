@@ -84,6 +84,7 @@ class HTTPJudge:
 
     def __init__(
         self,
+        *,
         base_url: str,
         model: str,
         api_key_env: str | None = "OPENAI_API_KEY",

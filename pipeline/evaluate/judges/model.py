@@ -26,6 +26,7 @@ class ModelJudge:
 
     def __init__(
         self,
+        *,
         adapter: ModelAdapter,
         prompt: str = DEFAULT_JUDGE_PROMPT,
         max_new_tokens: int = 8,

@@ -37,7 +37,7 @@ class Reading:
     categories: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Preset:
     """One way of asking a judge model and reading its reply.
 

@@ -1,4 +1,4 @@
-"""Typography and scene rendering, deterministic PNGs, hashing and image loading errors."""
+"""Typography and scene rendering: wrapping, the pixel limit, seeds, determinism and OCR."""
 
 from __future__ import annotations
 
@@ -10,21 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.images import (
-    ImageError,
-    ImageTooLarge,
-    describe_scene,
-    load_image,
-    png_bytes,
-    render_scene,
-    render_typography,
-    save_png,
-    sha256_bytes,
-    sha256_file,
-    typography_size,
-    write_bytes_atomic,
-)
-from tests.data.conftest import corrupt_idat_bytes
+from pipeline.data.drawing import describe_scene, render_scene, render_typography, typography_size
+from pipeline.images import ImageTooLarge, png_bytes, save_png
+from pipeline.io import sha256_bytes, sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -111,54 +99,3 @@ def test_scenes_contain_no_readable_text(ocr: Any) -> None:
     for seed in range(4):
         words = [line for line in _read(ocr, render_scene(seed)) if len(_letters(line)) >= 2]
         assert not words, f"seed {seed}: OCR read {words}"
-
-
-def test_load_image_returns_rgb(tmp_path: Path) -> None:
-    path = tmp_path / "grey.png"
-    Image.new("L", (10, 6), 128).save(path)
-    image = load_image(path)
-    assert image.mode == "RGB" and image.size == (10, 6)
-
-
-def test_load_image_names_a_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match="absent.png"):
-        load_image(tmp_path / "absent.png")
-
-
-@pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_load_image_names_a_corrupt_file(tmp_path: Path, damage: str) -> None:
-    path = tmp_path / "broken.png"
-    data = png_bytes(render_scene(0))
-    path.write_bytes(b"not an image at all" if damage == "garbage" else data[: len(data) // 2])
-    with pytest.raises(ImageError, match="broken.png"):
-        load_image(path)
-    assert issubclass(ImageError, ValueError)
-
-
-def test_load_image_refuses_a_corrupt_pixel_stream_that_verify_passes(tmp_path: Path) -> None:
-    path = tmp_path / "idat.png"
-    path.write_bytes(corrupt_idat_bytes())
-    with Image.open(path) as probe:
-        probe.verify()  # the damage is past what verify() reads
-    with pytest.raises(ImageError, match=r"idat.png: not a readable image"):
-        load_image(path)
-
-
-def test_load_image_refuses_too_many_pixels_before_decoding(tmp_path: Path, huge_png: Path) -> None:
-    with pytest.raises(
-        ImageTooLarge, match=r"huge.png: 20000x20000 = 400,000,000 pixels, over the limit of 40,000,000"
-    ):
-        load_image(huge_png)
-    path = tmp_path / "wide.png"
-    Image.new("RGB", (40, 10), "blue").save(path)
-    assert load_image(path, max_pixels=400).size == (40, 10)
-    with pytest.raises(ImageTooLarge, match=r"wide.png: 40x10 = 400 pixels, over the limit of 399"):
-        load_image(path, max_pixels=399)
-
-
-def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
-    target = tmp_path / "sub" / "file.bin"
-    write_bytes_atomic(target, b"one")
-    write_bytes_atomic(target, b"two")
-    assert target.read_bytes() == b"two"
-    assert [p.name for p in target.parent.iterdir()] == ["file.bin"]
