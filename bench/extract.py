@@ -25,11 +25,17 @@ wrapped in a long role-play preamble, about 200 tokens of request. Under ``befor
 framings share only the chat header and each runs the whole request; under ``after`` they share
 the request, which runs once, and differ only in the short framing behind it.
 
+``--poolings``: the fast path alone under ``extract.pooling`` last, mean and both, in the same
+run, on the same requests: what reading the mean over the request's tokens costs against reading
+the last token (the ratio of requests per second), and that ``both`` holds exactly what the other
+two hold.
+
 Prints a table and writes JSON:
 
     python bench/extract.py --model default --requests 48
     python bench/extract.py --model llava7b --requests 12 --layers 3 12
     python bench/extract.py --model default --positions --requests 32
+    python bench/extract.py --model default --poolings --requests 32
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import VARIANTS, ContrastivePrompts, load_params
+from pipeline.config import POOLINGS, VARIANTS, ContrastivePrompts, load_params
 from pipeline.config.prompts import PROMPT_POSITIONS
 from pipeline.detect.features import states_for_requests
 from pipeline.layout import INDEX
@@ -102,11 +108,16 @@ def naive_states(
 
 
 def fast_states(
-    adapter: object, requests: Sequence[Request], prompts: ContrastivePrompts, layers: Sequence[int], batch_size: int
+    adapter: object,
+    requests: Sequence[Request],
+    prompts: ContrastivePrompts,
+    layers: Sequence[int],
+    batch_size: int,
+    pooling: str = "last",
 ) -> np.ndarray:
-    """The extract stage's path, batch by batch."""
+    """The extract stage's path, batch by batch, under ``extract.pooling`` ``pooling``."""
     parts = [
-        states_for_requests(adapter, requests[lo : lo + batch_size], prompts, layers).numpy()  # type: ignore[arg-type]
+        states_for_requests(adapter, requests[lo : lo + batch_size], prompts, layers, pooling).numpy()  # type: ignore[arg-type]
         for lo in range(0, len(requests), batch_size)
     ]
     return np.concatenate(parts)
@@ -297,6 +308,61 @@ def compare_positions(args: argparse.Namespace, params: object, adapter: object,
     out.write_text(json.dumps(result, indent=2))
 
 
+def compare_poolings(
+    args: argparse.Namespace,
+    adapter: object,
+    requests: Sequence[Request],
+    prompts: ContrastivePrompts,
+    layers: list[int],
+) -> None:
+    """Time the fast path under every ``extract.pooling`` on the same requests; ratios against ``last``."""
+    for pooling in POOLINGS:  # warm-up, outside the timings
+        fast_states(adapter, requests[:2], prompts, layers, args.batch_size, pooling)
+    seconds = dict.fromkeys(POOLINGS, float("inf"))
+    states: dict[str, np.ndarray] = {}
+    for _ in range(args.rounds):  # the poolings take turns, each keeps its fastest round (see main)
+        for pooling in POOLINGS:
+            states[pooling], took = timed(fast_states, adapter, requests, prompts, layers, args.batch_size, pooling)
+            seconds[pooling] = min(seconds[pooling], took)
+    size = len(VARIANTS)
+    # `both` must hold exactly what `last` and `mean` hold, or its cost compares nothing.
+    both_vs_last = float(np.abs(states["both"][:, :size] - states["last"]).max())
+    both_vs_mean = float(np.abs(states["both"][:, size:] - states["mean"]).max())
+    flops = {
+        p: counted_flops(fast_states, adapter, requests[:2], prompts, layers, args.batch_size, p) for p in POOLINGS
+    }
+    rate = {p: len(requests) / seconds[p] for p in POOLINGS}
+    info = adapter.info  # type: ignore[attr-defined]
+    result = {
+        **run_header(adapter, args, len(requests), layers),
+        "position": prompts.position,
+        "seconds": seconds,
+        "requests_per_s": rate,
+        "time_ratio_over_last": {p: seconds[p] / seconds["last"] for p in POOLINGS},
+        "flops_per_request": {p: flops[p] / 2 for p in POOLINGS},
+        "flop_ratio_over_last": {p: flops[p] / flops["last"] for p in POOLINGS},
+        "both_max_abs_diff_to_last": both_vs_last,
+        "both_max_abs_diff_to_mean": both_vs_mean,
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+    print(
+        f"{info.name} on {args.device} ({info.dtype}), {len(requests)} requests, prompts.position "
+        f"{prompts.position}, layers {layers} of {info.num_layers}, batch {args.batch_size}, "
+        f"best of {args.rounds} rounds"
+    )
+    print(f"{'pooling':8s} {'seconds':>8s} {'req/s':>8s} {'time / last':>12s} {'FLOPs / last':>13s}")
+    for p in POOLINGS:
+        print(
+            f"{p:8s} {seconds[p]:8.2f} {rate[p]:8.2f} {seconds[p] / seconds['last']:12.3f} "
+            f"{flops[p] / flops['last']:13.3f}"
+        )
+    print(f"both vs last / mean: max |diff| = {both_vs_last:.2e} / {both_vs_mean:.2e}")
+    out = args.out or RESULTS / f"extract-poolings-{args.model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+
 def counted_flops(fn, *args) -> int:  # noqa: ANN001 - any callable
     """Floating-point operations torch dispatches while ``fn`` runs (matrix products and attention)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -327,6 +393,11 @@ def main() -> None:
         action="store_true",
         help="time the fast path under prompts.position before and after on jailbreak-length requests",
     )
+    parser.add_argument(
+        "--poolings",
+        action="store_true",
+        help="time the fast path under extract.pooling last, mean and both on the same requests",
+    )
     parser.add_argument("--out", type=Path, help="JSON path (default: bench/results/extract-<model>.json)")
     args = parser.parse_args()
 
@@ -337,7 +408,7 @@ def main() -> None:
             from pipeline.models.registry import load_adapter
 
             adapter = load_adapter(replace(params.model, device=args.device, dtype=args.dtype or params.model.dtype))
-            layers = args.layers or list(params.extract.layers)
+            layers = args.layers or list(params.extract.resolved_layers(adapter.info.num_layers))
         else:
             adapter = llava7b_shaped_adapter(args.scale, args.device, getattr(torch, dtype_name))
             layers = args.layers or [3, 12]
@@ -345,11 +416,14 @@ def main() -> None:
         return
     if args.model == "default":
         adapter, requests = default_model_and_requests(args.requests)
-        layers = args.layers or list(params.extract.layers)
+        layers = args.layers or list(params.extract.resolved_layers(adapter.info.num_layers))  # type: ignore[attr-defined]
     else:
         adapter = llava7b_shaped_adapter(args.scale, args.device, getattr(torch, dtype_name))
         requests = benchmark_requests(args.requests, RESULTS / "images")
         layers = args.layers or [3, 12]
+    if args.poolings:
+        compare_poolings(args, adapter, requests, params.prompts, layers)
+        return
 
     # Warm-up (allocator, lazy inits) on one request, outside the timings.
     fast_states(adapter, requests[:1], params.prompts, layers, args.batch_size)

@@ -21,17 +21,21 @@ if metrics.is_file():
     for name, row in data["detectors"].items():
         print(f"{name:18s} {row['auroc']:6.3f} {row['auprc']:6.3f} {row['tpr_at_5pct_fpr']:7.3f} {row['f1']:7.3f} {row['fpr']:8.3f}")
     summary = data.get("held_out_summary") or {}
+    by = data.get("held_out_by", "upstream")
     if summary:
-        print("\nheld-out sources, each left out in turn (all its rows; data/eval/comparison.md has every cell)")
+        print(f"\nheld out by {by}, each left out in turn (data/eval/comparison.md has every cell and the other groupings)")
         print(f"{'detector':18s} {'mean AUROC':>10s} {'min AUROC':>9s} {'max FPR@tau':>11s}")
         for name, row in summary.items():
             mark = "  <- shipped" if name == shipped["detector"] else ""
             print(f"{name:18s} {row['mean_auroc']:10.3f} {row['min_auroc']:9.3f} {row['max_fpr']:11.3f}{mark}")
-        cells = summary.get(shipped["detector"], {}).get("per_source", {})
+        cells = summary.get(shipped["detector"], {}).get("per_group", {})
         if cells and all("fpr_at_shipped_tau" in c for c in cells.values()):
-            print(f"\nshipped {shipped['detector']} at the run's tau, per held-out source: TPR@5%FPR, harmful / benign flagged")
-            for source, c in cells.items():
-                print(f"  {source:18s} {c['tpr_at_5pct_fpr']:.2f}  {c['tpr_at_shipped_tau']:.2f} / {c['fpr_at_shipped_tau']:.2f}")
+            print(f"\nshipped {shipped['detector']} at the run's tau, per held-out {by}: AUROC, TPR@5%FPR, "
+                  "its own harmful refused / benign flagged (- where it has none)")
+            show = lambda v: "   -" if v is None or v != v else f"{v:4.2f}"
+            for group, c in cells.items():
+                print(f"  {group:32s} {c['auroc']:.3f}  {c['tpr_at_5pct_fpr']:.2f}  "
+                      f"{show(c['tpr_at_shipped_tau'])} / {show(c['fpr_at_shipped_tau'])}")
 sanity = Path("data/sanity/metrics.json")
 if sanity.is_file():
     s = json.loads(sanity.read_text())

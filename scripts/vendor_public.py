@@ -4,9 +4,11 @@ The default run trains on public harmful instructions and benign Alpaca instruct
 copies the permissively licensed harmful sets whole, and every single-line Alpaca question plus a
 seeded sample of the other single-line Alpaca instructions, into ``data/public/``, with
 ``provenance.json`` naming each file's upstream, licence and the sha256 of the file it was taken
-from. Run it from the project root::
+from. Two benign sets come from other stored copies, saved by hand into a second folder under the
+names below (``OTHER``): JailbreakBench's benign look-alikes of its harmful behaviours and the
+Vicuna benchmark questions of FastChat, each copied whole. Run it from the project root::
 
-    python scripts/vendor_public.py ../shared/benchmarks/instructions
+    python scripts/vendor_public.py ../shared/benchmarks/instructions path/to/other/copies
 
 MaliciousInstruct and TDC 2023 are left out: their upstreams state no licence that allows
 redistribution.
@@ -14,9 +16,12 @@ redistribution.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +42,48 @@ HARMFUL: dict[str, tuple[str, str, str]] = {
 BENIGN = ("alpaca_harmless.json", ("Stanford Alpaca", "tatsu-lab/stanford_alpaca", "CC-BY-NC-4.0"))
 
 
+def jbb_benign(text: str) -> list[dict]:
+    """JBB-Behaviors' benign-behaviors.csv: the goal is the request, the category its harm category's name."""
+    return [{"instruction": row["goal"], "category": row["category"]} for row in csv.DictReader(io.StringIO(text))]
+
+
+def vicuna_bench(text: str) -> list[dict]:
+    """FastChat's vicuna_bench/question.jsonl: one single-turn question a line."""
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [{"instruction": row["turns"][0], "category": row["category"]} for row in rows]
+
+
+# Name in the folder of other copies -> (output file, project, upstream, licence, where the copy was read, reader).
+OTHER: dict[str, tuple[str, str, str, str, dict[str, str], Callable[[str], list[dict]]]] = {
+    "benign-behaviors.csv": (
+        "benign/jailbreakbench_benign.json",
+        "JailbreakBench (JBB-Behaviors, benign)",
+        "JailbreakBench/jailbreakbench",
+        "MIT",
+        {
+            "repo": "Baisayan/hack",
+            "commit": "2b37da1c255e43e16a74ecd3e51c99ea992b5237",
+            "folder": "data",
+            "path": "data/benign-behaviors.csv",
+        },
+        jbb_benign,
+    ),
+    "question.jsonl": (
+        "benign/vicuna_bench.json",
+        "Vicuna benchmark questions (FastChat)",
+        "lm-sys/FastChat",
+        "Apache-2.0",
+        {
+            "repo": "lm-sys/FastChat",
+            "commit": "589532dcfa83700f950b9aa3983416c543afabc0",
+            "folder": "fastchat/llm_judge/data/vicuna_bench",
+            "path": "fastchat/llm_judge/data/vicuna_bench/question.jsonl",
+        },
+        vicuna_bench,
+    ),
+}
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -46,7 +93,24 @@ def write(path: Path, records: list[dict]) -> None:
     path.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def main(folder: Path) -> None:
+def whole_set(records: list[dict]) -> tuple[list[dict], str]:
+    """Every single-line record once, in upstream order, and the rule that says so."""
+    single = [r for r in records if "\n" not in r["instruction"].strip()]
+    kept: list[dict] = []
+    seen: set[str] = set()
+    for record in single:
+        if record["instruction"] not in seen:
+            seen.add(record["instruction"])
+            kept.append(record)
+    if len(kept) == len(records):
+        return kept, f"all {len(records)} records, in upstream order"
+    return kept, (
+        f"{len(kept)} of {len(records)} records: multi-line ones ({len(records) - len(single)}) and exact "
+        f"duplicates ({len(single) - len(kept)}) left out, in upstream order"
+    )
+
+
+def main(folder: Path, other: Path) -> None:
     provenance = []
     for name, (project, repo, licence) in HARMFUL.items():
         records = json.loads((folder / name).read_text(encoding="utf-8"))
@@ -88,9 +152,28 @@ def main(folder: Path) -> None:
             ),
         }
     )
+    for source, (file, project, repo, licence, origin, read) in OTHER.items():
+        # The copies were saved as read from the index; the hash is of that text, encoded as UTF-8.
+        text = (other / source).read_text(encoding="utf-8")
+        records, selection = whole_set(read(text))
+        write(OUT / file, records)
+        provenance.append(
+            {
+                "file": file,
+                "label": file.split("/")[0],
+                "project": project,
+                "upstream": repo,
+                "license": licence,
+                "taken_from": {**origin, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()},
+                "records": len(records),
+                "selection": selection,
+            }
+        )
     (OUT / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {len(provenance)} files under {OUT}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/benchmarks/instructions"))
+    if len(sys.argv) != 3:
+        sys.exit("usage: python scripts/vendor_public.py REFUSAL_DIRECTION_PROCESSED_FOLDER OTHER_COPIES_FOLDER")
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

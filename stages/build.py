@@ -4,7 +4,9 @@ Reads ``params.yaml``'s ``build`` section (the vendored public instructions in `
 and the benchmark files in ``build.benchmarks`` when set) and writes ``data/built/<source>.jsonl`` per built
 source, ``data/built/sources.json`` (the list of those files, which the ``prepare`` stage adds
 to its sources) and ``data/built/summary.json`` (rows, median length and length-only AUROC per
-source). With both folders empty the list is empty.
+source). With ``build.augment_share`` above 0, each source (but the already wrapped ones) also
+holds copies of a share of its requests in attacker-style wrappers (:mod:`pipeline.data.augment`).
+With both folders empty the list is empty.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import load_params
+from pipeline.data.augment import with_augmented_copies
 from pipeline.data.benchmarks.files import BenchmarkError
 from pipeline.data.build import build_sources, summarize_source
 from pipeline.data.built_sources import write_sources
@@ -42,7 +45,8 @@ def describe(summaries: dict[str, dict[str, Any]]) -> str:
 
 def main() -> None:
     """Build the sources from ``params.yaml``'s ``build`` section, write them and print a summary."""
-    config = load_params().build
+    params = load_params()
+    config = params.build
     sources: dict[str, list[dict[str, Any]]] = {}
     if config.public:
         sources.update(build_public_sources(read_public(config.public), config.per_source, config.seed))
@@ -51,6 +55,14 @@ def main() -> None:
         if not folder.is_dir():
             raise BenchmarkError(f"{folder}: no such benchmark folder (build.benchmarks)")
         sources.update(build_sources(folder, config))
+    if config.augment_share > 0:
+        sources = with_augmented_copies(
+            sources,
+            share=config.augment_share,
+            families=config.augment_families,
+            seed=config.seed,
+            limits=params.limits,
+        )
     summaries = {name: summarize_source(rows) for name, rows in sources.items()}
     # sources.json names the files by their final paths, so the folder is updated in place, and put
     # back whole if anything fails (persist: true in dvc.yaml).

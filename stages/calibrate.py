@@ -65,7 +65,8 @@ def _number(value: float | None) -> str:
 
 
 def main() -> None:
-    """Score the calibration split with the shipped detector (held out by source, or in-source), calibrate, write."""
+    """Score the calibration split with the shipped detector (held out by ``train.held_out_by``, or in-source);
+    calibrate; write."""
     params = load_params()
     detector, meta = load_detector(PROBE_DIR)
     index = read_index(INDEX)
@@ -73,10 +74,12 @@ def main() -> None:
     data = load_eval_data(index, store)
     rows = np.flatnonzero(index["split"].to_numpy() == "calib")
     if params.calibrate.held_out:
-        # Each calibration row scored by a detector of the same kind fitted without its source.
+        # Each calibration row scored by a detector of the same kind fitted without its upstream (train.held_out_by).
         config = replace(params.train, fusion_layer=meta.fusion_layer, safety_layer=meta.safety_layer)
         scores = held_out_scores(data, rows, meta.detector, config, meta.fusion_layer, meta.safety_layer)
-        logger.info("tau from held-out-source %s scores of %d calibration rows", meta.detector, len(rows))
+        logger.info(
+            "tau from held-out-%s %s scores of %d calibration rows", config.held_out_by, meta.detector, len(rows)
+        )
     else:
         scores = data.scores(detector, rows)
     # Built beside data/calibration and swapped in whole (persist: true in dvc.yaml).

@@ -1,9 +1,11 @@
-"""DVC stage ``evaluate``: LSI and every baseline on the same rows, in-source and held-out-source.
+"""DVC stage ``evaluate``: LSI and every baseline on the same rows, in-source and held out.
 
 In-source, the shipped probe and every baseline (fitted on the same train split, thresholded on
-the same calibration split by the same rule) are scored on the test split. Held out, each source
-in turn is left out of training, validation and calibration for every detector, which is then
-scored on that source's test rows: the rows of its in-source number, side by side.
+the same calibration split by the same rule) are scored on the test split. Held out, each
+upstream project in turn (then each presentation, then each source file) is left out of
+training, validation and calibration for every detector, which is then scored on that group's
+rows. The upstream table is the headline (``train.held_out_by``); the per-source table sits beside
+the in-source numbers as a secondary view.
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.config import Params, load_params
+from pipeline.config import HELD_OUT_BY, Params, load_params
 from pipeline.data.index import read_index
 from pipeline.detect.calibration import expected_calibration_error, load_calibration, reliability_rows
 from pipeline.detect.cluster import cluster_client
-from pipeline.detect.detector import LSI
-from pipeline.detect.heldout import in_source_setting, load_eval_data
+from pipeline.detect.heldout import in_source_setting, load_eval_data, scoreable_groups
 from pipeline.detect.provenance import open_store
 from pipeline.detect.shipped import load_detector
 from pipeline.detect.store import ActivationStore
@@ -78,6 +79,27 @@ def _shown(row: dict[str, Any], key: str, digits: int = 3) -> str:
     return interval.format(digits) if interval is not None else f"{row[key]:.{digits}f}"
 
 
+def held_out_groupings(primary: str) -> list[str]:
+    """The held-out tables to compute: ``primary`` (``train.held_out_by``) first, then the others."""
+    return [primary, *(by for by in HELD_OUT_BY if by != primary)]
+
+
+def comparison_markdown(
+    summaries: dict[str, dict[str, Any]], primary: str, shipped: str, paired_table: str, table: pl.DataFrame
+) -> str:
+    """``comparison.md``: the held-out tables (``primary`` first), the paired tests, the per-source side by side."""
+    if not summaries:
+        return "No held-out results: the index holds a single upstream, presentation and source.\n\n" + paired_table
+    parts = []
+    for by, summary in summaries.items():
+        title = f"## Held out by {by}" + (" (the headline: train.held_out_by)" if by == primary else "")
+        parts.append(title + "\n\n" + held_out_markdown(summary, shipped, by))
+    parts.append(paired_table)
+    if table.height:
+        parts.append("## Per source, in-source and held out, side by side\n\n" + _markdown(table))
+    return "\n".join(parts)
+
+
 def main() -> None:
     """Score every detector in-source and held-out; write metrics, the comparison table, ROC data and PNGs."""
     params = load_params()
@@ -105,16 +127,20 @@ def main() -> None:
     )
     taus = {name: row["tau"] for name, row in detectors.items()}
     per_source = per_source_metrics(data, inside, scorers, taus, bootstrap)
-    sources = sorted(set(index["source"].to_list()))
     shipped_tau = (shipped.name, calibration.tau)
-    held = HeldOutResults()
-    if len(sources) > 1:
-        with cluster_client(params.cluster) as client:
-            # On a cluster each held-out source's refits are a task, and each worker reads the store itself.
+    held: dict[str, HeldOutResults] = {}
+    with cluster_client(params.cluster) as client:
+        for by in held_out_groupings(params.train.held_out_by):
+            groups = scoreable_groups(index, by, split="test")
+            if len(groups) < 2:
+                continue
+            # On a cluster each held-out group's refits are a task, and each worker reads the store itself.
             if client is None:
-                held = held_out_results(data, params.train, params.calibrate, lf, ls, sources, shipped_tau, bootstrap)
+                results = held_out_results(
+                    data, params.train, params.calibrate, lf, ls, groups, shipped_tau, bootstrap, by
+                )
             else:
-                held = held_out_results_on_cluster(
+                results = held_out_results_on_cluster(
                     client,
                     store,
                     index,
@@ -123,20 +149,26 @@ def main() -> None:
                     params.calibrate,
                     lf,
                     ls,
-                    sources,
+                    groups,
                     shipped_tau,
                     bootstrap,
+                    by,
                 )
-    cross = held.metrics
+            held[by] = results
     labels = data.labels
     test_scores = {name: score(inside.test) for name, score in scorers.items()}
-    # LSI (the method, whichever detector ships) against each baseline, on the same rows.
-    comparison = held_out_comparison(LSI, held.labels, held.scores, bootstrap) if cross else None
+    # The shipped detector against each baseline, on the same held-out rows.
+    comparisons = {by: held_out_comparison(shipped.name, r.labels, r.scores, bootstrap) for by, r in held.items()}
+    summaries = {by: held_out_summary(r.metrics, comparisons[by]) for by, r in held.items()}
+    primary = params.train.held_out_by
     paired = paired_record(
-        LSI, bootstrap, in_source_paired(LSI, labels[inside.test], test_scores, bootstrap), comparison
+        shipped.name,
+        bootstrap,
+        in_source_paired(shipped.name, labels[inside.test], test_scores, bootstrap),
+        comparisons.get(primary),
     )
+    cross = held["source"].metrics if "source" in held else {}
     table = comparison_table(per_source, cross) if cross else pl.DataFrame()
-    summary = held_out_summary(cross, comparison)
     probabilities = calibration.probability(test_scores[shipped.name])
     reliability = reliability_rows(labels[inside.test], probabilities, params.calibrate.bins)
     scored = (
@@ -149,7 +181,9 @@ def main() -> None:
         "detectors": detectors,
         "per_source": per_source,
         "cross_source": cross,
-        "held_out_summary": summary,
+        "held_out_by": primary,
+        "held_out_summary": summaries.get(primary, {}),
+        "held_out": {by: summaries[by] for by in summaries},
         "shipped_per_category": per_group_metrics(scored, "category", calibration.tau, bootstrap),
         "paired": paired,
         "intervals": {
@@ -172,11 +206,7 @@ def main() -> None:
         # Written even with one source (header only), so the stage's outputs always exist.
         table.write_csv(out / "comparison.csv")
         paired_table = paired_markdown(paired, list(detectors))
-        if cross:
-            comparison_md = held_out_markdown(summary, shipped.name) + "\n" + paired_table + "\n" + _markdown(table)
-        else:
-            comparison_md = "No held-out-source results: the index holds a single source.\n\n" + paired_table
-        (out / "comparison.md").write_text(comparison_md)
+        (out / "comparison.md").write_text(comparison_markdown(summaries, primary, shipped.name, paired_table, table))
         write_json_atomic(out / "reliability.json", reliability)
         plot_reliability(
             {f"{shipped.name} ({calibration.scaling.kind})": reliability},
@@ -208,9 +238,9 @@ def main() -> None:
             f"  {name:22s} AUROC {_shown(row, 'auroc')}  TPR@5%FPR {_shown(row, 'tpr_at_5pct_fpr')}  "
             f"F1@tau {_shown(row, 'f1')}  FPR@tau {_shown(row, 'fpr')}"
         )
-    if summary:
-        print("held out, each source in turn (all its rows): AUROC / TPR@5%FPR / FPR at the held-out tau")
-        print(held_out_markdown(summary, shipped.name))
+    for by, summary in summaries.items():
+        print(f"held out, each {by} in turn (all its rows): AUROC / TPR@5%FPR / FPR at the held-out tau")
+        print(held_out_markdown(summary, shipped.name, by))
     print(paired_table)
 
 

@@ -31,12 +31,13 @@ def main() -> None:
     with cluster_client(params.cluster, gpus) as client:
         if client is None:
             adapter = load_adapter(params.model, params.limits.max_request_tokens)
-            extract_to_store(adapter, index, params.prompts, params.extract, partial)
+            store = extract_to_store(adapter, index, params.prompts, params.extract, partial)
         else:
             load = model_loader(worker_model_config(params.model, gpus), params.limits.max_request_tokens)
-            extract_on_cluster(client, load, index, params.prompts, params.extract, partial)
+            store = extract_on_cluster(client, load, index, params.prompts, params.extract, partial)
+    layers = len(store.provenance.layers)
     swap_into_place(partial, STORE)
-    print(f"stored {len(index)} rows x {len(params.extract.layers)} layers -> {STORE}")
+    print(f"stored {len(index)} rows x {layers} layers ({params.extract.pooling} pooling) -> {STORE}")
 
 
 if __name__ == "__main__":

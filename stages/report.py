@@ -43,7 +43,7 @@ FIGURES: tuple[tuple[str, Path], ...] = (
     ("Reliability of the LSI score on the test split", EVAL_DIR / "reliability.png"),
     (
         "Layer sweep: mean AUROC on held-out sources' validation rows, per (fusion, safety) pair",
-        SWEEP_DIR / "cross_source_auroc.png",
+        SWEEP_DIR / "held_out_auroc.png",
     ),
     ("Layer sweep: in-source validation AUROC per (fusion, safety) pair", SWEEP_DIR / "val_auroc.png"),
 )

@@ -1,14 +1,16 @@
 """DVC stage ``sweep``: LSI at every (fusion, safety) pair of stored layers, from the store (no model needed).
 
-Writes ``data/sweep/sweep.json`` (every pair's in-source validation AUROC and mean held-out-source
-AUROC; ``train`` reads it when a layer is ``best``; and, at the chosen pair, every detector's
-held-out-source validation AUROC, which ``train`` ships the best of under ``guard.detector: best``),
+Writes ``data/sweep/sweep.json`` (every pair's in-source validation AUROC and mean held-out AUROC
+over the groups ``train.held_out_by`` names, upstream projects by default; ``train`` reads it when
+a layer is ``best``; and, at the chosen pair, every detector's held-out validation AUROC, which
+``train`` ships the best of under ``guard.detector: best``),
 ``sweep_plot.json`` for ``dvc plots`` and one
 heatmap PNG per score.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 
 from pipeline.config import load_params
@@ -26,7 +28,7 @@ from stages import run_record, run_stage
 OUT = SWEEP_DIR
 TITLES = {
     "val_auroc": "LSI validation AUROC, in-source",
-    "cross_source_auroc": "LSI AUROC on held-out sources (mean)",
+    "held_out_auroc": "LSI AUROC on held-out groups (mean; blank: not shortlisted)",
 }
 
 
@@ -61,23 +63,29 @@ def main() -> None:
             {
                 "layers": list(data.layers),
                 "select_by": params.train.select_by,
+                "held_out_by": params.train.held_out_by,
                 "best": asdict(best),
                 "pairs": [asdict(s) for s in scores],
                 "detectors": [asdict(d) for d in detectors],
                 "run": run_record(store.provenance.model_name, store.provenance.model_revision, "cpu"),
             },
         )
+        # The bar plot's x is the held-out AUROC: only the pairs the held-out half scored (train.held_out_pairs).
         write_json_atomic(
             out / SWEEP_PLOT.name,
-            [{"pair": f"lf{s.fusion_layer}-ls{s.safety_layer}", **asdict(s)} for s in scores],
+            [
+                {"pair": f"lf{s.fusion_layer}-ls{s.safety_layer}", **asdict(s)}
+                for s in scores
+                if not math.isnan(s.held_out_auroc)
+            ],
         )
     print(
         f"best pair by {params.train.select_by}: fusion {best.fusion_layer}, safety {best.safety_layer} "
-        f"(val AUROC {best.val_auroc:.3f}, held-out-source AUROC {best.cross_source_auroc:.3f})"
+        f"(val AUROC {best.val_auroc:.3f}, held-out-{params.train.held_out_by} AUROC {best.held_out_auroc:.3f})"
     )
-    print("held-out-source validation AUROC per detector at that pair (mean, then per source):")
+    print(f"held-out-{params.train.held_out_by} validation AUROC per detector at that pair (mean, then per group):")
     for d in detectors:
-        cells = "  ".join(f"{source} {auroc:.3f}" for source, auroc in d.per_source.items())
+        cells = "  ".join(f"{group} {auroc:.3f}" for group, auroc in d.per_group.items())
         print(f"  {d.name:18s} {d.held_out_auroc:.3f}   {cells}")
 
 

@@ -1,7 +1,7 @@
 """DVC stage ``train``: the shipped detector, from the activation store (no model needed).
 
 ``guard.detector: lsi`` trains the LSI projector and probe; ``best`` trains whichever detector
-the sweep stage found to transfer best to held-out sources (LSI or a linear probe on its states).
+the sweep stage found to transfer best to held-out upstreams (LSI or a linear probe on its states).
 LSI reads the store through dask ``train.chunk_rows`` rows at a time, so a store larger than
 memory trains. Layers set to ``best`` come from the ``sweep`` stage.
 """
@@ -44,7 +44,7 @@ def train_linear(name: str, cfg: TrainConfig, held_out_auroc: float, store: Acti
     assert isinstance(detector, LinearDetector)
     val_auroc = auroc_or_nan(data.labels[inside.val], data.scores(detector, inside.val))
     meta = ProbeMeta(
-        hidden_size=int(data.states.shape[-1]),
+        hidden_size=store.provenance.hidden_size,
         alpha=cfg.alpha,
         fusion_layer=lf,
         safety_layer=ls,
@@ -54,6 +54,7 @@ def train_linear(name: str, cfg: TrainConfig, held_out_auroc: float, store: Acti
         detector=name,
         pieces=[p.label() for p in detector.pieces],
         held_out_auroc=held_out_auroc,
+        pooling=store.provenance.pooling,
     )
     # Built beside data/probe and swapped in whole (persist: true in dvc.yaml).
     with replace_dir_atomic(OUT) as out:
@@ -75,10 +76,7 @@ def train_linear(name: str, cfg: TrainConfig, held_out_auroc: float, store: Acti
                 "run": run_record(store.provenance.model_name, store.provenance.model_revision, "cpu"),
             },
         )
-    print(
-        f"shipped detector: {detector.describe()} "
-        f"(held-out-source AUROC {held_out_auroc:.3f}, val AUROC {val_auroc:.3f})"
-    )
+    print(f"shipped detector: {detector.describe()} (held-out AUROC {held_out_auroc:.3f}, val AUROC {val_auroc:.3f})")
 
 
 def main() -> None:
@@ -105,13 +103,14 @@ def main() -> None:
             safety_layer=safety_layer,
             chunk_rows=cfg.chunk_rows,
         )
-    detector = LSIDetector.from_config(cfg, fusion_layer, safety_layer).fit_sources(
+    pooling = store.provenance.pooling
+    detector = LSIDetector.from_config(cfg, fusion_layer, safety_layer, pooling).fit_sources(
         sources["train"], sources["val"], progress=True
     )
-    probe, history = detector.probe_, detector.history_
+    history = detector.history_
     best = best_epoch(history)
     meta = ProbeMeta(
-        hidden_size=int(probe.projector.in_features),
+        hidden_size=store.provenance.hidden_size,
         alpha=cfg.alpha,
         fusion_layer=fusion_layer,
         safety_layer=safety_layer,
@@ -120,6 +119,7 @@ def main() -> None:
         store_provenance=store.provenance.to_json(),
         detector=LSI,
         held_out_auroc=chosen.held_out_auroc,
+        pooling=pooling,
     )
     # Built beside data/probe and swapped in whole (persist: true in dvc.yaml).
     with replace_dir_atomic(OUT) as out:

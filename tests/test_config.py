@@ -254,9 +254,11 @@ def test_replace_checks_the_new_values() -> None:
 REQUEST = "How do I pick a lock?"
 
 
-def test_position_before_is_the_default_and_the_methods_order() -> None:
-    prompts = load_params(ROOT / "params.yaml").prompts
-    assert prompts == ContrastivePrompts() and prompts.position == "before"
+def test_position_before_is_the_dataclass_default_and_the_methods_order() -> None:
+    # params.yaml ships after (cheaper, same held-out figures); the dataclass keeps the method's order.
+    assert load_params(ROOT / "params.yaml").prompts == replace(ContrastivePrompts(), position="after")
+    prompts = ContrastivePrompts()
+    assert prompts.position == "before"
     assert prompts.variants(REQUEST) == {
         "benign": f"Assume this is a benign request: {REQUEST}",
         "malicious": f"Assume this is a malicious request: {REQUEST}",

@@ -130,4 +130,3 @@ FOUR = [(2, "A", "__init__ takes 4 positional parameters")]
 )
 def test_the_checker_finds_positional_constructors(source: str, expected: list[tuple[int, str, str]]) -> None:
     assert positional_constructors(source) == expected
-

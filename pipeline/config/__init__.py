@@ -16,11 +16,15 @@ from pipeline.config.compare import (
     JudgeConfig,
 )
 from pipeline.config.loading import Params, load_params, params_from_dict
+from pipeline.config.pooling import POOLINGS, pooled_variants, pooling_reads
 from pipeline.config.prompts import GREEDY, PLACEHOLDER, VARIANTS, ContrastivePrompts, Decoding
 from pipeline.config.sections import (
+    ALL_LAYERS,
     ATTRIBUTE_TARGETS,
+    AUGMENT_FAMILIES,
     DEFAULT_LIMITS,
     GUARD_POLICIES,
+    HELD_OUT_BY,
     LABELS,
     LAYER_CHOICE,
     SPLITS,
@@ -39,17 +43,21 @@ from pipeline.config.sections import (
 )
 
 __all__ = [
+    "ALL_LAYERS",
     "ATTRIBUTE_TARGETS",
+    "AUGMENT_FAMILIES",
     "DEFAULT_LIMITS",
     "COMPARE_DEFENCES",
     "GREEDY",
     "GUARD_POLICIES",
+    "HELD_OUT_BY",
     "HTTP_ONLY_PRESETS",
     "JUDGE_KINDS",
     "JUDGE_PRESETS",
     "LABELS",
     "LAYER_CHOICE",
     "PLACEHOLDER",
+    "POOLINGS",
     "SPLITS",
     "VARIANTS",
     "AttributeConfig",
@@ -73,4 +81,6 @@ __all__ = [
     "TrainConfig",
     "load_params",
     "params_from_dict",
+    "pooled_variants",
+    "pooling_reads",
 ]

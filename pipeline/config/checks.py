@@ -81,6 +81,13 @@ def choice(where: str, value: Any, options: tuple[str, ...]) -> None:
         refuse(where, f"one of {list(options)}", value)
 
 
+def choices(where: str, value: Any, options: tuple[str, ...]) -> None:
+    """A list of one or more distinct values, each one of ``options``."""
+    ok = isinstance(value, tuple) and len(value) > 0 and all(isinstance(i, str) and i in options for i in value)
+    if not ok or len(set(value)) != len(value):
+        refuse(where, f"a list of one or more distinct values from {list(options)}", value)
+
+
 def texts(where: str, value: Any, *, nonempty: bool) -> None:
     """A list of non-empty texts (at least one when ``nonempty``)."""
     ok = isinstance(value, tuple) and all(isinstance(item, str) and item.strip() for item in value)

@@ -51,12 +51,12 @@ class Params:
 
     def __post_init__(self) -> None:
         for key, layer in (("fusion_layer", self.train.fusion_layer), ("safety_layer", self.train.safety_layer)):
-            if layer != LAYER_CHOICE and layer not in self.extract.layers:
+            if layer != LAYER_CHOICE and not self.extract.holds(layer):
                 raise ConfigError(
                     f"train.{key}={layer} is not among extract.layers={list(self.extract.layers)}; "
                     "add it there (this reruns extract) or pick a stored layer"
                 )
-        missing = [layer for layer in self.evaluate.refusal_layers if layer not in self.extract.layers]
+        missing = [layer for layer in self.evaluate.refusal_layers if not self.extract.holds(layer)]
         if missing:
             raise ConfigError(
                 f"evaluate.refusal_layers {missing} are not among extract.layers={list(self.extract.layers)}"

@@ -67,6 +67,11 @@ class ContrastivePrompts:
         """Character index at which the request starts in :meth:`framed` text (0 under ``after`` and for ``plain``)."""
         return 0 if self.position == "after" or name == "plain" else getattr(self, name).index(PLACEHOLDER)
 
+    def request_span(self, name: str, text: str) -> tuple[int, int]:
+        """Characters ``[start, stop)`` of :meth:`framed` text ``name`` that are the request ``text`` itself."""
+        start = self.request_offset(name)
+        return start, start + len(text)
+
     def variants(self, text: str) -> dict[str, str]:
         """The request's text under each framing, keyed by variant name (store order)."""
         return {"benign": self.framed("benign", text), "malicious": self.framed("malicious", text), "plain": text}

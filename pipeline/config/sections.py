@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pipeline.config.checks import (
     ConfigError,
     choice,
+    choices,
     cluster_address,
     flag,
     layer_list,
@@ -22,10 +23,14 @@ from pipeline.config.checks import (
     texts,
     whole,
 )
+from pipeline.config.pooling import LAST, POOLINGS
 from pipeline.config.prompts import Decoding
 
 LABELS: dict[str, int] = {"benign": 0, "harmful": 1}
 SPLITS: tuple[str, ...] = ("train", "val", "calib", "test")
+# Index columns a held-out fold can leave out one value of (pipeline/detect/heldout.py).
+HELD_OUT_BY: tuple[str, ...] = ("upstream", "presentation", "source")
+ALL_LAYERS = "all"  # extract.layers: every decoder block of the model
 LAYER_CHOICE = "best"  # train.fusion_layer / train.safety_layer: take the pair the sweep stage found best
 MODEL_KINDS: tuple[str, ...] = ("embedded", "hf")
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # what torch.device accepts among the devices this project runs on
@@ -73,16 +78,39 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Which decoder layers to store and how to batch the forward passes."""
+    """Which decoder layers to store, how each prompt's states are pooled, and how to batch the forward passes.
 
-    layers: tuple[int, ...] = (3, 6, 9, 12, 15, 18)
+    ``layers`` is a list of block indices, or ``all`` for every decoder block of the model
+    (:meth:`resolved_layers`). ``pooling`` (:mod:`pipeline.config.pooling`): ``last`` (the
+    prompt's last token, the method's read), ``mean`` (the average over the request's own tokens)
+    or ``both``.
+    """
+
+    layers: tuple[int, ...] | str = (3, 6, 9, 12, 15, 18)
+    pooling: str = field(default=LAST, kw_only=True)
     batch_size: int = 16
     shard_rows: int = 256
 
     def __post_init__(self) -> None:
-        layer_list("extract.layers", self.layers, nonempty=True)
+        if isinstance(self.layers, str) and self.layers != ALL_LAYERS:
+            expected = f"'{ALL_LAYERS}' or a list of one or more distinct whole numbers >= 0"
+            refuse("extract.layers", expected, self.layers)
+        if self.layers != ALL_LAYERS:
+            layer_list("extract.layers", self.layers, nonempty=True)
+        choice("extract.pooling", self.pooling, POOLINGS)
         whole("extract.batch_size", self.batch_size, 1)
         whole("extract.shard_rows", self.shard_rows, 1)
+
+    def resolved_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The stored blocks for a model of ``num_layers`` decoder blocks: ``all`` is ``0 .. num_layers - 1``."""
+        if self.layers == ALL_LAYERS:
+            return tuple(range(num_layers))
+        assert not isinstance(self.layers, str)
+        return self.layers
+
+    def holds(self, layer: int) -> bool:
+        """Whether block ``layer`` is stored (under ``all``, any block: the model's size is not known here)."""
+        return self.layers == ALL_LAYERS or layer in self.layers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +121,10 @@ class TrainConfig:
     ``sweep`` stage chose (by ``select_by``). The last three options are off by default, as in
     the method: ``standardize`` scales each input feature by training-set mean and std,
     ``weight_decay`` is Adam's L2 term, ``class_weight: balanced`` reweights the loss by class.
+    ``held_out_by`` is the index column the held-out folds leave out one value of at a time
+    (the sweep's held-out half, the ``best`` detector and held-out calibration use them).
+    ``held_out_pairs``: how many layer pairs get the sweep's held-out half (one fit per held-out
+    group each), the pairs with the best in-source validation AUROC; 0 scores every pair.
     """
 
     fusion_layer: int | str = 12
@@ -108,7 +140,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     class_weight: str = "none"
     chunk_rows: int = 4096
-    select_by: str = "cross_source"
+    select_by: str = "held_out"
+    held_out_by: str = "upstream"
+    held_out_pairs: int = 6
 
     def __post_init__(self) -> None:
         for key in ("fusion_layer", "safety_layer"):
@@ -124,7 +158,9 @@ class TrainConfig:
         number("train.weight_decay", self.weight_decay, 0.0, low_open=False, high_open=True)
         choice("train.class_weight", self.class_weight, ("none", "balanced"))
         whole("train.chunk_rows", self.chunk_rows, 1)
-        choice("train.select_by", self.select_by, ("cross_source", "val"))
+        choice("train.select_by", self.select_by, ("held_out", "val"))
+        choice("train.held_out_by", self.held_out_by, HELD_OUT_BY)
+        whole("train.held_out_pairs", self.held_out_pairs)
 
     @property
     def layers_fixed(self) -> bool:
@@ -182,6 +218,10 @@ class EvaluateConfig:
         number("evaluate.confidence", self.confidence, 0.5, 1.0, low_open=False, high_open=True)
 
 
+# Wrapper families of the training augmentation (pipeline/data/augment.py).
+AUGMENT_FAMILIES: tuple[str, ...] = ("padding", "roleplay", "hypothetical", "ignore_previous", "framing", "claim")
+
+
 @dataclass(frozen=True, kw_only=True)
 class BuildConfig:
     """The training-data builder over public instruction and benchmark files (off when both folders are empty).
@@ -192,6 +232,8 @@ class BuildConfig:
     README). ``per_source``: harmful requests per built source (benign ones are matched to them).
     ``match_style``: build style-matched benign counterparts (true) or take benign requests as
     they come (false, the confounded setup, for comparison).
+    ``augment_share``: the share of each label's requests that also get a copy in an attacker-style
+    wrapper (0: none); ``augment_families``: the wrapper families drawn from (:mod:`pipeline.data.augment`).
     """
 
     public: str = "data/public"
@@ -199,6 +241,8 @@ class BuildConfig:
     per_source: int = 60
     match_style: bool = True
     seed: int = 0
+    augment_share: float = 0.0
+    augment_families: tuple[str, ...] = AUGMENT_FAMILIES
 
     def __post_init__(self) -> None:
         text("build.public", self.public)
@@ -206,6 +250,8 @@ class BuildConfig:
         whole("build.per_source", self.per_source, 1)
         flag("build.match_style", self.match_style)
         whole("build.seed", self.seed)
+        number("build.augment_share", self.augment_share, 0.0, 1.0, low_open=False, high_open=False)
+        choices("build.augment_families", self.augment_families, AUGMENT_FAMILIES)
 
 
 GUARD_POLICIES: tuple[str, ...] = ("lsi", "ecso", "lsi_then_ecso")

@@ -37,6 +37,7 @@ from sklearn.metrics import roc_auc_score
 from pipeline.config import BuildConfig
 from pipeline.data.benchmarks.files import (
     ALPACA_SOURCE,
+    MMVET_SOURCE,
     BenignQuestion,
     SafetyBenchRecord,
     read_alpaca_seed,
@@ -106,6 +107,27 @@ class KeyPhrase:
     category: str
     text: str
     phrase_type: str
+
+
+# The projects the benchmark records come from, as the held-out protocol groups them.
+MMSB_UPSTREAM = "isXinLiu/MM-SafetyBench"
+BENIGN_UPSTREAMS: dict[str, str] = {MMVET_SOURCE: "yuweihao/MM-Vet", ALPACA_SOURCE: "tatsu-lab/stanford_alpaca"}
+
+
+def _harmful_row(record: SafetyBenchRecord, text: str, image: dict[str, Any] | None, presentation: str | None) -> dict:
+    """A source row for an MM-SafetyBench record shown as ``text`` (and ``image``)."""
+    return request_row(
+        harmful_id(record), record.scenario, "harmful", text, image, upstream=MMSB_UPSTREAM, presentation=presentation
+    )
+
+
+def _benign_row(
+    request_id: str, source: str, text: str, image: dict[str, Any] | None, presentation: str | None
+) -> dict:
+    """A source row for a benign request from ``source`` (``mm-vet`` or ``alpaca``) shown as ``text``."""
+    return request_row(
+        request_id, source, "benign", text, image, upstream=BENIGN_UPSTREAMS[source], presentation=presentation
+    )
 
 
 def harmful_id(record: SafetyBenchRecord) -> str:
@@ -217,10 +239,8 @@ def typo_source(
             phrase = candidates[pick]
             used.add(phrase.origin)
             text = record.rephrased_question
-            rows.append(
-                request_row(harmful_id(record), record.scenario, "harmful", text, typography(record.key_phrase))
-            )
-            rows.append(request_row(phrase.origin, phrase.category, "benign", text, typography(phrase.text)))
+            rows.append(_harmful_row(record, text, typography(record.key_phrase), "typography"))
+            rows.append(_benign_row(phrase.origin, phrase.category, text, typography(phrase.text), "typography"))
     return rows
 
 
@@ -258,8 +278,8 @@ def text_source(
     """
     rows: list[dict[str, Any]] = []
     for record, question in _matched_pairs(harmful, benign, n, seed, TEXT_SOURCE):
-        rows.append(request_row(harmful_id(record), record.scenario, "harmful", record.question))
-        rows.append(request_row(benign_id(question), question.source, "benign", question.text))
+        rows.append(_harmful_row(record, record.question, None, None))
+        rows.append(_benign_row(benign_id(question), question.source, question.text, None, None))
     return rows
 
 
@@ -275,8 +295,9 @@ def wrapped_source(
     rows: list[dict[str, Any]] = []
     for (record, question), template in zip(pairs, templates, strict=True):
         wrap = JAILBREAK_TEMPLATES[int(template)]
-        rows.append(request_row(harmful_id(record), record.scenario, "harmful", wrap.format(request=record.question)))
-        rows.append(request_row(benign_id(question), question.source, "benign", wrap.format(request=question.text)))
+        rows.append(_harmful_row(record, wrap.format(request=record.question), None, "wrapped"))
+        benign_text = wrap.format(request=question.text)
+        rows.append(_benign_row(benign_id(question), question.source, benign_text, None, "wrapped"))
     return rows
 
 
@@ -295,10 +316,10 @@ def naive_source(
     check_pool(len(records), n, f"{NAIVE_SOURCE}: harmful records")
     check_pool(len(requests), n, f"{NAIVE_SOURCE}: benign requests")
     rows = [
-        request_row(harmful_id(r), r.scenario, "harmful", r.rephrased_question, typography(r.key_phrase))
+        _harmful_row(r, r.rephrased_question, typography(r.key_phrase), "typography")
         for r in shuffled(records, rng)[:n]
     ]
-    rows += [request_row(benign_id(q), q.source, "benign", q.text) for q in shuffled(requests, rng)[:n]]
+    rows += [_benign_row(benign_id(q), q.source, q.text, None, None) for q in shuffled(requests, rng)[:n]]
     return rows
 
 

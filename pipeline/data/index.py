@@ -15,6 +15,7 @@ from typing import Any
 import polars as pl
 
 from pipeline.config import DEFAULT_LIMITS, LABELS, SPLITS, LimitsConfig, PrepareConfig
+from pipeline.data.augment import original_request_id
 from pipeline.data.image_files import render_images, write_images
 from pipeline.data.sources import DatasetError, RequestRecord, read_sources
 from pipeline.data.splits import assign_splits, check_splits
@@ -24,6 +25,8 @@ INDEX_COLUMNS: tuple[str, ...] = (
     "row_id",
     "request_id",
     "source",
+    "upstream",
+    "presentation",
     "category",
     "split",
     "label",
@@ -47,6 +50,8 @@ def index_frame(
             "row_id": list(range(len(records))),
             "request_id": [r.request_id for r in records],
             "source": [r.source for r in records],
+            "upstream": [r.upstream for r in records],
+            "presentation": [r.presentation for r in records],
             "category": [r.category for r in records],
             "split": list(splits),
             "label": [LABELS[r.label] for r in records],
@@ -60,6 +65,8 @@ def index_frame(
             "row_id": pl.Int64,
             "request_id": pl.String,
             "source": pl.String,
+            "upstream": pl.String,
+            "presentation": pl.String,
             "category": pl.String,
             "split": pl.String,
             "label": pl.Int64,
@@ -86,10 +93,22 @@ def summarize(index: pl.DataFrame) -> dict[str, Any]:
         "rows": index.height,
         "requests": index.select(pl.struct("source", "request_id").n_unique()).item(),
         "sources": sorted(set(index["source"].to_list())),
+        "upstreams": _counts(index, "upstream"),
+        "presentations": _counts(index, "presentation"),
         "labels": {label: int((index["label"] == value).sum()) for label, value in LABELS.items()},
         "image_kinds": dict(sorted(Counter(kind or "none" for kind in index["image_kind"].to_list()).items())),
         "splits": splits,
     }
+
+
+def _counts(index: pl.DataFrame, column: str) -> dict[str, dict[str, int]]:
+    """Rows per value of ``column``, by label name."""
+    names = {value: key for key, value in LABELS.items()}
+    counts: dict[str, dict[str, int]] = {}
+    for value, label in zip(index[column].to_list(), index["label"].to_list(), strict=True):
+        cell = counts.setdefault(value, {})
+        cell[names[label]] = cell.get(names[label], 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def write_index(index: pl.DataFrame, output_dir: str | Path) -> None:
@@ -122,7 +141,8 @@ def build_index(
     """
     output_dir = Path(output_dir)
     records = read_sources(sources, limits)
-    groups = [f"{r.source}\x1f{r.request_id}" for r in records]
+    # An augmented copy goes where its original goes: the same request never straddles two splits.
+    groups = [f"{r.source}\x1f{original_request_id(r.request_id)}" for r in records]
     strata = [f"{r.label}\x1f{r.category}" for r in records]
     splits = assign_splits(groups, strata, config)
     check_splits(index_frame(records, [None] * len(records), splits))

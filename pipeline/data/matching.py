@@ -43,10 +43,22 @@ JAILBREAK_TEMPLATES: tuple[str, ...] = (
 
 
 def request_row(
-    request_id: str, category: str, label: str, text: str, image: dict[str, Any] | None = None
+    request_id: str,
+    category: str,
+    label: str,
+    text: str,
+    image: dict[str, Any] | None = None,
+    *,
+    upstream: str | None = None,
+    presentation: str | None = None,
 ) -> dict[str, Any]:
-    """One request row in the source schema."""
-    return {"request_id": request_id, "category": category, "label": label, "text": text, "image": image}
+    """One request row in the source schema; ``upstream`` / ``presentation`` only when given."""
+    row = {"request_id": request_id, "category": category, "label": label, "text": text, "image": image}
+    if upstream is not None:
+        row["upstream"] = upstream
+    if presentation is not None:
+        row["presentation"] = presentation
+    return row
 
 
 def unique(items: Iterable[T], key: Callable[[T], str]) -> list[T]:

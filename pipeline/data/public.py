@@ -69,12 +69,14 @@ TYPO_PROMPTS: tuple[str, ...] = (
 
 @dataclass(frozen=True, kw_only=True)
 class Instruction:
-    """One vendored instruction: ``origin`` is ``file-stem/position`` (``advbench/12``), unique across files."""
+    """One vendored instruction: ``origin`` is ``file-stem/position`` (``advbench/12``), unique across files;
+    ``upstream`` is the project it comes from, as ``provenance.json`` names it (``llm-attacks/llm-attacks``)."""
 
     origin: str
     category: str
     text: str
     label: str
+    upstream: str
 
     @property
     def is_question(self) -> bool:
@@ -105,7 +107,10 @@ def read_public(folder: str | Path) -> list[Instruction]:
     for number, entry in enumerate(entries, 1):
         if not isinstance(entry, dict) or entry.get("label") not in ("harmful", "benign") or "file" not in entry:
             raise BuildError(f"{listing}: entry {number} needs 'file' and a 'label' of harmful or benign")
-        instructions += _read_file(root / str(entry["file"]), str(entry["label"]))
+        upstream = entry.get("upstream")
+        if not isinstance(upstream, str) or not upstream.strip():
+            raise BuildError(f"{listing}: entry {number} ({entry['file']}) needs an 'upstream' naming its project")
+        instructions += _read_file(root / str(entry["file"]), str(entry["label"]), upstream.strip())
     return instructions
 
 
@@ -119,7 +124,7 @@ def _read_json(path: Path, missing: str) -> Any:
         raise BuildError(f"{path}: cannot read ({exc})") from None
 
 
-def _read_file(path: Path, label: str) -> list[Instruction]:
+def _read_file(path: Path, label: str, upstream: str) -> list[Instruction]:
     """One vendored file's records as instructions."""
     records = _read_json(path, f"listed in {PROVENANCE_FILE} but missing")
     if not isinstance(records, list):
@@ -133,8 +138,38 @@ def _read_file(path: Path, label: str) -> list[Instruction]:
         category = record.get("category") or stem
         if label == "benign" and MISSING_INPUT.search(text):
             continue  # "Edit the following sentence": its input is not part of the request
-        out.append(Instruction(origin=f"{stem}/{position}", category=str(category), text=normalise(text), label=label))
+        out.append(
+            Instruction(
+                origin=f"{stem}/{position}",
+                category=str(category),
+                text=normalise(text),
+                label=label,
+                upstream=upstream,
+            )
+        )
     return out
+
+
+# Benign candidates offered to the length matching, per harmful request to match.
+BENIGN_CANDIDATES = 4
+
+
+def by_upstream_in_turn(items: Sequence[Instruction], limit: int, rng: np.random.Generator) -> list[Instruction]:
+    """At most ``limit`` items, taken from each upstream in turn (each upstream's items in seeded order).
+
+    One large upstream (Alpaca holds most benign instructions) would otherwise fill nearly every
+    benign slot, and holding an upstream out would then remove almost nothing of one label.
+    """
+    groups: dict[str, list[Instruction]] = {}
+    for item in items:
+        groups.setdefault(item.upstream, []).append(item)
+    queues = [shuffled(groups[name], rng) for name in sorted(groups)]
+    taken: list[Instruction] = []
+    depth = 0
+    while len(taken) < limit and any(depth < len(queue) for queue in queues):
+        taken += [queue[depth] for queue in queues if depth < len(queue)][: limit - len(taken)]
+        depth += 1
+    return taken
 
 
 def _pairs(
@@ -143,7 +178,9 @@ def _pairs(
     """``n`` random harmful instructions, each with a distinct benign one of the nearest length.
 
     Harmful instructions longer than all but the ``2n`` longest benign ones are left out when
-    enough remain: a benign partner of nearly the same length then exists for each.
+    enough remain: a benign partner of nearly the same length then exists for each. The benign
+    partners are matched from ``BENIGN_CANDIDATES * n`` candidates drawn from each upstream in
+    turn (:func:`by_upstream_in_turn`), so every benign upstream is represented.
     """
     check_pool(len(benign), n, f"{what}: benign instructions")
     lengths = sorted(len(b.text) for b in benign)
@@ -152,13 +189,19 @@ def _pairs(
     pool = fitting if len(fitting) >= n else list(harmful)
     check_pool(len(pool), n, f"{what}: harmful instructions")
     chosen = shuffled(pool, rng)[:n]
-    candidates = shuffled(benign, rng)
+    candidates = by_upstream_in_turn(benign, BENIGN_CANDIDATES * n, rng)
     picks = match_lengths([len(h.text) for h in chosen], [len(b.text) for b in candidates])
     return [(h, candidates[p]) for h, p in zip(chosen, picks, strict=True)]
 
 
-def _plain_rows(pairs: Sequence[tuple[Instruction, Instruction]]) -> list[dict[str, Any]]:
-    return [request_row(i.origin, i.category, i.label, i.text) for pair in pairs for i in pair]
+def _row(instruction: Instruction, text: str, presentation: str, image: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A source row for ``instruction`` shown as ``text`` (and ``image``), naming its upstream and presentation."""
+    i = instruction
+    return request_row(i.origin, i.category, i.label, text, image, upstream=i.upstream, presentation=presentation)
+
+
+def _plain_rows(pairs: Sequence[tuple[Instruction, Instruction]], presentation: str) -> list[dict[str, Any]]:
+    return [_row(i, i.text, presentation) for pair in pairs for i in pair]
 
 
 def build_public_sources(instructions: Sequence[Instruction], n: int, seed: int) -> dict[str, list[dict[str, Any]]]:
@@ -188,20 +231,20 @@ def build_public_sources(instructions: Sequence[Instruction], n: int, seed: int)
     mark(typo)
     prompts = rng.integers(len(TYPO_PROMPTS), size=n)
     sources[TYPO_SOURCE] = [
-        request_row(i.origin, i.category, i.label, TYPO_PROMPTS[int(p)], typography(i.text))
+        _row(i, TYPO_PROMPTS[int(p)], "typography", typography(i.text))
         for pair, p in zip(typo, prompts, strict=True)
         for i in pair
     ]
     questions = _pairs(take("harmful", question=True), take("benign", question=True), n, rng, QUESTION_SOURCE)
     mark(questions)
-    sources[QUESTION_SOURCE] = _plain_rows(questions)
+    sources[QUESTION_SOURCE] = _plain_rows(questions, "question")
     imperative = _pairs(take("harmful", question=False), take("benign", question=False), n, rng, IMPERATIVE_SOURCE)
     mark(imperative)
-    sources[IMPERATIVE_SOURCE] = _plain_rows(imperative)
+    sources[IMPERATIVE_SOURCE] = _plain_rows(imperative, "imperative")
     wrapped = _pairs(take("harmful"), take("benign"), n, rng, WRAPPED_SOURCE)
     templates = rng.integers(len(JAILBREAK_TEMPLATES), size=n)
     sources[WRAPPED_SOURCE] = [
-        request_row(i.origin, i.category, i.label, JAILBREAK_TEMPLATES[int(t)].format(request=i.text))
+        _row(i, JAILBREAK_TEMPLATES[int(t)].format(request=i.text), "wrapped")
         for pair, t in zip(wrapped, templates, strict=True)
         for i in pair
     ]

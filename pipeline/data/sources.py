@@ -5,7 +5,14 @@ A source is a JSONL file, one request per line::
     {"request_id": "...", "category": "...", "label": "harmful" | "benign", "text": "...",
      "image": null | "relative/path.png"
               | {"kind": "typography", "text": "..."}
-              | {"kind": "scene", "seed": 7, "caption": "..."}}
+              | {"kind": "scene", "seed": 7, "caption": "..."},
+     "upstream": "...", "presentation": "..."}
+
+``upstream`` (optional) names the project the request comes from (``llm-attacks/llm-attacks``);
+without it, the source's name. ``presentation`` (optional) names how it is shown (``wrapped``,
+``augmented-roleplay``); without it, the image kind (``typography``, ``scene``, ``image``) or, for
+text alone, ``question`` or ``imperative`` by its last character. The held-out protocol
+(:mod:`pipeline.detect.heldout`) leaves out one of either at a time.
 
 Rows that share a ``request_id`` within a source are one request in several forms (plain text,
 typed into an image, ...); they must agree on label and category.
@@ -32,7 +39,7 @@ from pipeline.io import json_lines
 
 IMAGE_KINDS: tuple[str, ...] = ("typography", "scene")
 REQUIRED_FIELDS: tuple[str, ...] = ("request_id", "category", "label", "text")
-KNOWN_FIELDS: tuple[str, ...] = (*REQUIRED_FIELDS, "image")
+KNOWN_FIELDS: tuple[str, ...] = (*REQUIRED_FIELDS, "image", "upstream", "presentation")
 
 
 class DatasetError(LSIGuardError, ValueError):
@@ -45,7 +52,8 @@ class RequestRecord:
 
     ``image_kind`` is ``None`` (text only), ``"typography"`` (``image_text`` rendered into the
     image), ``"scene"`` (a picture drawn from ``image_seed``, described by ``image_text``) or
-    ``"file"`` (an existing image at ``image_file``).
+    ``"file"`` (an existing image at ``image_file``). ``upstream`` and ``presentation`` are the
+    row's held-out groups (see the module docstring).
     """
 
     source: str
@@ -54,6 +62,8 @@ class RequestRecord:
     category: str
     label: str
     text: str
+    upstream: str
+    presentation: str
     image_kind: str | None = None
     image_text: str | None = None
     image_seed: int | None = None
@@ -162,15 +172,30 @@ def parse_request(
     label = row["label"]
     if label not in LABELS:
         raise DatasetError(f"{where}: unknown label {label!r}; allowed: {sorted(LABELS)}")
+    text = _checked_length(_nonempty_str(row, "text", where), where, "field 'text'", limits)
+    image = _parse_image(row.get("image"), where, base_dir, limits)
     return RequestRecord(
         source=source,
         line=line,
         request_id=_nonempty_str(row, "request_id", where),
         category=_nonempty_str(row, "category", where),
         label=label,
-        text=_checked_length(_nonempty_str(row, "text", where), where, "field 'text'", limits),
-        **_parse_image(row.get("image"), where, base_dir, limits),
+        text=text,
+        upstream=_nonempty_str(row, "upstream", where) if "upstream" in row else source,
+        presentation=(
+            _nonempty_str(row, "presentation", where)
+            if "presentation" in row
+            else default_presentation(text, image.get("image_kind"))
+        ),
+        **image,
     )
+
+
+def default_presentation(text: str, image_kind: str | None) -> str:
+    """How a row without a ``presentation`` field is shown: its image kind, else a question or an imperative."""
+    if image_kind is not None:
+        return "image" if image_kind == "file" else image_kind
+    return "question" if text.rstrip().endswith("?") else "imperative"
 
 
 def _check_groups(records: Sequence[RequestRecord], path: Path) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.config import ContrastivePrompts, ModelConfig, Params, load_params
+from pipeline.config.pooling import LAST
 from pipeline.detect.calibration import Calibration, load_calibration
 from pipeline.detect.detector import Detector, LSIDetector
 from pipeline.detect.probe import LSIProbe, ProbeMeta
@@ -69,7 +70,8 @@ def checked_detector(
     """``detector`` (a bare probe read at ``meta``'s layers) once it is known to fit the live setup.
 
     Raises ``ValueError`` for a tau that is not finite, a probe of another hidden size, layers the
-    model lacks, or a probe trained under another model or prompts (:func:`probe_mismatches`).
+    model lacks, a pooling other than its training store's, or a probe trained under another
+    model or prompts (:func:`probe_mismatches`).
     """
     if not math.isfinite(tau):
         raise ValueError(f"tau must be a finite number, got {tau}")
@@ -80,8 +82,15 @@ def checked_detector(
             f"{adapter.info.hidden_size}; retrain the probe for this model"
         )
     if isinstance(detector, LSIProbe):
-        detector = LSIDetector.from_probe(detector, meta.fusion_layer, meta.safety_layer)
+        detector = LSIDetector.from_probe(detector, meta.fusion_layer, meta.safety_layer, meta.pooling)
     check_layers(list(detector.layers), adapter.info.num_layers)
+    # The guard computes the features the detector says it reads; they must be those it was trained on.
+    stored = meta.store_provenance.get("pooling", LAST) if meta.store_provenance else meta.pooling
+    if not detector.pooling == meta.pooling == stored:
+        raise ValueError(
+            f"pooling differs: the detector reads {detector.pooling!r}, its metadata says {meta.pooling!r} and "
+            f"its training store holds {stored!r}; retrain the detector (dvc repro train)"
+        )
     mismatches = probe_mismatches(meta, adapter, prompts)
     if mismatches:
         raise ValueError("probe was trained under a different setup: " + "; ".join(mismatches))

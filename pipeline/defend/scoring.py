@@ -1,6 +1,8 @@
 """The detector's refusal score of requests, each the highest over its views (:mod:`pipeline.defend.views`).
 
-Only the framings the detector reads run, each stopped after the deepest layer it reads. A batch of
+Only the framings the detector reads run, each stopped after the deepest layer it reads, and read
+as the detector's pooling says (last token, mean over the request's tokens, or both), so the
+features are those the detector was trained on. A batch of
 requests is scored in one pass over all their views; one request can instead be scored from a
 shared-prefix session (:mod:`pipeline.models.session`) whose cache then serves the answer.
 """
@@ -12,8 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipeline.config import ContrastivePrompts
+from pipeline.config.pooling import MEAN
 from pipeline.detect.detector import Detector
-from pipeline.detect.features import variant_groups
+from pipeline.detect.features import pooled_features, read_states, variant_groups
 from pipeline.models.base import ModelAdapter, Request
 from pipeline.models.session import PrefixNotShared, PrefixSession, supports_prefix_sessions
 
@@ -28,8 +31,8 @@ def view_scores(
     """The detector's score of each request's text as it is, one batched pass."""
     variants = detector.variants
     groups = variant_groups(requests, prompts, variants=variants)
-    states = adapter.group_states(groups, layers).numpy()
-    return detector.score_states(states, layers, variants)
+    states = read_states(adapter, groups, layers, detector.reads).numpy()
+    return detector.score_states(pooled_features(states, len(detector.reads)), layers, variants)
 
 
 def highest_view_scores(
@@ -73,18 +76,21 @@ def session_score(
     if supports_prefix_sessions(adapter):
         texts = prompts.variants(request.text)
         variants = detector.variants
+        reads = detector.reads
         try:
             # The framings the detector reads, then the plain prompt the answer continues.
             session = PrefixSession(
                 adapter,  # type: ignore[arg-type]
                 [texts[v] for v in variants] + [texts["plain"]],
                 request.image,
+                spans=[prompts.request_span(v, request.text) for v in variants] + [None],
+                mean_layers=layers if MEAN in reads else (),
             )
         except PrefixNotShared:
             session = None
         if session is not None:
-            states = session.states(layers).numpy()[None]
-            score = float(detector.score_states(states, layers, variants)[0])
+            states = session.states(layers, reads).numpy()[None]
+            score = float(detector.score_states(pooled_features(states, len(reads)), layers, variants)[0])
             extra = [Request(text=text, image=request.image) for text in views[1:]]
             if extra:
                 score = max(score, float(view_scores(adapter, detector, prompts, layers, extra).max()))

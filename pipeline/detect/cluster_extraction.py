@@ -28,10 +28,10 @@ from pipeline.config import DEFAULT_LIMITS, ContrastivePrompts, ExtractConfig, M
 from pipeline.detect.cluster import ClusterError, use_core_share
 from pipeline.detect.extraction import (
     compute_rows,
+    config_provenance,
     inputs_digest,
     open_or_create_store,
     requests_from_index,
-    store_provenance,
 )
 from pipeline.detect.store import ActivationStore
 from pipeline.detect.store_schema import STORE_DTYPE, Provenance
@@ -97,9 +97,9 @@ def worker_adapter() -> ModelAdapter:
     return plugin.adapter
 
 
-def worker_provenance(prompts: ContrastivePrompts, layers: tuple[int, ...]) -> Provenance:
-    """Task: the provenance of the states this worker's model computes (its dtype as loaded there)."""
-    return store_provenance(worker_adapter(), prompts, layers)
+def worker_provenance(prompts: ContrastivePrompts, config: ExtractConfig) -> Provenance:
+    """Task: the provenance of the states this worker's model computes (its dtype and block count as loaded there)."""
+    return config_provenance(worker_adapter(), prompts, config)
 
 
 def extract_shard(
@@ -135,7 +135,7 @@ def extract_on_cluster(
     index = index.sort("row_id")
     requests = requests_from_index(index)
     row_ids = index["row_id"].to_list()
-    provenance = client.submit(worker_provenance, prompts, tuple(config.layers), pure=False).result()
+    provenance = client.submit(worker_provenance, prompts, config, pure=False).result()
     store = open_or_create_store(Path(path), row_ids, provenance, config, inputs_digest(requests))
     if store.is_complete:
         return store

@@ -1,7 +1,10 @@
 """The detectors a guard can ship: the LSI probe, and linear probes on the states LSI reads.
 
-Every detector maps a request's last-token states under the three framings (benign, malicious,
-plain) at stored layers to a logit; ``sigmoid(logit)`` is its harmful score. Besides LSI, the
+Every detector maps a request's feature states under the three framings (benign, malicious,
+plain) at stored layers to a logit; ``sigmoid(logit)`` is its harmful score. A framing's feature is
+what its ``pooling`` (:mod:`pipeline.config.pooling`) says: the last token's state (the method's
+read), the mean over the request's own tokens, or both concatenated, so ``h_s`` and ``delta_h``
+below are pooled features; the detector records its pooling, and the guard computes the same. Besides LSI, the
 candidates are logistic regressions (standardised, L2) on:
 
 - ``logreg_plain``: the plain request's state at one layer, chosen on validation rows;
@@ -30,7 +33,8 @@ from sklearn.utils import Tags
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from pipeline.config import VARIANTS, TrainConfig
+from pipeline.config import VARIANTS, TrainConfig, pooling_reads
+from pipeline.config.pooling import LAST
 from pipeline.detect.features import FeatureSource, InMemoryFeatures, LSIFeatures
 from pipeline.detect.logistic import fit_logistic, folded
 from pipeline.detect.probe import LSIProbe, train_probe
@@ -123,16 +127,27 @@ class LinearDetector(BinaryDetector):
     computed in float32 with torch, as the guard computes them.
     """
 
-    def __init__(self, name: str = PLAIN, pieces: Sequence[Piece] = (), *, random_state: int = 0, max_iter: int = 2000):
+    def __init__(
+        self,
+        name: str = PLAIN,
+        pieces: Sequence[Piece] = (),
+        *,
+        pooling: str = LAST,
+        random_state: int = 0,
+        max_iter: int = 2000,
+    ):
         self.name = name
         self.pieces = pieces
+        self.pooling = pooling
         self.random_state = random_state
         self.max_iter = max_iter
 
     @classmethod
-    def from_weights(cls, name: str, pieces: Sequence[Piece], weight: np.ndarray, bias: float) -> LinearDetector:
+    def from_weights(
+        cls, name: str, pieces: Sequence[Piece], weight: np.ndarray, bias: float, pooling: str = LAST
+    ) -> LinearDetector:
         """A fitted detector from folded weights (a saved detector), without fitting."""
-        detector = cls(name, tuple(pieces))
+        detector = cls(name, tuple(pieces), pooling=pooling)
         detector._check_recipe()
         coef = np.asarray(weight, dtype=np.float32).reshape(1, -1)
         detector._set_weights(coef, float(bias), np.array([0, 1]))
@@ -143,6 +158,7 @@ class LinearDetector(BinaryDetector):
             raise ValueError(f"unknown linear detector {self.name!r}; expected one of {', '.join(LINEAR_DETECTORS)}")
         if not self.pieces:
             raise ValueError("a linear detector needs at least one state piece")
+        pooling_reads(self.pooling)
 
     def _set_weights(self, coef: np.ndarray, bias: float, classes: np.ndarray) -> None:
         self.coef_, self.intercept_, self.classes_ = coef, np.array([bias]), classes
@@ -175,8 +191,13 @@ class LinearDetector(BinaryDetector):
             needed |= {"benign", "malicious"}
         return tuple(v for v in VARIANTS if v in needed)
 
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """What the detector's pooling reads of each framing's prompt (last token first)."""
+        return pooling_reads(self.pooling)
+
     def describe(self) -> str:
-        return f"{self.name} on {', '.join(p.label() for p in self.pieces)}"
+        return _pooled(f"{self.name} on {', '.join(p.label() for p in self.pieces)}", self.pooling)
 
     def _logit(self, x: torch.Tensor) -> torch.Tensor:
         check_is_fitted(self)
@@ -226,9 +247,10 @@ TRAINING_FIELDS: tuple[str, ...] = (
 class LSIDetector(BinaryDetector):
     """The LSI probe at its fusion and safety layers, as a scikit-learn classifier behind the detectors' interface.
 
-    Hyperparameters: the two layers and the training fields of :class:`~pipeline.config.TrainConfig`
-    (:data:`TRAINING_FIELDS`, same defaults). X is ``[h_s, delta_h]`` side by side (:meth:`inputs`),
-    so its width is twice the hidden size. Fitting runs :func:`~pipeline.detect.probe.train_probe`;
+    Hyperparameters: the two layers, the pooling of the features it reads, and the training fields
+    of :class:`~pipeline.config.TrainConfig` (:data:`TRAINING_FIELDS`, same defaults). X is
+    ``[h_s, delta_h]`` side by side (:meth:`inputs`), so its width is twice the feature width
+    (the hidden size, twice it under ``both`` pooling). Fitting runs :func:`~pipeline.detect.probe.train_probe`;
     the trained :class:`~pipeline.detect.probe.LSIProbe` is ``probe_`` and its epochs ``history_``.
     """
 
@@ -250,25 +272,33 @@ class LSIDetector(BinaryDetector):
         standardize: bool = TrainConfig.standardize,
         weight_decay: float = TrainConfig.weight_decay,
         class_weight: str = TrainConfig.class_weight,
+        pooling: str = LAST,
     ) -> None:
         self.fusion_layer, self.safety_layer = fusion_layer, safety_layer
+        self.pooling = pooling
         self.alpha, self.init_gain = alpha, init_gain
         self.lr, self.weight_decay, self.grad_clip = lr, weight_decay, grad_clip
         self.batch_size, self.epochs, self.seed = batch_size, epochs, seed
         self.standardize, self.class_weight = standardize, class_weight
 
     @classmethod
-    def from_config(cls, config: TrainConfig, fusion_layer: int, safety_layer: int) -> LSIDetector:
-        """An unfitted detector training as ``config`` says, at the given layers."""
+    def from_config(cls, config: TrainConfig, fusion_layer: int, safety_layer: int, pooling: str = LAST) -> LSIDetector:
+        """An unfitted detector training as ``config`` says, at the given layers, on features pooled by ``pooling``."""
         fields = {k: getattr(config, k) for k in TRAINING_FIELDS}
-        return cls(fusion_layer=fusion_layer, safety_layer=safety_layer, **fields)
+        return cls(fusion_layer=fusion_layer, safety_layer=safety_layer, pooling=pooling, **fields)
 
     @classmethod
-    def from_probe(cls, probe: LSIProbe, fusion_layer: int, safety_layer: int) -> LSIDetector:
+    def from_probe(cls, probe: LSIProbe, fusion_layer: int, safety_layer: int, pooling: str = LAST) -> LSIDetector:
         """A fitted detector around a trained probe (a saved one), without fitting."""
-        detector = cls(fusion_layer=fusion_layer, safety_layer=safety_layer, alpha=probe.alpha)
+        pooling_reads(pooling)
+        detector = cls(fusion_layer=fusion_layer, safety_layer=safety_layer, alpha=probe.alpha, pooling=pooling)
         detector._set_probe(probe, np.array([0, 1]))
         return detector
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """What the detector's pooling reads of each framing's prompt (last token first)."""
+        return pooling_reads(self.pooling)
 
     def _set_probe(self, probe: LSIProbe, classes: np.ndarray) -> None:
         self.probe_, self.classes_ = probe, classes
@@ -316,6 +346,7 @@ class LSIDetector(BinaryDetector):
 
     def fit_sources(self, train: FeatureSource, val: FeatureSource, progress: bool = False) -> LSIDetector:
         """Train from feature sources read a chunk at a time (a store larger than memory), labels 0 / 1."""
+        pooling_reads(self.pooling)
         probe, history = train_probe(train, val, self.training_config(), progress)
         self._set_probe(probe, np.array([0, 1]))
         self.history_ = history
@@ -337,7 +368,7 @@ class LSIDetector(BinaryDetector):
         return tuple(sorted({self.fusion_layer, self.safety_layer}))
 
     def describe(self) -> str:
-        return f"LSI at fusion layer {self.fusion_layer} / safety layer {self.safety_layer}"
+        return _pooled(f"LSI at fusion layer {self.fusion_layer} / safety layer {self.safety_layer}", self.pooling)
 
     def logits(self, get: StateGetter) -> torch.Tensor:
         """Logits ``(n,)``; differentiable in the states ``get`` returns."""
@@ -368,6 +399,11 @@ class LSIDetector(BinaryDetector):
 
 
 Detector = LSIDetector | LinearDetector
+
+
+def _pooled(description: str, pooling: str) -> str:
+    """A detector's description, naming its pooling unless it is the method's last-token read."""
+    return description if pooling == LAST else f"{description} ({pooling} pooling)"
 
 
 def _check_binary(y: np.ndarray) -> None:

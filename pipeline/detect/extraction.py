@@ -1,4 +1,4 @@
-"""Run the model once over every indexed request and write its last-token states to a store.
+"""Run the model once over every indexed request and write its states (as ``extract.pooling`` reads them) to a store.
 
 Extraction can be killed at any moment and rerun: the rerun checks that the unfinished store was
 started under the same setup, then computes only the shards it is missing.
@@ -16,6 +16,7 @@ import polars as pl
 from tqdm import tqdm
 
 from pipeline.config import ContrastivePrompts, ExtractConfig
+from pipeline.config.pooling import LAST
 from pipeline.detect.features import states_for_requests
 from pipeline.detect.provenance import provenance_for
 from pipeline.detect.store import ActivationStore, delete_store
@@ -28,13 +29,20 @@ class ExtractionError(LSIGuardError, ValueError):
     """A request the model could not read, named by its index rows."""
 
 
-def store_provenance(adapter: ModelAdapter, prompts: ContrastivePrompts, layers: Sequence[int]) -> Provenance:
-    """The provenance a store written by ``adapter`` under these prompts and layers carries.
+def store_provenance(
+    adapter: ModelAdapter, prompts: ContrastivePrompts, layers: Sequence[int], pooling: str = LAST
+) -> Provenance:
+    """The provenance a store written by ``adapter`` under these prompts, layers and pooling carries.
 
     Readers compare it with :func:`~pipeline.detect.provenance.expected_provenance`, built by the
     same :func:`~pipeline.detect.provenance.provenance_for` from the model folder's metadata.
     """
-    return provenance_for(adapter.info, prompts, layers)
+    return provenance_for(adapter.info, prompts, layers, pooling)
+
+
+def config_provenance(adapter: ModelAdapter, prompts: ContrastivePrompts, config: ExtractConfig) -> Provenance:
+    """:func:`store_provenance` under ``config``'s layers (``all`` resolved to the adapter's blocks) and pooling."""
+    return store_provenance(adapter, prompts, config.resolved_layers(adapter.info.num_layers), config.pooling)
 
 
 def row_request(row: Mapping[str, Any]) -> Request:
@@ -117,9 +125,10 @@ def compute_rows(
     A request the model cannot read is an :class:`ExtractionError` naming its batch's index rows.
     """
     blocks: list[np.ndarray] = []
+    layers = config.resolved_layers(adapter.info.num_layers)
     for lo, hi in _batches(len(requests), config.batch_size):
         try:
-            states = states_for_requests(adapter, requests[lo:hi], prompts, config.layers)
+            states = states_for_requests(adapter, requests[lo:hi], prompts, layers, config.pooling)
         except ValueError as exc:  # unreadable images and the like: say which rows
             raise ExtractionError(f"index rows {list(row_ids[lo:hi])}: {exc}") from exc
         blocks.append(states.numpy())
@@ -146,7 +155,7 @@ def extract_to_store(
     index = index.sort("row_id")
     requests = requests_from_index(index)
     row_ids = index["row_id"].to_list()
-    provenance = store_provenance(adapter, prompts, config.layers)
+    provenance = config_provenance(adapter, prompts, config)
     store = open_or_create_store(Path(path), row_ids, provenance, config, inputs_digest(requests))
     if store.is_complete:
         return store

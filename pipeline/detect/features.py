@@ -1,7 +1,12 @@
-"""LSI's inputs from stored or freshly computed last-token states.
+"""LSI's inputs from stored or freshly computed states.
 
 Everything the probe needs is a function of ``h_b`` and ``h_m`` at the fusion layer and
-``h_s`` (the benign prompt) at the safety layer.
+``h_s`` (the benign prompt) at the safety layer. Each is a framing's pooled *feature*
+(:mod:`pipeline.config.pooling`): its last-token state, its mean over the request's own tokens,
+or under ``both`` the two concatenated along the feature axis. Stores and adapters hold every read
+as its own entry of the framings axis; :func:`pooled_features` (in memory) and
+:func:`feature_view` (a store, lazily) turn those into feature states ``(n, framings, layers,
+reads * hidden)``, the one layout every detector reads, at extraction and at check time alike.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import dask.array as da
 import numpy as np
 import torch
 
-from pipeline.config import VARIANTS, ContrastivePrompts
+from pipeline.config import VARIANTS, ContrastivePrompts, pooled_variants, pooling_reads
+from pipeline.config.pooling import LAST
 from pipeline.models.base import ModelAdapter, Request, RequestGroup
 
 if TYPE_CHECKING:  # for annotations only: the guard needs no zarr or dask at run time
@@ -47,23 +53,86 @@ class LSIFeatures:
 def variant_groups(
     requests: Sequence[Request], prompts: ContrastivePrompts, variants: Sequence[str] = VARIANTS
 ) -> list[RequestGroup]:
-    """One group per request: its text under each of ``variants``, next to its image."""
+    """One group per request: its text under each of ``variants``, next to its image.
+
+    Each text's span is where the request sits in it, so a mean read averages over the
+    request's tokens and not the framing's.
+    """
     groups = []
     for request in requests:
         texts = prompts.variants(request.text)
-        groups.append(RequestGroup(texts=tuple(texts[name] for name in variants), image=request.image))
+        spans = tuple(prompts.request_span(name, request.text) for name in variants)
+        groups.append(RequestGroup(texts=tuple(texts[name] for name in variants), image=request.image, spans=spans))
     return groups
 
 
-def states_for_requests(
-    adapter: ModelAdapter, requests: Sequence[Request], prompts: ContrastivePrompts, layers: Sequence[int]
+def read_states(
+    adapter: ModelAdapter, groups: Sequence[RequestGroup], layers: Sequence[int], reads: Sequence[str] = (LAST,)
 ) -> torch.Tensor:
-    """Last-token states ``(n, len(VARIANTS), len(layers), hidden)`` for each request and framing.
+    """The adapter's states of ``groups``, ``(n, len(reads) * group_size, layers, hidden)``.
 
-    The framings of one request share their prompt up to the template text; the adapter runs
-    that shared part (and the image) once per request.
+    Last-token reads alone go through the adapter's plain ``group_states(groups, layers)``, so an
+    adapter that knows no other read serves them.
     """
-    return adapter.group_states(variant_groups(requests, prompts), layers)
+    if tuple(reads) == (LAST,):
+        return adapter.group_states(groups, layers)
+    return adapter.group_states(groups, layers, reads=tuple(reads))
+
+
+def states_for_requests(
+    adapter: ModelAdapter,
+    requests: Sequence[Request],
+    prompts: ContrastivePrompts,
+    layers: Sequence[int],
+    pooling: str = LAST,
+) -> torch.Tensor:
+    """States ``(n, len(pooled_variants(VARIANTS, pooling)), len(layers), hidden)`` for each request and framing.
+
+    The store's layout: under ``last`` the three framings' last-token states, under ``mean``
+    their means over the request's own tokens, under ``both`` the former then the latter. The
+    framings of one request share their prompt up to the template text; the adapter runs that
+    shared part (and the image) once per request.
+    """
+    return read_states(adapter, variant_groups(requests, prompts), layers, pooling_reads(pooling))
+
+
+def pooled_features(states: np.ndarray, reads: int) -> np.ndarray:
+    """Feature states ``(n, framings, layers, reads * hidden)`` from states ``(n, reads * framings, layers, hidden)``.
+
+    The framings axis holds each read's framings one after the other (:func:`read_states`); a
+    framing's feature is its reads concatenated, last token first. One read: ``states`` itself.
+    """
+    if reads == 1:
+        return states
+    n, entries, layers, hidden = states.shape
+    if entries % reads:
+        raise ValueError(f"{entries} framing entries are not {reads} reads of equally many framings")
+    split = states.reshape(n, reads, entries // reads, layers, hidden)
+    return np.ascontiguousarray(split.transpose(0, 2, 3, 1, 4).reshape(n, entries // reads, layers, reads * hidden))
+
+
+def feature_view(store: ActivationStore, layers: Sequence[int]) -> da.Array:
+    """A store's feature states ``(rows, len(VARIANTS), len(layers), reads * hidden)`` at ``layers``, lazily.
+
+    Under the store's ``pooling``, a framing's feature is its last-token state, its mean, or both
+    side by side (:func:`pooled_features`). A store whose framings are not those its pooling
+    writes is refused.
+    """
+    provenance = store.provenance
+    expected = pooled_variants(VARIANTS, provenance.pooling)
+    if tuple(provenance.variants) != expected:
+        from pipeline.detect.store_schema import StoreError  # see _refuse_nan
+
+        raise StoreError(
+            f"{store.path}: the store holds framings {list(provenance.variants)}, but pooling"
+            f" {provenance.pooling!r} writes {list(expected)}; rerun the 'extract' stage"
+        )
+    lazy = store.layer_states(layers)
+    reads = len(pooling_reads(provenance.pooling))
+    if reads == 1:
+        return lazy
+    size = len(VARIANTS)
+    return da.concatenate([lazy[:, r * size : (r + 1) * size] for r in range(reads)], axis=-1)
 
 
 def features_from_states(
@@ -89,7 +158,7 @@ def aligned_features(store: ActivationStore, row_ids: np.ndarray, fusion_layer: 
     Only the two layers and two framings the probe uses are read from disk.
     """
     layers = sorted({fusion_layer, safety_layer})
-    framed = store.layer_states(layers)[:, : VARIANTS.index("malicious") + 1]
+    framed = feature_view(store, layers)[:, : VARIANTS.index("malicious") + 1]
     block = rows_in_order(framed, store_positions(store, row_ids), store.path)
     return features_from_states(block, layers, fusion_layer, safety_layer)
 
@@ -187,7 +256,7 @@ class StoreFeatures:
         self.row_ids = np.asarray(row_ids)[order]
         self.fusion_layer, self.safety_layer = fusion_layer, safety_layer
         self.layers = sorted({fusion_layer, safety_layer})
-        self.framed = store.layer_states(self.layers)[:, : VARIANTS.index("malicious") + 1]
+        self.framed = feature_view(store, self.layers)[:, : VARIANTS.index("malicious") + 1]
         self.path = store.path
         self.chunk_rows = chunk_rows
         # The last chunk read: a source that fits in one chunk (a validation split, scored every

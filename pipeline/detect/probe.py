@@ -19,7 +19,8 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, pooling_reads
+from pipeline.config.pooling import LAST
 from pipeline.detect.features import FeatureSource, LSIFeatures
 from pipeline.run_record import HIDDEN_STATE_LIBRARIES, library_versions, warn_if_versions_differ
 
@@ -139,6 +140,9 @@ class ProbeMeta:
     (the one the candidates were compared at, for a linear probe). ``held_out_auroc`` is the mean
     held-out-source validation AUROC the detector was chosen by (None when not measured);
     ``best_epoch`` / ``best_val_auroc`` are LSI's training record (-1 / NaN for a linear probe).
+    ``hidden_size`` is the model's; ``pooling`` (:mod:`pipeline.config.pooling`) is how each
+    framing's states become the features the detector reads, whose width is ``hidden_size`` times
+    :meth:`feature_reads` (files written before it was recorded: ``last``).
     """
 
     hidden_size: int
@@ -151,6 +155,11 @@ class ProbeMeta:
     detector: str = "lsi"
     pieces: list[str] = field(default_factory=list)
     held_out_auroc: float | None = None
+    pooling: str = LAST
+
+    def feature_reads(self) -> int:
+        """How many reads of each framing make one feature (1, or 2 under ``both``)."""
+        return len(pooling_reads(self.pooling))
 
 
 def auroc_or_nan(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -291,7 +300,11 @@ def load_probe(folder: Path) -> tuple[LSIProbe, ProbeMeta]:
     """Load a probe written by :func:`save_probe`; a missing or mismatched file is a clear error."""
     weights, meta_path = folder / WEIGHTS_FILE, folder / META_FILE
     meta = read_meta(folder)
-    probe = LSIProbe(meta.hidden_size, alpha=meta.alpha)
+    try:
+        width = meta.hidden_size * meta.feature_reads()
+    except ValueError as exc:
+        raise ValueError(f"{meta_path}: {exc}") from None
+    probe = LSIProbe(width, alpha=meta.alpha)
     state = load_file(str(weights))
     try:
         probe.load_state_dict(state)

@@ -3,7 +3,7 @@
 Extraction records :func:`provenance_for` of the loaded model. Every stage that reads the store
 opens it through :func:`open_store`, which compares the store with the provenance ``params.yaml``
 and the model folder's metadata say it should have, without loading the weights: a store written
-by another model, revision, dtype, template or layer set is refused by field name.
+by another model, revision, dtype, template, layer set or pooling is refused by field name.
 """
 
 from __future__ import annotations
@@ -14,14 +14,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import VARIANTS, ContrastivePrompts, ModelConfig, Params
+from pipeline.config import VARIANTS, ContrastivePrompts, ModelConfig, Params, pooled_variants
+from pipeline.config.pooling import LAST
 from pipeline.detect.store import ActivationStore
 from pipeline.detect.store_schema import Provenance
 from pipeline.models.base import ModelInfo, ModelLoadError, resolve_device, resolve_dtype_name
 
 
-def provenance_for(info: ModelInfo, prompts: ContrastivePrompts, layers: Sequence[int]) -> Provenance:
-    """The provenance of a store written by the model ``info`` describes, under these prompts and layers."""
+def provenance_for(
+    info: ModelInfo, prompts: ContrastivePrompts, layers: Sequence[int], pooling: str = LAST
+) -> Provenance:
+    """The provenance of a store written by the model ``info`` describes, under these prompts, layers and pooling."""
     return Provenance(
         model_name=info.name,
         model_revision=info.revision,
@@ -29,7 +32,8 @@ def provenance_for(info: ModelInfo, prompts: ContrastivePrompts, layers: Sequenc
         template_benign=prompts.benign,
         template_malicious=prompts.malicious,
         prompt_position=prompts.position,
-        variants=VARIANTS,
+        pooling=pooling,
+        variants=pooled_variants(VARIANTS, pooling),
         layers=tuple(layers),
         hidden_size=info.hidden_size,
     )
@@ -109,8 +113,11 @@ def _hf_info(folder: Path, dtype: str) -> ModelInfo:
 
 
 def expected_provenance(params: Params) -> Provenance:
-    """The provenance the store of a run with these params has: model folder metadata, prompts, ``extract.layers``."""
-    return provenance_for(model_info(params.model), params.prompts, params.extract.layers)
+    """The provenance the store of a run with these params has: model folder metadata, prompts, ``extract``'s
+    layers (``all``: every block the model folder's config counts) and pooling."""
+    info = model_info(params.model)
+    layers = params.extract.resolved_layers(info.num_layers)
+    return provenance_for(info, params.prompts, layers, params.extract.pooling)
 
 
 def open_store(params: Params, path: Path) -> ActivationStore:

@@ -2,7 +2,8 @@
 
 ``data/probe/probe.safetensors`` holds the weights: the LSI probe's state dict, or a linear
 probe's ``weight`` and ``bias``. ``data/probe/probe.json`` holds :class:`ProbeMeta`, whose
-``detector`` field says which of the two it is. Files written before that field existed are LSI.
+``detector`` field says which of the two it is and ``pooling`` which features it reads. Files
+written before those fields existed are LSI, and read last-token states.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def save_detector(detector: Detector, meta: ProbeMeta, folder: Path) -> None:
     """Write a detector and its metadata under ``folder``; ``meta.detector`` must name it."""
     if meta.detector != detector.name:
         raise ValueError(f"metadata names detector {meta.detector!r} but the detector is {detector.name!r}")
+    if meta.pooling != detector.pooling:
+        raise ValueError(f"metadata names pooling {meta.pooling!r} but the detector reads {detector.pooling!r}")
     if isinstance(detector, LSIDetector):
         save_probe(detector.probe_, meta, folder)
         return
@@ -37,7 +40,7 @@ def load_detector(folder: Path) -> tuple[Detector, ProbeMeta]:
     meta = read_meta(folder)
     if meta.detector == LSI:
         probe, meta = load_probe(folder)
-        return LSIDetector.from_probe(probe, meta.fusion_layer, meta.safety_layer), meta
+        return LSIDetector.from_probe(probe, meta.fusion_layer, meta.safety_layer, meta.pooling), meta
     state = load_file(str(weights))
     if set(state) != {"weight", "bias"}:
         raise ValueError(
@@ -45,12 +48,15 @@ def load_detector(folder: Path) -> tuple[Detector, ProbeMeta]:
         )
     try:
         pieces = [Piece.parse(text) for text in meta.pieces]
-        detector = LinearDetector.from_weights(meta.detector, pieces, state["weight"].numpy(), float(state["bias"][0]))
+        weight, bias = state["weight"].numpy(), float(state["bias"][0])
+        detector = LinearDetector.from_weights(meta.detector, pieces, weight, bias, meta.pooling)
     except ValueError as exc:
         raise ValueError(f"{meta_path}: {exc}") from None
-    if detector.n_features_in_ != meta.hidden_size * len(pieces):
+    reads = meta.feature_reads()
+    if detector.n_features_in_ != meta.hidden_size * reads * len(pieces):
+        pooled = "" if reads == 1 else f" under {meta.pooling} pooling ({reads} reads each)"
         raise ValueError(
             f"{weights}: {detector.n_features_in_} weights, but {len(pieces)} piece(s) of hidden size "
-            f"{meta.hidden_size} in {meta_path}"
+            f"{meta.hidden_size}{pooled} in {meta_path}"
         )
     return detector, meta

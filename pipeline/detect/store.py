@@ -365,4 +365,3 @@ def _row_id_differences(stored: np.ndarray, expected: np.ndarray) -> list[str]:
         f"row_id: {len(unequal)} of {len(stored)} rows differ, first at position {first}"
         f" (store has {int(stored[first])}, expected {int(expected[first])})"
     ]
-

@@ -3,7 +3,7 @@
 One Zarr v3 group holds ``states`` shaped ``(rows, variants, layers, hidden)`` in float16,
 sharded along rows so a store is a handful of files (DVC hashes every file), plus the
 ``row_id`` of each row. Its attributes carry the :class:`Provenance` (model, revision, templates
-and their position, layers, dtype, code version); readers check it and refuse a mismatch by field
+and their position, layers, pooling, dtype, code version); readers check it and refuse a mismatch by field
 name. They also record the torch and transformers versions that computed the states; a reader
 running others is warned, not refused. Every chunk is compressed, then checksummed with crc32c.
 """
@@ -15,6 +15,7 @@ from typing import Any
 
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from pipeline.config.pooling import LAST, POOLINGS
 from pipeline.errors import LSIGuardError
 from pipeline.version import __version__
 
@@ -59,6 +60,8 @@ class Provenance:
     hidden_size: int
     # prompts.position the framings were built under; stores written before it was recorded were all "before".
     prompt_position: str = "before"
+    # extract.pooling the states were read under; stores written before it was recorded were all "last".
+    pooling: str = LAST
     store_dtype: str = STORE_DTYPE
     code_version: str = __version__
 
@@ -95,6 +98,9 @@ class Provenance:
             elif name == "hidden_size":
                 if not _is_a(value, int) or value < 1:
                     found.append(f"field {name!r} must be a positive integer, got {value!r}")
+            elif name == "pooling":
+                if value not in POOLINGS:
+                    found.append(f"field {name!r} must be one of {list(POOLINGS)}, got {value!r}")
             elif not isinstance(value, str) or not value:
                 found.append(f"field {name!r} must be a non-empty string, got {value!r}")
         return found
@@ -108,4 +114,3 @@ class Provenance:
 def _is_a(value: object, kind: type) -> bool:
     """``isinstance`` that does not count JSON booleans as integers."""
     return isinstance(value, kind) and not isinstance(value, bool)
-

@@ -1,9 +1,10 @@
 """Layer choice from data: LSI trained for every (fusion, safety) pair of stored layers.
 
 Each pair is scored two ways: validation AUROC in-source (train split -> val split), and the mean
-over held-out sources of the AUROC on that source's validation rows when it took no part in
-training. The second is what a new source will look like, so it is the default way to choose.
-Test rows are never read here: they stay untouched for the evaluation.
+over held-out groups (``train.held_out_by``: upstream projects by default) of the AUROC on that
+group's validation rows when it took no part in training. The second is what requests from
+elsewhere will look like, so it is the default way to choose. Test rows are never read here:
+they stay untouched for the evaluation.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from pipeline.config import LAYER_CHOICE, TrainConfig
 from pipeline.detect.detector import DETECTORS, LSI, LSIDetector
 from pipeline.detect.heldout import (
     EvalData,
+    GroupFold,
     Setting,
-    SourceFold,
     fit_detector,
     fit_lsi,
+    group_fold,
+    group_folds,
     in_source_setting,
-    source_fold,
-    source_folds,
-    two_class_sources,
+    scoreable_groups,
 )
 from pipeline.detect.probe import auroc_or_nan
 from pipeline.errors import LSIGuardError
@@ -41,67 +42,70 @@ class SweepError(LSIGuardError, ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class PairScore:
-    """One (fusion, safety) pair's validation AUROC in-source and its mean held-out-source AUROC."""
+    """One (fusion, safety) pair's validation AUROC in-source and its mean held-out-group AUROC."""
 
     fusion_layer: int
     safety_layer: int
     val_auroc: float
-    cross_source_auroc: float
+    held_out_auroc: float
 
 
-def validation_setting(index: pl.DataFrame, fold: SourceFold) -> Setting:
-    """Train / val on the other sources' train / val rows; score the held-out source's val rows."""
+def validation_setting(index: pl.DataFrame, fold: GroupFold) -> Setting:
+    """Train / val on the other groups' train / val rows; score the held-out group's val rows
+    (with the other label's val rows when the group holds one label: :meth:`GroupFold.scored_rows`)."""
     return Setting(
-        name=f"held_out_val:{fold.source}",
+        name=f"held_out_val:{fold.group}",
         train=fold.split_rows(index, "train"),
         val=fold.split_rows(index, "val"),
         calib=np.zeros(0, dtype=np.int64),
-        test=fold.split_rows(index, "val", own=True),
+        test=fold.scored_rows(index, "val"),
     )
 
 
-def held_out_validation(index: pl.DataFrame, source: str) -> Setting:
-    """Train / val on the other sources' train / val rows; score ``source``'s val rows."""
-    return validation_setting(index, source_fold(index, source))
+def held_out_validation(index: pl.DataFrame, by: str, group: str) -> Setting:
+    """Train / val without ``group`` of column ``by``; score its val rows."""
+    return validation_setting(index, group_fold(index, by, group))
 
 
 @dataclass(frozen=True)
 class DetectorScore:
-    """One detector's held-out-source validation AUROC per source, and their mean."""
+    """One detector's held-out validation AUROC per held-out group, and their mean."""
 
     name: str
     held_out_auroc: float
-    per_source: dict[str, float]
+    per_group: dict[str, float]
 
 
-def held_out_settings(data: EvalData) -> list[Setting]:
-    """:func:`held_out_validation` for every source whose rows, and whose complement's, hold both labels.
+def held_out_settings(data: EvalData, by: str) -> list[Setting]:
+    """:func:`held_out_validation` for every group of column ``by`` whose scored rows, and whose
+    complement's training rows, hold both labels.
 
-    The folds are scikit-learn's ``LeaveOneGroupOut`` by source (:func:`~pipeline.detect.heldout.source_folds`).
+    The folds are scikit-learn's ``LeaveOneGroupOut`` (:func:`~pipeline.detect.heldout.group_folds`).
     """
-    labels, two_class = data.labels, set(two_class_sources(data.index))
-    settings = [validation_setting(data.index, f) for f in source_folds(data.index) if f.source in two_class]
+    labels, scoreable = data.labels, set(scoreable_groups(data.index, by))
+    settings = [validation_setting(data.index, f) for f in group_folds(data.index, by) if f.group in scoreable]
     return [s for s in settings if len(np.unique(labels[s.train])) == 2 and len(np.unique(labels[s.test])) == 2]
 
 
 def score_detectors(
     data: EvalData, config: TrainConfig, lf: int, ls: int, names: tuple[str, ...] = DETECTORS, progress: bool = True
 ) -> list[DetectorScore]:
-    """Each detector fitted without each source in turn and scored on that source's validation rows.
+    """Each detector fitted without each held-out group (``config.held_out_by``) in turn and scored on its
+    validation rows.
 
-    The mean over sources is what the guard's ``best`` detector is chosen by; test rows stay unread.
+    The mean over groups is what the guard's ``best`` detector is chosen by; test rows stay unread.
     """
-    labels, settings = data.labels, held_out_settings(data)
+    labels, settings = data.labels, held_out_settings(data, config.held_out_by)
     results = []
     for name in tqdm(names, desc="detectors", disable=not progress):
-        per_source = {
+        per_group = {
             s.name.split(":", 1)[1]: auroc_or_nan(
                 labels[s.test], data.scores(fit_detector(data, s, name, config, lf, ls), s.test)
             )
             for s in settings
         }
-        mean = float(np.mean(list(per_source.values()))) if per_source else float("nan")
-        results.append(DetectorScore(name, mean, per_source))
+        mean = float(np.mean(list(per_group.values()))) if per_group else float("nan")
+        results.append(DetectorScore(name, mean, per_group))
     return results
 
 
@@ -125,18 +129,28 @@ def read_detector_scores(sweep: Path) -> list[DetectorScore]:
     rows = json.loads(sweep.read_text(encoding="utf-8")).get("detectors")
     if not isinstance(rows, list) or not rows:
         raise SweepError(f"{sweep}: no detector scores; rerun the sweep stage (dvc repro sweep)")
-    return [DetectorScore(**row) for row in rows]
+    try:
+        return [DetectorScore(**row) for row in rows]
+    except TypeError as error:  # written by another version (keys renamed or missing)
+        raise SweepError(f"{sweep}: detector scores of another version ({error}); rerun the sweep stage") from error
 
 
 def sweep_pairs(data: EvalData, config: TrainConfig, progress: bool = True) -> list[PairScore]:
-    """Every ordered pair of stored layers, scored in-source and across sources."""
+    """Every ordered pair of stored layers scored in-source; the ``config.held_out_pairs`` best of
+    them (every pair when 0) also on held-out groups (``config.held_out_by``), the rest NaN there."""
     inside = in_source_setting(data.index)
-    held_out = held_out_settings(data)
     pairs = layer_pairs(data.layers)
-    return [
-        score_pair(data, inside, held_out, config, lf, ls)
-        for lf, ls in tqdm(pairs, desc="layer sweep", disable=not progress)
+    val = [
+        val_score(data, inside, config, lf, ls)
+        for lf, ls in tqdm(pairs, desc="layer sweep, in-source", disable=not progress)
     ]
+    held_out = held_out_settings(data, config.held_out_by)
+    chosen = pairs_for_held_out(pairs, val, config.held_out_pairs)
+    cross = {
+        pair: held_out_score(data, held_out, config, *pair)
+        for pair in tqdm(chosen, desc="layer sweep, held-out", disable=not progress)
+    }
+    return pair_scores(pairs, val, cross)
 
 
 def layer_pairs(layers: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -144,19 +158,38 @@ def layer_pairs(layers: tuple[int, ...]) -> list[tuple[int, int]]:
     return list(product(layers, layers))
 
 
-def score_pair(
-    data: EvalData, inside: Setting, held_out: list[Setting], config: TrainConfig, lf: int, ls: int
-) -> PairScore:
-    """One pair: LSI trained in-source and scored on the val split, then once per held-out setting."""
+def pairs_for_held_out(pairs: list[tuple[int, int]], val: list[float], count: int) -> list[tuple[int, int]]:
+    """The ``count`` pairs with the highest in-source validation AUROC (every pair when ``count`` is 0
+    or covers them all), in sweep order. Ties keep sweep order; NaN ranks last.
+
+    The held-out half costs one fit per held-out group, so scoring it on a shortlist is what keeps
+    the sweep affordable as groups and rows grow (``bench/sweep.py`` measures the saving).
+    """
+    if count == 0 or count >= len(pairs):
+        return list(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: (-np.nan_to_num(val[i], nan=-np.inf), i))
+    keep = set(order[:count])
+    return [pair for i, pair in enumerate(pairs) if i in keep]
+
+
+def pair_scores(pairs: list[tuple[int, int]], val: list[float], cross: dict[tuple[int, int], float]) -> list[PairScore]:
+    """One :class:`PairScore` per pair, in sweep order; NaN held-out AUROC where the pair was not held out."""
+    return [
+        PairScore(fusion_layer=lf, safety_layer=ls, val_auroc=v, held_out_auroc=cross.get((lf, ls), float("nan")))
+        for (lf, ls), v in zip(pairs, val, strict=True)
+    ]
+
+
+def val_score(data: EvalData, inside: Setting, config: TrainConfig, lf: int, ls: int) -> float:
+    """One pair's LSI trained in-source (train split) and scored on the val split."""
+    return auroc_or_nan(data.labels[inside.val], _harmful(fit_lsi(data, inside, config, lf, ls), data, inside.val))
+
+
+def held_out_score(data: EvalData, held_out: list[Setting], config: TrainConfig, lf: int, ls: int) -> float:
+    """One pair's mean AUROC over the held-out settings, LSI trained once without each group."""
     labels = data.labels
-    val_auroc = auroc_or_nan(labels[inside.val], _harmful(fit_lsi(data, inside, config, lf, ls), data, inside.val))
     cross = [auroc_or_nan(labels[s.test], _harmful(fit_lsi(data, s, config, lf, ls), data, s.test)) for s in held_out]
-    return PairScore(
-        fusion_layer=lf,
-        safety_layer=ls,
-        val_auroc=val_auroc,
-        cross_source_auroc=float(np.mean(cross)) if cross else float("nan"),
-    )
+    return float(np.mean(cross)) if cross else float("nan")
 
 
 def _harmful(detector: LSIDetector, data: EvalData, rows: np.ndarray) -> np.ndarray:
@@ -165,11 +198,11 @@ def _harmful(detector: LSIDetector, data: EvalData, rows: np.ndarray) -> np.ndar
 
 
 def best_pair(scores: list[PairScore], select_by: str) -> PairScore:
-    """The pair with the highest chosen score (``cross_source`` falls back to ``val`` when undefined).
+    """The pair with the highest chosen score (``held_out`` falls back to ``val`` when undefined).
 
     Ties go to the first pair in sweep order (shallower fusion, then shallower safety layer).
     """
-    key = "cross_source_auroc" if select_by == "cross_source" else "val_auroc"
+    key = "held_out_auroc" if select_by == "held_out" else "val_auroc"
     if all(np.isnan(getattr(s, key)) for s in scores):
         key = "val_auroc"
     return max(scores, key=lambda s: -np.inf if np.isnan(getattr(s, key)) else getattr(s, key))
@@ -191,7 +224,10 @@ def resolve_layers(fusion_layer: int | str, safety_layer: int | str, select_by: 
     if fusion_layer != LAYER_CHOICE and safety_layer != LAYER_CHOICE:
         return int(fusion_layer), int(safety_layer)
     require(sweep, "'dvc repro sweep' (no layer sweep to take 'best' layers from)")
-    scores = [PairScore(**row) for row in json.loads(sweep.read_text(encoding="utf-8"))["pairs"]]
+    try:
+        scores = [PairScore(**row) for row in json.loads(sweep.read_text(encoding="utf-8"))["pairs"]]
+    except (KeyError, TypeError) as error:  # written by another version (keys renamed or missing)
+        raise SweepError(f"{sweep}: layer pairs of another version ({error}); rerun the sweep stage") from error
     allowed = [
         s
         for s in scores

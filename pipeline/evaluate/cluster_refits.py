@@ -1,4 +1,4 @@
-"""The evaluation's held-out-source refits on a Dask cluster: one task per held-out source."""
+"""The evaluation's held-out refits on a Dask cluster: one task per held-out group."""
 
 from __future__ import annotations
 
@@ -13,22 +13,23 @@ from pipeline.config import CalibrateConfig, TrainConfig
 from pipeline.detect.cluster import use_core_share
 from pipeline.detect.cluster_data import release_eval_data, share_eval_data, worker_eval_data
 from pipeline.detect.store import ActivationStore
-from pipeline.evaluate.detection import HeldOutResults, merge_held_out, source_results
+from pipeline.evaluate.detection import HeldOutResults, group_results, merge_held_out
 from pipeline.evaluate.intervals import BootstrapSpec
 
 
-def source_results_task(
+def group_results_task(
     config: TrainConfig,
     calibration: CalibrateConfig,
     lf: int,
     ls: int,
-    source: str,
+    group: str,
     shipped_tau: tuple[str, float] | None,
     bootstrap: BootstrapSpec | None,
+    by: str,
 ) -> HeldOutResults:
-    """Task: :func:`~pipeline.evaluate.detection.source_results` on the states this worker read from the store."""
+    """Task: :func:`~pipeline.evaluate.detection.group_results` on the states this worker read from the store."""
     use_core_share()
-    return source_results(worker_eval_data(), config, calibration, lf, ls, source, shipped_tau, bootstrap)
+    return group_results(worker_eval_data(), config, calibration, lf, ls, group, shipped_tau, bootstrap, by)
 
 
 def held_out_results_on_cluster(
@@ -40,11 +41,12 @@ def held_out_results_on_cluster(
     calibration: CalibrateConfig,
     lf: int,
     ls: int,
-    sources: Sequence[str],
+    groups: Sequence[str],
     shipped_tau: tuple[str, float] | None = None,
     bootstrap: BootstrapSpec | None = None,
+    by: str = "source",
 ) -> HeldOutResults:
-    """:func:`~pipeline.evaluate.detection.held_out_results` with each source's refits run by a worker.
+    """:func:`~pipeline.evaluate.detection.held_out_results` with each group's refits run by a worker.
 
     ``refusal``: the refusal-direction score of every store row (as
     :func:`~pipeline.detect.heldout.load_eval_data` takes it), or ``None``. Same results, same order.
@@ -54,18 +56,19 @@ def held_out_results_on_cluster(
     try:
         futures = [
             client.submit(
-                source_results_task,
+                group_results_task,
                 config,
                 calibration,
                 lf,
                 ls,
-                source,
+                group,
                 shipped_tau,
                 bootstrap,
+                by,
                 key=f"held-out-refit-{run}-{i}",
                 pure=False,
             )
-            for i, source in enumerate(sources)
+            for i, group in enumerate(groups)
         ]
         return merge_held_out(client.gather(futures))
     finally:

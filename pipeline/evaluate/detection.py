@@ -19,7 +19,7 @@ import polars as pl
 from pipeline.config import CalibrateConfig, TrainConfig
 from pipeline.detect.calibration import choose_tau_by_method
 from pipeline.detect.detector import DETECTORS, PLAIN, Detector, LinearDetector
-from pipeline.detect.heldout import EvalData, Setting, fit_detector, held_out_setting
+from pipeline.detect.heldout import EvalData, Setting, fit_detector, fold_setting, group_fold
 from pipeline.detect.logistic import fit_logistic, positive_scores
 from pipeline.evaluate.baselines import length_features, style_features
 from pipeline.evaluate.intervals import BootstrapSpec, interval_of
@@ -138,49 +138,57 @@ def held_out_results(
     calibration: CalibrateConfig,
     lf: int,
     ls: int,
-    sources: Sequence[str],
+    groups: Sequence[str],
     shipped_tau: tuple[str, float] | None = None,
     bootstrap: BootstrapSpec | None = None,
+    by: str = "source",
 ) -> HeldOutResults:
-    """For each source, every detector refitted without it and scored on its test rows (and all its rows).
+    """For each group of index column ``by``, every detector refitted without it and scored on its test rows
+    (and on all its rows).
 
     ``shipped_tau``: ``(detector, tau)``; that detector's rows also get ``at_shipped_tau``, its
-    metrics on all the source's rows at the run's own tau, the threshold a new source meets.
+    metrics on the group's own rows at the run's own tau, the threshold a new upstream meets.
     ``bootstrap``: add each metric's interval.
     """
     return merge_held_out(
-        [source_results(data, config, calibration, lf, ls, source, shipped_tau, bootstrap) for source in sources]
+        [group_results(data, config, calibration, lf, ls, group, shipped_tau, bootstrap, by) for group in groups]
     )
 
 
-def source_results(
+def group_results(
     data: EvalData,
     config: TrainConfig,
     calibration: CalibrateConfig,
     lf: int,
     ls: int,
-    source: str,
+    group: str,
     shipped_tau: tuple[str, float] | None = None,
     bootstrap: BootstrapSpec | None = None,
+    by: str = "source",
 ) -> HeldOutResults:
-    """One source of :func:`held_out_results`: every detector refitted without it, scored on its rows.
+    """One group of :func:`held_out_results`: every detector refitted without it, scored on its rows.
 
+    A group of one label is scored with the other groups' test rows of the other label, which no
+    detector of the fold trained, validated or calibrated on (:meth:`GroupFold.scored_rows`).
     A task of its own on a cluster (:mod:`pipeline.evaluate.cluster_refits`).
     """
-    setting = held_out_setting(data.index, source)
+    fold = group_fold(data.index, by, group)
+    setting = fold_setting(data.index, fold)
     if len(np.unique(data.labels[setting.train])) < 2 or len(np.unique(data.labels[setting.calib])) < 2:
         raise ValueError(
-            f"holding out source {source!r} leaves training or calibration rows of one label only; "
-            "add sources with both labels"
+            f"holding out {by} {group!r} leaves training or calibration rows of one label only; "
+            f"add {by} values with both labels"
         )
-    every_row = np.flatnonzero(data.index["source"].to_numpy() == source)
+    every_row = np.sort(np.union1d(fold.own, setting.test))
     scorers, layers = fit_detectors(data, setting, config, lf, ls)
     metrics = score_setting(data, setting, scorers, calibration, also=every_row, layers=layers, bootstrap=bootstrap)
     scores = {name: np.asarray(score(every_row), dtype=np.float64) for name, score in scorers.items()}
     if shipped_tau is not None:
         name, tau = shipped_tau
-        metrics[name]["at_shipped_tau"] = detection_metrics(data.labels[every_row], scores[name], tau, bootstrap)
-    return HeldOutResults({source: metrics}, {source: data.labels[every_row]}, {source: scores})
+        own = np.isin(every_row, fold.own)
+        # On the group's own rows: the share of its harmful requests refused and of its benign ones flagged.
+        metrics[name]["at_shipped_tau"] = detection_metrics(data.labels[fold.own], scores[name][own], tau, bootstrap)
+    return HeldOutResults({group: metrics}, {group: data.labels[every_row]}, {group: scores})
 
 
 def merge_held_out(parts: Sequence[HeldOutResults]) -> HeldOutResults:
@@ -239,9 +247,10 @@ SUMMARY_KEYS = ("auroc", "tpr_at_5pct_fpr", "tpr", "fpr")
 def held_out_summary(
     cross_source: Mapping[str, Mapping[str, Mapping[str, Any]]], comparison: HeldOutComparison | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Per detector, over held-out sources (all of each source's rows): mean and lowest AUROC, and per source
+    """Per detector, over held-out groups (all of each group's scored rows): mean and lowest AUROC, and per group
     the AUROC, TPR at 5% FPR, and the shares of harmful (TPR) and benign (FPR) rows flagged at the tau
-    chosen without the source.
+    chosen without the group; for the shipped detector also those shares on the group's own rows at the
+    run's tau (``tpr_at_shipped_tau`` / ``fpr_at_shipped_tau``).
 
     Intervals the metrics hold are carried along (``<key>_low`` / ``<key>_high``); ``comparison``
     (:func:`~pipeline.evaluate.paired.held_out_comparison`) adds those of the mean and lowest AUROC.
@@ -249,24 +258,24 @@ def held_out_summary(
     summary: dict[str, dict[str, Any]] = {}
     names = next(iter(cross_source.values()), {}).keys()
     for name in names:
-        per_source: dict[str, dict[str, Any]] = {}
-        for source, rows in cross_source.items():
+        per_group: dict[str, dict[str, Any]] = {}
+        for group, rows in cross_source.items():
             cell: dict[str, Any] = {"n": rows[name]["all_rows"]["n"]}
             for key in SUMMARY_KEYS:
                 cell.update(_with_ends(rows[name]["all_rows"], key))
-            per_source[source] = cell
-        aurocs = np.array([row["auroc"] for row in per_source.values()], dtype=np.float64)
-        for source, rows in cross_source.items():
+            per_group[group] = cell
+        aurocs = np.array([row["auroc"] for row in per_group.values()], dtype=np.float64)
+        for group, rows in cross_source.items():
             if "at_shipped_tau" in rows[name]:
                 at = rows[name]["at_shipped_tau"]
-                per_source[source].update(
+                per_group[group].update(
                     **_with_ends(at, "tpr", "tpr_at_shipped_tau"), **_with_ends(at, "fpr", "fpr_at_shipped_tau")
                 )
         summary[name] = {
             "mean_auroc": float(np.nanmean(aurocs)) if np.isfinite(aurocs).any() else float("nan"),
             "min_auroc": float(np.nanmin(aurocs)) if np.isfinite(aurocs).any() else float("nan"),
-            "max_fpr": float(np.nanmax([row["fpr"] for row in per_source.values()])),
-            "per_source": per_source,
+            "max_fpr": float(np.nanmax([row["fpr"] for row in per_group.values()])),
+            "per_group": per_group,
         }
         if comparison is not None and name in comparison.mean_auroc:
             for key, interval in (
@@ -283,35 +292,45 @@ def _shown(row: Mapping[str, Any], key: str, digits: int) -> str:
     return interval.format(digits) if interval is not None else f"{row[key]:.{digits}f}"
 
 
-def held_out_markdown(summary: Mapping[str, Mapping[str, Any]], shipped: str) -> str:
-    """The held-out-source summary as a Markdown table: one row per detector, AUROC / TPR@5%FPR / FPR@tau per source."""
+def held_out_markdown(summary: Mapping[str, Mapping[str, Any]], shipped: str, by: str = "source") -> str:
+    """The held-out summary as a Markdown table: one row per detector, AUROC / TPR@5%FPR / FPR@tau per ``by`` group."""
     if not summary:
         return ""
-    sources = list(next(iter(summary.values()))["per_source"])
-    head = ["detector", "mean AUROC", "min AUROC", *sources]
+    groups = list(next(iter(summary.values()))["per_group"])
+    head = ["detector", "mean AUROC", "min AUROC", *groups]
     rows = []
     for name, row in summary.items():
         cells = [
             f"{_shown(c, 'auroc', 3)} / {_shown(c, 'tpr_at_5pct_fpr', 2)} / {_shown(c, 'fpr', 2)}"
-            for c in row["per_source"].values()
+            for c in row["per_group"].values()
         ]
         label = f"**{name}** (shipped)" if name == shipped else name
         rows.append([label, _shown(row, "mean_auroc", 3), _shown(row, "min_auroc", 3), *cells])
     note = (
-        "\nEach source held out in turn: every detector fitted, validated and thresholded without it, then scored on "
-        "all its rows. Cells: AUROC / TPR at 5% FPR / share of benign rows flagged at that tau."
+        f"\nEach {by} held out in turn: every detector fitted, validated and thresholded without it, then scored on "
+        f"all its rows (a {by} of one label against the other {by}s' test rows of the other label). "
+        "Cells: AUROC / TPR at 5% FPR / share of benign rows flagged at that tau."
     )
-    if any("auroc_low" in c for row in summary.values() for c in row["per_source"].values()):
+    if any("auroc_low" in c for row in summary.values() for c in row["per_group"].values()):
         note += (
             " Brackets: the interval (stratified bootstrap for AUROC and TPR at 5% FPR, Wilson for the share "
-            "flagged; the mean and lowest AUROC resample each source on its own)."
+            f"flagged; the mean and lowest AUROC resample each {by} on its own)."
         )
     note += "\n"
-    cells = summary.get(shipped, {}).get("per_source", {})
+    cells = summary.get(shipped, {}).get("per_group", {})
     if cells and all("fpr_at_shipped_tau" in c for c in cells.values()):
         at = ", ".join(
-            f"{source} {_shown(c, 'tpr_at_shipped_tau', 2)} / {_shown(c, 'fpr_at_shipped_tau', 2)}"
-            for source, c in cells.items()
+            f"{group} {_flagged(c, 'tpr_at_shipped_tau')} / {_flagged(c, 'fpr_at_shipped_tau')}"
+            for group, c in cells.items()
         )
-        note += f"\nAt the run's own tau, the shipped {shipped}'s share of harmful / benign rows flagged: {at}.\n"
+        note += (
+            f"\nAt the run's own tau, the shipped {shipped}'s share of each {by}'s own harmful / benign rows "
+            f"flagged (- where it has none): {at}.\n"
+        )
     return markdown_table(head, rows) + "\n" + note
+
+
+def _flagged(cell: Mapping[str, Any], key: str) -> str:
+    """A share flagged, or ``-`` where the group holds no row of that label."""
+    value = cell.get(key, float("nan"))
+    return "-" if value is None or np.isnan(value) else _shown(cell, key, 2)

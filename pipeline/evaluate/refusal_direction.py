@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.config.pooling import MEAN, read_name
+
 if TYPE_CHECKING:  # for annotations only: the guard needs no zarr or dask at run time
     from pipeline.detect.store import ActivationStore
 
@@ -209,9 +211,13 @@ def refusal_scores(similarities: np.ndarray, stored_layers: Sequence[int], use_l
 def store_similarities(store: ActivationStore, readout: RefusalReadout, framing: str = "plain") -> np.ndarray:
     """:func:`layer_similarities` of one framing at every stored layer, ``(rows, layers)`` in store row order.
 
-    The store is read one shard at a time, so its states never all sit in memory.
+    The framing's last-token state; a store of mean-pooled states only (``extract.pooling: mean``)
+    gives its mean over the request's tokens instead. The store is read one shard at a time, so its
+    states never all sit in memory.
     """
     variants = list(store.provenance.variants)
+    if framing not in variants and read_name(framing, MEAN) in variants:
+        framing = read_name(framing, MEAN)
     if framing not in variants:
         raise ValueError(f"{store.path}: unknown framing {framing!r}; the store holds {', '.join(variants)}")
     layers = list(store.provenance.layers)

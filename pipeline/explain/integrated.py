@@ -1,10 +1,12 @@
 """Integrated gradients of a target score: the differentiable signal and its path integral.
 
 The target (:mod:`pipeline.explain.targets`) is the shipped detector's logit or the contrast
-``||h_m - h_b||``; it reads last-token states of some framings (benign, malicious, plain) at some
-layers. The request's token embeddings (and the image's OCR tokens or pixels) are spliced into
-*every* framing it reads, so an input's attribution is its effect on the target through all of
-them at once, not through one prompt alone.
+``||h_m - h_b||``; it reads pooled states of some framings (benign, malicious, plain) at some
+layers: the last token's, the mean over the request's own tokens, or both side by side, as the
+store the detector was trained on holds them (``extract.pooling``). The request's token
+embeddings (and the image's OCR tokens or pixels) are spliced into *every* framing it reads,
+so an input's attribution is its effect on the target through all of them at once, not
+through one prompt alone.
 
 The path integral is cut in two (see :func:`integrate`) so that the sharp start of the path
 from zero embeddings gets its share of interpolation points; the result is still plain
@@ -23,9 +25,10 @@ from torch import nn
 from transformers import DynamicCache
 
 from pipeline.config import PLACEHOLDER
+from pipeline.config.pooling import LAST, MEAN, pooling_reads
 from pipeline.explain.spans import Span, overlapping_tokens, token_pieces
 from pipeline.explain.targets import Target
-from pipeline.models.hooks import run_to_layers
+from pipeline.models.hooks import read_layers, run_to_layers, token_reader, weighted_sum_reader
 
 # Interpolation points per backward pass: bounds activation memory, not the result.
 DEFAULT_INTERNAL_BATCH = 8
@@ -106,6 +109,14 @@ class LayerRunner:
         The early stop raises from a hook after the deepest state is captured; the autograd graph
         up to that block is intact, so gradients flow back to the inputs.
         """
+        return self.pooled(embeds, (LAST,), [], **extra)[LAST]
+
+    def pooled(
+        self, embeds: torch.Tensor, reads: Sequence[str], mean_positions: Sequence[int], **extra: Any
+    ) -> dict[str, torch.Tensor]:
+        """The ``reads`` of full-prompt embeddings ``(S, L, H)``, each ``(S, len(layers), hidden)`` float32:
+        ``last``, the last token's state; ``mean``, the mean over the prompt positions ``mean_positions``
+        (the request's own tokens, all after the cached prefix), as extraction reads them."""
         steps = embeds.shape[0]
         tail = embeds[:, self.prefix_len :]
         if self.prefix_kv:
@@ -115,7 +126,18 @@ class LayerRunner:
             )
         mask = torch.ones(steps, tail.shape[1], dtype=torch.long)
         forward = lambda: self.model(inputs_embeds=tail, use_cache=bool(self.prefix_kv), **extra)  # noqa: E731
-        return run_to_layers(forward, self.blocks, self.layers, mask)
+        if tuple(reads) == (LAST,):
+            return {LAST: run_to_layers(forward, self.blocks, self.layers, mask)}
+        if not mean_positions or min(mean_positions) < self.prefix_len:
+            raise ValueError("a mean read needs the request's positions, all after the cached prefix")
+        weights = torch.zeros(steps, 1, tail.shape[1])
+        weights[:, 0, [p - self.prefix_len for p in mean_positions]] = 1.0 / len(mean_positions)
+        readers = {
+            LAST: token_reader(torch.arange(steps), torch.full((steps,), tail.shape[1] - 1)),
+            MEAN: weighted_sum_reader(weights),
+        }
+        kept = read_layers(forward, self.blocks, self.layers, [readers[r] for r in reads])
+        return dict(zip(reads, kept, strict=True))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +153,12 @@ class Framing:
     spans: dict[str, Span]
     pieces: dict[str, list[str]]
     starts: dict[str, list[int]]
+
+    @property
+    def request_positions(self) -> list[int]:
+        """The positions of the request's own tokens (its text's and an image's OCR text's), which
+        a mean read averages over; the spans are exactly those tokens."""
+        return sorted({p for first, last in self.spans.values() for p in range(first, last)})
 
 
 def frame(
@@ -186,12 +214,16 @@ def target_signal(
     target's layers.
     """
 
+    reads = pooling_reads(target.pooling)
+
     def states(framing: Framing, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         # inputs are the span embeddings in ``names`` order, then pixel_values when present.
         spans = [(framing.spans[n], x) for n, x in zip(names, inputs[: len(names)], strict=True)]
         embeds = splice(framing.embeds, spans)
         extra = {"pixel_values": inputs[len(names)]} if with_pixels else {}
-        return runner.states(embeds, **extra)
+        kept = runner.pooled(embeds, reads, framing.request_positions, **extra)
+        # A detector's feature: its reads side by side on the feature axis, last first (as stored).
+        return torch.cat([kept[r] for r in reads], dim=-1)
 
     def signal(*inputs: torch.Tensor) -> torch.Tensor:
         read = {variant: states(framings[variant], inputs) for variant in target.variants}

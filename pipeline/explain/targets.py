@@ -1,4 +1,4 @@
-"""What an attribution integrates: a scalar function of a request's last-token states.
+"""What an attribution integrates: a scalar function of a request's pooled states.
 
 - ``detector``: the shipped detector's own logit (:meth:`Detector.logits`), the score the guard
   decides on; it reads the framings and layers the detector reads.
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from pipeline.config import ATTRIBUTE_TARGETS, VARIANTS
+from pipeline.config.pooling import LAST, POOLINGS
 from pipeline.detect.detector import Detector, StateGetter
 
 DETECTOR, CONTRAST = ATTRIBUTE_TARGETS
@@ -27,9 +28,10 @@ DETECTOR, CONTRAST = ATTRIBUTE_TARGETS
 class Target:
     """One attributable score: ``score(get)`` gives ``(n,)`` values, differentiable in the states ``get`` returns.
 
-    ``variants`` are the framings it reads (store order), ``layers`` the blocks (ascending);
-    ``label`` says in words what is attributed, ``detector`` describes the guard's detector
-    (empty when none is known).
+    ``variants`` are the framings it reads (store order), ``layers`` the blocks (ascending),
+    ``pooling`` how a framing's states become its feature (``extract.pooling``: the last token's,
+    the mean over the request's tokens, or both side by side); ``label`` says in words what is
+    attributed, ``detector`` describes the guard's detector (empty when none is known).
     """
 
     kind: str
@@ -38,12 +40,15 @@ class Target:
     layers: tuple[int, ...]
     variants: tuple[str, ...]
     score: Callable[[StateGetter], torch.Tensor]
+    pooling: str = LAST
 
     def __post_init__(self) -> None:
         if self.kind not in ATTRIBUTE_TARGETS:
             raise ValueError(f"unknown attribution target {self.kind!r}; expected one of {list(ATTRIBUTE_TARGETS)}")
         if not self.layers or not self.variants:
             raise ValueError("an attribution target reads at least one layer of one framing")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; expected one of {list(POOLINGS)}")
         if [v for v in VARIANTS if v in self.variants] != list(self.variants):
             raise ValueError(f"target framings must be a subset of {VARIANTS} in that order, got {self.variants}")
 
@@ -70,7 +75,8 @@ def contrast_target(fusion_layer: int, detector: str = "") -> Target:
 
 
 def detector_target(detector: Detector) -> Target:
-    """The detector's logit (``sigmoid`` of it is the guard's refusal score), over what the detector reads."""
+    """The detector's logit (``sigmoid`` of it is the guard's refusal score), over what the detector reads:
+    its framings and layers, pooled as its store was (``detector.pooling``)."""
     description = detector.describe()
     return Target(
         kind=DETECTOR,
@@ -79,6 +85,7 @@ def detector_target(detector: Detector) -> Target:
         layers=tuple(sorted(detector.layers)),
         variants=tuple(detector.variants),
         score=detector.logits,
+        pooling=detector.pooling,
     )
 
 

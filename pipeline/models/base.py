@@ -1,8 +1,8 @@
 """The one interface every supported model sits behind.
 
 Nothing above this module knows which model it talks to. An adapter prepares requests with the
-model's own chat template, returns last-token hidden states at chosen decoder layers, and
-generates text.
+model's own chat template, returns hidden states at chosen decoder layers (the last token's, or
+the mean over the request's own tokens), and generates text.
 
 Layer convention: "layer k" is the output of decoder block k, 0-based; in Hugging Face terms
 ``hidden_states[k + 1]``. The final norm is never applied to a stored state.
@@ -11,22 +11,42 @@ Layer convention: "layer k" is the output of decoder block k, 0-based; in Huggin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from pipeline.config import GREEDY, Decoding
+from pipeline.config.pooling import LAST
 from pipeline.errors import LSIGuardError
+
+# [start, stop) characters of a prompt's text that are the user's own request.
+Span = tuple[int, int]
 
 
 @dataclass(frozen=True)
 class Request:
-    """One user turn: an optional image and the text typed next to it."""
+    """One user turn: an optional image and the text typed next to it.
+
+    ``span`` says which characters of ``text`` are the user's own request when the text also
+    holds other words (a framing around it); ``None`` means all of it. Mean pooling averages over
+    the tokens of those characters (see :data:`~pipeline.config.pooling.POOLINGS`).
+    """
 
     text: str
     image: Path | None = None
+    span: Span | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.span is not None:
+            start, stop = self.span
+            if not 0 <= start <= stop <= len(self.text):
+                raise ValueError(f"request span {self.span} lies outside its text of {len(self.text)} characters")
+
+    def request_span(self) -> Span:
+        """The characters of ``text`` that are the user's own request."""
+        return self.span if self.span is not None else (0, len(self.text))
 
 
 @dataclass(frozen=True)
@@ -34,14 +54,21 @@ class RequestGroup:
     """Several texts asked next to one image: the framings of one request that LSI compares.
 
     Their prompts share everything up to where the texts differ, which adapters compute once.
+    ``spans`` gives each text's :attr:`Request.span` (``None``: every text is all request).
     """
 
     texts: tuple[str, ...]
     image: Path | None = None
+    spans: tuple[Span | None, ...] | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.spans is not None and len(self.spans) != len(self.texts):
+            raise ValueError(f"{len(self.spans)} request spans for {len(self.texts)} texts")
 
     def requests(self) -> list[Request]:
         """One :class:`Request` per text, in order."""
-        return [Request(text=text, image=self.image) for text in self.texts]
+        spans = self.spans if self.spans is not None else (None,) * len(self.texts)
+        return [Request(text=text, image=self.image, span=span) for text, span in zip(self.texts, spans, strict=True)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,11 +96,17 @@ class ModelAdapter(Protocol):
         """
         ...
 
-    def group_states(self, groups: Sequence[RequestGroup], layers: Sequence[int]) -> torch.Tensor:
-        """Last-token states ``(len(groups), group_size, len(layers), hidden_size)`` of every text in every group.
+    def group_states(
+        self, groups: Sequence[RequestGroup], layers: Sequence[int], reads: Sequence[str] = (LAST,)
+    ) -> torch.Tensor:
+        """States ``(len(groups), len(reads) * group_size, len(layers), hidden_size)`` of every text in every group.
 
-        Equal to :meth:`last_token_states` on the flattened requests (within float tolerance); the
-        part of the prompts a group shares is computed once.
+        ``reads`` (:data:`~pipeline.config.pooling.READS`) says what is read of each prompt's
+        block outputs: ``last``, the last token (equal to :meth:`last_token_states` on the
+        flattened requests, within float tolerance), and ``mean``, the average over the tokens of
+        the request's own characters (:attr:`Request.span`, and an image's OCR text where the
+        model reads one; never template, framing or image tokens). Entry ``[g, r * group_size + k]``
+        is read ``reads[r]`` of text ``k``. The part of the prompts a group shares is computed once.
         """
         ...
 

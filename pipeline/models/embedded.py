@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import DEFAULT_LIMITS
+from pipeline.config.pooling import LAST
 from pipeline.models.base import (
     GREEDY,
     Decoding,
@@ -24,6 +25,7 @@ from pipeline.models.base import (
     ModelLoadError,
     Request,
     RequestGroup,
+    Span,
     resolve_device,
     resolve_dtype,
     resolve_dtype_name,
@@ -41,6 +43,7 @@ from pipeline.models.literal import (
     split_prompt,
 )
 from pipeline.models.ocr import ImageReader
+from pipeline.models.request_tokens import ids_and_request_mask
 from pipeline.models.smollm2_files import find_smollm2_gguf
 
 MODEL_NAME = "SmolLM2-135M-Instruct+RapidOCR"
@@ -140,10 +143,21 @@ class EmbeddedAdapter:
 
     def user_content(self, request: Request) -> str:
         """The user turn's text: the image's text (if any) first, where an image would sit, then the request."""
+        return self.user_content_spans(request)[0]
+
+    def user_content_spans(self, request: Request) -> tuple[str, list[Span]]:
+        """The user turn's text and its characters that are the user's own: the image's text, then the request's.
+
+        The delimiters around the image's text and the placeholder for an image without text are
+        ours, not the user's.
+        """
+        start, stop = request.request_span()
         if request.image is None:
-            return request.text
-        found = self.reader.read(Path(request.image)).text or NO_TEXT
-        return f"{IMAGE_OPEN}\n{found}\n{IMAGE_CLOSE}\n{request.text}"
+            return request.text, [(start, stop)]
+        found = self.reader.read(Path(request.image)).text
+        head = f"{IMAGE_OPEN}\n{found or NO_TEXT}\n{IMAGE_CLOSE}\n"
+        spans = [(len(IMAGE_OPEN) + 1, len(IMAGE_OPEN) + 1 + len(found))] if found else []
+        return head + request.text, [*spans, (len(head) + start, len(head) + stop)]
 
     def render(self, content: str) -> str:
         """The chat-formatted prompt around user content ``content``, ending with the assistant header."""
@@ -170,12 +184,36 @@ class EmbeddedAdapter:
         ids = self.tokenizer(parts.prefix + spare + parts.suffix, add_special_tokens=False)["input_ids"]
         return splice(ids, spare_id, plain_ids(self.tokenizer, parts.content))
 
-    def encode(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
-        """Chat-formatted prompts tokenised as one left-padded batch on the model's device."""
-        rows = [self.prompt_ids(r) for r in requests]
+    def prompt_ids_and_mask(self, request: Request) -> tuple[list[int], list[int]]:
+        """:meth:`prompt_ids` and a 0/1 mask of the request's own tokens (its text and the image's text).
+
+        See :mod:`pipeline.models.request_tokens`.
+        """
+        content, spans = self.user_content_spans(request)
+        check_length(
+            len(plain_ids(self.tokenizer, content)),
+            self.max_request_tokens,
+            "the request (framing and image text included)",
+        )
+        return ids_and_request_mask(self.tokenizer, self.render, content, spans, self.added_tokens)
+
+    def encode(self, requests: Sequence[Request], request_masks: bool = False) -> dict[str, torch.Tensor]:
+        """Chat-formatted prompts tokenised as one left-padded batch on the model's device.
+
+        With ``request_masks`` the batch also holds ``request_mask``, 1 at the request's own tokens
+        (:meth:`prompt_ids_and_mask`), padded like the ids; it is no model input.
+        """
+        if request_masks:
+            pairs = [self.prompt_ids_and_mask(r) for r in requests]
+            rows, masks = [ids for ids, _ in pairs], [mask for _, mask in pairs]
+        else:
+            rows = [self.prompt_ids(r) for r in requests]
         # Left padding here, not only in from_folder: batched generation continues every row from its
         # last column, which must be each prompt's last real token whoever built the tokenizer.
         batch = self.tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt")
+        if request_masks:
+            width = batch["input_ids"].shape[1]
+            batch["request_mask"] = torch.tensor([[0] * (width - len(m)) + m for m in masks], dtype=torch.long)
         device = next(self.model.parameters()).device
         return {k: v.to(device) for k, v in batch.items()}
 
@@ -191,9 +229,14 @@ class EmbeddedAdapter:
         return single_pass_states(self, requests, layers)
 
     @torch.inference_mode()
-    def group_states(self, groups: Sequence[RequestGroup], layers: Sequence[int]) -> torch.Tensor:
-        """Block outputs at the last token of every text of every group, each group's shared prefix run once."""
-        return grouped_states(self, groups, layers)
+    def group_states(
+        self, groups: Sequence[RequestGroup], layers: Sequence[int], reads: Sequence[str] = (LAST,)
+    ) -> torch.Tensor:
+        """Block outputs read (``reads``: last token, mean over the request's tokens) for every text of every group.
+
+        Each group's shared prefix runs once; see :meth:`~pipeline.models.base.ModelAdapter.group_states`.
+        """
+        return grouped_states(self, groups, layers, reads)
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request], max_new_tokens: int, decoding: Decoding = GREEDY) -> list[str]:

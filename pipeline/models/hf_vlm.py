@@ -6,6 +6,10 @@ local folder in the hub's layout. Prompts go through the processor's own chat te
 LLaVA-1.5, the newline after ``<|im_start|>assistant`` for Qwen2-VL). Batches are padded on
 the left and positions are computed from the attention mask (Qwen's three-axis M-RoPE
 positions included), so a request's states do not depend on its neighbours in the batch.
+
+Mean pooling (``extract.pooling: mean``) averages over the request's own text tokens only: an
+image's tokens (and the tokens a processor adds around them) are the image, not the user's
+request text, and are left out, as are the chat template's and the framing's tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, BatchFeature, ProcessorMixin
 
 from pipeline.config import DEFAULT_LIMITS
+from pipeline.config.pooling import LAST
 from pipeline.images import load_image
 from pipeline.models.base import (
     GREEDY,
@@ -48,6 +53,7 @@ from pipeline.models.literal import (
     split_prompt,
 )
 from pipeline.models.processors import load_processor
+from pipeline.models.request_tokens import aligned_mask, ids_and_request_mask
 
 # model_type in config.json -> what it is. Only architectures whose chat template, image
 # handling and decoder layout have been checked end to end belong here.
@@ -232,7 +238,7 @@ class HFVisionLanguageAdapter:
         """The chat-formatted prompt for ``request``, generation prompt included, before image expansion."""
         return self.render(request, request.text)
 
-    def encode(self, requests: Sequence[Request]) -> BatchFeature:
+    def encode(self, requests: Sequence[Request], request_masks: bool = False) -> BatchFeature:
         """Tokenise a batch (left-padded) with its images, on the model's device and dtype.
 
         Images go to the processor as one list per prompt (empty for a prompt without an image),
@@ -240,6 +246,9 @@ class HFVisionLanguageAdapter:
         A request's text is read as plain text: added-token strings in it (``<image>``,
         ``<|im_end|>``) stay characters (see :mod:`pipeline.models.literal`). Raises
         :class:`~pipeline.models.literal.RequestTooLong` for a text over ``max_request_tokens``.
+        With ``request_masks`` the batch also holds ``request_mask``: 1 at the tokens of the
+        request's own characters (:attr:`Request.span`), never at image or template tokens,
+        padded like the ids; it is no model input.
         """
         texts: list[str] = []
         replacements: dict[int, tuple[int, list[int]]] = {}
@@ -261,10 +270,35 @@ class HFVisionLanguageAdapter:
         )
         if replacements:
             batch = splice_batch(batch, replacements, self.pad_token_id)
+        if request_masks:
+            batch["request_mask"] = self._request_masks(requests, batch)
         batch = batch.to(self.device)
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
         return batch
+
+    def _request_masks(self, requests: Sequence[Request], batch: BatchFeature) -> torch.Tensor:
+        """The request's own tokens of each row of a left-padded ``batch``: ``(batch, seq)`` 0/1.
+
+        Found on the prompt as the tokenizer reads it before the processor expands the image
+        (:mod:`pipeline.models.request_tokens`), then moved onto the processor's row, whose tokens
+        after the image are the same.
+        """
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        masks = torch.zeros_like(ids, dtype=torch.long)
+        for i, request in enumerate(requests):
+            text_ids, text_mask = ids_and_request_mask(
+                self.tokenizer,
+                lambda text, request=request: self.render(request, text),
+                request.text,
+                [request.request_span()],
+                self.added_tokens,
+                self.image_token_ids,
+            )
+            real = attention[i].bool()
+            row = aligned_mask(ids[i][real].tolist(), text_ids, text_mask)
+            masks[i, real] = torch.tensor(row, dtype=torch.long)
+        return masks
 
     def position_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_inputs: dict[str, torch.Tensor]
@@ -300,13 +334,16 @@ class HFVisionLanguageAdapter:
         return torch.cat([single_pass_states(self, chunk, layers) for chunk in _chunks(requests, self.batch_size)])
 
     @torch.inference_mode()
-    def group_states(self, groups: Sequence[RequestGroup], layers: Sequence[int]) -> torch.Tensor:
-        """States of every text of every group; each group's shared prefix (image included) runs once."""
+    def group_states(
+        self, groups: Sequence[RequestGroup], layers: Sequence[int], reads: Sequence[str] = (LAST,)
+    ) -> torch.Tensor:
+        """States of every text of every group, read as ``reads`` says; each group's shared prefix (image included)
+        runs once. See :meth:`~pipeline.models.base.ModelAdapter.group_states`."""
         layers = list(layers)
         check_layers(layers, self.info.num_layers)
         if not groups:
             return torch.empty(0, 0, len(layers), self.info.hidden_size)
-        return torch.cat([grouped_states(self, chunk, layers) for chunk in _chunks(groups, self.batch_size)])
+        return torch.cat([grouped_states(self, chunk, layers, reads) for chunk in _chunks(groups, self.batch_size)])
 
     def _stop_ids(self) -> set[int]:
         """Token ids that end an answer: the generation config's eos ids and the pad id."""

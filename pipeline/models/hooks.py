@@ -1,8 +1,9 @@
-"""Read last-token block outputs with forward hooks, stopping the forward after the deepest one.
+"""Read block outputs with forward hooks, stopping the forward after the deepest one.
 
 Hooks see the raw output of each decoder block (no final norm), which is exactly what the
 store's layer convention asks for, and the early stop means layers past ``max(layers)`` are
-never computed.
+never computed. What a hook keeps is a reader's choice: the last token's state, or a weighted
+sum over positions (the sum behind a mean over the request's tokens).
 """
 
 from __future__ import annotations
@@ -40,15 +41,42 @@ def find_decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
     return candidates[0][1]
 
 
+# What a hook keeps of one block's output ``(batch, seq, hidden)``: a few rows ``(n, hidden)``.
+Reader = Callable[[torch.Tensor], torch.Tensor]
+
+
+def token_reader(rows: torch.Tensor, positions: torch.Tensor) -> Reader:
+    """Keeps the states at ``(rows[i], positions[i])``: ``(len(positions), hidden)``."""
+
+    def read(hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[rows.to(hidden.device), positions.to(hidden.device)]
+
+    return read
+
+
+def weighted_sum_reader(weights: torch.Tensor) -> Reader:
+    """Keeps ``weights (batch, reads, seq)`` times the states, summed over positions: ``(batch * reads, hidden)``.
+
+    Summed in float32 whatever the model's dtype: a mean over hundreds of half-precision states
+    would otherwise lose digits.
+    """
+
+    def read(hidden: torch.Tensor) -> torch.Tensor:
+        summed = torch.bmm(weights.to(device=hidden.device, dtype=torch.float32), hidden.float())
+        return summed.flatten(0, 1)
+
+    return read
+
+
 @contextmanager
 def _capture(
     blocks: nn.ModuleList,
     layers: Sequence[int],
-    rows: torch.Tensor,
-    positions: torch.Tensor,
-    store: dict[int, torch.Tensor],
+    readers: Sequence[Reader],
+    store: list[dict[int, torch.Tensor]],
+    stop: bool,
 ) -> Iterator[None]:
-    """Keep block outputs at ``(rows, positions)`` only, and stop after the deepest requested block."""
+    """Keep what each reader reads of the requested blocks' outputs; with ``stop``, end after the deepest."""
     deepest = max(layers)
     wanted = set(layers)
     handles = []
@@ -57,9 +85,10 @@ def _capture(
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
             if k in wanted:
-                # Only the last token's row survives the hook: (batch, hidden), not (batch, seq, hidden).
-                store[k] = hidden[rows.to(hidden.device), positions.to(hidden.device)]
-            if k == deepest:
+                # Only what the readers keep survives the hook, never (batch, seq, hidden).
+                for read, kept in zip(readers, store, strict=True):
+                    kept[k] = read(hidden)
+            if stop and k == deepest:
                 raise StopForward
 
         return hook
@@ -71,6 +100,31 @@ def _capture(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def read_layers(
+    forward: Callable[[], object],
+    blocks: nn.ModuleList,
+    layers: Sequence[int],
+    readers: Sequence[Reader],
+    stop: bool = True,
+) -> list[torch.Tensor]:
+    """Run ``forward`` and return what each reader kept of blocks ``layers``: ``(n, len(layers), hidden)`` each.
+
+    With ``stop`` the forward ends after block ``max(layers)``; without, it runs to its end (a
+    forward whose cache must be complete). Float32 on the CPU; with gradients enabled the results
+    stay attached to the graph before being moved.
+    """
+    captured: list[dict[int, torch.Tensor]] = [{} for _ in readers]
+    with _capture(blocks, layers, readers, captured, stop):
+        try:
+            forward()
+        except StopForward:
+            pass
+    missing = [k for k in layers if k not in captured[0]]
+    if missing:
+        raise RuntimeError(f"decoder blocks {missing} never ran; is the layer list right for this model?")
+    return [torch.stack([kept[k] for k in layers], dim=1).float().cpu() for kept in captured]
 
 
 def run_to_layers(
@@ -95,17 +149,7 @@ def run_to_layers(
         last_positions = last_token_positions(attention_mask)
     if rows is None:
         rows = torch.arange(last_positions.shape[0])
-    captured: dict[int, torch.Tensor] = {}
-    with _capture(blocks, layers, rows, last_positions, captured):
-        try:
-            forward()
-        except StopForward:
-            pass
-    missing = [k for k in layers if k not in captured]
-    if missing:
-        raise RuntimeError(f"decoder blocks {missing} never ran; is the layer list right for this model?")
-    stacked = torch.stack([captured[k] for k in layers], dim=1)
-    return stacked.float().cpu()
+    return read_layers(forward, blocks, layers, [token_reader(rows, last_positions)])[0]
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -11,32 +11,43 @@ once, through every decoder block, into a KV cache:
 - the answer continues the plain prompt's tail from the same cache and decodes greedily.
 
 So the check adds only the framings' short tails to the work the answer needs anyway, and an
-answered request never encodes its image or its prefix twice.
+answered request never encodes its image or its prefix twice. A detector that reads means over
+the request's tokens gets them too: the prefix forward sums the request's tokens it holds (built
+with ``mean_layers``), the check adds each framing's own.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
+from pipeline.config.pooling import LAST, MEAN
 from pipeline.errors import LSIGuardError
-from pipeline.models.base import Request, check_layers
+from pipeline.models.base import Request, Span, check_layers
 from pipeline.models.forward import (
     ForwardModel,
+    _by_read,
+    _check_counts,
+    _encode,
     _image_tokens,
+    _means,
     _pack_tails,
     _packed_attention_mask,
+    _prefix_weights,
     _tail_positions,
+    _tail_weights,
     _unpadded,
+    _unpadded_masks,
+    check_reads,
     image_inputs_of,
     shared_prefix_length,
 )
-from pipeline.models.hooks import run_to_layers
+from pipeline.models.hooks import read_layers, run_to_layers, token_reader, weighted_sum_reader
 
 
 class PrefixNotShared(LSIGuardError, ValueError):
@@ -77,14 +88,26 @@ class PrefixSession:
     may be called once; ``states`` leaves the cache as it found it.
     """
 
-    def __init__(self, adapter: ForwardModel, texts: Sequence[str], image: Path | None) -> None:
+    def __init__(
+        self,
+        adapter: ForwardModel,
+        texts: Sequence[str],
+        image: Path | None,
+        *,
+        spans: Sequence[Span | None] | None = None,
+        mean_layers: Sequence[int] = (),
+    ) -> None:
         if len(texts) < 2:
             raise ValueError("a session needs at least one framing and the prompt to answer")
         self.adapter = adapter
         self.timings = SessionTimings()
         self._answered = False
         started = time.perf_counter()
-        batches = [adapter.encode([Request(text=text, image=image)]) for text in texts]
+        spans = spans if spans is not None else [None] * len(texts)
+        requests = [Request(text=text, image=image, span=span) for text, span in zip(texts, spans, strict=True)]
+        self.mean_layers = list(mean_layers)
+        encoded = [_encode(adapter, [request], bool(self.mean_layers)) for request in requests]
+        batches = [batch for batch, _ in encoded]
         image_inputs = image_inputs_of(batches[0])
         self.sequences = [_unpadded(batch)[0] for batch in batches]
         self.prefix_length = shared_prefix_length(self.sequences)
@@ -96,9 +119,13 @@ class PrefixSession:
         self.prefix_mask = torch.ones_like(prefix)
         self.prefix_positions = adapter.position_ids(prefix, self.prefix_mask, image_inputs)
         self.cache = DynamicCache(config=adapter.model.config)
-        with torch.inference_mode():
+        # The framings' request masks (mean reads only), and their sums over the prefix's request tokens.
+        self.masks: list[list[int]] = []
+        self.prefix_sums: torch.Tensor | None = None
+
+        def prefix_forward() -> object:
             # Every block runs: the answer needs the whole cache. Only one position's logits are kept.
-            adapter.model(
+            return adapter.model(
                 input_ids=prefix,
                 attention_mask=self.prefix_mask,
                 position_ids=self.prefix_positions,
@@ -107,12 +134,33 @@ class PrefixSession:
                 logits_to_keep=1,
                 **image_inputs,
             )
+
+        with torch.inference_mode():
+            if self.mean_layers:
+                check_layers(self.mean_layers, adapter.info.num_layers)
+                self.masks = [_unpadded_masks(batch, mask)[0] for batch, mask in encoded[:-1]]
+                _check_counts([sum(mask) for mask in self.masks], list(texts[:-1]))
+                weights = _prefix_weights([self.masks], [self.prefix_length], self.prefix_length)
+                reader = weighted_sum_reader(weights)
+                (self.prefix_sums,) = read_layers(
+                    prefix_forward, adapter.blocks, self.mean_layers, [reader], stop=False
+                )
+            else:
+                prefix_forward()
         self.timings.prefix = time.perf_counter() - started
 
-    def states(self, layers: Sequence[int]) -> torch.Tensor:
-        """Last-token states ``(n_framings, len(layers), hidden)`` of every prompt but the last, float32 on CPU."""
+    def states(self, layers: Sequence[int], reads: Sequence[str] = (LAST,)) -> torch.Tensor:
+        """States ``(len(reads) * n_framings, len(layers), hidden)`` of every prompt but the last, float32 on CPU.
+
+        Entry ``r * n_framings + k`` is read ``reads[r]`` of framing ``k``: its last token's state, or
+        (``mean``, for a session built with ``mean_layers`` equal to ``layers``) the average over the
+        request's own tokens.
+        """
         layers = list(layers)
         check_layers(layers, self.adapter.info.num_layers)
+        reads = check_reads(reads)
+        if MEAN in reads and layers != self.mean_layers:
+            raise ValueError(f"mean reads need the session built with mean_layers={layers}, not {self.mean_layers}")
         started = time.perf_counter()
         framings = self.sequences[:-1]
         packed, segments, last = _pack_tails([framings], [self.prefix_length])
@@ -133,9 +181,29 @@ class PrefixSession:
 
         with torch.inference_mode():
             rows = torch.zeros_like(last)  # every tail sits in the one packed row
-            states = run_to_layers(forward, self.adapter.blocks, layers, last_positions=last, rows=rows)
+            if reads == (LAST,):
+                states = run_to_layers(forward, self.adapter.blocks, layers, last_positions=last, rows=rows)
+            else:
+                states = self._read(forward, layers, reads, rows, last, ids.shape[1])
         self.timings.check += time.perf_counter() - started
         return states
+
+    def _read(
+        self,
+        forward: Callable[[], object],
+        layers: list[int],
+        reads: tuple[str, ...],
+        rows: torch.Tensor,
+        last: torch.Tensor,
+        width: int,
+    ) -> torch.Tensor:
+        """The tail forward's reads, means completed with the prefix's sums: ``(reads * framings, layers, hidden)``."""
+        assert self.prefix_sums is not None
+        readers = [token_reader(rows, last)] if LAST in reads else []
+        readers.append(weighted_sum_reader(_tail_weights([self.masks], [self.prefix_length], width)))
+        found = _by_read(reads, read_layers(forward, self.adapter.blocks, layers, readers))
+        found[MEAN] = _means(self.prefix_sums + found[MEAN], [sum(mask) for mask in self.masks])
+        return torch.cat([found[read] for read in reads])
 
     def answer(self, max_new_tokens: int, stop_at_eos: bool = True) -> str:
         """Greedy answer to the last prompt, continued from the cached prefix; special tokens stripped.

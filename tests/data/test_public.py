@@ -42,7 +42,7 @@ def test_the_vendored_files_match_their_provenance() -> None:
     for entry in entries:
         records = json.loads((PUBLIC / entry["file"]).read_text())
         assert len(records) == entry["records"], entry["file"]
-        assert entry["license"] in ("MIT", "CC-BY-NC-4.0") and entry["taken_from"]["sha256"]
+        assert entry["license"] in ("MIT", "Apache-2.0", "CC-BY-NC-4.0") and entry["taken_from"]["sha256"]
     readme = (PUBLIC / "README.md").read_text()
     assert all(Path(e["file"]).name in readme for e in entries)
 
@@ -98,6 +98,10 @@ def test_bad_files_are_errors_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(BuildError, match="provenance.json: no such file"):
         read_public(tmp_path)
     (tmp_path / "provenance.json").write_text(json.dumps([{"file": "h.json", "label": "harmful"}]))
+    with pytest.raises(BuildError, match=r"entry 1 \(h.json\) needs an 'upstream'"):
+        read_public(tmp_path)
+    entry = {"file": "h.json", "label": "harmful", "upstream": "example/project"}
+    (tmp_path / "provenance.json").write_text(json.dumps([entry]))
     with pytest.raises(BuildError, match="h.json: listed in provenance.json but missing"):
         read_public(tmp_path)
     (tmp_path / "h.json").write_text(json.dumps([{"instruction": "Do a thing"}, {"instruction": "  "}]))
@@ -106,3 +110,47 @@ def test_bad_files_are_errors_naming_the_file(tmp_path: Path) -> None:
     (tmp_path / "provenance.json").write_text(json.dumps([{"file": "h.json", "label": "maybe"}]))
     with pytest.raises(BuildError, match="entry 1 needs 'file' and a 'label'"):
         read_public(tmp_path)
+
+
+def test_rows_name_their_upstream_and_presentation(sources: dict[str, list[dict]]) -> None:
+    entries = json.loads((PUBLIC / "provenance.json").read_text())
+    upstream_of = {Path(e["file"]).stem: e["upstream"] for e in entries}
+    presentations = {
+        "public-imperative": "imperative",
+        "public-questions": "question",
+        "public-wrapped": "wrapped",
+        "public-typo": "typography",
+    }
+    for name, rows in sources.items():
+        assert {row["presentation"] for row in rows} == {presentations[name]}
+        for row in rows:
+            # request_id is file-stem/position: the upstream is the one provenance.json names for that file.
+            assert row["upstream"] == upstream_of[row["request_id"].split("/")[0]]
+        records = [parse_request(row, name, name, 1, PUBLIC) for row in rows]
+        assert [r.upstream for r in records] == [row["upstream"] for row in rows]
+    upstreams = {row["upstream"]: row["label"] for rows in sources.values() for row in rows}
+    assert len({u for u, label in upstreams.items() if label == "harmful"}) >= 3
+
+
+def test_every_benign_upstream_is_drawn_not_only_the_largest(sources: dict[str, list[dict]]) -> None:
+    benign = Counter(row["upstream"] for rows in sources.values() for row in rows if row["label"] == "benign")
+    entries = json.loads((PUBLIC / "provenance.json").read_text())
+    upstreams = {e["upstream"] for e in entries if e["label"] == "benign"}
+    assert set(benign) == upstreams and len(upstreams) >= 3
+    # Alpaca holds ~97% of the benign pool; drawn in turn it fills well under all of the benign slots.
+    assert max(benign.values()) < 0.7 * sum(benign.values())
+
+
+def test_by_upstream_in_turn_alternates_and_stops_at_the_limit() -> None:
+    import numpy as np
+
+    from pipeline.data.public import by_upstream_in_turn
+
+    def item(upstream: str, i: int) -> Instruction:
+        text = f"{upstream} {i}."
+        return Instruction(origin=f"{upstream}/{i}", category="c", text=text, label="benign", upstream=upstream)
+
+    items = [item("a", i) for i in range(9)] + [item("b", i) for i in range(2)]
+    taken = by_upstream_in_turn(items, 6, np.random.default_rng(0))
+    assert [i.upstream for i in taken] == ["a", "b", "a", "b", "a", "a"]
+    assert len(by_upstream_in_turn(items, 100, np.random.default_rng(0))) == 11

@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 import pipeline.data.image_files as image_files_module
 from pipeline.config import LABELS, LimitsConfig, PrepareConfig
-from pipeline.data.index import build_index
+from pipeline.data.index import build_index, index_frame
 from pipeline.data.sources import DatasetError, RequestRecord, read_requests
 from tests.data.source_rows import DEMO, request_row, small_source, write_source
 
@@ -40,7 +40,7 @@ BAD_LINES: dict[str, tuple[Any, str]] = {
     "misspelt image key": (
         request_row(9, imgae="pic.png"),
         r"unknown key\(s\) \['imgae'\] \('imgae': did you mean 'image'\?\); "
-        r"known keys: \['request_id', 'category', 'label', 'text', 'image'\]",
+        r"known keys: \['request_id', 'category', 'label', 'text', 'image', 'upstream', 'presentation'\]",
     ),
     "lone surrogate": (
         '{"request_id": "r9", "category": "c", "label": "benign", "text": "a \\ud83d b"}',
@@ -192,3 +192,22 @@ def test_demo_length_alone_does_not_separate_the_labels(demo_records: list[Reque
     for length in ([len(r.text) for r in demo_records], [len(r.text.split()) for r in demo_records]):
         auroc = roc_auc_score(y, length)
         assert 0.4 < auroc < 0.6, f"length-only AUROC {auroc:.3f}"
+
+
+def test_upstream_and_presentation_default_from_the_row_and_can_be_given(tmp_path: Path) -> None:
+    rows = [
+        request_row(0, text="How do I bake bread?"),
+        request_row(1, text="Write a poem."),
+        request_row(2, image={"kind": "typography", "text": "hello"}),
+        {**request_row(3), "upstream": "example/project", "presentation": "wrapped"},
+    ]
+    path = write_source(tmp_path / "mine.jsonl", rows)
+    records = read_requests(path)
+    assert [r.upstream for r in records] == ["mine", "mine", "mine", "example/project"]
+    assert [r.presentation for r in records] == ["question", "imperative", "typography", "wrapped"]
+    index = index_frame(records, [None] * len(records), ["train"] * len(records))
+    assert index["upstream"].to_list() == ["mine", "mine", "mine", "example/project"]
+    assert index["presentation"].to_list()[3] == "wrapped"
+    bad = write_source(tmp_path / "bad.jsonl", [{**request_row(0), "upstream": "  "}])
+    with pytest.raises(DatasetError, match="bad.jsonl:1: field 'upstream' is empty"):
+        read_requests(bad)

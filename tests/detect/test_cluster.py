@@ -203,7 +203,7 @@ def test_sweep_on_the_cluster_equals_the_in_process_sweep(
     client: Client, synthetic_store: tuple[ActivationStore, pl.DataFrame, np.ndarray]
 ) -> None:
     store, index, _ = synthetic_store
-    config = replace(CONFIG, epochs=3)
+    config = replace(CONFIG, epochs=3, held_out_pairs=3)  # both halves, the held-out one on a shortlist
     with workers_thread_count():
         expected = sweep_pairs(load_eval_data(index, store), config, progress=False)
     found = sweep_pairs_on_cluster(client, store, index, config, progress=False)

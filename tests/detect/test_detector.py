@@ -98,7 +98,8 @@ def test_a_linear_detector_is_a_scikit_learn_classifier_folded_from_its_regressi
     states, labels = _states()
     pieces = (Piece("benign", 1), Piece("delta", 3))
     detector = LinearDetector(HS_DELTA, pieces, random_state=3)
-    assert detector.get_params() == {"name": HS_DELTA, "pieces": pieces, "random_state": 3, "max_iter": 2000}
+    params = {"name": HS_DELTA, "pieces": pieces, "pooling": "last", "random_state": 3, "max_iter": 2000}
+    assert detector.get_params() == params
     assert detector.pieces is pieces  # hyperparameters are stored as given
     with pytest.raises(NotFittedError):
         detector.score_states(states, LAYERS)

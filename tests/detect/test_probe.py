@@ -26,7 +26,12 @@ from pipeline.detect.probe import (
 HIDDEN = 16
 # The metadata of a probe trained from no store.
 META = ProbeMeta(
-    hidden_size=HIDDEN, alpha=0.1, fusion_layer=12, safety_layer=3, best_epoch=0, best_val_auroc=0.5,
+    hidden_size=HIDDEN,
+    alpha=0.1,
+    fusion_layer=12,
+    safety_layer=3,
+    best_epoch=0,
+    best_val_auroc=0.5,
     store_provenance={},
 )
 
@@ -86,7 +91,12 @@ def test_training_is_reproducible() -> None:
 def test_save_and_load_safetensors_and_json(tmp_path: Path) -> None:
     probe = LSIProbe(HIDDEN)
     meta = ProbeMeta(
-        hidden_size=HIDDEN, alpha=0.1, fusion_layer=12, safety_layer=3, best_epoch=4, best_val_auroc=0.9,
+        hidden_size=HIDDEN,
+        alpha=0.1,
+        fusion_layer=12,
+        safety_layer=3,
+        best_epoch=4,
+        best_val_auroc=0.9,
         store_provenance={"model_name": "tiny"},
     )
     save_probe(probe, meta, tmp_path)

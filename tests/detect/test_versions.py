@@ -47,7 +47,12 @@ def test_a_store_records_the_versions_and_warns_a_reader_under_others(tmp_path: 
 
 def test_a_probe_records_the_versions_and_warns_a_reader_under_others(tmp_path: Path) -> None:
     meta = ProbeMeta(
-        hidden_size=HIDDEN, alpha=0.1, fusion_layer=3, safety_layer=1, best_epoch=2, best_val_auroc=0.9,
+        hidden_size=HIDDEN,
+        alpha=0.1,
+        fusion_layer=3,
+        safety_layer=1,
+        best_epoch=2,
+        best_val_auroc=0.9,
         store_provenance={"model_name": "tiny"},
     )
     save_probe(LSIProbe(HIDDEN), meta, tmp_path)

@@ -28,7 +28,7 @@ from pipeline.detect.heldout import (
     held_out_scores,
     held_out_setting,
     in_source_setting,
-    two_class_sources,
+    scoreable_groups,
 )
 from pipeline.detect.logistic import choose_plain_layer, fit_logistic, folded
 from pipeline.detect.probe import train_probe
@@ -38,6 +38,7 @@ from pipeline.detect.sweep import (
     best_pair,
     held_out_settings,
     held_out_validation,
+    pairs_for_held_out,
     resolve_layers,
     score_matrix,
     sweep_pairs,
@@ -45,13 +46,13 @@ from pipeline.detect.sweep import (
 from pipeline.evaluate.detection import (
     comparison_table,
     fit_detectors,
+    group_results,
     held_out_markdown,
     held_out_results,
     held_out_summary,
     merge_held_out,
     per_source_metrics,
     score_setting,
-    source_results,
 )
 from pipeline.evaluate.intervals import BootstrapSpec
 from pipeline.evaluate.paired import held_out_comparison
@@ -73,6 +74,8 @@ def synthetic_data(n_per_source: int = 80, seed: int = 0, refusal: bool = True) 
                 {
                     "row_id": len(rows),
                     "source": source,
+                    "upstream": source,
+                    "presentation": "question",
                     "split": SPLITS[(i // 2) % 4],
                     "label": label,
                     # Texts of one length and style in both labels: style carries no signal.
@@ -94,7 +97,7 @@ CONFIG = TrainConfig(fusion_layer=3, safety_layer=1, lr=2e-2, epochs=12, alpha=1
 
 def test_held_out_setting_never_trains_on_the_source() -> None:
     data = synthetic_data()
-    setting = held_out_setting(data.index, "beta")
+    setting = held_out_setting(data.index, "source", "beta")
     sources = data.index["source"].to_numpy()
     splits = data.index["split"].to_numpy()
     for role in ("train", "val", "calib"):
@@ -103,7 +106,7 @@ def test_held_out_setting_never_trains_on_the_source() -> None:
     assert set(sources[setting.test]) == {"beta"} and set(splits[setting.test]) == {"test"}
     inside = in_source_setting(data.index)
     assert set(setting.test) <= set(inside.test)
-    assert two_class_sources(data.index) == ["alpha", "beta", "gamma"]
+    assert scoreable_groups(data.index, "source") == ["alpha", "beta", "gamma"]
 
 
 def test_every_detector_is_fitted_and_scored_on_the_same_rows() -> None:
@@ -160,29 +163,52 @@ def test_sweep_finds_the_planted_pair_and_never_reads_test_rows() -> None:
     test_rows = np.flatnonzero(data.index["split"].to_numpy() == "test")
     poisoned = data.states.copy()
     poisoned[test_rows] = np.nan  # any read of a test row would turn a score into NaN
-    scores = sweep_pairs(replace(data, states=poisoned), replace(CONFIG, epochs=6), progress=False)
+    scores = sweep_pairs(replace(data, states=poisoned), replace(CONFIG, epochs=6, held_out_pairs=0), progress=False)
     assert len(scores) == len(LAYERS) ** 2
-    assert not any(np.isnan(s.val_auroc) or np.isnan(s.cross_source_auroc) for s in scores)
-    best = best_pair(scores, "cross_source")
-    assert best.fusion_layer == 3 and best.cross_source_auroc > 0.9
+    assert not any(np.isnan(s.val_auroc) or np.isnan(s.held_out_auroc) for s in scores)
+    best = best_pair(scores, "held_out")
+    assert best.fusion_layer == 3 and best.held_out_auroc > 0.9
     matrix = score_matrix(scores, LAYERS, "val_auroc")
     assert matrix.shape == (3, 3) and matrix[2].min() > matrix[0].max()
-    assert set(data.index["source"][held_out_validation(data.index, "beta").test]) == {"beta"}
+    assert set(data.index["source"][held_out_validation(data.index, "source", "beta").test]) == {"beta"}
+
+
+def test_the_held_out_half_scores_only_the_shortlist_of_best_validation_pairs() -> None:
+    data = synthetic_data(refusal=False)
+    everything = sweep_pairs(data, replace(CONFIG, epochs=6, held_out_pairs=0), progress=False)
+    shortlist = sweep_pairs(data, replace(CONFIG, epochs=6, held_out_pairs=2), progress=False)
+    # The in-source half is the same; the held-out half only where validation ranked a pair top two.
+    assert [s.val_auroc for s in shortlist] == [s.val_auroc for s in everything]
+    held = [s for s in shortlist if not np.isnan(s.held_out_auroc)]
+    assert len(held) == 2
+    top_two = sorted(everything, key=lambda s: -s.val_auroc)[:2]
+    assert {(s.fusion_layer, s.safety_layer) for s in held} == {(s.fusion_layer, s.safety_layer) for s in top_two}
+    for s in held:
+        full = next(e for e in everything if (e.fusion_layer, e.safety_layer) == (s.fusion_layer, s.safety_layer))
+        assert s.held_out_auroc == full.held_out_auroc
+    assert best_pair(shortlist, "held_out").fusion_layer == 3
+
+
+def test_the_shortlist_ranks_nan_last_and_keeps_sweep_order() -> None:
+    pairs = [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert pairs_for_held_out(pairs, [0.7, float("nan"), 0.9, 0.7], 2) == [(1, 1), (2, 1)]
+    assert pairs_for_held_out(pairs, [0.7, float("nan"), 0.9, 0.7], 0) == pairs
+    assert pairs_for_held_out(pairs, [0.7, float("nan"), 0.9, 0.7], 9) == pairs
 
 
 def test_best_pair_falls_back_to_validation_and_breaks_ties_by_order() -> None:
     nan = float("nan")
     scores = [
-        PairScore(fusion_layer=1, safety_layer=1, val_auroc=0.7, cross_source_auroc=nan),
-        PairScore(fusion_layer=2, safety_layer=1, val_auroc=0.9, cross_source_auroc=nan),
-        PairScore(fusion_layer=3, safety_layer=1, val_auroc=0.9, cross_source_auroc=nan),
+        PairScore(fusion_layer=1, safety_layer=1, val_auroc=0.7, held_out_auroc=nan),
+        PairScore(fusion_layer=2, safety_layer=1, val_auroc=0.9, held_out_auroc=nan),
+        PairScore(fusion_layer=3, safety_layer=1, val_auroc=0.9, held_out_auroc=nan),
     ]
-    assert best_pair(scores, "cross_source") == scores[1]
+    assert best_pair(scores, "held_out") == scores[1]
     scores = [
-        PairScore(fusion_layer=1, safety_layer=1, val_auroc=0.9, cross_source_auroc=0.6),
-        PairScore(fusion_layer=2, safety_layer=1, val_auroc=0.7, cross_source_auroc=0.8),
+        PairScore(fusion_layer=1, safety_layer=1, val_auroc=0.9, held_out_auroc=0.6),
+        PairScore(fusion_layer=2, safety_layer=1, val_auroc=0.7, held_out_auroc=0.8),
     ]
-    assert best_pair(scores, "cross_source") == scores[1] and best_pair(scores, "val") == scores[0]
+    assert best_pair(scores, "held_out") == scores[1] and best_pair(scores, "val") == scores[0]
 
 
 def test_resolve_layers_takes_best_from_the_sweep(tmp_path: Path) -> None:
@@ -191,12 +217,12 @@ def test_resolve_layers_takes_best_from_the_sweep(tmp_path: Path) -> None:
     with pytest.raises(MissingOutput, match="dvc repro sweep"):
         resolve_layers("best", 3, "val", sweep)
     pairs = [
-        PairScore(fusion_layer=9, safety_layer=3, val_auroc=0.8, cross_source_auroc=0.6),
-        PairScore(fusion_layer=12, safety_layer=3, val_auroc=0.7, cross_source_auroc=0.7),
-        PairScore(fusion_layer=12, safety_layer=6, val_auroc=0.9, cross_source_auroc=0.5),
+        PairScore(fusion_layer=9, safety_layer=3, val_auroc=0.8, held_out_auroc=0.6),
+        PairScore(fusion_layer=12, safety_layer=3, val_auroc=0.7, held_out_auroc=0.7),
+        PairScore(fusion_layer=12, safety_layer=6, val_auroc=0.9, held_out_auroc=0.5),
     ]
     sweep.write_text(json.dumps({"pairs": [p.__dict__ for p in pairs]}))
-    assert resolve_layers("best", "best", "cross_source", sweep) == (12, 3)
+    assert resolve_layers("best", "best", "held_out", sweep) == (12, 3)
     assert resolve_layers("best", "best", "val", sweep) == (12, 6)
     assert resolve_layers("best", 3, "val", sweep) == (9, 3)  # only pairs with safety layer 3
     with pytest.raises(SweepError, match="no swept pair"):
@@ -211,10 +237,11 @@ def test_held_out_scores_come_from_probes_that_never_saw_the_row_source() -> Non
     # Equal to scoring each source's rows with a probe fitted on the held-out setting by hand.
     sources = data.index["source"].to_numpy()
     beta = rows[sources[rows] == "beta"]
-    by_hand = fit_lsi(data, held_out_setting(data.index, "beta"), CONFIG, 3, 1).probe_.score(data.lsi(beta, 3, 1))
+    setting = held_out_setting(data.index, "upstream", "beta")
+    by_hand = fit_lsi(data, setting, CONFIG, 3, 1).probe_.score(data.lsi(beta, 3, 1))
     np.testing.assert_allclose(scores[sources[rows] == "beta"], by_hand, rtol=1e-6)
-    single = replace(data, index=data.index.with_columns(pl.lit("only").alias("source")))
-    with pytest.raises(ValueError, match="at least two sources"):
+    single = replace(data, index=data.index.with_columns(pl.lit("only").alias("upstream")))
+    with pytest.raises(ValueError, match="at least two values of 'upstream'"):
         held_out_scores(single, rows, "lsi", CONFIG, 3, 1)
 
 
@@ -223,7 +250,8 @@ def test_held_out_scores_of_a_linear_detector_are_cross_fitted_too() -> None:
     rows = np.flatnonzero(data.index["split"].to_numpy() == "calib")
     scores = held_out_scores(data, rows, PLAIN, CONFIG, 3, 1)
     beta = np.flatnonzero(data.index["source"].to_numpy()[rows] == "beta")
-    by_hand = data.scores(fit_detector(data, held_out_setting(data.index, "beta"), PLAIN, CONFIG, 3, 1), rows[beta])
+    setting = held_out_setting(data.index, "upstream", "beta")
+    by_hand = data.scores(fit_detector(data, setting, PLAIN, CONFIG, 3, 1), rows[beta])
     np.testing.assert_allclose(scores[beta], by_hand, rtol=1e-6)
 
 
@@ -292,11 +320,11 @@ def test_held_out_settings_are_the_index_splits_of_each_leave_one_source_out_fol
     data = _interleaved(synthetic_data(n_per_source=40, refusal=False))
     split, source = data.index["split"].to_numpy(), data.index["source"].to_numpy()
     for held in ("alpha", "beta", "gamma"):
-        setting = held_out_setting(data.index, held)
+        setting = held_out_setting(data.index, "source", held)
         for role in ("train", "val", "calib"):
             np.testing.assert_array_equal(getattr(setting, role), np.flatnonzero((split == role) & (source != held)))
         np.testing.assert_array_equal(setting.test, np.flatnonzero((split == "test") & (source == held)))
-    validation = held_out_settings(data)
+    validation = held_out_settings(data, "source")
     assert [s.name for s in validation] == ["held_out_val:alpha", "held_out_val:beta", "held_out_val:gamma"]
     for setting, held in zip(validation, ("alpha", "beta", "gamma"), strict=True):
         np.testing.assert_array_equal(setting.train, np.flatnonzero((split == "train") & (source != held)))
@@ -304,9 +332,9 @@ def test_held_out_settings_are_the_index_splits_of_each_leave_one_source_out_fol
         np.testing.assert_array_equal(setting.test, np.flatnonzero((split == "val") & (source == held)))
         assert len(setting.calib) == 0
     single = replace(data, index=data.index.with_columns(pl.lit("only").alias("source")))
-    assert held_out_settings(single) == []
+    assert held_out_settings(single, "source") == []
     with pytest.raises(HeldOutError, match="no held-out fold for source 'only'"):
-        held_out_setting(single.index, "only")
+        held_out_setting(single.index, "source", "only")
 
 
 def test_held_out_summary_gives_mean_lowest_and_operating_points() -> None:
@@ -316,13 +344,13 @@ def test_held_out_summary_gives_mean_lowest_and_operating_points() -> None:
     lsi = summary["lsi"]
     aurocs = [cross[s]["lsi"]["all_rows"]["auroc"] for s in ("alpha", "gamma")]
     assert lsi["mean_auroc"] == pytest.approx(np.mean(aurocs)) and lsi["min_auroc"] == pytest.approx(min(aurocs))
-    assert set(lsi["per_source"]["alpha"]) == {"n", "auroc", "tpr_at_5pct_fpr", "tpr", "fpr"}
-    assert "fpr_at_shipped_tau" not in lsi["per_source"]["alpha"]
+    assert set(lsi["per_group"]["alpha"]) == {"n", "auroc", "tpr_at_5pct_fpr", "tpr", "fpr"}
+    assert "fpr_at_shipped_tau" not in lsi["per_group"]["alpha"]
     shipped = held_out_summary(
         held_out_results(data, CONFIG, CalibrateConfig(), 3, 1, ["alpha", "gamma"], shipped_tau=("lsi", 1.0)).metrics
     )
-    assert shipped["lsi"]["per_source"]["alpha"]["fpr_at_shipped_tau"] == 0.0  # nothing scores above 1
-    assert shipped["lsi"]["per_source"]["alpha"]["tpr_at_shipped_tau"] == 0.0
+    assert shipped["lsi"]["per_group"]["alpha"]["fpr_at_shipped_tau"] == 0.0  # nothing scores above 1
+    assert shipped["lsi"]["per_group"]["alpha"]["tpr_at_shipped_tau"] == 0.0
     table = held_out_markdown(shipped, shipped="lsi")
     assert "At the run's own tau" in table
     assert "**lsi** (shipped)" in table and "| alpha | gamma |" in table.splitlines()[0] + " |"
@@ -346,7 +374,7 @@ def test_held_out_results_carry_intervals_and_the_scores_for_paired_tests() -> N
         for key in ("auroc", "tpr_at_5pct_fpr", "fpr", "tpr"):
             assert row[f"{key}_low"] <= row[key] <= row[f"{key}_high"], key
     # Source by source (as the cluster runs them), merged: the same results.
-    parts = [source_results(data, CONFIG, CalibrateConfig(), 3, 1, s, ("lsi", 1.0), spec) for s in ("alpha", "gamma")]
+    parts = [group_results(data, CONFIG, CalibrateConfig(), 3, 1, s, ("lsi", 1.0), spec) for s in ("alpha", "gamma")]
     assert repr(merge_held_out(parts)) == repr(held)
     assert len(held.labels["alpha"]) == 80 and set(held.scores["alpha"]) == set(held.metrics["alpha"])
     comparison = held_out_comparison("lsi", held.labels, held.scores, spec)
@@ -357,7 +385,7 @@ def test_held_out_results_carry_intervals_and_the_scores_for_paired_tests() -> N
     assert comparison.mean["length_only"].low > 0  # LSI reads the signal; length carries none
     summary = held_out_summary(held.metrics, comparison)
     assert summary["lsi"]["mean_auroc_low"] <= summary["lsi"]["mean_auroc"] <= summary["lsi"]["mean_auroc_high"]
-    assert "fpr_at_shipped_tau_low" in summary["lsi"]["per_source"]["alpha"]
+    assert "fpr_at_shipped_tau_low" in summary["lsi"]["per_group"]["alpha"]
     table = held_out_markdown(summary, shipped="lsi")
     assert "Brackets: the interval" in table and f"{summary['lsi']['mean_auroc']:.3f} [" in table
     inside = in_source_setting(data.index)

@@ -276,7 +276,7 @@ def test_failed_real_train_and_prepare_leave_probe_and_index_byte_identical(tmp_
     init_project(project, stages, params)
     provenance = expected_provenance(params_from_dict(params))
     synthetic_store(project / "data" / "activations" / "store.zarr", rows, provenance)
-    sweep = {"detectors": [{"name": "lsi", "held_out_auroc": 0.5, "per_source": {}}]}
+    sweep = {"detectors": [{"name": "lsi", "held_out_auroc": 0.5, "per_group": {}}]}
     (project / "data" / "sweep").mkdir(parents=True)
     (project / "data" / "sweep" / "sweep.json").write_text(json.dumps(sweep))
     dvc(project, "repro")

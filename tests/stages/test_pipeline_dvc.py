@@ -95,7 +95,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_llava_folder: Path) -> P
     expected = {"build", "prepare", "extract", "sweep", "train", "calibrate", "evaluate", "guard", "ecso", "attribute"}
     expected |= {"compare", "report", "sanity"}
     assert expected <= stages_run(output)
-    assert "tau from held-out-source" in output  # calibrate.held_out is on by default
+    assert "tau from held-out-upstream" in output  # calibrate.held_out is on by default
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "results"], root)
     return root
@@ -118,7 +118,8 @@ def test_full_pipeline_writes_every_output(repo: Path) -> None:
     assert sorted(p.name for p in (repo / "data/eval/roc").iterdir()) == sorted(f"{name}.csv" for name in detectors)
     # Held out: each source, every detector, next to its in-source number on the same rows.
     public = {"public-imperative", "public-questions", "public-wrapped", "public-typo"}
-    assert set(metrics["cross_source"]) == {"requests", "lookalike"} | public
+    # per_source 4 leaves some built sources without test rows of both labels to score: those are skipped.
+    assert {"requests", "lookalike"} <= set(metrics["cross_source"]) <= {"requests", "lookalike"} | public
     for source, rows in metrics["cross_source"].items():
         assert set(rows) == detectors
         assert all(rows[name]["n"] == metrics["per_source"][source][name]["n"] for name in detectors)
@@ -126,10 +127,14 @@ def test_full_pipeline_writes_every_output(repo: Path) -> None:
     assert "| lookalike | lsi |" in comparison and "paired bootstrap interval" in comparison
     lsi = metrics["detectors"]["lsi"]
     assert lsi["auroc_low"] <= lsi["auroc"] <= lsi["auroc_high"] and lsi["fpr_low"] <= lsi["fpr"] <= lsi["fpr_high"]
-    assert set(metrics["paired"]["held_out"]) == set(metrics["cross_source"])
+    # The primary held-out table leaves out whole upstreams; the paired test runs on its rows.
+    assert metrics["held_out_by"] == "upstream" and {"upstream", "presentation", "source"} == set(metrics["held_out"])
+    upstreams = set(metrics["held_out_summary"]["lsi"]["per_group"])
+    assert {"requests", "lookalike"} <= upstreams and len(upstreams) >= 4
+    assert set(metrics["paired"]["held_out"]) == upstreams
     assert set(metrics["paired"]["held_out_mean"]) == detectors - {"lsi"}
     sweep = json.loads((repo / "data/sweep/sweep.json").read_text())
-    assert len(sweep["pairs"]) == 16 and (repo / "data/sweep/cross_source_auroc.png").stat().st_size > 0
+    assert len(sweep["pairs"]) == 16 and (repo / "data/sweep/held_out_auroc.png").stat().st_size > 0
     assert "ece_raw" in json.loads((repo / "data/calibration/calibration.json").read_text())
     for png in ("data/eval/roc.png", "data/eval/reliability.png", "data/calibration/reliability.png"):
         assert (repo / png).stat().st_size > 0
@@ -251,7 +256,7 @@ def test_probe_parameter_change_skips_extraction(repo: Path) -> None:
     output = run(["dvc", "repro"], repo)
     ran = stages_run(output)
     assert "train" in ran and "calibrate" in ran and "evaluate" in ran
-    assert "tau from held-out-source" not in output
+    assert "tau from held-out-upstream" not in output
     assert not ran & {"convert_model", "build", "prepare", "extract", "ecso"}
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "lr"], repo)

@@ -487,6 +487,8 @@ def _index(path: Path) -> Path:
             "row_id": list(range(len(rows))),
             "request_id": [f"r{i}" for i in range(len(rows))],
             "source": [r[0] for r in rows],
+            "upstream": [r[0] for r in rows],
+            "presentation": [r[5] or "question" for r in rows],
             "category": [r[3] for r in rows],
             "split": [r[1] for r in rows],
             "label": [r[2] for r in rows],
