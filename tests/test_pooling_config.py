@@ -13,10 +13,17 @@ from pipeline.detect.provenance import expected_provenance
 from tests.paths import PROJECT_ROOT
 
 
-def test_the_default_is_the_methods_last_token_read() -> None:
+def test_the_library_default_is_the_methods_last_token_read() -> None:
+    # The dataclass keeps the method's read; the shipped study reads both, since the lever table's
+    # pooled detectors need the mean read too (README, 'What the default run gives').
     assert ExtractConfig().pooling == "last"
-    assert load_params(PROJECT_ROOT / "params.yaml").extract.pooling == "last"
     assert pooled_variants(VARIANTS, "last") == VARIANTS
+
+
+def test_the_shipped_study_reads_both_poolings_its_detector_needs() -> None:
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    assert params.extract.pooling == "both"
+    assert pooled_variants(VARIANTS, "both") == (*VARIANTS, "benign_mean", "malicious_mean", "plain_mean")
 
 
 def test_poolings_name_their_reads() -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import ContrastivePrompts
@@ -81,13 +80,6 @@ def expected_means(
     return torch.stack(
         [reference_mean(adapter, Request(text, image), parts, LAYERS) for text in prompts.variants(question).values()]
     )
-
-
-@pytest.fixture(scope="module")
-def picture(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("img") / "red.png"
-    Image.new("RGB", (50, 40), (220, 30, 30)).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import ContrastivePrompts
@@ -20,13 +19,6 @@ from pipeline.testing.tiny_embedded import tiny_embedded, tiny_llama, tiny_probe
 PROMPTS = ContrastivePrompts()
 LAYERS = [0, 1]
 ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def picture(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("img") / "red.png"
-    Image.new("RGB", (50, 40), (220, 30, 30)).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
