@@ -19,7 +19,8 @@ For each of ``--requests`` test-split requests of the default run (images and te
 
 Reported: the check's added time as a fraction of the guarded generation (target <= 25%), the
 check-alone time as a fraction of it, the reuse saving, and ECSO's overhead over the undefended
-answer. Every path is warmed up once before timing.
+answer. Every path is warmed up once before timing. Then ``bench/prefix_reuse.py``'s figures:
+check throughput with and without cross-request prefix reuse, and where a check's time goes.
 
     python bench/guard.py --requests 8 --tokens 64
 
@@ -95,6 +96,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="answer length of the guarded generation")
     parser.add_argument("--run", type=Path, default=Path("."), help="the project folder of a finished run")
     parser.add_argument("--out", type=Path, default=RESULTS / "guard.json")
+    parser.add_argument(
+        "--skip-prefix-reuse", action="store_true", help="leave out the checks with and without prefix reuse"
+    )
     args = parser.parse_args()
 
     from pipeline.data.index import read_index
@@ -200,6 +204,13 @@ def main() -> None:
         f"answer stopping at end-of-sequence ({m['undefended_stopping_at_eos']:.3f} s); "
         f"{summary['ecso_judged_harmful']} of {len(rows)} answers judged harmful"
     )
+    if not args.skip_prefix_reuse:
+        # bench/prefix_reuse.py, beside this script: checks with and without cross-request prefix reuse.
+        from prefix_reuse import EVERYDAY
+        from prefix_reuse import run as prefix_reuse_figures
+
+        print()
+        summary["prefix_reuse"] = prefix_reuse_figures(guard, args.run / EVERYDAY)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
     print(f"wrote {args.out}")

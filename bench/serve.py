@@ -6,17 +6,19 @@ process's interpreter lock with the clients), clients on threads here (httpx):
 - **upstream**: the proxy in upstream mode in front of a fake OpenAI-compatible server that answers
   instantly (it echoes the request; a process of its own, this script run with ``--fake-upstream``),
   so what is measured is the guard's own overhead: parsing, the check on the default model,
-  forwarding. Clients: ``--upstream-clients`` (1 4 16 64).
+  forwarding. Clients: ``--upstream-clients`` (1 16 64).
 - **local**: the default model answers (``--max-tokens`` tokens) after the check. Clients:
   ``--local-clients`` (1 4). In local mode each request is one ``Guard.generate`` (the answer reuses
   the check's cache), so micro-batching has nothing to batch there; it is measured to show that.
 
-Each setup runs twice in the same run: micro-batched (``--max-batch``, default 16, ``--max-wait-ms``
-20) and one at a time (max batch 1), the baseline. Per client count: requests/s, latency p50 / p95 /
-p99, the check's share of latency (the decision header's ``check_seconds`` over the client's latency),
-errors, and lost / duplicated answers (every request carries a unique tag the answer must echo, and
-every completion id must be unique). Acceptance: at 64 clients upstream, no errors, nothing lost,
-and micro-batched throughput at least 2x one at a time.
+Each setup runs three times in the same run: micro-batched (``--max-batch``, default 16,
+``--max-wait-ms`` 20) with cross-request prefix reuse, the same without it (``--prefix-cache-tokens
+0``, the path before reuse), and one at a time (max batch 1), the baselines. Per client count:
+requests/s, latency p50 / p95 / p99, the check's share of latency (the decision header's
+``check_seconds`` over the client's latency), errors, and lost / duplicated answers (every request
+carries a unique tag the answer must echo, and every completion id must be unique). Acceptance: at
+64 clients upstream, no errors, nothing lost, micro-batched throughput at least 2x one at a time,
+and with reuse at least 1.3x without.
 
     python bench/serve.py                 # the default run in the current folder
     python bench/serve.py --scale 4       # four times the requests per client count
@@ -71,6 +73,7 @@ class Level:
 
     setup: str
     max_batch: int
+    prefix_reuse: bool
     clients: int
     requests: int
     seconds: float
@@ -117,7 +120,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def run_level(url: str, setup: str, max_batch: int, clients: int, requests: int, max_tokens: int) -> Level:
+def run_level(url: str, setup: str, max_batch: int, reuse: bool, clients: int, requests: int, max_tokens: int) -> Level:
     """``requests`` requests from ``clients`` threads (each sends its share one after another)."""
     refusal: str | None = None
     results: list[dict[str, Any]] = []
@@ -169,6 +172,7 @@ def run_level(url: str, setup: str, max_batch: int, clients: int, requests: int,
     return Level(
         setup=setup,
         max_batch=max_batch,
+        prefix_reuse=reuse,
         clients=clients,
         requests=requests,
         seconds=round(elapsed, 3),
@@ -224,20 +228,28 @@ def server_process(command: list[str], what: str, startup_s: float = 600.0) -> I
 def run_setup(
     setup: str, upstream_url: str | None, clients: list[int], requests: int, args: argparse.Namespace
 ) -> list[Level]:
-    """Every client count, micro-batched then one at a time, each on a fresh ``lsi-guard serve`` process."""
+    """Every client count under three servers, each a fresh ``lsi-guard serve`` process.
+
+    Micro-batched with cross-request prefix reuse (the default), micro-batched without it
+    (``--prefix-cache-tokens 0``: the path before reuse), and one at a time with reuse.
+    """
     levels = []
-    for max_batch in (args.max_batch, 1):
+    for max_batch, reuse in ((args.max_batch, True), (args.max_batch, False), (1, True)):
         command = [sys.executable, "-m", "lsi_guard_app", "serve", "--run", args.run, "--mode", setup]
         command += ["--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+        if not reuse:
+            command += ["--prefix-cache-tokens", "0"]
         if upstream_url is not None:
             command += ["--upstream", upstream_url]
-        with server_process(command, f"{setup}-batch{max_batch}") as url:
-            run_level(url, setup, max_batch, 1, 2, args.max_tokens)  # warm-up
+        name = f"{setup}-batch{max_batch}" + ("" if reuse else "-no-reuse")
+        with server_process(command, name) as url:
+            run_level(url, setup, max_batch, reuse, 1, 2, args.max_tokens)  # warm-up
             for count in clients:
                 total = max(requests, count)
-                level = run_level(url, setup, max_batch, count, total, args.max_tokens)
+                level = run_level(url, setup, max_batch, reuse, count, total, args.max_tokens)
                 print(
-                    f"{setup:8s} batch {max_batch:>2} clients {count:>2}: {level.requests_per_s:7.2f} req/s  "
+                    f"{setup:8s} batch {max_batch:>2} reuse {'on ' if reuse else 'off'} clients {count:>2}: "
+                    f"{level.requests_per_s:7.2f} req/s  "
                     f"p50 {level.p50_s:.3f}  p95 {level.p95_s:.3f}  p99 {level.p99_s:.3f} s  "
                     f"check {level.check_share:.0%}  errors {level.errors} lost {level.lost} dup {level.duplicated}",
                     flush=True,
@@ -246,13 +258,17 @@ def run_setup(
     return levels
 
 
-def ratios(levels: list[Level], max_batch: int) -> dict[str, dict[str, float]]:
-    """Micro-batched over one-at-a-time throughput, per setup and client count."""
+def ratios(levels: list[Level], max_batch: int, against: tuple[int, bool]) -> dict[str, dict[str, float]]:
+    """Micro-batched-with-reuse throughput over the ``against`` (max batch, reuse) server's, per setup and clients."""
     table: dict[str, dict[str, float]] = {}
     for level in levels:
-        if level.max_batch != max_batch:
+        if (level.max_batch, level.prefix_reuse) != (max_batch, True):
             continue
-        base = next(x for x in levels if (x.setup, x.clients, x.max_batch) == (level.setup, level.clients, 1))
+        base = next(
+            x
+            for x in levels
+            if (x.setup, x.clients, x.max_batch, x.prefix_reuse) == (level.setup, level.clients, *against)
+        )
         ratio = level.requests_per_s / base.requests_per_s if base.requests_per_s else float("nan")
         table.setdefault(level.setup, {})[str(level.clients)] = round(ratio, 2)
     return table
@@ -261,7 +277,7 @@ def ratios(levels: list[Level], max_batch: int) -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=".", help="the project folder of a finished run (default: .)")
-    parser.add_argument("--upstream-clients", type=int, nargs="*", default=[1, 4, 16, 64])
+    parser.add_argument("--upstream-clients", type=int, nargs="*", default=[1, 16, 64])
     parser.add_argument("--local-clients", type=int, nargs="*", default=[1, 4])
     parser.add_argument("--upstream-requests", type=int, default=64, help="requests per client count (upstream)")
     parser.add_argument("--local-requests", type=int, default=4, help="requests per client count (local)")
@@ -286,7 +302,8 @@ def main() -> None:
         requests = max(1, round(args.local_requests * args.scale))
         levels += run_setup("local", None, args.local_clients, requests, args)
 
-    speedups = ratios(levels, args.max_batch)
+    speedups = ratios(levels, args.max_batch, (1, True))
+    reuse = ratios(levels, args.max_batch, (args.max_batch, False))
     top = max(args.upstream_clients, default=None)
     acceptance = None
     if top is not None:
@@ -296,12 +313,17 @@ def main() -> None:
             "errors": sum(x.errors for x in at_top),
             "lost": sum(x.lost for x in at_top),
             "duplicated": sum(x.duplicated for x in at_top),
-            "speedup": speedups["upstream"][str(top)],
+            "speedup_over_one_at_a_time": speedups["upstream"][str(top)],
+            "speedup_of_prefix_reuse": reuse["upstream"][str(top)],
             "passed": all(x.errors == 0 and x.lost == 0 and x.duplicated == 0 for x in at_top)
-            and speedups["upstream"][str(top)] >= 2.0,
+            and speedups["upstream"][str(top)] >= 2.0
+            and reuse["upstream"][str(top)] >= 1.3,
         }
-    print("\nmicro-batched / one-at-a-time throughput:")
+    print("\nmicro-batched (with reuse) / one-at-a-time throughput:")
     for setup, row in speedups.items():
+        print(f"  {setup:8s} " + "  ".join(f"{clients} clients: {ratio:.2f}x" for clients, ratio in row.items()))
+    print("micro-batched with / without cross-request prefix reuse:")
+    for setup, row in reuse.items():
         print(f"  {setup:8s} " + "  ".join(f"{clients} clients: {ratio:.2f}x" for clients, ratio in row.items()))
     if acceptance is not None:
         print(f"acceptance at {acceptance['clients']} clients (upstream): {acceptance}")
@@ -314,6 +336,7 @@ def main() -> None:
         "platform": platform.platform(),
         "levels": [asdict(level) for level in levels],
         "speedup": speedups,
+        "prefix_reuse_speedup": reuse,
         "acceptance": acceptance,
     }
     (RESULTS / "serve.json").write_text(json.dumps(out, indent=2) + "\n")

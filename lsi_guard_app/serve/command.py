@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from lsi_guard_app.serve.schema import CHECK_POLICIES
@@ -22,6 +23,7 @@ DEFAULT_PORT = 8080
 DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_WAIT_S = 0.020
 DEFAULT_UPSTREAM_TIMEOUT_S = 300.0
+DEFAULT_PREFIX_CACHE_TOKENS = 4096  # pipeline.models.prefix_cache.DEFAULT_MAX_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,12 @@ def add_serve_arguments(sub: argparse.ArgumentParser) -> None:
         "--upstream-key-env",
         metavar="NAME",
         help="send the key in environment variable NAME to the upstream (default: pass the client's Authorization)",
+    )
+    sub.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help="clients must send the key in environment variable NAME as a bearer token on /v1 routes "
+        "(default: no key; /health and /metrics stay open)",
     )
     sub.add_argument(
         "--upstream-timeout-s", type=float, default=DEFAULT_UPSTREAM_TIMEOUT_S, help="upstream timeout (default: 300)"
@@ -68,12 +76,27 @@ def add_serve_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "--max-new-tokens", type=int, help="local mode: default answer length (default: guard.max_new_tokens)"
     )
+    sub.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=DEFAULT_PREFIX_CACHE_TOKENS,
+        help="tokens of shared prompt starts whose keys and values are kept and reused across requests "
+        f"(default: {DEFAULT_PREFIX_CACHE_TOKENS}; 0 turns reuse off)",
+    )
     sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
     sub.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
 
 
-def check_options(args: argparse.Namespace, environ: dict[str, str] | None = None) -> str | None:
-    """Raise :class:`ServeOptionError` naming the first bad option; the upstream key (from the environment) or None."""
+@dataclass(frozen=True)
+class ServeKeys:
+    """Keys read from the environment: the upstream's (``--upstream-key-env``) and the proxy's (``--api-key-env``)."""
+
+    upstream: str | None = None
+    inbound: str | None = None
+
+
+def check_options(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServeKeys:
+    """Raise :class:`ServeOptionError` naming the first bad option; else the keys the options name."""
     environ = dict(os.environ) if environ is None else environ
     if args.mode == "upstream":
         if not args.upstream:
@@ -99,6 +122,8 @@ def check_options(args: argparse.Namespace, environ: dict[str, str] | None = Non
     ):
         if not seconds > 0:
             raise ServeOptionError(f"{flag} must be > 0 seconds, got {seconds}")
+    if args.prefix_cache_tokens != 0 and args.prefix_cache_tokens < 2:
+        raise ServeOptionError(f"--prefix-cache-tokens must be 0 (off) or >= 2, got {args.prefix_cache_tokens}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ServeOptionError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     params = Path(args.run) / PARAMS
@@ -108,18 +133,26 @@ def check_options(args: argparse.Namespace, environ: dict[str, str] | None = Non
             f"--mode upstream needs the lsi policy, not {policy!r} (--policy or guard.policy): ECSO runs the "
             "guard's own model, which does not answer in upstream mode"
         )
-    if args.upstream_key_env is None:
+    return ServeKeys(
+        upstream=_key_from(environ, "--upstream-key-env", args.upstream_key_env),
+        inbound=_key_from(environ, "--api-key-env", args.api_key_env),
+    )
+
+
+def _key_from(environ: dict[str, str], flag: str, name: str | None) -> str | None:
+    """The key in environment variable ``name`` (None when the flag is not given); unset or empty is an error."""
+    if name is None:
         return None
-    key = environ.get(args.upstream_key_env)
+    key = environ.get(name)
     if not key:
-        raise ServeOptionError(f"--upstream-key-env {args.upstream_key_env}: that environment variable is not set")
+        raise ServeOptionError(f"{flag} {name}: that environment variable is not set")
     return key
 
 
 def serve_command(args: argparse.Namespace) -> int:
     """Check the options, load the run's guard and serve until interrupted; 2 on a bad option or run."""
     try:
-        key = check_options(args)
+        keys = check_options(args)
         # Imported only now: the guard (torch, the model code), FastAPI and uvicorn take seconds.
         import uvicorn
 
@@ -129,7 +162,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
         upstream = None
         if args.mode == "upstream":
-            upstream = UpstreamConfig(args.upstream, key, args.upstream_timeout_s)
+            upstream = UpstreamConfig(url=args.upstream, api_key=keys.upstream, timeout_s=args.upstream_timeout_s)
         config = ServeConfig(
             mode=args.mode,
             check=args.check,
@@ -140,6 +173,7 @@ def serve_command(args: argparse.Namespace) -> int:
             max_messages=args.max_messages,
             allow_image_urls=args.allow_image_urls,
             image_timeout_s=args.image_url_timeout_s,
+            api_key=keys.inbound,
         )
         guard = Guard.from_run(
             args.run,
@@ -151,11 +185,16 @@ def serve_command(args: argparse.Namespace) -> int:
     except LSIGuardError as exc:
         print(f"lsi-guard: error: {exc}", file=sys.stderr)
         return 2
+    from pipeline.models.prefix_cache import set_prefix_reuse
+
+    set_prefix_reuse(guard.adapter, args.prefix_cache_tokens > 0, max(args.prefix_cache_tokens, 2))
     app = build_app(guard, config)
     print(
         f"lsi-guard serve: {args.mode} mode on http://{args.host}:{args.port}/v1 "
         f"(check {args.check}, policy {guard.config.policy}, model {guard.adapter.info.name}"
         + (f", upstream {args.upstream}" if upstream else "")
+        + (f", clients need the key in ${args.api_key_env}" if keys.inbound else "")
+        + ("" if args.prefix_cache_tokens else ", prefix reuse off")
         + "); Ctrl+C stops it",
         file=sys.stderr,
         flush=True,

@@ -85,6 +85,7 @@ class ChatRequest:
     stream: bool
     model: str | None
     max_tokens: int | None
+    include_usage: bool = False  # stream_options.include_usage: a last chunk carries the usage
 
 
 def parse_body(raw: bytes, max_messages: int, allow_image_urls: bool) -> ChatRequest:
@@ -103,6 +104,7 @@ def parse_body(raw: bytes, max_messages: int, allow_image_urls: bool) -> ChatReq
         stream = False
     if not isinstance(stream, bool):
         raise BadRequest(f"stream must be true or false, got {_kind(stream)}", "stream", "invalid_type")
+    include_usage = _include_usage(body.get("stream_options"), stream)
     n = body.get("n")
     if n is not None and (not _whole(n) or n < 1):
         raise BadRequest(f"n must be a whole number >= 1, got {n!r}", "n", "invalid_value")
@@ -115,7 +117,27 @@ def parse_body(raw: bytes, max_messages: int, allow_image_urls: bool) -> ChatReq
             raise BadRequest(f"{key} must be a whole number >= 1, got {value!r}", key, "invalid_value")
         max_tokens = max_tokens or value
     messages = parse_messages(body.get("messages"), max_messages, allow_image_urls)
-    return ChatRequest(body=body, messages=messages, stream=stream, model=model, max_tokens=max_tokens)
+    return ChatRequest(
+        body=body, messages=messages, stream=stream, model=model, max_tokens=max_tokens, include_usage=include_usage
+    )
+
+
+def _include_usage(options: Any, stream: bool) -> bool:
+    """``stream_options.include_usage``, checked: an object, only with ``stream: true``, a boolean inside."""
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise BadRequest(f"stream_options must be an object, got {_kind(options)}", "stream_options", "invalid_type")
+    if not stream:
+        raise BadRequest("stream_options is only allowed with stream: true", "stream_options", "invalid_value")
+    value = options.get("include_usage", False)
+    if not isinstance(value, bool):
+        raise BadRequest(
+            f"stream_options.include_usage must be true or false, got {_kind(value)}",
+            "stream_options.include_usage",
+            "invalid_type",
+        )
+    return value
 
 
 def parse_messages(value: object, max_messages: int, allow_image_urls: bool) -> tuple[Message, ...]:

@@ -2,7 +2,8 @@
 
 The body goes on byte for byte as the client sent it. Authorization is the configured key when
 there is one (read from an environment variable at start-up, never from the command line), else
-the client's own header. The upstream's status and body come back unchanged (errors included), and
+the client's own header, unless the proxy has a key of its own (then the client's header is the
+proxy's key and is never sent on). The upstream's status and body come back unchanged (errors included), and
 a streamed answer's SSE bytes are passed through as they arrive. An upstream that cannot be reached
 is a 502, one that does not answer within the timeout a 504, both in OpenAI's error shape.
 """
@@ -24,13 +25,14 @@ FORWARDED_HEADERS = ("content-type", "accept", "openai-organization", "openai-pr
 RETURNED_HEADERS = ("content-type", "x-request-id", "openai-processing-ms", "retry-after")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class UpstreamConfig:
     """Where to forward and how: the base URL (``http://host:8000/v1``), an optional key, the timeout."""
 
     url: str
     api_key: str | None = None
     timeout_s: float = 300.0
+    pass_client_key: bool = True  # send the client's Authorization when there is no api_key
 
 
 class Upstream:
@@ -55,7 +57,7 @@ class Upstream:
         headers.setdefault("content-type", "application/json")
         if self.config.api_key is not None:
             headers["authorization"] = f"Bearer {self.config.api_key}"
-        elif "authorization" in incoming:
+        elif self.config.pass_client_key and "authorization" in incoming:
             headers["authorization"] = incoming["authorization"]
         return headers
 

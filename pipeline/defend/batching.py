@@ -94,10 +94,22 @@ class ModelWorker:
         self.max_wait_s = float(max_wait_s)
         self._on_batch = on_batch
         self._queue: queue.Queue[object] = queue.Queue()
+        self._waiting = 0  # checks and jobs submitted and not yet started on the model thread
+        self._running = 0  # checks (a batch's size) or jobs (one) running on it now
         self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="lsi-guard-model", daemon=True)
         self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        """Checks and jobs waiting for the model thread (a gauge for the server's metrics)."""
+        return self._waiting
+
+    @property
+    def in_flight(self) -> int:
+        """Checks (the running batch's size) or jobs (one) on the model thread now."""
+        return self._running
 
     def __enter__(self) -> ModelWorker:
         return self
@@ -130,7 +142,17 @@ class ModelWorker:
         with self._lock:
             if self._closed:
                 raise WorkerClosed("the model worker is closed; no more requests are taken")
+            self._waiting += 1
             self._queue.put(item)
+
+    def _started(self, count: int) -> None:
+        with self._lock:
+            self._waiting -= count
+            self._running = count
+
+    def _finished(self) -> None:
+        with self._lock:
+            self._running = 0
 
     # -- the model thread -------------------------------------------------------------------
 
@@ -168,9 +190,13 @@ class ModelWorker:
         return batch, None
 
     def _run_checks(self, batch: list[_Check]) -> None:
-        live = [check for check in batch if check.future.set_running_or_notify_cancel()]
-        if live:
-            self._score(live)
+        self._started(len(batch))
+        try:
+            live = [check for check in batch if check.future.set_running_or_notify_cancel()]
+            if live:
+                self._score(live)
+        finally:
+            self._finished()
 
     def _score(self, batch: list[_Check]) -> None:
         started = time.perf_counter()
@@ -196,13 +222,16 @@ class ModelWorker:
         for check, decision in zip(batch, decisions, strict=True):
             check.future.set_result(decision)
 
-    @staticmethod
-    def _run_job(job: _Job) -> None:
-        if not job.future.set_running_or_notify_cancel():
-            return
+    def _run_job(self, job: _Job) -> None:
+        self._started(1)
         try:
-            result = job.run()
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
-            job.future.set_exception(exc)
-        else:
-            job.future.set_result(result)
+            if not job.future.set_running_or_notify_cancel():
+                return
+            try:
+                result = job.run()
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                job.future.set_exception(exc)
+            else:
+                job.future.set_result(result)
+        finally:
+            self._finished()

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.defend.ecso import ECSORecord
+from pipeline.defend.usage import TokenUsage
 
 DEFAULT_REFUSAL_MESSAGE = "I'm sorry, but I can't help with that request."
 REFUSE, ANSWER, ROUTE_ECSO = "refuse", "answer", "ecso"
@@ -42,12 +43,19 @@ class GuardDecision:
 
 @dataclass(frozen=True, kw_only=True)
 class GuardedResponse:
-    """What the user sees, the decision behind it, ECSO's steps when ECSO ran, and where the time went."""
+    """What the user sees, the decision behind it, ECSO's steps when ECSO ran, and where the time went.
+
+    ``finish_reason`` is ``stop`` (the answer ended, or the guard wrote the response), ``length``
+    (``max_new_tokens`` cut it) or ``cancelled``; ``usage`` counts its tokens
+    (:mod:`pipeline.defend.usage`; None for an adapter without a tokenizer).
+    """
 
     decision: GuardDecision
     response: str
     ecso: ECSORecord | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    finish_reason: str = "stop"
+    usage: TokenUsage | None = None
 
 
 def decide(

@@ -44,7 +44,7 @@ from pipeline.defend.deadline import Deadline, bounded
 from pipeline.defend.decisions import GuardDecision, GuardedResponse, decide, ecso_decision, failed_decision
 from pipeline.defend.ecso import ECSO
 from pipeline.defend.loading import checked_detector, load_run_pieces, run_params
-from pipeline.defend.routing import respond
+from pipeline.defend.streaming import GuardedStream
 from pipeline.defend.views import request_views
 from pipeline.detect.calibration import Calibration
 from pipeline.detect.detector import Detector
@@ -251,6 +251,25 @@ class Guard:
         raises before any model work, or when the adapter tokenises it, whatever ``on_error``
         says; under :meth:`time_limit`, so does one that runs past its deadline.
         """
+        stream = self.generate_stream(image, text, max_new_tokens)
+        for _ in stream:
+            pass
+        return stream.result()
+
+    def generate_stream(
+        self,
+        image: str | Path | None,
+        text: str,
+        max_new_tokens: int | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> GuardedStream:
+        """:meth:`generate`, handed out as it is made: the check runs now, the answer as the stream is read.
+
+        The returned :class:`~pipeline.defend.streaming.GuardedStream` has the decision at once;
+        iterating it decodes the answer token by token (whole, for a refusal or ECSO's answer), and
+        ``cancelled`` (asked before each token) stops it early. Read it on the thread that owns the
+        model, inside any :meth:`time_limit`.
+        """
         request = make_request(image, text)
         self.admit(request)
         tokens = max_new_tokens or self.config.max_new_tokens
@@ -272,18 +291,18 @@ class Guard:
                 seconds.update(prefix=session.timings.prefix, check=session.timings.check)
             else:
                 seconds["check"] = time.perf_counter() - started
-        response, record = respond(
-            decision,
-            request,
-            session,
-            tokens,
+        return GuardedStream(
+            decision=decision,
+            request=request,
+            session=session,
+            max_new_tokens=tokens,
             adapter=self.adapter,
             ecso=self._ecso,
             refusal_message=self.config.refusal_message,
             seconds=seconds,
+            started=started,
+            cancelled=cancelled,
         )
-        seconds["total"] = time.perf_counter() - started
-        return GuardedResponse(decision=decision, response=response, ecso=record, seconds=seconds)
 
     def generate_many(self, requests: Sequence[Request], max_new_tokens: int | None = None) -> list[GuardedResponse]:
         """:meth:`generate` for each request in turn; every request is checked against :attr:`limits` first."""

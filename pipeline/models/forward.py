@@ -14,8 +14,11 @@ Three procedures share one small adapter-facing protocol (:class:`ForwardModel`)
   below the deepest stored one, but of the deepest block only the keys and values, so it is cut
   right after they are cached. Requests whose prefixes differ much in length (with and without
   an image) run as separate batches.
-- :func:`reference_states`: the naive procedure everything is checked against: a full forward
-  at full depth with ``output_hidden_states=True``, a few prompts at a time.
+- :func:`~pipeline.models.reference.reference_states`: the naive procedure everything is checked
+  against: a full forward at full depth with ``output_hidden_states=True``, a few prompts at a time.
+
+The prefix forward behind a cache and the packed tails are in :mod:`pipeline.models.prefix_forward`;
+the start every request shares comes from :mod:`pipeline.models.prefix_cache`.
 
 All three return float32 CPU tensors and never keep more than the last token's hidden state of
 the blocks asked for.
@@ -23,64 +26,39 @@ the blocks asked for.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-from torch import nn
-from transformers import DynamicCache
 
 from pipeline.config.pooling import LAST, MEAN, READS
-from pipeline.models.base import ModelInfo, Request, RequestGroup, check_layers
+from pipeline.models.base import Request, RequestGroup, check_layers
+from pipeline.models.forward_protocol import ForwardModel
 from pipeline.models.hooks import (
-    StopForward,
     last_token_positions,
     read_layers,
     run_to_layers,
     token_reader,
     weighted_sum_reader,
 )
+from pipeline.models.prefix_cache import CachedPrefix, reusable_prefix, template_length
+from pipeline.models.prefix_forward import (
+    Masks,
+    first_one,
+    pack_tails,
+    packed_attention_mask,
+    pad_rows,
+    prefix_cache_and_sums,
+    prefix_kv_cache,
+    prefix_layout,
+    prefix_weights,
+    tail_positions,
+    tail_weights,
+)
 
 # Processor outputs that describe tokens; everything else in a batch is an image input.
 # ``request_mask`` is ours (the request's own tokens, for mean pooling), never a model input.
 TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "request_mask"})
-
-
-class ForwardModel(Protocol):
-    """What the procedures here need from an adapter."""
-
-    info: ModelInfo
-    model: nn.Module
-    blocks: nn.ModuleList
-    pad_token_id: int
-    image_token_ids: frozenset[int]
-
-    def encode(self, requests: Sequence[Request], request_masks: bool = False) -> dict[str, torch.Tensor]:
-        """A left-padded batch (``input_ids``, ``attention_mask`` and image inputs) on the model's device.
-
-        With ``request_masks`` also ``request_mask``: 1 at each request's own tokens, padded like the ids.
-        """
-        ...
-
-    def position_ids(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_inputs: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """Position ids for a left-padded batch: ``(batch, seq)``, or ``(dims, batch, seq)`` for multi-axis RoPE."""
-        ...
-
-
-class _StopAfterCaching(DynamicCache):
-    """A KV cache that ends the forward as soon as block ``stop_layer`` has cached its keys and values."""
-
-    def __init__(self, config: Any, stop_layer: int) -> None:
-        super().__init__(config=config)
-        self.stop_layer: int | None = stop_layer
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):  # type: ignore[override]
-        keys_values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if layer_idx == self.stop_layer:
-            raise StopForward
-        return keys_values
 
 
 def image_inputs_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -187,37 +165,6 @@ def _unpadded(batch: dict[str, torch.Tensor]) -> list[list[int]]:
     ]
 
 
-def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows padded to one length, with their attention mask."""
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
-
-
-def _tail_positions(prefix_positions: torch.Tensor, segments: torch.Tensor, packed_mask: torch.Tensor) -> torch.Tensor:
-    """Positions of packed tails: each tail restarts one past the largest position of its row's prefix.
-
-    For one-axis positions that is the prefix's length; for multi-axis RoPE (Qwen2-VL) text after
-    an image also continues from the largest position on any axis, on all axes alike.
-    """
-    multi_axis = prefix_positions.dim() == 3
-    start = prefix_positions.amax(dim=(0, 2)) if multi_axis else prefix_positions.amax(dim=1)
-    # Index of each token within its own tail: a running count that restarts at every new segment.
-    index = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
-    new_segment = torch.ones_like(segments, dtype=torch.bool)
-    new_segment[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    segment_start = torch.where(new_segment, index, torch.zeros_like(index)).cummax(dim=1).values
-    tail = start[:, None] + 1 + (index - segment_start) * packed_mask
-    if multi_axis:
-        tail = tail.unsqueeze(0).expand(prefix_positions.shape[0], -1, -1)
-    return tail
-
-
 def _image_tokens(tokens: Sequence[int], image_token_ids: frozenset[int]) -> int:
     return sum(1 for token in tokens if token in image_token_ids)
 
@@ -268,7 +215,17 @@ def grouped_states(
 
     buckets = length_buckets(prefix_lengths)
     if len(buckets) == 1:
-        return _shared_prefix_states(model, sequences, prefix_lengths, image_inputs, layers, device, reads, masks)
+        return _shared_prefix_states(
+            model,
+            sequences,
+            prefix_lengths,
+            image_inputs,
+            layers,
+            device,
+            reads,
+            masks,
+            lambda: group_masks(model, groups),
+        )
     out = torch.empty(len(groups), len(reads) * size, len(layers), model.info.hidden_size)
     for bucket in buckets:
         # The token ids are kept; only image inputs are encoded again, to hold this bucket's images alone.
@@ -283,6 +240,7 @@ def grouped_states(
             device,
             reads,
             None if masks is None else [masks[g] for g in bucket],
+            lambda bucket=bucket: group_masks(model, [groups[g] for g in bucket]),
         )
     return out
 
@@ -316,35 +274,42 @@ def _shared_prefix_states(
     device: torch.device,
     reads: tuple[str, ...] = (LAST,),
     masks: Sequence[Sequence[Sequence[int]]] | None = None,
+    masks_on_miss: Callable[[], Masks] | None = None,
 ) -> torch.Tensor:
     """A prefix forward into a cache, then a forward of the packed tails: ``(groups, reads * size, layers, hidden)``.
+
+    The prefix forward starts from the adapter's cached start when one fits
+    (:mod:`pipeline.models.prefix_cache`; ``masks_on_miss`` gives the request masks it needs to build one).
 
     A mean read sums the request's tokens of the prefix (in the prefix forward, which then runs
     the deepest block to its end) and of its own tail, and divides by their number.
     """
     size = len(sequences[0])
-    prefix_ids, prefix_mask = (
-        t.to(device)
-        for t in _pad([seq[0][:n] for seq, n in zip(sequences, prefix_lengths, strict=True)], model.pad_token_id, True)
-    )
+    prefixes = [seq[0][:n] for seq, n in zip(sequences, prefix_lengths, strict=True)]
+    entry = None
+    if masks is not None or masks_on_miss is not None:
+        entry = _batch_prefix(model, sequences, prefix_lengths, masks, device, masks_on_miss or (lambda: []))
+    start = 0 if entry is None else len(entry.tokens)
+    prefix_ids, prefix_mask = (t.to(device) for t in prefix_layout(prefixes, start, model.pad_token_id))
     prefix_positions = model.position_ids(prefix_ids, prefix_mask, image_inputs)
     if MEAN in reads:
         assert masks is not None
-        weights = _prefix_weights(masks, prefix_lengths, prefix_ids.shape[1])
-        cache, prefix_sums = _prefix_cache_and_sums(
-            model, prefix_ids, prefix_mask, prefix_positions, image_inputs, layers, weights
+        # The cached start holds no request token (the entry was chosen so): its weights are all zero.
+        weights = prefix_weights(masks, prefix_lengths, prefix_ids.shape[1])[..., start:]
+        cache, prefix_sums = prefix_cache_and_sums(
+            model, prefix_ids, prefix_mask, prefix_positions, image_inputs, layers, weights, entry
         )
     else:
-        cache = _prefix_cache(model, prefix_ids, prefix_mask, prefix_positions, image_inputs, max(layers))
+        cache = prefix_kv_cache(model, prefix_ids, prefix_mask, prefix_positions, image_inputs, max(layers), entry)
 
     # The framings' tails are packed into one row per group, after that group's prefix in the
     # cache: no copy of the prefix per framing. A block-diagonal mask lets each tail see its
     # prefix and its own earlier tokens only, and each tail's positions start where the prefix ends.
-    packed, segments, last = _pack_tails(sequences, prefix_lengths)
-    packed_ids, packed_mask = (t.to(device) for t in _pad(packed, model.pad_token_id, left=False))
+    packed, segments, last = pack_tails(sequences, prefix_lengths)
+    packed_ids, packed_mask = (t.to(device) for t in pad_rows(packed, model.pad_token_id, left=False))
     segments = segments.to(device)
-    mask = _packed_attention_mask(prefix_mask, segments, model.model.dtype)
-    positions = _tail_positions(prefix_positions, segments, packed_mask)
+    mask = packed_attention_mask(prefix_mask, segments, model.model.dtype)
+    positions = tail_positions(prefix_positions, segments, packed_mask)
     rows = torch.arange(len(sequences)).repeat_interleave(size)
 
     def forward() -> object:
@@ -357,135 +322,50 @@ def _shared_prefix_states(
         return states.reshape(len(sequences), size, len(layers), -1)
     assert masks is not None
     readers = [token_reader(rows, last)] if LAST in reads else []
-    readers.append(weighted_sum_reader(_tail_weights(masks, prefix_lengths, packed_ids.shape[1])))
+    readers.append(weighted_sum_reader(tail_weights(masks, prefix_lengths, packed_ids.shape[1])))
     found = _by_read(reads, read_layers(forward, model.blocks, layers, readers))
     found[MEAN] = _means(prefix_sums + found[MEAN], [sum(member) for group in masks for member in group])
     stacked = torch.stack([found[read].reshape(len(sequences), size, len(layers), -1) for read in reads], dim=1)
     return stacked.reshape(len(sequences), len(reads) * size, len(layers), -1)
 
 
-# Per group, per member, its 0/1 request mask over its real tokens.
-Masks = Sequence[Sequence[Sequence[int]]]
-
-
-def _prefix_weights(masks: Masks, prefix_lengths: Sequence[int], width: int) -> torch.Tensor:
-    """``(groups, size, width)``: each member's request mask over its group's left-padded shared prefix.
-
-    Members share the prefix's tokens, not always their meaning: a plain request that starts
-    like the framing's text has request tokens where the framed prompts have framing tokens.
-    """
-    weights = torch.zeros(len(masks), len(masks[0]), width)
-    for g, (group, n) in enumerate(zip(masks, prefix_lengths, strict=True)):
-        for k, member in enumerate(group):
-            if n:
-                weights[g, k, width - n :] = torch.tensor(member[:n], dtype=torch.float32)
-    return weights
-
-
-def _tail_weights(masks: Masks, prefix_lengths: Sequence[int], width: int) -> torch.Tensor:
-    """``(groups, size, width)``: each member's request mask over its own tail's place in the packed row."""
-    weights = torch.zeros(len(masks), len(masks[0]), width)
-    for g, (group, n) in enumerate(zip(masks, prefix_lengths, strict=True)):
-        offset = 0
-        for k, member in enumerate(group):
-            tail = member[n:]
-            weights[g, k, offset : offset + len(tail)] = torch.tensor(tail, dtype=torch.float32)
-            offset += len(tail)
-    return weights
-
-
-def _prefix_cache_and_sums(
+def _batch_prefix(
     model: ForwardModel,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    positions: torch.Tensor,
-    image_inputs: dict[str, torch.Tensor],
-    layers: list[int],
-    weights: torch.Tensor,
-) -> tuple[DynamicCache, torch.Tensor]:
-    """The prefixes' keys and values of blocks ``0..max(layers)``, and ``weights``-summed prefix states.
+    sequences: Sequence[Sequence[Sequence[int]]],
+    prefix_lengths: Sequence[int],
+    masks: Masks | None,
+    device: torch.device,
+    masks_on_miss: Callable[[], Masks],
+) -> CachedPrefix | None:
+    """The cached start every group of the batch can reuse (:mod:`pipeline.models.prefix_cache`), or None.
 
-    Sums ``(groups * size, len(layers), hidden)``; the forward ends after block ``max(layers)``.
+    It covers at most each group's shared prefix and, for mean reads, ends before any member's
+    first request token. Template lengths come from the request masks (``masks``, or for last-token
+    reads ``masks_on_miss()``, which encodes them only when no entry covers the batch).
     """
-    cache = DynamicCache(config=model.model.config)
+    limit = min(prefix_lengths)
+    if masks is not None:
+        limit = min([limit, *(first_one(member) for group in masks for member in group)])
 
-    def forward() -> object:
-        return model.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            **image_inputs,
-        )
+    def template_lengths() -> list[int]:
+        found = masks if masks is not None else masks_on_miss()
+        return [
+            min(
+                template_length(member, mask, model.image_token_ids)
+                for member, mask in zip(group, group_mask, strict=True)
+            )
+            for group, group_mask in zip(sequences, found, strict=True)
+        ]
 
-    (sums,) = read_layers(forward, model.blocks, layers, [weighted_sum_reader(weights)])
-    return cache, sums
-
-
-def _pack_tails(
-    sequences: Sequence[Sequence[Sequence[int]]], prefix_lengths: Sequence[int]
-) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
-    """Each group's tails concatenated; their segment index per token (-1 = padding); each tail's last index."""
-    packed: list[list[int]] = []
-    segment_rows: list[list[int]] = []
-    last: list[int] = []
-    for group, n in zip(sequences, prefix_lengths, strict=True):
-        row: list[int] = []
-        segment_row: list[int] = []
-        for k, sequence in enumerate(group):
-            row.extend(sequence[n:])
-            segment_row.extend([k] * (len(sequence) - n))
-            last.append(len(row) - 1)
-        packed.append(row)
-        segment_rows.append(segment_row)
-    width = max(len(row) for row in packed)
-    segments = torch.full((len(packed), width), -1, dtype=torch.long)
-    for i, segment_row in enumerate(segment_rows):
-        segments[i, : len(segment_row)] = torch.tensor(segment_row, dtype=torch.long)
-    return packed, segments, torch.tensor(last, dtype=torch.long)
+    return reusable_prefix(model, [group[0] for group in sequences], limit, template_lengths, device)
 
 
-def _packed_attention_mask(prefix_mask: torch.Tensor, segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4-D mask ``(batch, 1, tail, prefix + tail)`` for tails packed after a cached prefix.
-
-    A tail token attends to the real tokens of its row's prefix and to the earlier tokens of its
-    own tail. Padding queries see the prefix only: their outputs are never read. Additive (0 or
-    the dtype's minimum) rather than boolean, which every attention implementation accepts.
-    """
-    width = segments.shape[1]
-    see_prefix = prefix_mask.bool()[:, None, :].expand(-1, width, -1)
-    same_segment = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] >= 0)
-    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
-    allowed = torch.cat([see_prefix, same_segment & causal], dim=2)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
-
-
-def _prefix_cache(
-    model: ForwardModel,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    positions: torch.Tensor,
-    image_inputs: dict[str, torch.Tensor],
-    deepest: int,
-) -> DynamicCache:
-    """The prefixes' keys and values of blocks ``0..deepest``, the forward cut once block ``deepest`` cached them."""
-    cache = _StopAfterCaching(model.model.config, stop_layer=deepest)
-    try:
-        model.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            **image_inputs,
-        )
-    except StopForward:
-        cache.stop_layer = None
-        return cache
-    raise RuntimeError(f"the prefix forward never reached block {deepest}")
+def group_masks(model: ForwardModel, groups: Sequence[RequestGroup]) -> list[list[list[int]]]:
+    """Each group's members' request masks over their real tokens (one encoding per framing)."""
+    size = len(groups[0].texts)
+    encoded = [_encode(model, [group.requests()[k] for group in groups], True) for k in range(size)]
+    members = [_unpadded_masks(batch, mask) for batch, mask in encoded]
+    return [[members[k][g] for k in range(size)] for g in range(len(groups))]
 
 
 def length_buckets(lengths: Sequence[int], slack: float = 1.25, extra: int = 8) -> list[list[int]]:
@@ -502,34 +382,3 @@ def length_buckets(lengths: Sequence[int], slack: float = 1.25, extra: int = 8) 
         else:
             buckets.append([i])
     return buckets
-
-
-def reference_states(
-    model: ForwardModel,
-    requests: Sequence[Request],
-    layers: Sequence[int],
-    prompts_per_forward: int = 1,
-    with_head: bool = True,
-) -> torch.Tensor:
-    """The naive procedure: full-depth forwards with ``output_hidden_states=True``, a few prompts at a time.
-
-    Block ``k``'s output is ``hidden_states[k + 1]``. The last block cannot be read this way,
-    because transformers 5 applies the final norm to the last entry of ``hidden_states``.
-    ``with_head=False`` runs the base model only, skipping the vocabulary projection.
-    """
-    layers = list(layers)
-    check_layers(layers, model.info.num_layers)
-    if max(layers) >= model.info.num_layers - 1:
-        raise ValueError("the reference reads hidden_states[k + 1], which carries the final norm for the last block")
-    rows: list[torch.Tensor] = []
-    with torch.inference_mode():
-        for start in range(0, len(requests), prompts_per_forward):
-            batch = model.encode(requests[start : start + prompts_per_forward])
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            positions = model.position_ids(ids, mask, image_inputs_of(batch))
-            network = model.model if with_head else model.model.base_model
-            output = network(**batch, position_ids=positions, output_hidden_states=True, use_cache=False)
-            hidden = output.hidden_states
-            # Left padding: every prompt ends in the last column.
-            rows.append(torch.stack([hidden[k + 1][:, -1] for k in layers], dim=1).float().cpu())
-    return torch.cat(rows)

@@ -58,10 +58,12 @@ def servers(gguf_tokenizer: PreTrainedTokenizerBase) -> Iterator[Servers]:
     guard = tiny_guard(gguf_tokenizer, tau=(scores[high] + scores[low]) / 2)
     fake = FakeUpstream()
     with live_server(fake.app()) as upstream_url:
-        upstream = UpstreamConfig(upstream_url + "/v1", timeout_s=30)
+        upstream = UpstreamConfig(url=upstream_url + "/v1", timeout_s=30)
         configs = {
             "proxy": ServeConfig(mode="upstream", upstream=upstream, max_body_bytes=MAX_BODY, allow_image_urls=True),
-            "keyed": ServeConfig(mode="upstream", upstream=UpstreamConfig(upstream_url + "/v1", "server-key", 30)),
+            "keyed": ServeConfig(
+                mode="upstream", upstream=UpstreamConfig(url=upstream_url + "/v1", api_key="server-key", timeout_s=30)
+            ),
             "local": ServeConfig(mode="local", max_body_bytes=MAX_BODY),
             "strict": ServeConfig(mode="upstream", upstream=upstream, max_body_bytes=MAX_BODY, max_messages=100),
         }
@@ -161,7 +163,7 @@ def test_upstream_errors_pass_through_with_status_and_body(servers: Servers) -> 
 
 
 def test_an_unreachable_upstream_is_a_502(servers: Servers, gguf_tokenizer: PreTrainedTokenizerBase) -> None:
-    config = ServeConfig(mode="upstream", upstream=UpstreamConfig("http://127.0.0.1:9/v1", timeout_s=5))
+    config = ServeConfig(mode="upstream", upstream=UpstreamConfig(url="http://127.0.0.1:9/v1", timeout_s=5))
     with live_server(build_app(servers.guard, config)) as url:
         response = httpx.post(
             url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": servers.answered}]}, timeout=60
@@ -440,7 +442,7 @@ def test_default_model_behind_the_proxy() -> None:
             content, _, _ = ask_stream(url, text)
             assert content == expected.response
     for policy in ("last-user", "all-user", "all"):
-        upstream = UpstreamConfig("http://127.0.0.1:9/v1", timeout_s=5)
+        upstream = UpstreamConfig(url="http://127.0.0.1:9/v1", timeout_s=5)
         config = ServeConfig(mode="upstream", check=policy, upstream=upstream)
         with live_server(build_app(guard, config)) as url:
             for case, messages in CASES.items():

@@ -115,6 +115,8 @@ BAD_OPTIONS = {
     "zero-timeout": (["--upstream-timeout-s", "0"], "--upstream-timeout-s"),
     "zero-messages": (["--max-messages", "0"], "--max-messages"),
     "ecso-upstream": (["--mode", "upstream", "--upstream", "http://h/v1", "--policy", "ecso"], "needs the lsi policy"),
+    "prefix-cache-one": (["--prefix-cache-tokens", "1"], "--prefix-cache-tokens must be 0"),
+    "unset-api-key-env": (["--api-key-env", "LSI_TEST_NO_SUCH_VAR"], "--api-key-env LSI_TEST_NO_SUCH_VAR: that"),
     "unset-key-env": (
         ["--mode", "upstream", "--upstream", "http://h/v1", "--upstream-key-env", "LSI_TEST_NO_SUCH_VAR"],
         "LSI_TEST_NO_SUCH_VAR: that environment variable is not set",
@@ -135,4 +137,10 @@ def test_bad_serve_options_are_named(name: str, capsys: pytest.CaptureFixture[st
 def test_the_upstream_key_comes_from_the_named_variable() -> None:
     argv = ["serve", "--mode", "upstream", "--upstream", "http://h/v1", "--upstream-key-env", "MY_KEY"]
     args = build_parser().parse_args(argv)
-    assert check_options(args, environ={"MY_KEY": "sk-123"}) == "sk-123"
+    assert check_options(args, environ={"MY_KEY": "sk-123"}).upstream == "sk-123"
+
+
+def test_the_inbound_key_comes_from_the_named_variable() -> None:
+    args = build_parser().parse_args(["serve", "--api-key-env", "PROXY_KEY"])
+    keys = check_options(args, environ={"PROXY_KEY": "proxy-secret"})
+    assert keys.inbound == "proxy-secret" and keys.upstream is None

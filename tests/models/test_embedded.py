@@ -17,8 +17,8 @@ from pipeline.models.embedded import (
     EmbeddedAdapter,
     ModelLoadError,
 )
-from pipeline.models.forward import reference_states
 from pipeline.models.ocr import UnreadableImage
+from pipeline.models.reference import reference_states
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 
 from pipeline.models.base import Request, RequestGroup
-from pipeline.models.forward import length_buckets, reference_states, shared_prefix_length
+from pipeline.models.forward import length_buckets, shared_prefix_length
 from pipeline.models.hf_vlm import SUPPORTED, HFVisionLanguageAdapter
+from pipeline.models.prefix_cache import set_prefix_reuse
+from pipeline.models.reference import reference_states
 from pipeline.testing.tiny_models import TINY_FAMILIES
 
 ATOL = 1e-4
@@ -98,6 +100,8 @@ def test_prefix_runs_the_image_once_and_stops_inside_the_deepest_block(
     adapter: HFVisionLanguageAdapter, groups: list[RequestGroup]
 ) -> None:
     """The vision tower sees each image once; block 2 is entered twice (prefix, tails) but finishes only once."""
+    # Without cross-request reuse, so each batch runs its whole prefix (reuse: tests/models/test_prefix_cache.py).
+    set_prefix_reuse(adapter, False)
     entered = [0] * adapter.info.num_layers
     finished = [0] * adapter.info.num_layers
     images_seen: list[int] = []
@@ -121,6 +125,7 @@ def test_prefix_runs_the_image_once_and_stops_inside_the_deepest_block(
     finally:
         for handle in handles:
             handle.remove()
+        set_prefix_reuse(adapter, True)
     assert images_seen == [2]  # two groups carry an image; three framings each, encoded once
     # Image and text-only requests run as separate batches (prefix, then packed tails), two groups
     # each: the tails ride one row per request, never one row per framing.

@@ -64,6 +64,8 @@ def test_embedded_session_matches_the_adapter(embedded: EmbeddedAdapter, picture
 
 def test_the_image_is_encoded_in_the_prefix_only(tiny_llava_folder: Path, picture: Path) -> None:
     adapter = HFVisionLanguageAdapter.from_folder(tiny_llava_folder, dtype="float32", device="cpu")
+    # A first session builds the adapter's shared-start cache entry (a forward without the image).
+    PrefixSession(adapter, texts("What is shown here?"), picture)
     seen: list[bool] = []
     hook = adapter.model.register_forward_pre_hook(
         lambda _m, _a, kwargs: seen.append(kwargs.get("pixel_values") is not None), with_kwargs=True

@@ -1,0 +1,217 @@
+"""Cross-request prefix reuse in the guard's checks: throughput with and without it, same run, same decisions.
+
+Workloads (text only, so every request shares the chat template's start):
+
+- **everyday**: the shipped everyday set's typed requests (``data/demo/everyday.jsonl``), a dozen
+  words each, the length most chat traffic has;
+- **200-token**: each everyday request followed by other requests' text until it is at least 200
+  tokens long, so ``guard.views: ends`` scores it three times (whole, first and last words).
+
+Each workload is checked with ``Guard.check_many`` in batches of 1 (a single check) and of 16
+(the proxy's default micro-batch), first with reuse off (today's path), then on (the cache is
+built by a warm-up batch, as the first request of a process builds it). Reported per cell:
+checks/s, the ratio on/off, and whether every decision and score matches (scores within 1e-4).
+Then where a check's time goes, with and without reuse: the prefix forwards (each request's
+shared prompt start; with reuse only the part after the cached start), the framings' forwards,
+the rest (tokenising, the probe, Python), and what the extra views add (``ends`` against
+``whole``).
+
+    python bench/prefix_reuse.py --run .        # also run by bench/guard.py
+
+Needs the default run (``bash scripts/run.sh``). Prints a table and writes ``bench/results/prefix_reuse.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.defend.guard import Guard
+from pipeline.models.base import Request
+from pipeline.models.prefix_cache import prefix_cache, set_prefix_reuse
+
+RESULTS = Path("bench/results")
+EVERYDAY = Path("data/demo/everyday.jsonl")
+LONG_TOKENS = 200
+BATCHES = (1, 16)
+
+
+def everyday_texts(path: Path) -> list[str]:
+    """The everyday set's typed requests (rows whose request is in the image are left out: no image here)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row["text"] for row in rows if row.get("image") is None]
+
+
+def long_texts(guard: Guard, texts: list[str], tokens: int) -> list[str]:
+    """Each text followed by the next ones until the model's tokenizer counts at least ``tokens`` tokens."""
+    tokenizer = guard.adapter.tokenizer  # type: ignore[attr-defined]
+    out = []
+    for i, text in enumerate(texts):
+        parts, j = [text], i + 1
+        while len(tokenizer(" ".join(parts), add_special_tokens=False)["input_ids"]) < tokens:
+            parts.append(texts[j % len(texts)])
+            j += 1
+        out.append(" ".join(parts))
+    return out
+
+
+class ForwardClock:
+    """Seconds spent in the model's forwards, split into prefix forwards and the framings' (packed, 4-D mask)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.seconds = {"prefix": 0.0, "framings": 0.0}
+        self._started: list[tuple[str, float]] = []
+        self._handles = [
+            model.register_forward_pre_hook(self._pre, with_kwargs=True),
+            model.register_forward_hook(self._post, with_kwargs=True, always_call=True),
+        ]
+
+    def _pre(self, _module: torch.nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        part = "framings" if mask is not None and mask.dim() == 4 else "prefix"
+        self._started.append((part, time.perf_counter()))
+
+    def _post(self, *_args: Any, **_kwargs: Any) -> None:
+        part, started = self._started.pop()
+        self.seconds[part] += time.perf_counter() - started
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@contextmanager
+def clocked(guard: Guard) -> Iterator[ForwardClock]:
+    clock = ForwardClock(guard.adapter.model)  # type: ignore[attr-defined]
+    try:
+        yield clock
+    finally:
+        clock.remove()
+
+
+def check_all(guard: Guard, requests: list[Request], batch: int) -> tuple[float, list[tuple[str, float | None]]]:
+    """Seconds to check every request in batches of ``batch``, and the decisions (action, score)."""
+    decisions = []
+    started = time.perf_counter()
+    for start in range(0, len(requests), batch):
+        decisions += guard.check_many(requests[start : start + batch])
+    seconds = time.perf_counter() - started
+    return seconds, [(d.action, d.score) for d in decisions]
+
+
+def same(a: list[tuple[str, float | None]], b: list[tuple[str, float | None]]) -> tuple[bool, float]:
+    """Whether the decisions match (actions equal, scores within 1e-4), and the largest score difference."""
+    gap = max((abs((x or 0.0) - (y or 0.0)) for (_, x), (_, y) in zip(a, b, strict=True)), default=0.0)
+    return all(x == y for (x, _), (y, _) in zip(a, b, strict=True)) and gap <= 1e-4, gap
+
+
+def measure(guard: Guard, workloads: dict[str, list[Request]], repeats: int) -> dict[str, Any]:
+    """Every workload and batch size, reuse off then on; the best of ``repeats`` timings each."""
+    cells: dict[str, Any] = {}
+    for name, requests in workloads.items():
+        for batch in BATCHES:
+            timings: dict[str, float] = {}
+            decisions: dict[str, list[tuple[str, float | None]]] = {}
+            for mode in ("off", "on"):
+                set_prefix_reuse(guard.adapter, mode == "on")
+                guard.check_many(requests[:batch])  # warm-up (builds the cache entry when on)
+                runs = [check_all(guard, requests, batch) for _ in range(repeats)]
+                timings[mode] = min(seconds for seconds, _ in runs)
+                decisions[mode] = runs[0][1]
+            identical, gap = same(decisions["off"], decisions["on"])
+            cell = {
+                "requests": len(requests),
+                "batch": batch,
+                "checks_per_s_without_reuse": len(requests) / timings["off"],
+                "checks_per_s_with_reuse": len(requests) / timings["on"],
+                "speedup": timings["off"] / timings["on"],
+                "identical_decisions": identical,
+                "largest_score_difference": gap,
+            }
+            cells[f"{name}/batch{batch}"] = cell
+            print(
+                f"  {name:9s} batch {batch:>2}: {cell['checks_per_s_without_reuse']:6.2f} -> "
+                f"{cell['checks_per_s_with_reuse']:6.2f} checks/s  {cell['speedup']:.2f}x  "
+                f"identical {identical} (max score diff {gap:.1e})",
+                flush=True,
+            )
+    return cells
+
+
+def breakdown(guard: Guard, requests: list[Request], batch: int) -> dict[str, dict[str, float]]:
+    """Seconds per check by part, with and without reuse: prefix, framings, rest, and the extra views."""
+    parts: dict[str, dict[str, float]] = {}
+    whole = guard.with_config(views="whole")
+    for mode in ("off", "on"):
+        set_prefix_reuse(guard.adapter, mode == "on")
+        guard.check_many(requests[:batch])
+        with clocked(guard) as clock:
+            total, _ = check_all(guard, requests, batch)
+        whole_seconds, _ = check_all(whole, requests, batch)
+        n = len(requests)
+        parts[mode] = {
+            "total": total / n,
+            "prefix": clock.seconds["prefix"] / n,
+            "framings": clock.seconds["framings"] / n,
+            "rest": (total - clock.seconds["prefix"] - clock.seconds["framings"]) / n,
+            "views_added": (total - whole_seconds) / n,
+        }
+    return parts
+
+
+def run(guard: Guard, everyday: Path, repeats: int = 2) -> dict[str, Any]:
+    """The whole benchmark on ``guard``; reuse is left on afterwards."""
+    texts = everyday_texts(everyday)
+    workloads = {
+        "everyday": [Request(text) for text in texts],
+        f"{LONG_TOKENS}-token": [Request(text) for text in long_texts(guard, texts, LONG_TOKENS)],
+    }
+    print(f"prefix reuse: {len(texts)} requests per workload, views {guard.config.views}", flush=True)
+    cells = measure(guard, workloads, repeats)
+    parts = {name: breakdown(guard, requests, 16) for name, requests in workloads.items()}
+    for name, modes in parts.items():
+        for mode, seconds in modes.items():
+            print(
+                f"  per check, {name}, reuse {mode:3s}: total {seconds['total'] * 1000:6.1f} ms = prefix "
+                f"{seconds['prefix'] * 1000:5.1f} + framings {seconds['framings'] * 1000:5.1f} + rest "
+                f"{seconds['rest'] * 1000:5.1f}; views add {seconds['views_added'] * 1000:5.1f} ms"
+            )
+    set_prefix_reuse(guard.adapter, True)
+    guard.check_many(workloads["everyday"][:1])
+    cache = prefix_cache(guard.adapter)
+    stats = None if cache is None else cache.stats().__dict__
+    return {
+        "cells": cells,
+        "per_check_seconds_batch16": parts,
+        "cache_after_one_check": stats,
+        "views": guard.config.views,
+        "model": guard.adapter.info.name,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=Path("."), help="the project folder of a finished run")
+    parser.add_argument("--repeats", type=int, default=2, help="timings per cell; the best is kept")
+    parser.add_argument("--out", type=Path, default=RESULTS / "prefix_reuse.json")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    guard = Guard.from_run(args.run)
+    figures = run(guard, args.run / EVERYDAY, args.repeats)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
