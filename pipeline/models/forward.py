@@ -274,12 +274,13 @@ def _shared_prefix_states(
     device: torch.device,
     reads: tuple[str, ...] = (LAST,),
     masks: Sequence[Sequence[Sequence[int]]] | None = None,
-    masks_on_miss: Callable[[], Masks] | None = None,
+    request_masks: Callable[[], Masks] | None = None,
 ) -> torch.Tensor:
     """A prefix forward into a cache, then a forward of the packed tails: ``(groups, reads * size, layers, hidden)``.
 
     The prefix forward starts from the adapter's cached start when one fits
-    (:mod:`pipeline.models.prefix_cache`; ``masks_on_miss`` gives the request masks it needs to build one).
+    (:mod:`pipeline.models.prefix_cache`; ``request_masks`` encodes the request masks that choosing
+    it needs, when the batch has none of its own).
 
     A mean read sums the request's tokens of the prefix (in the prefix forward, which then runs
     the deepest block to its end) and of its own tail, and divides by their number.
@@ -287,8 +288,8 @@ def _shared_prefix_states(
     size = len(sequences[0])
     prefixes = [seq[0][:n] for seq, n in zip(sequences, prefix_lengths, strict=True)]
     entry = None
-    if masks is not None or masks_on_miss is not None:
-        entry = _batch_prefix(model, sequences, prefix_lengths, masks, device, masks_on_miss or (lambda: []))
+    if masks is not None or request_masks is not None:
+        entry = _batch_prefix(model, sequences, prefix_lengths, masks, device, request_masks or (lambda: []))
     start = 0 if entry is None else len(entry.tokens)
     prefix_ids, prefix_mask = (t.to(device) for t in prefix_layout(prefixes, start, model.pad_token_id))
     prefix_positions = model.position_ids(prefix_ids, prefix_mask, image_inputs)
@@ -335,20 +336,20 @@ def _batch_prefix(
     prefix_lengths: Sequence[int],
     masks: Masks | None,
     device: torch.device,
-    masks_on_miss: Callable[[], Masks],
+    request_masks: Callable[[], Masks],
 ) -> CachedPrefix | None:
     """The cached start every group of the batch can reuse (:mod:`pipeline.models.prefix_cache`), or None.
 
-    It covers at most each group's shared prefix and, for mean reads, ends before any member's
-    first request token. Template lengths come from the request masks (``masks``, or for last-token
-    reads ``masks_on_miss()``, which encodes them only when no entry covers the batch).
+    It covers at most each group's shared prefix and ends before any member's first request token
+    and first image token. Template lengths come from the request masks (``masks``, or for
+    last-token reads ``request_masks()``, which encodes them).
     """
     limit = min(prefix_lengths)
     if masks is not None:
         limit = min([limit, *(first_one(member) for group in masks for member in group)])
 
     def template_lengths() -> list[int]:
-        found = masks if masks is not None else masks_on_miss()
+        found = masks if masks is not None else request_masks()
         return [
             min(
                 template_length(member, mask, model.image_token_ids)

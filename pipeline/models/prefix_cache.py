@@ -13,11 +13,13 @@ are computed once per process and reused by every later forward whose rows start
   same way, so the answer continues from it too.
 
 **What is cached.** A :class:`CachedPrefix` holds one token sequence's keys and values for every
-decoder block. It is built the first time a batch starts with a template prefix no entry covers:
-each row's template prefix ends before its first request token (the adapters' request mask) and
-before its first image token, and the entry is the longest start that all rows' template prefixes
-share. Later batches use the longest entry that starts every row (and, for mean reads, ends before
-any row's request tokens, whose states the entry does not keep).
+decoder block. A batch's start is the longest start all its rows' template prefixes share: each
+row's template prefix ends before its first request token (the adapters' request mask, so the
+entry never holds a request token, whose states it does not keep) and before its first image
+token, and never reaches past the row's shared prefix. The entry for exactly that start is used,
+built the first time it is needed. So which entry a batch uses depends on the batch alone, never
+on what ran before in the process: results are the same in a fresh process and a long-lived one,
+bit for bit (a resumed extraction equals an uninterrupted one).
 
 **Invalidation.** An entry's key is its token ids, and the cache belongs to one adapter object
 (one model): other prompts, another ``prompts.position`` or another chat template give other
@@ -56,11 +58,6 @@ class CachedPrefix:
         """Bytes held by the keys and values."""
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
 
-    def starts(self, row: Sequence[int]) -> bool:
-        """True when ``row`` begins with this entry's tokens (and has at least one more)."""
-        n = len(self.tokens)
-        return len(row) > n and tuple(row[:n]) == self.tokens
-
     def seed(self, cache: DynamicCache, batch: int, depth: int | None = None) -> DynamicCache:
         """``cache`` (empty) filled with this prefix, repeated over ``batch`` rows, for blocks ``0..depth-1``."""
         depth = len(self.layers) if depth is None else depth
@@ -94,19 +91,15 @@ class PrefixCache:
         self._lock = threading.Lock()
         self.hits = self.misses = self.builds = self.evictions = 0
 
-    def find(self, rows: Sequence[Sequence[int]], limit: int | None = None) -> CachedPrefix | None:
-        """The longest entry every row starts with (at most ``limit`` tokens), counted as a hit; else None."""
+    def get(self, tokens: Sequence[int]) -> CachedPrefix | None:
+        """The entry for exactly these tokens, counted as a hit (and made the most recently used); else None."""
+        key = tuple(int(t) for t in tokens)
         with self._lock:
-            best = None
-            for entry in self._entries.values():
-                if limit is not None and len(entry.tokens) > limit:
-                    continue
-                if (best is None or len(entry.tokens) > len(best.tokens)) and all(entry.starts(row) for row in rows):
-                    best = entry
-            if best is not None:
+            entry = self._entries.get(key)
+            if entry is not None:
                 self.hits += 1
-                self._entries.move_to_end(best.tokens)
-            return best
+                self._entries.move_to_end(key)
+            return entry
 
     def add(self, entry: CachedPrefix) -> bool:
         """Keep ``entry``, evicting the least recently used beyond the bound; False when it alone is too long."""
@@ -218,23 +211,21 @@ def reusable_prefix(
     template_lengths: Any,
     device: torch.device,
 ) -> CachedPrefix | None:
-    """The cached prefix a batch of ``rows`` can start from, built now if none covers them; None when none fits.
+    """The cached start a batch of ``rows`` begins with (built now on a miss); None when reuse is off or it is short.
 
-    ``limit``: the most tokens the entry may cover (each row's shared prefix, and for mean reads its
-    first request token). ``template_lengths()`` gives each row's template length (see
-    :func:`template_length`); it is called only when no entry covers the rows, since it may encode.
+    ``limit``: the most tokens the start may cover (each row's shared prefix). ``template_lengths()``
+    gives each row's template length (see :func:`template_length`).
     """
     cache = prefix_cache(adapter)
     if cache is None or limit < MIN_PREFIX_TOKENS:
         return None
-    entry = cache.find(rows, limit)
-    if entry is not None:
-        return entry
-    cache.missed()
     lengths = template_lengths()
     start = common_start([row[: min(length, limit)] for row, length in zip(rows, lengths, strict=True)])
     if len(start) < MIN_PREFIX_TOKENS:
         return None
-    entry = build_prefix(adapter, start, device)
-    cache.add(entry)
+    entry = cache.get(start)
+    if entry is None:
+        cache.missed()
+        entry = build_prefix(adapter, start, device)
+        cache.add(entry)
     return entry

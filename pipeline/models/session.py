@@ -167,7 +167,7 @@ class PrefixSession:
         self.timings.prefix = time.perf_counter() - started
 
     def _cached_start(self, requests: Sequence[Request]) -> CachedPrefix | None:
-        """The adapter's cached start this session's prefix can begin with (built on a miss), or None."""
+        """The adapter's cached start this session's prefix begins with (built on first use), or None."""
         limit = self.prefix_length
         if self.masks:
             limit = min([limit, *(first_one(mask) for mask in self.masks)])

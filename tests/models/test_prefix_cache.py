@@ -162,27 +162,34 @@ def test_the_cache_is_bounded_least_recently_used_first() -> None:
     cache = PrefixCache(max_tokens=12)
     first, second, third = entry(tuple(range(5))), entry(tuple(range(10, 15))), entry(tuple(range(20, 25)))
     assert cache.add(first) and cache.add(second)
-    assert cache.find([[0, 1, 2, 3, 4, 99]]) is first  # first is now the most recently used
+    assert cache.get([0, 1, 2, 3, 4]) is first  # first is now the most recently used
     assert cache.add(third)
     stats = cache.stats()
-    assert (stats.entries, stats.tokens, stats.evictions) == (2, 10, 1)
-    assert cache.find([[10, 11, 12, 13, 14, 99]]) is None and cache.find([[0, 1, 2, 3, 4, 5]]) is first
+    assert (stats.entries, stats.tokens, stats.evictions, stats.hits) == (2, 10, 1, 1)
+    assert cache.get(range(10, 15)) is None and cache.get(range(5)) is first
     assert not cache.add(entry(tuple(range(13))))  # longer than the whole bound: never kept
     assert stats.bytes == 2 * 2 * 5 * 2 * 4
     with pytest.raises(ValueError, match="max_tokens must be at least"):
         PrefixCache(max_tokens=1)
 
 
-def test_find_takes_the_longest_entry_every_row_starts_with_within_the_limit() -> None:
+def test_an_entry_is_found_by_its_exact_tokens_only() -> None:
     cache = PrefixCache()
-    short, long = entry((1, 2, 3, 4)), entry((1, 2, 3, 4, 5, 6))
+    short = entry((1, 2, 3, 4))
     cache.add(short)
-    cache.add(long)
-    assert cache.find([[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 8]]) is long
-    assert cache.find([[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 9]]) is short
-    assert cache.find([[1, 2, 3, 4, 5, 6, 7]], limit=5) is short
-    assert cache.find([[1, 2, 3, 4]]) is None  # a row must keep a token after the entry
-    assert cache.find([[9, 2, 3, 4, 5]]) is None
+    assert cache.get((1, 2, 3, 4)) is short
+    assert cache.get((1, 2, 3)) is None and cache.get((1, 2, 3, 4, 5)) is None
+
+
+def test_a_batch_uses_the_same_start_whatever_ran_before(embedded: EmbeddedAdapter, picture: Path) -> None:
+    """The start depends on the batch alone: a long-lived process and a fresh one give the same states, bit for bit."""
+    groups = groups_for("after", picture, with_image=True)
+    set_prefix_reuse(embedded, True)
+    fresh = embedded.group_states(groups, LAYERS)
+    set_prefix_reuse(embedded, True)
+    for other in (groups_for("before", picture, with_image=False), groups[1:2], groups[2:3]):
+        embedded.group_states(other, LAYERS)  # other batches build other starts first
+    assert torch.equal(embedded.group_states(groups, LAYERS), fresh)
 
 
 def test_template_length_and_common_start() -> None:
