@@ -31,10 +31,8 @@ class ResponseEnd:
     ecso: ECSORecord | None = None
 
 
-def answer(adapter: ModelAdapter, request: Request, session: PrefixSession | None, tokens: int) -> str:
-    """The model's answer to ``request``, from ``session``'s cache when there is one."""
-    if session is not None:
-        return session.answer(tokens)
+def fresh_answer(adapter: ModelAdapter, request: Request, tokens: int) -> str:
+    """The model's answer to ``request`` from scratch (no session's cache to continue from)."""
     answers = adapter.generate([request], tokens)
     if len(answers) != 1:
         raise RuntimeError(f"model returned {len(answers)} answers for 1 request")
@@ -73,7 +71,7 @@ def response_pieces(
                 end.completion_tokens = session.completion_tokens
             return
         answer_started = time.perf_counter()
-        text = answer(adapter, request, None, tokens)
+        text = fresh_answer(adapter, request, tokens)
         seconds["answer"] = time.perf_counter() - answer_started
         end.completion_tokens = text_token_count(adapter, text)
         end.finish_reason = finish_of(end.completion_tokens, tokens)
