@@ -8,9 +8,11 @@ Workloads (text only, so every request shares the chat template's start):
   tokens long, so ``guard.views: ends`` scores it three times (whole, first and last words).
 
 Each workload is checked with ``Guard.check_many`` in batches of 1 (a single check) and of 16
-(the proxy's default micro-batch), first with reuse off (today's path), then on (the cache is
-built by a warm-up batch, as the first request of a process builds it). Reported per cell:
-checks/s, the ratio on/off, and whether every decision and score matches (scores within 1e-4).
+(the proxy's default micro-batch), first with reuse off (the path before it), then with the
+cached template start only, then also with the longer starts rows of one batch share (a long
+request's views; the default). The cache is built by a warm-up batch, as the first request of a
+process builds it. Reported per cell: checks/s, the ratios, and whether every decision and score
+matches (scores within 1e-4).
 Then where a check's time goes, with and without reuse: the prefix forwards (each request's
 shared prompt start; with reuse only the part after the cached start), the framings' forwards,
 the rest (tokenising, the probe, Python), and what the extra views add (``ends`` against
@@ -113,45 +115,62 @@ def same(a: list[tuple[str, float | None]], b: list[tuple[str, float | None]]) -
     return all(x == y for (x, _), (y, _) in zip(a, b, strict=True)) and gap <= 1e-4, gap
 
 
+# Reuse off (the path before it); the cached template start only; and that plus the longer starts
+# rows of one batch share (a long request's views), the default.
+MODES = {"off": None, "start": False, "on": True}
+
+
+def set_mode(guard: Guard, mode: str) -> None:
+    """Reuse as ``mode`` says (see :data:`MODES`), with a fresh cache."""
+    share = MODES[mode]
+    set_prefix_reuse(guard.adapter, share is not None, share_in_batch=bool(share))
+
+
 def measure(guard: Guard, workloads: dict[str, list[Request]], repeats: int) -> dict[str, Any]:
-    """Every workload and batch size, reuse off then on; the best of ``repeats`` timings each."""
+    """Every workload and batch size in every mode; the best of ``repeats`` timings each."""
     cells: dict[str, Any] = {}
     for name, requests in workloads.items():
         for batch in BATCHES:
             timings: dict[str, float] = {}
             decisions: dict[str, list[tuple[str, float | None]]] = {}
-            for mode in ("off", "on"):
-                set_prefix_reuse(guard.adapter, mode == "on")
+            for mode in MODES:
+                set_mode(guard, mode)
                 guard.check_many(requests[:batch])  # warm-up (builds the cache entry when on)
                 runs = [check_all(guard, requests, batch) for _ in range(repeats)]
                 timings[mode] = min(seconds for seconds, _ in runs)
                 decisions[mode] = runs[0][1]
             identical, gap = same(decisions["off"], decisions["on"])
+            start_identical, start_gap = same(decisions["off"], decisions["start"])
             cell = {
                 "requests": len(requests),
                 "batch": batch,
                 "checks_per_s_without_reuse": len(requests) / timings["off"],
+                "checks_per_s_start_only": len(requests) / timings["start"],
                 "checks_per_s_with_reuse": len(requests) / timings["on"],
                 "speedup": timings["off"] / timings["on"],
-                "identical_decisions": identical,
-                "largest_score_difference": gap,
+                "speedup_start_only": timings["off"] / timings["start"],
+                "in_batch_gain": timings["start"] / timings["on"],
+                "identical_decisions": identical and start_identical,
+                "largest_score_difference": max(gap, start_gap),
             }
             cells[f"{name}/batch{batch}"] = cell
             print(
-                f"  {name:9s} batch {batch:>2}: {cell['checks_per_s_without_reuse']:6.2f} -> "
-                f"{cell['checks_per_s_with_reuse']:6.2f} checks/s  {cell['speedup']:.2f}x  "
-                f"identical {identical} (max score diff {gap:.1e})",
+                f"  {name:9s} batch {batch:>2}: off {cell['checks_per_s_without_reuse']:6.2f}, start only "
+                f"{cell['checks_per_s_start_only']:6.2f}, on {cell['checks_per_s_with_reuse']:6.2f} checks/s  "
+                f"{cell['speedup']:.2f}x (start only {cell['speedup_start_only']:.2f}x, in-batch "
+                f"{cell['in_batch_gain']:.2f}x)  identical {cell['identical_decisions']} (max score diff "
+                f"{cell['largest_score_difference']:.1e})",
                 flush=True,
             )
     return cells
 
 
 def breakdown(guard: Guard, requests: list[Request], batch: int) -> dict[str, dict[str, float]]:
-    """Seconds per check by part, with and without reuse: prefix, framings, rest, and the extra views."""
+    """Seconds per check by part in every mode: prefix, framings, rest, and the extra views."""
     parts: dict[str, dict[str, float]] = {}
     whole = guard.with_config(views="whole")
-    for mode in ("off", "on"):
-        set_prefix_reuse(guard.adapter, mode == "on")
+    for mode in MODES:
+        set_mode(guard, mode)
         guard.check_many(requests[:batch])
         with clocked(guard) as clock:
             total, _ = check_all(guard, requests, batch)
@@ -180,11 +199,11 @@ def run(guard: Guard, everyday: Path, repeats: int = 2) -> dict[str, Any]:
     for name, modes in parts.items():
         for mode, seconds in modes.items():
             print(
-                f"  per check, {name}, reuse {mode:3s}: total {seconds['total'] * 1000:6.1f} ms = prefix "
+                f"  per check, {name}, reuse {mode:5s}: total {seconds['total'] * 1000:6.1f} ms = prefix "
                 f"{seconds['prefix'] * 1000:5.1f} + framings {seconds['framings'] * 1000:5.1f} + rest "
                 f"{seconds['rest'] * 1000:5.1f}; views add {seconds['views_added'] * 1000:5.1f} ms"
             )
-    set_prefix_reuse(guard.adapter, True)
+    set_mode(guard, "on")
     guard.check_many(workloads["everyday"][:1])
     cache = prefix_cache(guard.adapter)
     stats = None if cache is None else cache.stats().__dict__

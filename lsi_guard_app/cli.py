@@ -6,15 +6,19 @@
     lsi-guard demo                                                # the local web demo
     lsi-guard serve [--mode upstream --upstream http://127.0.0.1:8000/v1]  # OpenAI-compatible guarding proxy
     lsi-guard verify-store data/activations/store.zarr            # check every chunk of a store
+    lsi-guard export --run . --out guards/default                 # the run's guard as one shareable folder
     lsi-guard eval --suite demo [--limit N] [--output DIR] [--lm-eval-json PATH]  # a comparison suite
     lsi-guard --version                                           # also: python -m lsi_guard_app ...
 
 Every command reads the run in ``--run`` (default: the current folder, after ``bash scripts/run.sh``)
 and takes the ``guard`` section of its ``params.yaml``, which ``--policy``, ``--on-error``,
-``--ecso-margin`` and ``--max-new-tokens`` override. Results are JSON lines: one per request,
-the input's own fields first, then the decision (and for ``generate`` the response, ECSO's steps
-and timings). A failed check follows ``on_error`` and is logged and recorded; a request whose
-answer itself fails is recorded with its error, and the command then exits 1.
+``--ecso-margin`` and ``--max-new-tokens`` override. ``check``, ``generate``, ``demo`` and ``serve``
+take ``--guard DIR`` instead: a saved guard (``lsi-guard export``, ``Guard.save_pretrained``) or a
+Hugging Face Hub id, on the model folder it records or the one ``--model`` names
+(:mod:`lsi_guard_app.sources`). Results are JSON lines: one per request, the input's own fields
+first, then the decision (and for ``generate`` the response, ECSO's steps and timings). A failed
+check follows ``on_error`` and is logged and recorded; a request whose answer itself fails is
+recorded with its error, and the command then exits 1.
 
 Before the model loads, every request is checked against the run's ``limits`` params section
 (text characters, image pixels from the header; images must exist and decode) and ``--output``
@@ -40,12 +44,13 @@ from tqdm import tqdm
 
 from lsi_guard_app.eval_command import add_eval_parser, eval_command
 from lsi_guard_app.serve.command import add_serve_arguments, serve_command
-from pipeline.config import GUARD_POLICIES, LimitsConfig, load_params
+from lsi_guard_app.sources import add_source_arguments, guard_source, load_guard
+from pipeline.config import GUARD_POLICIES, LimitsConfig
 from pipeline.data.limits import RequestTooLarge, check_image_size, check_request_text
 from pipeline.errors import LSIGuardError
+from pipeline.extras import check_installed
 from pipeline.images import ImageError, load_image
 from pipeline.io import json_lines, jsonl_text, write_text_atomic
-from pipeline.layout import PARAMS
 from pipeline.version import __version__
 
 if TYPE_CHECKING:
@@ -244,12 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     _common(serve)
     _add_verify_store(commands)
+    _add_export(commands)
     add_eval_parser(commands)
     return parser
 
 
 def _common(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--run", type=Path, default=Path("."), help="the project folder of a finished run (default: .)")
+    add_source_arguments(sub)
     sub.add_argument("--policy", choices=GUARD_POLICIES, help="override guard.policy")
     sub.add_argument("--on-error", choices=("refuse", "answer"), help="override guard.on_error")
     sub.add_argument("--ecso-margin", type=float, help="override guard.ecso_margin")
@@ -261,6 +267,8 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
     stdout = stdout or sys.stdout
     if args.command == "verify-store":
         return verify_store_command(args.path, stdout)
+    if args.command == "export":
+        return export_command(args.run, args.out, stdout)
     logging.basicConfig(level=logging.WARNING, format="lsi-guard: %(levelname)s: %(message)s", stream=sys.stderr)
     if args.command == "eval":
         return eval_command(args, stdout)
@@ -269,9 +277,10 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
     try:
         if args.command == "demo":
             # Imported only for the demo: gradio takes seconds to import and check/generate never need it.
+            check_installed("gradio", "demo", "lsi-guard demo")
             from lsi_guard_app.web import launch
 
-            launch(args.run, host=args.host, port=args.port, policy=args.policy)
+            launch(args.run, host=args.host, port=args.port, policy=args.policy, guard=args.guard, model=args.model)
             return 0
         if args.image is not None and args.text is None:
             raise InputError("--image goes with --text; in an --input file give each request's image in its line")
@@ -288,13 +297,12 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
             ]
         else:
             requests = read_requests(args.input)
-        admit_requests(requests, _run_limits(args.run))
+        source = guard_source(args.run, args.guard, args.model)
+        admit_requests(requests, source.limits)
         if args.output is not None:
             check_output(args.output)
-        from pipeline.defend.guard import Guard
-
-        guard = Guard.from_run(
-            args.run,
+        guard = load_guard(
+            source,
             policy=args.policy,
             on_error=args.on_error,
             ecso_margin=args.ecso_margin,
@@ -314,10 +322,35 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
     return 1 if any(record.get("action") is None for record in records) else 0
 
 
-def _run_limits(run: Path) -> LimitsConfig:
-    """The ``limits`` section of the run's params.yaml (the defaults when there is none: loading the guard says so)."""
-    params = Path(run) / PARAMS
-    return load_params(params).limits if params.is_file() else LimitsConfig()
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "export", help="save a finished run's guard as one folder that --guard and Guard.from_pretrained load"
+    )
+    sub.add_argument("--run", type=Path, default=Path("."), help="the project folder of a finished run (default: .)")
+    sub.add_argument("--out", type=Path, required=True, help="the folder to write (an earlier saved guard is replaced)")
+
+
+def export_command(run: Path, out: Path, stdout: TextIO) -> int:
+    """export: the run's detector, tau, settings and model identity in ``out``; 0 when written, 2 on a problem.
+
+    The model's identity comes from its folder's metadata: no weights load.
+    """
+    # Imported here: the detector brings torch, which the other commands' input checks never wait for.
+    from pipeline.defend.pretrained import bundle_from_run, write_bundle
+
+    try:
+        contents = bundle_from_run(run)
+        write_bundle(contents, out)
+    except LSIGuardError as exc:
+        print(f"lsi-guard: error: {exc}", file=sys.stderr)
+        return 2
+    info = contents.info
+    print(
+        f"{out}: saved the guard of {run.resolve()} ({contents.detector.describe()}, tau={contents.settings.tau:.4f}; "
+        f"{contents.model.kind} model {info.name!r}, revision {info.revision}); load it with --guard {out}",
+        file=stdout,
+    )
+    return 0
 
 
 def _add_verify_store(commands: argparse._SubParsersAction) -> None:

@@ -42,6 +42,9 @@ RELIABILITY = CALIBRATION_DIR / "reliability.json"
 RELIABILITY_PNG = CALIBRATION_DIR / "reliability.png"
 CALIBRATION_METRICS = CALIBRATION_DIR / "metrics.json"
 
+# export: the guard as one shareable folder (pipeline.defend.bundle)
+GUARD_BUNDLE = DATA / "guard_bundle"
+
 # evaluate
 EVAL_DIR = DATA / "eval"
 EVAL_METRICS = EVAL_DIR / "metrics.json"

@@ -19,12 +19,11 @@ import polars as pl
 from pipeline.config import HELD_OUT_BY, Params, load_params
 from pipeline.data.index import read_index
 from pipeline.detect.calibration import expected_calibration_error, load_calibration, reliability_rows
-from pipeline.detect.cluster import cluster_client
+from pipeline.detect.cluster_open import open_cluster
 from pipeline.detect.heldout import in_source_setting, load_eval_data, scoreable_groups
 from pipeline.detect.provenance import open_store
 from pipeline.detect.shipped import load_detector
 from pipeline.detect.store import ActivationStore
-from pipeline.evaluate.cluster_refits import held_out_results_on_cluster
 from pipeline.evaluate.detection import (
     HeldOutResults,
     comparison_table,
@@ -129,7 +128,7 @@ def main() -> None:
     per_source = per_source_metrics(data, inside, scorers, taus, bootstrap)
     shipped_tau = (shipped.name, calibration.tau)
     held: dict[str, HeldOutResults] = {}
-    with cluster_client(params.cluster) as client:
+    with open_cluster(params.cluster) as client:
         for by in held_out_groupings(params.train.held_out_by):
             groups = scoreable_groups(index, by, split="test")
             if len(groups) < 2:
@@ -140,6 +139,9 @@ def main() -> None:
                     data, params.train, params.calibrate, lf, ls, groups, shipped_tau, bootstrap, by
                 )
             else:
+                # Imported only here: it imports distributed (the 'cluster' extra, which open_cluster checked).
+                from pipeline.evaluate.cluster_refits import held_out_results_on_cluster
+
                 results = held_out_results_on_cluster(
                     client,
                     store,

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pipeline.config import load_params
 from pipeline.data.index import read_index
-from pipeline.detect.cluster import cluster_client
-from pipeline.detect.cluster_extraction import extract_on_cluster, gpus_to_pin, model_loader, worker_model_config
+from pipeline.detect.cluster_open import open_cluster, require_cluster
 from pipeline.detect.extraction import extract_to_store
 from pipeline.detect.store_swap import partial_path, recover_swap, swap_into_place
 from pipeline.layout import INDEX, STORE
@@ -27,12 +26,20 @@ def main() -> None:
     # An earlier good store is only replaced by a finished one, and a killed run never leaves a
     # store that looks finished under the final name.
     partial = partial_path(STORE)
-    gpus = gpus_to_pin(params.model) if params.cluster.local_workers else 0
-    with cluster_client(params.cluster, gpus) as client:
+    require_cluster(params.cluster)
+    gpus = 0
+    if params.cluster.local_workers:
+        from pipeline.detect.cluster_extraction import gpus_to_pin  # needs the 'cluster' extra, checked above
+
+        gpus = gpus_to_pin(params.model)
+    with open_cluster(params.cluster, gpus) as client:
         if client is None:
             adapter = load_adapter(params.model, params.limits.max_request_tokens)
             store = extract_to_store(adapter, index, params.prompts, params.extract, partial)
         else:
+            # Imported only with a cluster: these modules import distributed (the 'cluster' extra).
+            from pipeline.detect.cluster_extraction import extract_on_cluster, model_loader, worker_model_config
+
             load = model_loader(worker_model_config(params.model, gpus), params.limits.max_request_tokens)
             store = extract_on_cluster(client, load, index, params.prompts, params.extract, partial)
     layers = len(store.provenance.layers)

@@ -3,7 +3,7 @@
 Writes ``data/sanity/rows.jsonl`` (one line per request: score, tau, action, whether it was right)
 and ``data/sanity/metrics.json`` (accuracy, harmful refused and benign answered shares with their
 Wilson intervals, per input, failed checks; for ``dvc metrics``). Prints the accuracy and the two
-README examples' scores.
+examples' scores that docs/guarding.md shows.
 """
 
 from __future__ import annotations

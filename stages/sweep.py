@@ -15,8 +15,7 @@ from dataclasses import asdict
 
 from pipeline.config import load_params
 from pipeline.data.index import read_index
-from pipeline.detect.cluster import cluster_client
-from pipeline.detect.cluster_sweep import sweep_pairs_on_cluster
+from pipeline.detect.cluster_open import open_cluster
 from pipeline.detect.heldout import load_eval_data
 from pipeline.detect.provenance import open_store
 from pipeline.detect.sweep import best_pair, score_detectors, score_matrix, sweep_pairs
@@ -37,13 +36,15 @@ def main() -> None:
     params = load_params()
     index, store = read_index(INDEX), open_store(params, STORE)
     data = load_eval_data(index, store)
-    with cluster_client(params.cluster) as client:
-        # On a cluster each pair is a task, and each worker reads the store itself.
-        scores = (
-            sweep_pairs(data, params.train)
-            if client is None
-            else sweep_pairs_on_cluster(client, store, index, params.train)
-        )
+    with open_cluster(params.cluster) as client:
+        if client is None:
+            scores = sweep_pairs(data, params.train)
+        else:
+            # On a cluster each pair is a task, and each worker reads the store itself. Imported only
+            # here: it imports distributed (the 'cluster' extra, which open_cluster checked).
+            from pipeline.detect.cluster_sweep import sweep_pairs_on_cluster
+
+            scores = sweep_pairs_on_cluster(client, store, index, params.train)
     best = best_pair(scores, params.train.select_by)
     detectors = score_detectors(data, params.train, best.fusion_layer, best.safety_layer)
     # Built beside data/sweep and swapped in whole (persist: true in dvc.yaml).

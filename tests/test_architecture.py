@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "pipeline.version",
             "pipeline.config",
             "pipeline.errors",
+            "pipeline.extras",
             "pipeline.layout",
             "pipeline.io",
             "pipeline.images",

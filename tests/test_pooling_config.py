@@ -15,7 +15,7 @@ from tests.paths import PROJECT_ROOT
 
 def test_the_library_default_is_the_methods_last_token_read() -> None:
     # The dataclass keeps the method's read; the shipped study reads both, since the lever table's
-    # pooled detectors need the mean read too (README, 'What the default run gives').
+    # pooled detectors need the mean read too (docs/findings.md).
     assert ExtractConfig().pooling == "last"
     assert pooled_variants(VARIANTS, "last") == VARIANTS
 

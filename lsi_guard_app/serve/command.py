@@ -11,12 +11,11 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from lsi_guard_app.serve.schema import CHECK_POLICIES
-from pipeline.config import load_params
+from lsi_guard_app.sources import GuardSource, guard_source, load_guard
 from pipeline.errors import LSIGuardError
-from pipeline.layout import PARAMS
+from pipeline.extras import require
 
 DEFAULT_PORT = 8080
 # pipeline.defend.batching's defaults, repeated so that building the parser does not import the guard.
@@ -24,6 +23,9 @@ DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_WAIT_S = 0.020
 DEFAULT_UPSTREAM_TIMEOUT_S = 300.0
 DEFAULT_PREFIX_CACHE_TOKENS = 4096  # pipeline.models.prefix_cache.DEFAULT_MAX_TOKENS
+
+# What the server imports from the 'serve' extra, checked before the guard's seconds of loading.
+SERVE_MODULES = ("fastapi", "uvicorn", "httpx", "prometheus_client")
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ class ServeOptionError(LSIGuardError, ValueError):
 
 
 def add_serve_arguments(sub: argparse.ArgumentParser) -> None:
-    """The ``serve`` options (the shared ``--run``/``--policy``/... are added by the CLI)."""
+    """The ``serve`` options (the shared ``--run``/``--guard``/``--policy``/... are added by the CLI)."""
     sub.add_argument("--mode", choices=("local", "upstream"), default="local", help="who answers (default: local)")
     sub.add_argument("--upstream", help="upstream mode: the OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     sub.add_argument(
@@ -93,6 +95,8 @@ class ServeKeys:
 
     upstream: str | None = None
     inbound: str | None = None
+    # The guard the options name (--run or --guard), resolved once: a Hub id is fetched only here.
+    source: GuardSource | None = None
 
 
 def check_options(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServeKeys:
@@ -126,8 +130,8 @@ def check_options(args: argparse.Namespace, environ: dict[str, str] | None = Non
         raise ServeOptionError(f"--prefix-cache-tokens must be 0 (off) or >= 2, got {args.prefix_cache_tokens}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ServeOptionError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    params = Path(args.run) / PARAMS
-    policy = args.policy or (load_params(params).guard.policy if params.is_file() else "lsi")
+    source = guard_source(args.run, args.guard, args.model)
+    policy = args.policy or source.policy
     if args.mode == "upstream" and policy != "lsi":
         raise ServeOptionError(
             f"--mode upstream needs the lsi policy, not {policy!r} (--policy or guard.policy): ECSO runs the "
@@ -136,6 +140,7 @@ def check_options(args: argparse.Namespace, environ: dict[str, str] | None = Non
     return ServeKeys(
         upstream=_key_from(environ, "--upstream-key-env", args.upstream_key_env),
         inbound=_key_from(environ, "--api-key-env", args.api_key_env),
+        source=source,
     )
 
 
@@ -150,15 +155,16 @@ def _key_from(environ: dict[str, str], flag: str, name: str | None) -> str | Non
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    """Check the options, load the run's guard and serve until interrupted; 2 on a bad option or run."""
+    """Check the options, load the guard (--run or --guard) and serve until interrupted; 2 on a bad option or guard."""
     try:
         keys = check_options(args)
+        for module in SERVE_MODULES:
+            require(module, "serve", "lsi-guard serve")
         # Imported only now: the guard (torch, the model code), FastAPI and uvicorn take seconds.
         import uvicorn
 
         from lsi_guard_app.serve.app import ServeConfig, build_app
         from lsi_guard_app.serve.upstream import UpstreamConfig
-        from pipeline.defend.guard import Guard
 
         upstream = None
         if args.mode == "upstream":
@@ -175,8 +181,9 @@ def serve_command(args: argparse.Namespace) -> int:
             image_timeout_s=args.image_url_timeout_s,
             api_key=keys.inbound,
         )
-        guard = Guard.from_run(
-            args.run,
+        source = keys.source if keys.source is not None else guard_source(args.run, args.guard, args.model)
+        guard = load_guard(
+            source,
             policy=args.policy,
             on_error=args.on_error,
             ecso_margin=args.ecso_margin,

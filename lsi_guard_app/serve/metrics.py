@@ -19,6 +19,7 @@ PREFIX_CACHE_GAUGES = {
     "bytes": "Bytes of keys and values those entries hold",
     "hits": "Forwards that started from a kept prompt start, since the proxy started",
     "misses": "Forwards no kept prompt start covered, since the proxy started",
+    "shared_in_batch": "Prompt tokens a micro-batch ran once for several rows (a long request's views), since start",
 }
 
 

@@ -5,7 +5,9 @@ probe's score against tau, the reason, the answer, ECSO's steps when ECSO ran, t
 on request, the attribution maps. Everything runs on this machine: the server listens on
 localhost only, with no share link and no analytics.
 
-``python -m lsi_guard_app.web --run .`` (or ``bash scripts/demo.sh``) serves a finished run.
+``python -m lsi_guard_app.web --run .`` (or ``bash scripts/demo.sh``) serves a finished run;
+``--guard DIR`` serves a saved guard instead (``lsi-guard export``), on the model folder it records
+or the one ``--model`` names.
 
 The parts: :mod:`~lsi_guard_app.web.render` (what the page shows, as HTML and figures),
 :mod:`~lsi_guard_app.web.handling` (one request through the guard) and

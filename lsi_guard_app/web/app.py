@@ -30,12 +30,14 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import TYPE_CHECKING
 
+from lsi_guard_app.sources import add_source_arguments, guard_source, load_guard
 from lsi_guard_app.web.handling import UnknownPolicy, choose_guard, policy_guards, run_request, uploaded_path
 from lsi_guard_app.web.render import PLACEHOLDER_HTML, decision_html, ecso_html, error_html
-from pipeline.config import GUARD_POLICIES, load_params
+from pipeline.config import GUARD_POLICIES, AttributeConfig, load_params
 from pipeline.data.drawing import render_typography
 from pipeline.defend.guard import Guard
 from pipeline.errors import LSIGuardError
+from pipeline.extras import MissingExtraError, check_installed, require
 from pipeline.images import save_png
 from pipeline.layout import PARAMS
 
@@ -44,12 +46,14 @@ if TYPE_CHECKING:
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+DEMO_FEATURE = "the web demo (lsi-guard demo)"
 # Requests that may wait behind the one running; each waits at most limits.request_timeout_s per request ahead.
 QUEUE_SIZE = 8
 WORK_PREFIX = "lsi-guard-demo-"
 RUN_HINT = (
     "hint: build the guard first with `bash scripts/run.sh` in the project folder, then pass that folder to --run"
 )
+GUARD_HINT = "hint: --guard takes the folder `lsi-guard export` wrote (or a Hub id); --model names the model folder"
 
 POLICY_LABELS = {
     "lsi": "lsi: the probe decides (refuse above tau)",
@@ -76,9 +80,7 @@ def _gradio() -> ModuleType:
     """
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    import gradio
-
-    return gradio
+    return require("gradio", "demo", DEMO_FEATURE)
 
 
 def example_rows(folder: Path) -> tuple[list[list[str | None]], list[str]]:
@@ -269,23 +271,40 @@ def serve(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -
 # -- command line -----------------------------------------------------------------------------
 
 
-def _serve_run(run_dir: str | Path, host: str, port: int, policy: str | None) -> int:
-    """Load the run's guard and serve it until interrupted; 2 when the run cannot be loaded."""
+def _serve_run(
+    run_dir: str | Path | None,
+    host: str,
+    port: int,
+    policy: str | None,
+    guard_dir: str | None = None,
+    model: Path | None = None,
+) -> int:
+    """Load the guard and serve it until interrupted; 2 when gradio is missing or the guard cannot be loaded.
+
+    The guard is the run's in ``run_dir`` (default ``.``), or the saved guard ``guard_dir`` (a folder
+    or Hub id) on ``model`` (default: the model folder it records); see :mod:`lsi_guard_app.sources`.
+    """
     try:
-        guard = Guard.from_run(run_dir, policy=policy)
-    except LSIGuardError as exc:  # every expected failure to load a run
+        check_installed("gradio", "demo", DEMO_FEATURE)
+    except MissingExtraError as exc:  # said before the guard's seconds of loading
         print(f"error: {exc}", file=sys.stderr)
-        print(RUN_HINT, file=sys.stderr)
         return 2
-    # The maps attribute what the run's params.yaml says (attribute.target); it loaded above, so it is valid.
-    target = load_params(Path(run_dir) / PARAMS).attribute.target
+    try:
+        source = guard_source(None if run_dir is None else Path(run_dir), guard_dir, model)
+        guard = load_guard(source, policy=policy)
+    except LSIGuardError as exc:  # every expected failure to load a run or a saved guard
+        print(f"error: {exc}", file=sys.stderr)
+        print(RUN_HINT if guard_dir is None else GUARD_HINT, file=sys.stderr)
+        return 2
+    # The maps attribute what the run's params.yaml says (attribute.target; it loaded above, so it is
+    # valid); a saved guard keeps no attribute section, so its maps attribute the default target.
+    target = AttributeConfig().target if source.run is None else load_params(source.run / PARAMS).attribute.target
     with _work_folder() as work, _sigterm_interrupts():
         demo = build_demo(guard, attribution_target=target, work=work)
         try:
             url = serve(demo, host, port)
             print(
-                f"LSI-Guard demo on {url} (policy {guard.config.policy}, run {Path(run_dir).resolve()}); "
-                "Ctrl+C stops it",
+                f"LSI-Guard demo on {url} (policy {guard.config.policy}, {source.describe()}); Ctrl+C stops it",
                 flush=True,
             )
             demo.block_thread()  # returns on Ctrl+C or SIGTERM (both arrive as KeyboardInterrupt)
@@ -324,13 +343,20 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def launch(
-    run_dir: str | Path = ".", host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, policy: str | None = None
+    run_dir: str | Path | None = None,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    policy: str | None = None,
+    *,
+    guard: str | None = None,
+    model: Path | None = None,
 ) -> None:
-    """Serve the demo for a finished run on ``host:port`` (localhost by default) until Ctrl+C.
+    """Serve the demo for a finished run (default ``.``), or the saved guard ``guard``, on ``host:port`` until Ctrl+C.
 
-    A run that cannot be loaded prints why and a hint, and exits with status 2 (no traceback).
+    ``model`` is the model folder for ``guard`` (default: the one it records). A guard that cannot
+    be loaded prints why and a hint, and exits with status 2 (no traceback).
     """
-    code = _serve_run(run_dir, host, port, policy)
+    code = _serve_run(run_dir, host, port, policy, guard, model)
     if code:
         raise SystemExit(code)
 
@@ -340,11 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lsi_guard_app.web", description="Serve the LSI-Guard web demo on this machine."
     )
-    parser.add_argument("--run", default=".", help="project folder of a finished run (default: .)")
+    add_source_arguments(parser)
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     parser.add_argument("--policy", choices=GUARD_POLICIES, default=None, help="initial policy (default: the run's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests to itself
-    return _serve_run(args.run, args.host, args.port, args.policy)
+    return _serve_run(args.run, args.host, args.port, args.policy, args.guard, args.model)

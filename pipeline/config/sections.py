@@ -229,7 +229,7 @@ class BuildConfig:
     ``public``: the vendored public instruction sets (``data/public``, see its README), built into
     four style-matched sources (:mod:`pipeline.data.public`).
     ``benchmarks``: a folder laid out like MM-SafetyBench / MM-Vet / alpaca seed tasks (see the
-    README). ``per_source``: harmful requests per built source (benign ones are matched to them).
+    docs/data.md). ``per_source``: harmful requests per built source (benign ones are matched to them).
     ``match_style``: build style-matched benign counterparts (true) or take benign requests as
     they come (false, the confounded setup, for comparison).
     ``augment_share``: the share of each label's requests that also get a copy in an attacker-style

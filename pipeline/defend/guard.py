@@ -23,13 +23,16 @@ raising, whatever ``on_error`` says, in every method (``check``, ``check_many``,
 The guard's parts each have their module: :mod:`~pipeline.defend.decisions` (what to do and why),
 :mod:`~pipeline.defend.admission` (limits), :mod:`~pipeline.defend.scoring` (the detector's score
 over a request's views), :mod:`~pipeline.defend.routing` (the response once decided) and
-:mod:`~pipeline.defend.loading` (a run's pieces and the checks that they fit).
+:mod:`~pipeline.defend.loading` (a run's pieces and the checks that they fit), and
+:mod:`~pipeline.defend.bundle` with :mod:`~pipeline.defend.pretrained` (the guard saved as one folder,
+locally or on the Hugging Face Hub: :meth:`Guard.save_pretrained`, :meth:`Guard.from_pretrained`,
+:meth:`Guard.push_to_hub`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -37,13 +40,24 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.config import DEFAULT_LIMITS, ContrastivePrompts, ECSOConfig, GuardConfig, LimitsConfig
+from pipeline.config import DEFAULT_LIMITS, ContrastivePrompts, ECSOConfig, GuardConfig, LimitsConfig, ModelConfig
 from pipeline.defend import admission, scoring
 from pipeline.defend.admission import REQUEST_LIMIT_ERRORS, describe, make_request
+from pipeline.defend.bundle import BundleSettings, resolve_source
 from pipeline.defend.deadline import Deadline, bounded
 from pipeline.defend.decisions import GuardDecision, GuardedResponse, decide, ecso_decision, failed_decision
 from pipeline.defend.ecso import ECSO
-from pipeline.defend.loading import checked_detector, load_run_pieces, run_params
+from pipeline.defend.loading import checked_detector, load_run_pieces, run_model_config, run_params
+from pipeline.defend.pretrained import (
+    BundleContents,
+    BundleWriteError,
+    ModelChoice,
+    bundle_adapter,
+    default_run_record,
+    read_bundle,
+    save_and_push,
+    write_bundle,
+)
 from pipeline.defend.streaming import GuardedStream
 from pipeline.defend.views import request_views
 from pipeline.detect.calibration import Calibration
@@ -61,7 +75,9 @@ class Guard:
 
     The constructor refuses a detector that does not fit the model or the prompts
     (:func:`~pipeline.defend.loading.checked_detector`); a bare :class:`LSIProbe` is read at
-    ``meta``'s fusion and safety layers.
+    ``meta``'s fusion and safety layers. ``model_config`` is the ``model`` params section the
+    adapter was loaded with (kind, folder, dtype, device), which :meth:`save_pretrained` records;
+    :meth:`from_run` and :meth:`from_pretrained` set it.
     """
 
     def __init__(
@@ -76,8 +92,9 @@ class Guard:
         ecso_config: ECSOConfig | None = None,
         calibration: Calibration | None = None,
         limits: LimitsConfig | None = None,
+        model_config: ModelConfig | None = None,
     ) -> None:
-        detector = checked_detector(adapter, detector, meta, tau, prompts)
+        detector = checked_detector(adapter.info, detector, meta, tau, prompts)
         self.adapter = adapter
         self.detector: Detector = detector
         self.meta = meta
@@ -87,6 +104,7 @@ class Guard:
         self.ecso_config = ecso_config or ECSOConfig()
         self.calibration = calibration
         self.limits = limits or DEFAULT_LIMITS
+        self.model_config = model_config
         self.layers = list(detector.layers)
         self._ecso = ECSO(adapter, self.ecso_config)
 
@@ -110,13 +128,7 @@ class Guard:
         """
         run = Path(run_dir)
         params = run_params(run)
-        overrides = {
-            "policy": policy,
-            "on_error": on_error,
-            "ecso_margin": ecso_margin,
-            "max_new_tokens": max_new_tokens,
-        }
-        config = replace(params.guard, **{key: value for key, value in overrides.items() if value is not None})
+        config = _overridden(params.guard, policy, on_error, ecso_margin, max_new_tokens)
         pieces = load_run_pieces(run, params, adapter)
         return cls(
             adapter=pieces.adapter,
@@ -128,7 +140,112 @@ class Guard:
             ecso_config=params.ecso,
             calibration=pieces.calibration,
             limits=params.limits,
+            model_config=run_model_config(run, params),
         )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Path,
+        *,
+        model: ModelChoice = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
+        ocr_cache: str | Path | None = None,
+        policy: str | None = None,
+        on_error: str | None = None,
+        ecso_margin: float | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Guard:
+        """The guard saved by :meth:`save_pretrained` (or ``lsi-guard export``) in folder ``source``, or on the Hub.
+
+        ``source`` is a local folder, else a Hugging Face Hub repository id fetched at ``revision``
+        into ``cache_dir`` with ``token`` (``HF_HUB_OFFLINE=1``: from the cache only). Every file is
+        checked against the bundle's manifest first. ``model`` names the model to run on: None, the
+        folder the bundle records (relative to it; a bundle from the Hub records none); a model
+        folder, loaded with the recorded kind, dtype and device; a :class:`ModelConfig`; or a loaded
+        adapter. ``ocr_cache`` is where the embedded model keeps OCR results (default: a
+        per-user cache). The keyword arguments after it override the saved ``guard`` settings.
+
+        Raises :class:`~pipeline.defend.bundle.GuardBundleError` for a missing, changed or unknown
+        bundle (naming the file), and :class:`~pipeline.defend.bundle.ModelIdentityError` for a model
+        whose kind, name or revision differs from the one the guard was trained on; both are
+        :class:`~pipeline.defend.loading.GuardLoadError`.
+        """
+        folder = resolve_source(source, revision=revision, cache_dir=cache_dir, token=token)
+        bundle = read_bundle(folder)
+        adapter, model_config = bundle_adapter(bundle, model, ocr_cache)
+        settings = bundle.settings
+        return cls(
+            adapter=adapter,
+            detector=bundle.detector,
+            meta=bundle.meta,
+            tau=settings.tau,
+            prompts=settings.prompts,
+            config=_overridden(settings.guard, policy, on_error, ecso_margin, max_new_tokens),
+            ecso_config=settings.ecso,
+            calibration=bundle.calibration,
+            limits=settings.limits,
+            model_config=model_config,
+        )
+
+    def _bundle_contents(self, model: ModelConfig | None, run: Mapping[str, Any] | None) -> BundleContents:
+        model_config = model or self.model_config
+        if model_config is None:
+            raise BundleWriteError(
+                "this guard does not know the model's kind and folder (it was not loaded by from_run or "
+                "from_pretrained); pass model=ModelConfig(kind=..., path=...) describing its adapter"
+            )
+        settings = BundleSettings(
+            tau=self.tau, prompts=self.prompts, guard=self.config, ecso=self.ecso_config, limits=self.limits
+        )
+        return BundleContents(
+            detector=self.detector,
+            meta=self.meta,
+            calibration=self.calibration,
+            settings=settings,
+            model=model_config,
+            info=self.adapter.info,
+            run=run if run is not None else default_run_record(self.adapter.info),
+        )
+
+    def save_pretrained(
+        self, directory: str | Path, *, model: ModelConfig | None = None, run: Mapping[str, Any] | None = None
+    ) -> Path:
+        """Save this guard as one folder that :meth:`from_pretrained` loads; return the folder.
+
+        The folder holds the detector (safetensors and JSON), tau and the calibration, the prompts,
+        ``guard``, ``ecso`` and ``limits`` settings, the model's identity (kind, name, revision) and
+        folder (relative to ``directory``), the run record ``run`` (default: this checkout's, see
+        :func:`~pipeline.defend.pretrained.default_run_record`), and ``guard.json``, the manifest
+        with each file's sha256 (:mod:`pipeline.defend.bundle`). It is written whole or not at all;
+        an earlier saved guard in ``directory`` is replaced, any other non-empty folder refused.
+        ``model`` describes the adapter when this guard was built without :attr:`model_config`.
+        """
+        return write_bundle(self._bundle_contents(model, run), directory)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        token: str | None = None,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        model: ModelConfig | None = None,
+        run: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Save this guard to a temporary folder and upload it to Hugging Face Hub repository ``repo_id``.
+
+        The repository is created (``private`` as given) if missing; the upload is one commit on
+        ``revision`` (default ``main``; another branch must exist already); returns the commit's
+        URL. The pushed bundle records no model folder, so whoever loads it names the model
+        (``from_pretrained(..., model=FOLDER)``), which must have the same kind, name and revision.
+        ``token`` defaults to the logged-in one.
+        """
+        hub = {"token": token, "private": private, "revision": revision, "commit_message": commit_message}
+        return save_and_push(self._bundle_contents(model, run), repo_id, **hub)
 
     def with_config(self, **changes: Any) -> Guard:
         """The same model, probe and tau under other ``guard`` settings (``policy="ecso"``, ...); nothing reloads."""
@@ -142,6 +259,7 @@ class Guard:
             ecso_config=self.ecso_config,
             calibration=self.calibration,
             limits=self.limits,
+            model_config=self.model_config,
         )
 
     # -- limits -----------------------------------------------------------------------------
@@ -325,3 +443,15 @@ class Guard:
         self.admit(request)
         chosen = attribution_target(target, self.detector, self.meta.fusion_layer)
         return intent_attribution(self.adapter, request, self.prompts, chosen, steps)
+
+
+def _overridden(
+    config: GuardConfig,
+    policy: str | None,
+    on_error: str | None,
+    ecso_margin: float | None,
+    max_new_tokens: int | None,
+) -> GuardConfig:
+    """``config`` with the given settings replaced (None keeps the saved one); the section's checks apply."""
+    overrides = {"policy": policy, "on_error": on_error, "ecso_margin": ecso_margin, "max_new_tokens": max_new_tokens}
+    return replace(config, **{key: value for key, value in overrides.items() if value is not None})

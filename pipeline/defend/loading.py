@@ -12,19 +12,14 @@ from pathlib import Path
 
 from pipeline.config import ContrastivePrompts, ModelConfig, Params, load_params
 from pipeline.config.pooling import LAST
+from pipeline.defend.load_errors import GuardLoadError
 from pipeline.detect.calibration import Calibration, load_calibration
 from pipeline.detect.detector import Detector, LSIDetector
 from pipeline.detect.probe import LSIProbe, ProbeMeta
 from pipeline.detect.shipped import load_detector
-from pipeline.errors import LSIGuardError
 from pipeline.layout import CALIBRATION, PARAMS, PROBE_DIR
-from pipeline.models.base import ModelAdapter, ModelLoadError, check_layers
+from pipeline.models.base import ModelAdapter, ModelInfo, ModelLoadError, check_layers
 from pipeline.models.registry import load_adapter
-
-
-class GuardLoadError(LSIGuardError, RuntimeError):
-    """A run folder that lacks what the guard needs (params, trained probe, calibration, model)."""
-
 
 # The fields of a probe's store provenance that must match the live model and prompts.
 _MATCHED_FIELDS = ("model_name", "model_revision", "template_benign", "template_malicious", "prompt_position")
@@ -36,8 +31,8 @@ _PARAMS_KEYS = {
 }
 
 
-def probe_mismatches(meta: ProbeMeta, adapter: ModelAdapter, prompts: ContrastivePrompts) -> list[str]:
-    """Where the probe's training setup (from its store's provenance) differs from the live one.
+def probe_mismatches(meta: ProbeMeta, info: ModelInfo, prompts: ContrastivePrompts) -> list[str]:
+    """Where the probe's training setup (from its store's provenance) differs from the live one (model ``info``).
 
     A probe records nothing when trained outside a store (empty provenance): nothing to check.
     A store written before the prompt position was recorded was written under ``before``.
@@ -46,8 +41,8 @@ def probe_mismatches(meta: ProbeMeta, adapter: ModelAdapter, prompts: Contrastiv
     if recorded:
         recorded.setdefault("prompt_position", "before")
     live = {
-        "model_name": adapter.info.name,
-        "model_revision": adapter.info.revision,
+        "model_name": info.name,
+        "model_revision": info.revision,
         "template_benign": prompts.benign,
         "template_malicious": prompts.malicious,
         "prompt_position": prompts.position,
@@ -61,13 +56,16 @@ def probe_mismatches(meta: ProbeMeta, adapter: ModelAdapter, prompts: Contrastiv
 
 
 def checked_detector(
-    adapter: ModelAdapter,
+    info: ModelInfo,
     detector: Detector | LSIProbe,
     meta: ProbeMeta,
     tau: float,
     prompts: ContrastivePrompts,
 ) -> Detector:
     """``detector`` (a bare probe read at ``meta``'s layers) once it is known to fit the live setup.
+
+    ``info`` describes the model: a loaded adapter's, or one read from a model folder's metadata
+    (:func:`pipeline.detect.provenance.model_info`) when the weights need not load.
 
     Raises ``ValueError`` for a tau that is not finite, a probe of another hidden size, layers the
     model lacks, a pooling other than its training store's, or a probe trained under another
@@ -76,14 +74,14 @@ def checked_detector(
     if not math.isfinite(tau):
         raise ValueError(f"tau must be a finite number, got {tau}")
     # A probe trained on another model's states would give meaningless scores; fail loudly now.
-    if meta.hidden_size != adapter.info.hidden_size:
+    if meta.hidden_size != info.hidden_size:
         raise ValueError(
-            f"probe expects hidden size {meta.hidden_size} but model {adapter.info.name!r} has "
-            f"{adapter.info.hidden_size}; retrain the probe for this model"
+            f"probe expects hidden size {meta.hidden_size} but model {info.name!r} has "
+            f"{info.hidden_size}; retrain the probe for this model"
         )
     if isinstance(detector, LSIProbe):
         detector = LSIDetector.from_probe(detector, meta.fusion_layer, meta.safety_layer, meta.pooling)
-    check_layers(list(detector.layers), adapter.info.num_layers)
+    check_layers(list(detector.layers), info.num_layers)
     # The guard computes the features the detector says it reads; they must be those it was trained on.
     stored = meta.store_provenance.get("pooling", LAST) if meta.store_provenance else meta.pooling
     if not detector.pooling == meta.pooling == stored:
@@ -91,7 +89,7 @@ def checked_detector(
             f"pooling differs: the detector reads {detector.pooling!r}, its metadata says {meta.pooling!r} and "
             f"its training store holds {stored!r}; retrain the detector (dvc repro train)"
         )
-    mismatches = probe_mismatches(meta, adapter, prompts)
+    mismatches = probe_mismatches(meta, info, prompts)
     if mismatches:
         raise ValueError("probe was trained under a different setup: " + "; ".join(mismatches))
     return detector
@@ -120,10 +118,9 @@ class RunPieces:
     adapter: ModelAdapter
 
 
-def load_run_pieces(run: Path, params: Params, adapter: ModelAdapter | None = None) -> RunPieces:
-    """The trained detector, the calibration and the model of the run in folder ``run``, whose params are ``params``.
+def load_run_detector(run: Path) -> tuple[Detector, ProbeMeta, Calibration]:
+    """The trained detector, its metadata and its calibration in run folder ``run``.
 
-    Relative paths in the params are read from ``run``; ``adapter`` replaces loading the model.
     What is missing raises :class:`GuardLoadError` saying what to run.
     """
     try:
@@ -133,14 +130,28 @@ def load_run_pieces(run: Path, params: Params, adapter: ModelAdapter | None = No
         raise GuardLoadError(
             f"{exc}. {run} has no finished run: run `bash scripts/run.sh` there (dvc repro) first"
         ) from None
+    return detector, meta, calibration
+
+
+def run_model_config(run: Path, params: Params) -> ModelConfig:
+    """The run's ``model`` params section with its relative paths (model folder, OCR cache) read from ``run``."""
+    return replace(
+        params.model,
+        path=run_path(run, params.model.path),
+        ocr_cache=run_path(run, params.model.ocr_cache),
+    )
+
+
+def load_run_pieces(run: Path, params: Params, adapter: ModelAdapter | None = None) -> RunPieces:
+    """The trained detector, the calibration and the model of the run in folder ``run``, whose params are ``params``.
+
+    Relative paths in the params are read from ``run``; ``adapter`` replaces loading the model.
+    What is missing raises :class:`GuardLoadError` saying what to run.
+    """
+    detector, meta, calibration = load_run_detector(run)
     if adapter is None:
-        model: ModelConfig = replace(
-            params.model,
-            path=run_path(run, params.model.path),
-            ocr_cache=run_path(run, params.model.ocr_cache),
-        )
         try:
-            adapter = load_adapter(model, params.limits.max_request_tokens)
+            adapter = load_adapter(run_model_config(run, params), params.limits.max_request_tokens)
         except (FileNotFoundError, ModelLoadError) as exc:
             raise GuardLoadError(f"cannot load the run's model: {exc}") from None
     return RunPieces(detector=detector, meta=meta, calibration=calibration, adapter=adapter)

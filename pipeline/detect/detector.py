@@ -161,7 +161,8 @@ class LinearDetector(BinaryDetector):
         pooling_reads(self.pooling)
 
     def _set_weights(self, coef: np.ndarray, bias: float, classes: np.ndarray) -> None:
-        self.coef_, self.intercept_, self.classes_ = coef, np.array([bias]), classes
+        # float32 like the saved file (pipeline.detect.shipped), so a loaded detector scores exactly as the fitted one.
+        self.coef_, self.intercept_, self.classes_ = coef, np.array([bias], dtype=np.float32), classes
         self.n_features_in_ = coef.shape[1]
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> LinearDetector:
@@ -203,30 +204,40 @@ class LinearDetector(BinaryDetector):
         check_is_fitted(self)
         if x.shape[1] != self.n_features_in_:
             raise ValueError(f"{self.describe()}: expects {self.n_features_in_} input features, got {x.shape[1]}")
-        return x @ torch.from_numpy(self.coef_[0]).to(x) + float(self.intercept_[0])
+        # In float64, rounded to float32 only at the end (:meth:`_rounded`): in float32 a row's
+        # logit and score move in their last digit with the rows beside it (the matrix product's
+        # summation order and the vectorised sigmoid's scalar tail depend on the batch).
+        coef = torch.from_numpy(self.coef_[0]).to(device=x.device, dtype=torch.float64)
+        return x.double() @ coef + float(self.intercept_[0])
+
+    @staticmethod
+    def _rounded(values: torch.Tensor) -> np.ndarray:
+        return values.float().numpy()
 
     def logits(self, get: StateGetter) -> torch.Tensor:
         """Logits ``(n,)``; differentiable in the states ``get`` returns."""
-        return self._logit(piece_inputs(self.pieces, get))
+        x = piece_inputs(self.pieces, get)
+        return self._logit(x).to(x.dtype)
 
     def score_states(self, states: np.ndarray, layers: Sequence[int], variants: Sequence[str] = VARIANTS) -> np.ndarray:
         """Harmful scores of states ``(n, framings, layers, hidden)`` (framings named by ``variants``)."""
         with torch.no_grad():
-            return torch.sigmoid(self.logits(getter_from_states(states, layers, variants))).numpy()
+            x = piece_inputs(self.pieces, getter_from_states(states, layers, variants))
+            return self._rounded(torch.sigmoid(self._logit(x)))
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         """Logits of the rows of X (float32)."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False)
         with torch.no_grad():
-            return self._logit(_tensor(X)).numpy()
+            return self._rounded(self._logit(_tensor(X)))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """``[1 - s, s]`` per row, ``s = sigmoid(logit)`` the harmful score (float32)."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False)
         with torch.no_grad():
-            return _two_columns(torch.sigmoid(self._logit(_tensor(X))).numpy())
+            return _two_columns(self._rounded(torch.sigmoid(self._logit(_tensor(X)))))
 
 
 # The TrainConfig fields LSI training reads (train_probe), besides the two layers.

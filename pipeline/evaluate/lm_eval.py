@@ -1,7 +1,8 @@
 """A comparison's results in lm-evaluation-harness's results layout, for dashboards that read it.
 
 lm-evaluation-harness writes one JSON document per run: ``results`` maps a task to its metrics,
-each beside its standard error (``<metric>`` and ``<metric>_stderr``), with ``versions``,
+each beside its standard error under its filter (``<metric>,none`` and ``<metric>_stderr,none``, as
+lm-evaluation-harness 0.4 writes them; no filter is applied here), with ``versions``,
 ``n-samples``, ``higher_is_better`` and the run's ``config``. Here a task is one benchmark under
 one defence (``<benchmark>_<defence>``), and its metrics are the comparison's rates (refusal,
 harmlessness, benign answers, attack success); the
@@ -23,6 +24,14 @@ RATES: tuple[tuple[str, str, bool], ...] = (
     ("benign_answer_rate", "n_benign", True),
     ("attack_success_rate", "n_harmful", False),  # see the summary's asr_basis for what it counts
 )
+
+# lm-evaluation-harness 0.4 keys each metric by "<metric>,<filter>"; these rates pass through no filter.
+FILTER = "none"
+
+
+def metric_key(metric: str, stderr: bool = False) -> str:
+    """The results key of ``metric`` (or of its standard error) in lm-evaluation-harness 0.4's layout."""
+    return f"{metric}_stderr,{FILTER}" if stderr else f"{metric},{FILTER}"
 
 
 def rate_stderr(rate: float, n: int) -> float:
@@ -60,8 +69,8 @@ def lm_eval_results(
                 value, n = metrics.get(rate), int(metrics.get(count) or 0)
                 if value is None or n == 0:
                     continue
-                entry[rate] = value
-                entry[f"{rate}_stderr"] = rate_stderr(float(value), n)
+                entry[metric_key(rate)] = value
+                entry[metric_key(rate, stderr=True)] = rate_stderr(float(value), n)
                 higher.setdefault(task, {})[rate] = better
             results[task] = entry
             examples = int(metrics.get("n_harmful") or 0) + int(metrics.get("n_benign") or 0)

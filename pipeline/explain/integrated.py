@@ -96,7 +96,7 @@ class LayerRunner:
         with torch.no_grad():
             # Only blocks up to the deepest layer ever read the cache; the early stop skips the rest.
             run_to_layers(
-                lambda: self.model(input_ids=ids, past_key_values=cache, use_cache=True),
+                lambda: self.model(input_ids=ids, cache=cache, use_cache=True),
                 self.blocks,
                 [deepest],
                 torch.ones_like(ids),
@@ -121,7 +121,7 @@ class LayerRunner:
         tail = embeds[:, self.prefix_len :]
         if self.prefix_kv:
             # A fresh cache per call: the forward appends the tail's keys and values to it.
-            extra["past_key_values"] = DynamicCache(
+            extra["cache"] = DynamicCache(
                 [(k.expand(steps, -1, -1, -1), v.expand(steps, -1, -1, -1)) for k, v in self.prefix_kv]
             )
         mask = torch.ones(steps, tail.shape[1], dtype=torch.long)

@@ -33,6 +33,7 @@ import torch
 
 from pipeline.config.pooling import LAST, MEAN, READS
 from pipeline.models.base import Request, RequestGroup, check_layers
+from pipeline.models.batch_starts import RowStarts, shared_clusters, shared_starts
 from pipeline.models.forward_protocol import ForwardModel
 from pipeline.models.hooks import (
     last_token_positions,
@@ -41,7 +42,7 @@ from pipeline.models.hooks import (
     token_reader,
     weighted_sum_reader,
 )
-from pipeline.models.prefix_cache import CachedPrefix, reusable_prefix, template_length
+from pipeline.models.prefix_cache import CachedPrefix, common_start, prefix_cache, reusable_prefix, template_length
 from pipeline.models.prefix_forward import (
     Masks,
     first_one,
@@ -50,7 +51,6 @@ from pipeline.models.prefix_forward import (
     pad_rows,
     prefix_cache_and_sums,
     prefix_kv_cache,
-    prefix_layout,
     prefix_weights,
     tail_positions,
     tail_weights,
@@ -213,7 +213,13 @@ def grouped_states(
     ):
         return _flat_states(model, groups, layers, reads)
 
-    buckets = length_buckets(prefix_lengths)
+    starts = None
+    if not image_inputs:
+        starts = _shared_starts(model, groups, sequences, prefix_lengths, layers, device, masks)
+    # Rows that continue from a shared start are as long as what they still run.
+    buckets = length_buckets(
+        prefix_lengths if starts is None else [n - s for n, s in zip(prefix_lengths, starts.lengths, strict=True)]
+    )
     if len(buckets) == 1:
         return _shared_prefix_states(
             model,
@@ -225,6 +231,7 @@ def grouped_states(
             reads,
             masks,
             lambda: group_masks(model, groups),
+            starts,
         )
     out = torch.empty(len(groups), len(reads) * size, len(layers), model.info.hidden_size)
     for bucket in buckets:
@@ -241,6 +248,7 @@ def grouped_states(
             reads,
             None if masks is None else [masks[g] for g in bucket],
             lambda bucket=bucket: group_masks(model, [groups[g] for g in bucket]),
+            None if starts is None else starts.select(bucket),
         )
     return out
 
@@ -275,33 +283,43 @@ def _shared_prefix_states(
     reads: tuple[str, ...] = (LAST,),
     masks: Sequence[Sequence[Sequence[int]]] | None = None,
     request_masks: Callable[[], Masks] | None = None,
+    starts: RowStarts | None = None,
 ) -> torch.Tensor:
     """A prefix forward into a cache, then a forward of the packed tails: ``(groups, reads * size, layers, hidden)``.
 
-    The prefix forward starts from the adapter's cached start when one fits
+    The prefix forward starts from ``starts`` (each row's start, :mod:`pipeline.models.batch_starts`)
+    when given, else from the adapter's cached start when one fits
     (:mod:`pipeline.models.prefix_cache`; ``request_masks`` encodes the request masks that choosing
     it needs, when the batch has none of its own).
 
     A mean read sums the request's tokens of the prefix (in the prefix forward, which then runs
-    the deepest block to its end) and of its own tail, and divides by their number.
+    the deepest block to its end, plus what the starts summed) and of its own tail, and divides
+    by their number.
     """
     size = len(sequences[0])
     prefixes = [seq[0][:n] for seq, n in zip(sequences, prefix_lengths, strict=True)]
-    entry = None
-    if masks is not None or request_masks is not None:
+    if starts is None and (masks is not None or request_masks is not None):
         entry = _batch_prefix(model, sequences, prefix_lengths, masks, device, request_masks or (lambda: []))
-    start = 0 if entry is None else len(entry.tokens)
-    prefix_ids, prefix_mask = (t.to(device) for t in prefix_layout(prefixes, start, model.pad_token_id))
+        if entry is not None:
+            starts = RowStarts.of_entry(entry, len(sequences), max(layers) + 1)
+    skips = [0] * len(sequences) if starts is None else starts.lengths
+    # Each row: its start's columns, then the rest of its prefix, left-padded.
+    rest_ids, rest_mask = pad_rows([p[s:] for p, s in zip(prefixes, skips, strict=True)], model.pad_token_id, left=True)
+    if starts is not None:
+        rest_ids, rest_mask = torch.cat([starts.ids, rest_ids], dim=1), torch.cat([starts.mask, rest_mask], dim=1)
+    prefix_ids, prefix_mask = rest_ids.to(device), rest_mask.to(device)
     prefix_positions = model.position_ids(prefix_ids, prefix_mask, image_inputs)
+    width = 0 if starts is None else starts.width
     if MEAN in reads:
         assert masks is not None
-        # The cached start holds no request token (the entry was chosen so): its weights are all zero.
-        weights = prefix_weights(masks, prefix_lengths, prefix_ids.shape[1])[..., start:]
+        weights = prefix_weights(masks, prefix_lengths, prefix_ids.shape[1] - width, skips)
         cache, prefix_sums = prefix_cache_and_sums(
-            model, prefix_ids, prefix_mask, prefix_positions, image_inputs, layers, weights, entry
+            model, prefix_ids, prefix_mask, prefix_positions, image_inputs, layers, weights, starts
         )
+        if starts is not None and starts.sums is not None:
+            prefix_sums = prefix_sums + starts.sums.to(prefix_sums.device)
     else:
-        cache = prefix_kv_cache(model, prefix_ids, prefix_mask, prefix_positions, image_inputs, max(layers), entry)
+        cache = prefix_kv_cache(model, prefix_ids, prefix_mask, prefix_positions, image_inputs, max(layers), starts)
 
     # The framings' tails are packed into one row per group, after that group's prefix in the
     # cache: no copy of the prefix per framing. A block-diagonal mask lets each tail see its
@@ -315,7 +333,7 @@ def _shared_prefix_states(
 
     def forward() -> object:
         return model.model(
-            input_ids=packed_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=packed_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
         )
 
     if reads == (LAST,):
@@ -359,6 +377,30 @@ def _batch_prefix(
         ]
 
     return reusable_prefix(model, [group[0] for group in sequences], limit, template_lengths, device)
+
+
+def _shared_starts(
+    model: ForwardModel,
+    groups: Sequence[RequestGroup],
+    sequences: Sequence[Sequence[Sequence[int]]],
+    prefix_lengths: Sequence[int],
+    layers: list[int],
+    device: torch.device,
+    masks: Masks | None,
+) -> RowStarts | None:
+    """Each group's start when some groups share a long start beyond the batch's common one, else None.
+
+    Only with cross-request reuse on (off is the path before any reuse). The clusters are found
+    first, so a batch without any pays for nothing more (:mod:`pipeline.models.batch_starts`).
+    """
+    cache = prefix_cache(model)
+    if cache is None or not cache.share_in_batch or len(sequences) < 2:
+        return None
+    prefixes = [group[0][:n] for group, n in zip(sequences, prefix_lengths, strict=True)]
+    if not shared_clusters(prefixes, len(common_start(prefixes))):
+        return None
+    entry = _batch_prefix(model, sequences, prefix_lengths, masks, device, lambda: group_masks(model, groups))
+    return shared_starts(model, prefixes, entry, layers, device, masks)
 
 
 def group_masks(model: ForwardModel, groups: Sequence[RequestGroup]) -> list[list[list[int]]]:

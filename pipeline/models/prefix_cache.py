@@ -25,8 +25,12 @@ bit for bit (a resumed extraction equals an uninterrupted one).
 (one model): other prompts, another ``prompts.position`` or another chat template give other
 tokens, so another entry; another model is another adapter with its own cache.
 
+Rows of one batch that share more than that start (a long request's views) share it too, within
+the batch (:mod:`pipeline.models.batch_starts`; counted in ``shared_in_batch``).
+
 **Memory** is bounded by ``max_tokens`` (least recently used entries go first) and reported by
-:meth:`PrefixCache.stats`. :func:`set_prefix_reuse` turns reuse off (``bench/guard.py`` times both).
+:meth:`PrefixCache.stats`. :func:`set_prefix_reuse` turns reuse off, or only the in-batch part
+(``bench/guard.py`` times each).
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ class CachedPrefix:
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
     @property
+    def width(self) -> int:
+        """Columns it takes at the start of every row."""
+        return len(self.tokens)
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by the keys and values."""
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
@@ -78,18 +87,23 @@ class PrefixCacheStats:
     misses: int
     builds: int
     evictions: int
+    shared_in_batch: int = 0
 
 
 class PrefixCache:
     """The cached prefixes of one adapter, least recently used evicted beyond ``max_tokens`` tokens in all."""
 
-    def __init__(self, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+    def __init__(self, max_tokens: int = DEFAULT_MAX_TOKENS, share_in_batch: bool = True) -> None:
         if max_tokens < MIN_PREFIX_TOKENS:
             raise ValueError(f"max_tokens must be at least {MIN_PREFIX_TOKENS}, got {max_tokens}")
         self.max_tokens = max_tokens
+        self.share_in_batch = share_in_batch
         self._entries: OrderedDict[tuple[int, ...], CachedPrefix] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = self.builds = self.evictions = 0
+        # Prefix tokens rows of one batch did not run because a row beside them ran them once
+        # (:mod:`pipeline.models.batch_starts`).
+        self.shared_in_batch = 0
 
     def get(self, tokens: Sequence[int]) -> CachedPrefix | None:
         """The entry for exactly these tokens, counted as a hit (and made the most recently used); else None."""
@@ -119,6 +133,11 @@ class PrefixCache:
         with self._lock:
             self.misses += 1
 
+    def shared(self, tokens: int) -> None:
+        """Count ``tokens`` prefix tokens a batch ran once for several rows."""
+        with self._lock:
+            self.shared_in_batch += tokens
+
     def clear(self) -> None:
         """Drop every entry (the counts stay)."""
         with self._lock:
@@ -137,6 +156,7 @@ class PrefixCache:
                 misses=self.misses,
                 builds=self.builds,
                 evictions=self.evictions,
+                shared_in_batch=self.shared_in_batch,
             )
 
 
@@ -152,9 +172,15 @@ def prefix_cache(adapter: Any) -> PrefixCache | None:
         return _CACHES[adapter]
 
 
-def set_prefix_reuse(adapter: Any, enabled: bool = True, max_tokens: int = DEFAULT_MAX_TOKENS) -> PrefixCache | None:
-    """Turn cross-request prefix reuse on (a fresh, empty cache of ``max_tokens``) or off for ``adapter``."""
-    cache = PrefixCache(max_tokens) if enabled else None
+def set_prefix_reuse(
+    adapter: Any, enabled: bool = True, max_tokens: int = DEFAULT_MAX_TOKENS, share_in_batch: bool = True
+) -> PrefixCache | None:
+    """Turn cross-request prefix reuse on (a fresh, empty cache of ``max_tokens``) or off for ``adapter``.
+
+    ``share_in_batch``: also run once the longer starts rows of one batch share
+    (:mod:`pipeline.models.batch_starts`); off only to measure what that adds.
+    """
+    cache = PrefixCache(max_tokens, share_in_batch) if enabled else None
     with _CACHES_LOCK:
         _CACHES[adapter] = cache
     return cache
@@ -197,7 +223,7 @@ def build_prefix(adapter: Any, tokens: Sequence[int], device: torch.device) -> C
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )

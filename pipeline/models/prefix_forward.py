@@ -12,14 +12,26 @@ forward and of each tail in the tails' forward.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
 
 from pipeline.models.forward_protocol import ForwardModel
 from pipeline.models.hooks import StopForward, read_layers, weighted_sum_reader
-from pipeline.models.prefix_cache import CachedPrefix
+
+
+class Start(Protocol):
+    """What a prefix forward can start from: columns already computed, seeded into its cache.
+
+    The adapter's cached start (:class:`~pipeline.models.prefix_cache.CachedPrefix`, the same for
+    every row) or each row's own (:class:`~pipeline.models.batch_starts.RowStarts`).
+    """
+
+    @property
+    def width(self) -> int: ...
+
+    def seed(self, cache: Any, batch: int, depth: int | None = None) -> Any: ...
 
 
 class StopAfterCaching(DynamicCache):
@@ -71,17 +83,21 @@ def tail_positions(prefix_positions: torch.Tensor, segments: torch.Tensor, packe
 Masks = Sequence[Sequence[Sequence[int]]]
 
 
-def prefix_weights(masks: Masks, prefix_lengths: Sequence[int], width: int) -> torch.Tensor:
+def prefix_weights(
+    masks: Masks, prefix_lengths: Sequence[int], width: int, skips: Sequence[int] | None = None
+) -> torch.Tensor:
     """``(groups, size, width)``: each member's request mask over its group's left-padded shared prefix.
 
-    Members share the prefix's tokens, not always their meaning: a plain request that starts
+    With ``skips``, over the prefix after each group's first ``skips[g]`` tokens (those a start
+    already holds) instead. Members share the prefix's tokens, not always their meaning: a plain request that starts
     like the framing's text has request tokens where the framed prompts have framing tokens.
     """
+    skips = skips if skips is not None else [0] * len(masks)
     weights = torch.zeros(len(masks), len(masks[0]), width)
-    for g, (group, n) in enumerate(zip(masks, prefix_lengths, strict=True)):
+    for g, (group, n, skip) in enumerate(zip(masks, prefix_lengths, skips, strict=True)):
         for k, member in enumerate(group):
-            if n:
-                weights[g, k, width - n :] = torch.tensor(member[:n], dtype=torch.float32)
+            if n > skip:
+                weights[g, k, width - (n - skip) :] = torch.tensor(member[skip:n], dtype=torch.float32)
     return weights
 
 
@@ -105,18 +121,18 @@ def prefix_cache_and_sums(
     image_inputs: dict[str, torch.Tensor],
     layers: list[int],
     weights: torch.Tensor,
-    entry: CachedPrefix | None = None,
+    entry: Start | None = None,
 ) -> tuple[DynamicCache, torch.Tensor]:
     """The prefixes' keys and values of blocks ``0..max(layers)``, and ``weights``-summed prefix states.
 
     Sums ``(groups * size, len(layers), hidden)``; the forward ends after block ``max(layers)``.
-    With ``entry`` (the batch's cached start) the cache begins as it, and only the columns after
-    it run; ``weights`` then cover those columns only.
+    With ``entry`` (the batch's cached start, or each row's own) the cache begins as it, and only the
+    columns after it run; ``weights`` then cover those columns only.
     """
     cache = DynamicCache(config=model.model.config)
     start = 0
     if entry is not None:
-        start = len(entry.tokens)
+        start = entry.width
         entry.seed(cache, ids.shape[0], max(layers) + 1)
     if ids.shape[1] == start:  # every row's shared prefix is the cached start itself
         return cache, torch.zeros(weights.shape[0] * weights.shape[1], len(layers), model.info.hidden_size)
@@ -126,7 +142,7 @@ def prefix_cache_and_sums(
             input_ids=ids[:, start:],
             attention_mask=mask,
             position_ids=positions[..., start:],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             **image_inputs,
         )
@@ -182,16 +198,17 @@ def prefix_kv_cache(
     positions: torch.Tensor,
     image_inputs: dict[str, torch.Tensor],
     deepest: int,
-    entry: CachedPrefix | None = None,
+    entry: Start | None = None,
 ) -> DynamicCache:
     """The prefixes' keys and values of blocks ``0..deepest``, the forward cut once block ``deepest`` cached them.
 
-    With ``entry`` (the batch's cached start) the cache begins as it, and only the columns after it run.
+    With ``entry`` (the batch's cached start, or each row's own) the cache begins as it, and only the
+    columns after it run.
     """
     cache = StopAfterCaching(model.model.config, stop_layer=deepest)
     start = 0
     if entry is not None:
-        start = len(entry.tokens)
+        start = entry.width
         entry.seed(cache, ids.shape[0], deepest + 1)
     if ids.shape[1] == start:  # every row's shared prefix is the cached start itself
         cache.stop_layer = None
@@ -201,7 +218,7 @@ def prefix_kv_cache(
             input_ids=ids[:, start:],
             attention_mask=mask,
             position_ids=positions[..., start:],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             **image_inputs,
         )

@@ -145,7 +145,7 @@ class PrefixSession:
                 input_ids=prefix[:, start:],
                 attention_mask=self.prefix_mask,
                 position_ids=self.prefix_positions[..., start:],
-                past_key_values=self.cache,
+                cache=self.cache,
                 use_cache=True,
                 logits_to_keep=1,
                 **image_inputs,
@@ -206,7 +206,7 @@ class PrefixSession:
 
         def forward() -> object:
             return self.adapter.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=view, use_cache=True
+                input_ids=ids, attention_mask=mask, position_ids=positions, cache=view, use_cache=True
             )
 
         with torch.inference_mode():
@@ -304,7 +304,7 @@ class PrefixSession:
                         input_ids=ids,
                         attention_mask=torch.ones(1, length, dtype=torch.long, device=self.device),
                         position_ids=positions,
-                        past_key_values=self.cache,
+                        cache=self.cache,
                         use_cache=True,
                         logits_to_keep=1,
                     )

@@ -52,9 +52,9 @@ def test_eval_writes_the_compare_files_and_the_lm_eval_json(run: Path) -> None:
     lsi = summary["benchmarks"]["mine"]["lsi"]
     task = document["results"]["mine_lsi"]
     p, n = lsi["harmful_refusal_rate"], lsi["n_harmful"]
-    assert task["harmful_refusal_rate"] == p
-    assert task["harmful_refusal_rate_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / n))
-    assert task["benign_answer_rate_stderr"] == pytest.approx(
+    assert task["harmful_refusal_rate,none"] == p
+    assert task["harmful_refusal_rate_stderr,none"] == pytest.approx(math.sqrt(p * (1 - p) / n))
+    assert task["benign_answer_rate_stderr,none"] == pytest.approx(
         math.sqrt(lsi["benign_answer_rate"] * (1 - lsi["benign_answer_rate"]) / lsi["n_benign"])
     )
     assert set(document["results"]) == {f"mine_{d}" for d in ("none", "lsi", "ecso", "lsi_then_ecso")}

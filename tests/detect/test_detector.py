@@ -106,9 +106,9 @@ def test_a_linear_detector_is_a_scikit_learn_classifier_folded_from_its_regressi
     x = detector.inputs(states, LAYERS)
     detector.fit(x, labels)
     weight, bias = folded(fit_logistic(x, labels, seed=3))
-    # The folded regression, the float32 weights the guard multiplies by, and nothing else fitted.
+    # The folded regression as the float32 weights and bias the guard multiplies by (as saved), and nothing else fitted.
     np.testing.assert_array_equal(detector.coef_, weight.astype(np.float32).reshape(1, -1))
-    assert detector.intercept_.tolist() == [bias] and detector.classes_.tolist() == [0, 1]
+    assert detector.intercept_.tolist() == [float(np.float32(bias))] and detector.classes_.tolist() == [0, 1]
     assert detector.n_features_in_ == 2 * HIDDEN and detector.n_iter_[0] >= 1
     # The scikit-learn methods are the guard's float32 path, bit for bit.
     scores = detector.score_states(states, LAYERS)

@@ -282,7 +282,7 @@ def test_layer_change_or_best_layers_skip_extraction_and_the_sweep(repo: Path) -
 
 
 def test_second_clone_pulls_the_store_and_reruns_probe_stages(repo: Path, tmp_path: Path) -> None:
-    """The README's sharing commands, verbatim; they must work whether or not ../shared exists."""
+    """The sharing commands of docs/sharing.md, verbatim; they must work whether or not ../shared exists."""
     remote = tmp_path / "team-remote"
     run(["dvc", "remote", "add", "-d", "team", str(remote)], repo)
     run(["git", "add", ".dvc/config"], repo)

@@ -260,7 +260,7 @@ def _prefix_suffix_outputs(tiny: Tiny, texts: list[list[str]], images: list[Imag
             input_ids=prefix_ids,
             attention_mask=prefix_mask,
             position_ids=prefix_positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
             **pixels,
@@ -287,7 +287,7 @@ def _prefix_suffix_outputs(tiny: Tiny, texts: list[list[str]], images: list[Imag
             input_ids=tail_ids,
             attention_mask=full_mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )

@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-
-import openai
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from pipeline.evaluate.judges.base import JudgeError, JudgeItem, Verdict
 from pipeline.evaluate.judges.cache import JudgeCache, item_key, judge_cached, stored_verdict
@@ -19,6 +19,10 @@ from pipeline.evaluate.judges.phrases import RefusalPhraseJudge
 from pipeline.evaluate.judges.preset import COMPLETIONS, describe_item
 from pipeline.evaluate.judges.presets import resolve_preset
 from pipeline.evaluate.judges.prompt import DEFAULT_JUDGE_PROMPT, check_judge_prompt
+from pipeline.extras import require
+
+if TYPE_CHECKING:
+    import openai
 
 # Statuses the openai client retries (its _should_retry): timeouts, lock conflicts, rate limits, server errors.
 _RETRIED_STATUSES = (408, 409, 429)
@@ -53,6 +57,11 @@ class RateLimiter:
             self._next_start = start + self.interval
         if start > now:
             self.sleep(start - now)
+
+
+def _openai() -> ModuleType:
+    """The ``openai`` client library, which comes with the optional 'judge' extra."""
+    return require("openai", "judge", "the HTTP judge (judge kind http)")
 
 
 def _status_message(err: openai.APIStatusError) -> str:
@@ -100,6 +109,7 @@ class HTTPJudge:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         check_judge_prompt(prompt)
+        _openai()  # a missing 'judge' extra fails here, before a run spends any time
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         if concurrency < 1:
@@ -136,7 +146,7 @@ class HTTPJudge:
         Without ``api_key_env`` the client holds a placeholder key, and :meth:`complete` omits the
         Authorization header from every request, so a local server sees no key at all.
         """
-        return openai.OpenAI(
+        return _openai().OpenAI(
             api_key=self._api_key() or "no-key",
             base_url=self.base_url,
             max_retries=self.max_retries,
@@ -145,6 +155,7 @@ class HTTPJudge:
 
     def complete(self, client: openai.OpenAI, item: JudgeItem) -> str:
         """One request for ``item`` (retried by the client); the reply's text. Errors name the endpoint and the item."""
+        openai = _openai()
         if self.limiter is not None:
             self.limiter.wait()
         headers = {"Authorization": openai.omit} if self.api_key_env is None else None
