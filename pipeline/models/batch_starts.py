@@ -11,6 +11,10 @@ start, and every row of the cluster continues from it (:class:`RowStarts`): the 
 values a row's own forward would compute (causal attention: a token's keys and values depend only
 on the tokens before it), computed once instead of once per row.
 
+Trunks add forward calls, so a batch shares them only when they save at least the cache's
+``min_batch_saving`` prefix tokens (:data:`pipeline.models.prefix_cache.MIN_BATCH_SAVING` gives the
+measurements behind the default).
+
 Which rows share a trunk depends on the batch alone, as the cached start does, so results do not
 depend on what ran before. Batches with image inputs never cluster: their image tokens would sit in
 a trunk and make the image inputs per row differ from the rows' own.

@@ -390,14 +390,18 @@ def _shared_starts(
 ) -> RowStarts | None:
     """Each group's start when some groups share a long start beyond the batch's common one, else None.
 
-    Only with cross-request reuse on (off is the path before any reuse). The clusters are found
-    first, so a batch without any pays for nothing more (:mod:`pipeline.models.batch_starts`).
+    Only with cross-request reuse on (off is the path before any reuse), and only when the clusters
+    save at least the cache's ``min_batch_saving`` prefix tokens. The clusters are found first, so a
+    batch without any pays for nothing more (:mod:`pipeline.models.batch_starts`).
     """
     cache = prefix_cache(model)
     if cache is None or not cache.share_in_batch or len(sequences) < 2:
         return None
     prefixes = [group[0][:n] for group, n in zip(sequences, prefix_lengths, strict=True)]
-    if not shared_clusters(prefixes, len(common_start(prefixes))):
+    skip = len(common_start(prefixes))
+    clusters = shared_clusters(prefixes, skip)
+    # Each cluster's rows but one skip its trunk; too small a saving costs more calls than it saves.
+    if not clusters or sum((len(c.rows) - 1) * (c.length - skip) for c in clusters) < cache.min_batch_saving:
         return None
     entry = _batch_prefix(model, sequences, prefix_lengths, masks, device, lambda: group_masks(model, groups))
     return shared_starts(model, prefixes, entry, layers, device, masks)

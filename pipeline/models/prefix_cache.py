@@ -48,6 +48,12 @@ from transformers import DynamicCache
 DEFAULT_MAX_TOKENS = 4096
 # A one-token start is most often just a BOS token: not worth an entry.
 MIN_PREFIX_TOKENS = 2
+# Starts shared within a batch (pipeline.models.batch_starts) add forward calls: the shared starts'
+# own, and the rest of the batch split into more length buckets. On the default model on CPU a call
+# costs about what 60 tokens do, so sharing pays only when the batch saves a few hundred prefix
+# tokens: bench/prefix_reuse.py measured 0.82x for one 200-token request's views (about 70 tokens
+# saved) and 1.08x for sixteen of them in a batch.
+MIN_BATCH_SAVING = 256
 
 
 @dataclass(frozen=True)
@@ -93,11 +99,20 @@ class PrefixCacheStats:
 class PrefixCache:
     """The cached prefixes of one adapter, least recently used evicted beyond ``max_tokens`` tokens in all."""
 
-    def __init__(self, max_tokens: int = DEFAULT_MAX_TOKENS, share_in_batch: bool = True) -> None:
+    def __init__(
+        self,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        share_in_batch: bool = True,
+        min_batch_saving: int = MIN_BATCH_SAVING,
+    ) -> None:
         if max_tokens < MIN_PREFIX_TOKENS:
             raise ValueError(f"max_tokens must be at least {MIN_PREFIX_TOKENS}, got {max_tokens}")
+        if min_batch_saving < 0:
+            raise ValueError(f"min_batch_saving must be 0 or more, got {min_batch_saving}")
         self.max_tokens = max_tokens
         self.share_in_batch = share_in_batch
+        # Fewest prefix tokens a batch's shared starts must save before they run (MIN_BATCH_SAVING).
+        self.min_batch_saving = min_batch_saving
         self._entries: OrderedDict[tuple[int, ...], CachedPrefix] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = self.builds = self.evictions = 0
@@ -173,14 +188,21 @@ def prefix_cache(adapter: Any) -> PrefixCache | None:
 
 
 def set_prefix_reuse(
-    adapter: Any, enabled: bool = True, max_tokens: int = DEFAULT_MAX_TOKENS, share_in_batch: bool = True
+    adapter: Any,
+    enabled: bool = True,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    *,
+    share_in_batch: bool = True,
+    min_batch_saving: int = MIN_BATCH_SAVING,
 ) -> PrefixCache | None:
     """Turn cross-request prefix reuse on (a fresh, empty cache of ``max_tokens``) or off for ``adapter``.
 
     ``share_in_batch``: also run once the longer starts rows of one batch share
-    (:mod:`pipeline.models.batch_starts`); off only to measure what that adds.
+    (:mod:`pipeline.models.batch_starts`), when that saves at least ``min_batch_saving`` prefix
+    tokens in the batch (:data:`MIN_BATCH_SAVING` says why there is a floor); off only to measure
+    what it adds.
     """
-    cache = PrefixCache(max_tokens, share_in_batch) if enabled else None
+    cache = PrefixCache(max_tokens, share_in_batch, min_batch_saving) if enabled else None
     with _CACHES_LOCK:
         _CACHES[adapter] = cache
     return cache

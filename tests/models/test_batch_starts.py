@@ -46,11 +46,16 @@ def view_groups(position: str, picture: Path | None = None) -> list[RequestGroup
     return out
 
 
-def shared_both_ways(adapter: object, groups: list[RequestGroup], reads: tuple[str, ...]) -> int:
-    """States with reuse (in-batch starts included) equal those without; the prompt tokens shared within the batch."""
+def shared_both_ways(
+    adapter: object, groups: list[RequestGroup], reads: tuple[str, ...], min_batch_saving: int = 0
+) -> int:
+    """States with reuse (in-batch starts included) equal those without; the prompt tokens shared within the batch.
+
+    ``min_batch_saving`` 0 by default: these batches are small, and the path under test is the sharing itself.
+    """
     set_prefix_reuse(adapter, False)
     expected = adapter.group_states(groups, LAYERS, reads)  # type: ignore[attr-defined]
-    cache = set_prefix_reuse(adapter, True)
+    cache = set_prefix_reuse(adapter, True, min_batch_saving=min_batch_saving)
     assert cache is not None
     found = adapter.group_states(groups, LAYERS, reads)  # type: ignore[attr-defined]
     torch.testing.assert_close(found, expected, atol=ATOL, rtol=ATOL)
@@ -114,10 +119,21 @@ def test_batches_with_images_share_no_start_within_the_batch(
 def test_shared_starts_depend_on_the_batch_alone(embedded: EmbeddedAdapter) -> None:
     """Bit for bit the same states whatever ran before, and whatever order the batch's rows come in."""
     groups = view_groups("after")
-    set_prefix_reuse(embedded, True)
+    set_prefix_reuse(embedded, True, min_batch_saving=0)
     fresh = embedded.group_states(groups, LAYERS, ("last", "mean"))
     embedded.group_states(groups[1:3], LAYERS, ("last", "mean"))
     assert torch.equal(embedded.group_states(groups, LAYERS, ("last", "mean")), fresh)
+
+
+def test_a_batch_saving_less_than_the_floor_shares_nothing(embedded: EmbeddedAdapter) -> None:
+    """Below ``min_batch_saving`` a batch runs with the cached start alone: more calls would cost more than saved."""
+    groups = view_groups("after")
+    saved = shared_both_ways(embedded, groups, ("last",))
+    assert saved > 0
+    assert shared_both_ways(embedded, groups, ("last",), min_batch_saving=saved + 1) == 0
+    assert shared_both_ways(embedded, groups, ("last",), min_batch_saving=saved) == saved
+    with pytest.raises(ValueError, match="min_batch_saving"):
+        set_prefix_reuse(embedded, True, min_batch_saving=-1)
 
 
 @pytest.mark.slow
