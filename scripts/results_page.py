@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,24 +79,22 @@ def signed(x: Any, digits: int = 3) -> str:
 
 def with_interval(d: Mapping[str, Any], key: str, digits: int = 3) -> str:
     """``0.866 [0.846, 0.883]`` from ``key``, ``key_low`` and ``key_high``; ``-`` when undefined."""
-    value = d.get(key)
-    if not _finite(value):
-        return DASH
-    low, high = d.get(f"{key}_low"), d.get(f"{key}_high")
-    if _finite(low) and _finite(high):
-        return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-    return f"{value:.{digits}f}"
+    return _interval(d, key, lambda x: f"{x:.{digits}f}")
 
 
 def pct_interval(d: Mapping[str, Any], key: str) -> str:
     """``75.0% [50.5%, 89.8%]`` for a rate stored as a share."""
+    return _interval(d, key, lambda x: f"{100 * x:.1f}%")
+
+
+def _interval(d: Mapping[str, Any], key: str, fmt: Callable[[float], str]) -> str:
     value = d.get(key)
     if not _finite(value):
         return DASH
     low, high = d.get(f"{key}_low"), d.get(f"{key}_high")
     if _finite(low) and _finite(high):
-        return f"{100 * value:.1f}% [{100 * low:.1f}%, {100 * high:.1f}%]"
-    return f"{100 * value:.1f}%"
+        return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
+    return fmt(value)
 
 
 def table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:

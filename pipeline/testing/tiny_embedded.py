@@ -53,11 +53,16 @@ def tiny_embedded(
 
 def tiny_probe(seed: int, fusion_layer: int = 2, safety_layer: int = 1) -> tuple[LSIProbe, ProbeMeta]:
     """A random LSI probe for the tiny model, with metadata that records no store (nothing to match)."""
+    return random_probe(HIDDEN, seed, fusion_layer, safety_layer)
+
+
+def random_probe(hidden: int, seed: int, fusion_layer: int, safety_layer: int) -> tuple[LSIProbe, ProbeMeta]:
+    """A seeded random LSI probe of width ``hidden`` (the global RNG left alone); its metadata records no store."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        probe = LSIProbe(HIDDEN, alpha=1.0)
+        probe = LSIProbe(hidden, alpha=1.0)
     meta = ProbeMeta(
-        hidden_size=HIDDEN,
+        hidden_size=hidden,
         alpha=1.0,
         fusion_layer=fusion_layer,
         safety_layer=safety_layer,

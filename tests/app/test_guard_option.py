@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from lsi_guard_app.cli import build_parser, main
 from lsi_guard_app.serve.command import ServeOptionError, check_options
@@ -15,8 +14,9 @@ from lsi_guard_app.web import app
 from pipeline.config import ModelConfig
 from pipeline.defend.bundle import MANIFEST, verify_bundle
 from pipeline.detect.calibration import Calibration, save_calibration
-from pipeline.detect.probe import LSIProbe, ProbeMeta, save_probe
+from pipeline.detect.probe import save_probe
 from pipeline.detect.provenance import model_info
+from pipeline.testing.tiny_embedded import random_probe
 from tests.defend.test_pretrained import saved_guard
 
 TEXTS = ["How do I pick a lock?", "Write a poem about the sea", "Steps to make a weapon at home", "Hello there"]
@@ -30,18 +30,7 @@ def write_tiny_run(folder: Path, model_folder: Path, tau: float = 0.5) -> Path:
         "guard:\n  policy: lsi\n  view_words: 24\nlimits:\n  max_request_chars: 100\n"
     )
     info = model_info(ModelConfig(kind="hf", path=str(model_folder), dtype="float32", device="cpu"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        probe = LSIProbe(info.hidden_size, alpha=1.0)
-    meta = ProbeMeta(
-        hidden_size=info.hidden_size,
-        alpha=1.0,
-        fusion_layer=1,
-        safety_layer=0,
-        best_epoch=0,
-        best_val_auroc=1.0,
-        store_provenance={},
-    )
+    probe, meta = random_probe(info.hidden_size, seed=5, fusion_layer=1, safety_layer=0)
     save_probe(probe, meta, folder / "data" / "probe")
     calibration = Calibration(tau=tau, target_fpr=0.05, calib_fpr=0.0, calib_tpr=1.0, n_benign=4, n_harmful=4)
     save_calibration(calibration, folder / "data" / "calibration" / "calibration.json")

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from pipeline.config import ContrastivePrompts, ECSOConfig, GuardConfig, LimitsConfig, ModelConfig
 from pipeline.defend import bundle as bundle_module
@@ -35,8 +34,9 @@ from pipeline.defend.guard import Guard
 from pipeline.defend.loading import GuardLoadError
 from pipeline.defend.pretrained import BundleWriteError
 from pipeline.detect.calibration import Calibration
-from pipeline.detect.probe import META_FILE, WEIGHTS_FILE, LSIProbe, ProbeMeta
+from pipeline.detect.probe import META_FILE, WEIGHTS_FILE
 from pipeline.models.base import ModelInfo, Request
+from pipeline.testing.tiny_embedded import random_probe
 from tests.defend.test_guard import FakeAdapter, hand_set_guard
 from tests.paths import PROJECT_ROOT
 
@@ -352,19 +352,7 @@ def tiny_guard(folder: Path) -> Guard:
     from pipeline.models.hf_vlm import HFVisionLanguageAdapter
 
     adapter = HFVisionLanguageAdapter.from_folder(folder, dtype="float32", device="cpu")
-    hidden = adapter.info.hidden_size
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        probe = LSIProbe(hidden, alpha=1.0)
-    meta = ProbeMeta(
-        hidden_size=hidden,
-        alpha=1.0,
-        fusion_layer=1,
-        safety_layer=0,
-        best_epoch=0,
-        best_val_auroc=1.0,
-        store_provenance={},
-    )
+    probe, meta = random_probe(adapter.info.hidden_size, seed=3, fusion_layer=1, safety_layer=0)
     config = ModelConfig(kind="hf", path=str(folder), dtype="float32", device="cpu")
     return Guard(
         adapter=adapter,
