@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -24,11 +23,15 @@ from typing import Any, BinaryIO
 
 
 def replace_atomic(target: str | Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp_path)`` on a temp file beside ``target``, then move it into place."""
+    """Call ``write(tmp_path)`` on a temp file beside ``target``, then move it into place.
+
+    The temp file is created with the usual permissions (umask applies), not ``mkstemp``'s 0600, so a
+    file meant for a team (a saved guard, a run's metrics) is as readable as any other file written here.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(Path(tmp))
         os.replace(tmp, target)

@@ -7,7 +7,7 @@ note, ``data/model/external_model.json``, so the stage has its output either way
 from __future__ import annotations
 
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 from pipeline.config import load_params
@@ -26,7 +26,9 @@ def main() -> None:
         return
     target = Path(params.model.path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    # Not mkdtemp: its folder is 0700, and the model folder is shared (the umask applies here).
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex}"
+    staging.mkdir()
     try:
         convert_gguf_to_folder(staging)
         if target.exists():

@@ -136,7 +136,7 @@ def main() -> None:
             # On a cluster each held-out group's refits are a task, and each worker reads the store itself.
             if client is None:
                 results = held_out_results(
-                    data, params.train, params.calibrate, lf, ls, groups, shipped_tau, bootstrap, by
+                    data, params.train, params.calibrate, lf, ls, groups, shipped_tau, bootstrap, by, progress=True
                 )
             else:
                 # Imported only here: it imports distributed (the 'cluster' extra, which open_cluster checked).
@@ -155,6 +155,7 @@ def main() -> None:
                     shipped_tau,
                     bootstrap,
                     by,
+                    progress=True,
                 )
             held[by] = results
     labels = data.labels

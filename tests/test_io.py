@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,10 @@ from pipeline.io import (
     jsonl_text,
     make_dirs_durable,
     rename_durable,
+    replace_atomic,
     write_bytes_atomic,
     write_bytes_durable,
+    write_json_atomic,
     write_jsonl_atomic,
 )
 
@@ -84,6 +88,28 @@ def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
     write_bytes_atomic(target, b"two")
     assert target.read_bytes() == b"two"
     assert [p.name for p in target.parent.iterdir()] == ["file.bin"]
+
+
+def test_an_atomic_write_has_the_umask_s_permissions_and_its_temp_name_is_recognised(tmp_path: Path) -> None:
+    # A saved guard or a run's metrics are read by a team: not mkstemp's owner-only 0600.
+    previous = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "guard.json", {"tau": 0.5})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "guard.json").stat().st_mode) == 0o644
+
+    seen: list[str] = []
+
+    def fail(tmp: Path) -> None:
+        seen.append(tmp.name)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_atomic(tmp_path / "guard.json", fail)
+    assert is_temp_name(seen[0])  # a leftover of a killed write is known for what it is
+    assert [p.name for p in tmp_path.iterdir()] == ["guard.json"]
+    assert json.loads((tmp_path / "guard.json").read_text()) == {"tau": 0.5}
 
 
 class _BadLine(ValueError):

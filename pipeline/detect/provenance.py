@@ -79,6 +79,13 @@ def _embedded_info(folder: Path, dtype: str) -> ModelInfo:
     from pipeline.models.embedded import PROVENANCE_FILE  # the adapter's module brings transformers: only when needed
 
     meta_path, config_path = folder / PROVENANCE_FILE, folder / "config.json"
+    inside = sorted(folder.glob(f"*/{PROVENANCE_FILE}")) if not meta_path.exists() else []
+    if inside:
+        # The folder above the model's (data/model rather than data/model/smollm2-135m): a common slip.
+        raise ModelLoadError(
+            f"{folder}: not a converted model folder ({PROVENANCE_FILE} is missing); "
+            f"the model is in {inside[0].parent}: name that folder"
+        )
     meta, config = _read_json(meta_path, "model name and revision"), _read_json(config_path, "hidden size")
     return ModelInfo(
         name=_field(meta, "name", str, meta_path),

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import polars as pl
-from distributed import Client
+from distributed import Client, as_completed
+from tqdm import tqdm
 
 from pipeline.config import CalibrateConfig, TrainConfig
 from pipeline.detect.cluster import use_core_share
@@ -45,11 +46,14 @@ def held_out_results_on_cluster(
     shipped_tau: tuple[str, float] | None = None,
     bootstrap: BootstrapSpec | None = None,
     by: str = "source",
+    *,
+    progress: bool = False,
 ) -> HeldOutResults:
     """:func:`~pipeline.evaluate.detection.held_out_results` with each group's refits run by a worker.
 
     ``refusal``: the refusal-direction score of every store row (as
     :func:`~pipeline.detect.heldout.load_eval_data` takes it), or ``None``. Same results, same order.
+    ``progress``: a progress bar over the groups as their tasks finish.
     """
     share_eval_data(client, store, index, refusal)
     run = uuid.uuid4().hex[:8]
@@ -70,6 +74,9 @@ def held_out_results_on_cluster(
             )
             for i, group in enumerate(groups)
         ]
+        finished = as_completed(futures, loop=client.loop)
+        for _ in tqdm(finished, total=len(futures), desc=f"held out by {by}", unit="group", disable=not progress):
+            pass
         return merge_held_out(client.gather(futures))
     finally:
         release_eval_data(client)

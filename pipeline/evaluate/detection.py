@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from tqdm import tqdm
 
 from pipeline.config import CalibrateConfig, TrainConfig
 from pipeline.detect.calibration import choose_tau_by_method
@@ -142,6 +143,8 @@ def held_out_results(
     shipped_tau: tuple[str, float] | None = None,
     bootstrap: BootstrapSpec | None = None,
     by: str = "source",
+    *,
+    progress: bool = False,
 ) -> HeldOutResults:
     """For each group of index column ``by``, every detector refitted without it and scored on its test rows
     (and on all its rows).
@@ -149,9 +152,11 @@ def held_out_results(
     ``shipped_tau``: ``(detector, tau)``; that detector's rows also get ``at_shipped_tau``, its
     metrics on the group's own rows at the run's own tau, the threshold a new upstream meets.
     ``bootstrap``: add each metric's interval.
+    ``progress``: a progress bar over the groups (each one refits every detector: minutes in all).
     """
+    bar = tqdm(groups, desc=f"held out by {by}", unit="group", disable=not progress)
     return merge_held_out(
-        [group_results(data, config, calibration, lf, ls, group, shipped_tau, bootstrap, by) for group in groups]
+        [group_results(data, config, calibration, lf, ls, group, shipped_tau, bootstrap, by) for group in bar]
     )
 
 

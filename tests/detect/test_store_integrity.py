@@ -220,6 +220,12 @@ def test_a_model_folder_without_metadata_is_named(tmp_path: Path) -> None:
         model_info(store_params(folder).model)
 
 
+def test_the_folder_above_a_model_folder_names_the_model_folder(tmp_path: Path) -> None:
+    folder = fake_embedded_folder(tmp_path / "model" / "smollm2-135m")
+    with pytest.raises(ModelLoadError, match=r"model: not a converted model folder .* the model is in .*smollm2-135m"):
+        model_info(store_params(folder.parent).model)
+
+
 def test_expected_provenance_equals_what_extraction_writes(
     gguf_tokenizer: PreTrainedTokenizerBase, tiny_llava_folder: Path, tmp_path: Path
 ) -> None:

@@ -132,9 +132,11 @@ def test_every_detector_is_fitted_and_scored_on_the_same_rows() -> None:
     assert results["length_only"]["auroc"] < 0.75
 
 
-def test_cross_source_refits_without_the_source_and_tables_side_by_side() -> None:
+def test_cross_source_refits_without_the_source_and_tables_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
     data = synthetic_data(refusal=False)
-    cross = held_out_results(data, CONFIG, CalibrateConfig(), 3, 1, ["alpha", "gamma"]).metrics
+    cross = held_out_results(data, CONFIG, CalibrateConfig(), 3, 1, ["alpha", "gamma"], progress=True).metrics
+    shown = capsys.readouterr().err
+    assert "held out by source" in shown and "2/2" in shown  # the progress bar over the held-out groups
     assert set(cross) == {"alpha", "gamma"}
     assert cross["alpha"]["lsi"]["all_rows"]["n"] == 80 and cross["alpha"]["lsi"]["n"] == 20
     assert cross["gamma"]["lsi"]["all_rows"]["auroc"] > 0.85
