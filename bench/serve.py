@@ -16,8 +16,8 @@ Each setup runs three times in the same run: micro-batched (``--max-batch``, def
 0``, the path before reuse), and one at a time (max batch 1), the baselines. Each client sends at
 least 4 requests (so 64 clients make 256). Per client count: requests/s, latency p50 / p95 / p99,
 the check's share of latency (the decision header's ``check_seconds`` over the client's latency),
-errors, and lost / duplicated answers (every request
-carries a unique tag the answer must echo, and every completion id must be unique). Acceptance: at
+errors, and lost / duplicated answers (every request carries a unique tag, in a system message
+the default check does not read, that the answer must echo; every completion id must be unique). Acceptance: at
 64 clients upstream, no errors, nothing lost, micro-batched throughput at least 2x one at a time,
 and with reuse at least 1.3x without.
 
@@ -93,7 +93,7 @@ class Level:
 
 
 def fake_upstream() -> FastAPI:
-    """An OpenAI-compatible server that answers at once, echoing the last user text with a fresh id."""
+    """An OpenAI-compatible server that answers at once, echoing every message's text with a fresh id."""
     app = FastAPI()
 
     @app.get("/health")
@@ -103,14 +103,30 @@ def fake_upstream() -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest) -> JSONResponse:
         body = await request.json()
-        text = body["messages"][-1]["content"]
-        message = {"role": "assistant", "content": f"echo: {text}"}
+        message = {"role": "assistant", "content": echo(body["messages"])}
         choice = {"index": 0, "message": message, "finish_reason": "stop"}
         return JSONResponse(
             {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": 0, "choices": [choice]}
         )
 
     return app
+
+
+def echo(messages: list[dict[str, Any]]) -> str:
+    """The fake upstream's answer: every message's text, so the client can tell its own answer."""
+    return "echo: " + "\n".join(str(m["content"]) for m in messages)
+
+
+def request_messages(prompt: str, tag: str, tag_in_request: bool) -> list[dict[str, str]]:
+    """One chat: the prompt as the user turn, and the request's unique tag.
+
+    The tag goes in a system message, which the proxy's default check (``last-user``) does not read,
+    so the checked text is the everyday prompt alone, as real traffic's is; ``tag_in_request`` appends
+    it to the prompt instead (the layout before), making every checked request about 10 tokens longer.
+    """
+    if tag_in_request:
+        return [{"role": "user", "content": f"{prompt} {tag}"}]
+    return [{"role": "system", "content": f"request tag: {tag}"}, {"role": "user", "content": prompt}]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -124,7 +140,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def run_level(url: str, setup: str, max_batch: int, reuse: bool, clients: int, requests: int, max_tokens: int) -> Level:
+def run_level(
+    url: str,
+    setup: str,
+    max_batch: int,
+    reuse: bool,
+    clients: int,
+    requests: int,
+    max_tokens: int,
+    tag_in_request: bool = False,
+) -> Level:
     """``requests`` requests from ``clients`` threads (each sends its share one after another)."""
     refusal: str | None = None
     results: list[dict[str, Any]] = []
@@ -135,8 +160,9 @@ def run_level(url: str, setup: str, max_batch: int, reuse: bool, clients: int, r
         with httpx.Client(base_url=url, timeout=600) as http:
             for index in range(per_client[number]):
                 tag = f"(client {number} request {index})"
-                text = f"{PROMPTS[(number + index) % len(PROMPTS)]} {tag}"
-                body = {"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}
+                messages = request_messages(PROMPTS[(number + index) % len(PROMPTS)], tag, tag_in_request)
+                text = echo(messages)
+                body = {"model": "m", "messages": messages, "max_tokens": max_tokens}
                 started = time.perf_counter()
                 try:
                     response = http.post("/v1/chat/completions", json=body)
@@ -167,7 +193,7 @@ def run_level(url: str, setup: str, max_batch: int, reuse: bool, clients: int, r
         if record["refused"]:
             answered_right += record["content"] == refusal
         elif setup == "upstream":
-            answered_right += record["content"] == f"echo: {record['text']}"
+            answered_right += record["content"] == record["text"]
         else:
             answered_right += bool(record["content"])
     ids = [r["id"] for r in ok]
@@ -247,11 +273,11 @@ def run_setup(
             command += ["--upstream", upstream_url]
         name = f"{setup}-batch{max_batch}" + ("" if reuse else "-no-reuse")
         with server_process(command, name) as url:
-            run_level(url, setup, max_batch, reuse, 1, 2, args.max_tokens)  # warm-up
+            run_level(url, setup, max_batch, reuse, 1, 2, args.max_tokens, args.tag_in_request)  # warm-up
             for count in clients:
                 # Each client sends several requests, so the figure is sustained load, not one wave's ramp-up.
                 total = max(requests, MIN_REQUESTS_PER_CLIENT * count)
-                level = run_level(url, setup, max_batch, reuse, count, total, args.max_tokens)
+                level = run_level(url, setup, max_batch, reuse, count, total, args.max_tokens, args.tag_in_request)
                 print(
                     f"{setup:8s} batch {max_batch:>2} reuse {'on ' if reuse else 'off'} clients {count:>2}: "
                     f"{level.requests_per_s:7.2f} req/s  "
@@ -288,6 +314,11 @@ def main() -> None:
     parser.add_argument("--local-requests", type=int, default=4, help="requests per client count (local)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the request counts")
     parser.add_argument("--max-tokens", type=int, default=16, help="local mode: answer length")
+    parser.add_argument(
+        "--tag-in-request",
+        action="store_true",
+        help="append each request's unique tag to the checked prompt instead of a system message (the old layout)",
+    )
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
     parser.add_argument("--fake-upstream", action="store_true", help="serve the instant fake upstream (internal)")
@@ -337,6 +368,7 @@ def main() -> None:
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
         "max_tokens": args.max_tokens,
+        "tag_in_request": args.tag_in_request,
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "levels": [asdict(level) for level in levels],
