@@ -17,9 +17,9 @@ Each setup runs three times in the same run: micro-batched (``--max-batch``, def
 least 4 requests (so 64 clients make 256). Per client count: requests/s, latency p50 / p95 / p99,
 the check's share of latency (the decision header's ``check_seconds`` over the client's latency),
 errors, and lost / duplicated answers (every request carries a unique tag, in a system message
-the default check does not read, that the answer must echo; every completion id must be unique). Acceptance: at
-64 clients upstream, no errors, nothing lost, micro-batched throughput at least 2x one at a time,
-and with reuse at least 1.3x without.
+the default check does not read, that the answer must echo; every completion id must be unique).
+Acceptance: at 64 clients upstream, no errors, nothing lost, micro-batched throughput at least 2x
+one at a time, and with reuse at least 1.3x without.
 
     python bench/serve.py                 # the default run in the current folder
     python bench/serve.py --scale 4       # four times the requests per client count

@@ -30,10 +30,10 @@ def replace_atomic(target: str | Path, write: Callable[[Path], object]) -> None:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    tmp = _temp_file_beside(target)
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -142,8 +142,14 @@ def _lone_surrogate(value: Any, place: str) -> tuple[str, str] | None:
 _TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
 
 
+def _temp_file_beside(target: Path) -> Path:
+    """A fresh hidden temp-file name beside ``target``, of the shape :func:`is_temp_name` recognises."""
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+
+
 def is_temp_name(name: str) -> bool:
-    """Whether ``name`` is a temp file of :func:`write_bytes_durable` (a leftover if its writer is gone)."""
+    """Whether ``name`` is a temp file of :func:`write_bytes_durable` or :func:`replace_atomic` (a leftover if
+    its writer is gone)."""
     return _TEMP_NAME.match(name) is not None
 
 
@@ -181,7 +187,7 @@ def write_bytes_durable(path: str | Path, data: bytes | memoryview, exclusive: b
     """
     path = Path(path)
     make_dirs_durable(path.parent)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = _temp_file_beside(path)
     try:
         with open(tmp, "xb") as file:
             file.write(data)

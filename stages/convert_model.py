@@ -6,12 +6,10 @@ note, ``data/model/external_model.json``, so the stage has its output either way
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.io import write_json_atomic
+from pipeline.io import replace_dir_atomic, write_json_atomic
 from pipeline.layout import MODEL_NOTE
 from pipeline.models.embedded import convert_gguf_to_folder
 from stages import run_stage
@@ -25,17 +23,10 @@ def main() -> None:
         print(f"model.kind is {params.model.kind!r}: nothing to convert (using {params.model.path})")
         return
     target = Path(params.model.path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkdtemp: its folder is 0700, and the model folder is shared (the umask applies here).
-    staging = target.parent / f".{target.name}.{uuid.uuid4().hex}"
-    staging.mkdir()
-    try:
+    # Built in a hidden folder beside the target (umask permissions: the model folder is shared) and
+    # swapped in whole; a failed or killed conversion leaves the previous folder as it was.
+    with replace_dir_atomic(target) as staging:
         convert_gguf_to_folder(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(f"converted default model -> {target}")
 
 

@@ -14,13 +14,14 @@ import importlib.util
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import dask
-from distributed import Client, Nanny, Scheduler, SpecCluster, get_worker
+from distributed import Client, Future, Nanny, Scheduler, SpecCluster, as_completed, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
+from tqdm import tqdm
 
 from pipeline.config import ClusterConfig
 from pipeline.errors import LSIGuardError
@@ -181,3 +182,13 @@ def cluster_client(config: ClusterConfig, gpus: int = 0) -> Iterator[Client | No
     finally:
         if cluster is not None:
             cluster.close()
+
+
+def gather_with_progress(
+    client: Client, futures: Sequence[Future], *, desc: str, progress: bool, unit: str = "it"
+) -> list[Any]:
+    """The futures' results in the futures' order, with a progress bar (``desc``) ticking as each task finishes."""
+    finished = as_completed(futures, loop=client.loop)
+    for _ in tqdm(finished, total=len(futures), desc=desc, unit=unit, disable=not progress):
+        pass
+    return client.gather(futures)

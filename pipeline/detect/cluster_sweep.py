@@ -6,11 +6,10 @@ import uuid
 from collections.abc import Callable
 
 import polars as pl
-from distributed import Client, as_completed
-from tqdm import tqdm
+from distributed import Client
 
 from pipeline.config import TrainConfig
-from pipeline.detect.cluster import use_core_share
+from pipeline.detect.cluster import gather_with_progress, use_core_share
 from pipeline.detect.cluster_data import release_eval_data, share_eval_data, worker_eval_data
 from pipeline.detect.heldout import in_source_setting
 from pipeline.detect.store import ActivationStore
@@ -74,6 +73,4 @@ def _run_tasks(
 ) -> list[float]:
     """One task per pair, gathered in the pairs' order."""
     futures = [client.submit(task, config, lf, ls, key=f"{prefix}-{lf}-{ls}", pure=False) for lf, ls in pairs]
-    for _ in tqdm(as_completed(futures, loop=client.loop), total=len(futures), desc=desc, disable=not progress):
-        pass
-    return client.gather(futures)
+    return gather_with_progress(client, futures, desc=desc, progress=progress)

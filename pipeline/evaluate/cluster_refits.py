@@ -7,11 +7,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import polars as pl
-from distributed import Client, as_completed
-from tqdm import tqdm
+from distributed import Client
 
 from pipeline.config import CalibrateConfig, TrainConfig
-from pipeline.detect.cluster import use_core_share
+from pipeline.detect.cluster import gather_with_progress, use_core_share
 from pipeline.detect.cluster_data import release_eval_data, share_eval_data, worker_eval_data
 from pipeline.detect.store import ActivationStore
 from pipeline.evaluate.detection import HeldOutResults, group_results, merge_held_out
@@ -74,9 +73,8 @@ def held_out_results_on_cluster(
             )
             for i, group in enumerate(groups)
         ]
-        finished = as_completed(futures, loop=client.loop)
-        for _ in tqdm(finished, total=len(futures), desc=f"held out by {by}", unit="group", disable=not progress):
-            pass
-        return merge_held_out(client.gather(futures))
+        return merge_held_out(
+            gather_with_progress(client, futures, desc=f"held out by {by}", progress=progress, unit="group")
+        )
     finally:
         release_eval_data(client)

@@ -1,0 +1,57 @@
+"""The ``convert_model`` stage: the model folder is built beside its target and swapped in whole."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from stages import convert_model
+
+TARGET = Path("data/model/smollm2-135m")
+
+
+def fake_conversion(folder: Path) -> Path:
+    """What the stage's conversion writes, in miniature (the real one takes seconds and 500 MB)."""
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def test_the_model_folder_is_swapped_in_whole_with_the_umask_s_permissions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("")
+    monkeypatch.setattr(convert_model, "convert_gguf_to_folder", fake_conversion)
+    previous = os.umask(0o022)
+    try:
+        convert_model.main()
+        (TARGET / "stale.bin").write_text("from an earlier conversion")
+        convert_model.main()  # again: the earlier folder is replaced, not merged into
+    finally:
+        os.umask(previous)
+    # A shared model folder: not mkdtemp's owner-only 0700.
+    assert stat.S_IMODE(TARGET.stat().st_mode) == 0o755
+    assert sorted(p.name for p in TARGET.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in TARGET.parent.iterdir()) == ["smollm2-135m"]
+
+
+def test_a_failed_conversion_leaves_the_earlier_folder_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("")
+    monkeypatch.setattr(convert_model, "convert_gguf_to_folder", fake_conversion)
+    convert_model.main()
+
+    def broken(folder: Path) -> Path:
+        (folder / "config.json").write_text("half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(convert_model, "convert_gguf_to_folder", broken)
+    with pytest.raises(OSError, match="disk full"):
+        convert_model.main()
+    assert (TARGET / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in TARGET.parent.iterdir()) == ["smollm2-135m"]
