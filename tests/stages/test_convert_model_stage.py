@@ -19,12 +19,17 @@ def fake_conversion(folder: Path) -> Path:
     return folder
 
 
-def test_the_model_folder_is_swapped_in_whole_with_the_umask_s_permissions(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project folder with default params, as the working folder, converting with :func:`fake_conversion`."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("")
     monkeypatch.setattr(convert_model, "convert_gguf_to_folder", fake_conversion)
+    return tmp_path
+
+
+@pytest.mark.usefixtures("project")
+def test_the_model_folder_is_swapped_in_whole_with_the_umask_s_permissions() -> None:
     previous = os.umask(0o022)
     try:
         convert_model.main()
@@ -38,12 +43,8 @@ def test_the_model_folder_is_swapped_in_whole_with_the_umask_s_permissions(
     assert sorted(p.name for p in TARGET.parent.iterdir()) == ["smollm2-135m"]
 
 
-def test_a_failed_conversion_leaves_the_earlier_folder_as_it_was(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("")
-    monkeypatch.setattr(convert_model, "convert_gguf_to_folder", fake_conversion)
+@pytest.mark.usefixtures("project")
+def test_a_failed_conversion_leaves_the_earlier_folder_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
     convert_model.main()
 
     def broken(folder: Path) -> Path:
