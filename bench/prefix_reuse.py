@@ -8,11 +8,13 @@ Workloads (text only, so every request shares the chat template's start):
   tokens long, so ``guard.views: ends`` scores it three times (whole, first and last words).
 
 Each workload is checked with ``Guard.check_many`` in batches of 1 (a single check) and of 16
-(the proxy's default micro-batch), first with reuse off (the path before it), then with the
-cached template start only, then also with the longer starts rows of one batch share (a long
-request's views; the default). The cache is built by a warm-up batch, as the first request of a
-process builds it. Reported per cell: checks/s, the ratios, and whether every decision and score
-matches (scores within 1e-4).
+(the proxy's default micro-batch) three ways: reuse off (the path before it), the cached template
+start only, and that plus the longer starts rows of one batch share (a long request's views; the
+default). The three are interleaved: each of ``--rounds`` rounds times one pass of each, back to
+back, in an order rotated per round, so load from elsewhere on shared cores cannot land on one way
+alone. The cache is built by a warm-up batch before each pass, as the first request of a process
+builds it. Reported per cell: checks/s (median pass), the ratios within each round (median and
+range over rounds), and whether every decision and score matches (scores within 1e-4).
 Then where a check's time goes, with and without reuse: the prefix forwards (each request's
 shared prompt start; with reuse only the part after the cached start), the framings' forwards,
 the rest (tokenising, the probe, Python), and what the extra views add (``ends`` against
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +47,7 @@ RESULTS = Path("bench/results")
 EVERYDAY = Path("data/demo/everyday.jsonl")
 LONG_TOKENS = 200
 BATCHES = (1, 16)
+ROUNDS = 5
 
 
 def everyday_texts(path: Path) -> list[str]:
@@ -126,30 +130,59 @@ def set_mode(guard: Guard, mode: str) -> None:
     set_prefix_reuse(guard.adapter, share is not None, share_in_batch=bool(share))
 
 
-def measure(guard: Guard, workloads: dict[str, list[Request]], repeats: int) -> dict[str, Any]:
-    """Every workload and batch size in every mode; the best of ``repeats`` timings each."""
+def rotated(items: list[str], shift: int) -> list[str]:
+    """``items`` starting at position ``shift`` (mod its length), wrapping round."""
+    shift %= len(items)
+    return items[shift:] + items[:shift]
+
+
+def spread(values: list[float]) -> dict[str, float | list[float]]:
+    """Median, lowest and highest of ``values``, and the values themselves (rounded)."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "rounds": [round(v, 3) for v in values],
+    }
+
+
+def measure(guard: Guard, workloads: dict[str, list[Request]], rounds: int) -> dict[str, Any]:
+    """Every workload and batch size in every mode, the modes interleaved over ``rounds`` rounds.
+
+    Each round times one pass in every mode, back to back, in an order rotated from round to round.
+    A ratio is taken within a round (modes seconds apart), and the median over rounds is reported
+    with its range: on shared cores a burst of load elsewhere then spoils one round's ratio, not the
+    figure, where timing every pass of one mode before the next lets it land on one mode alone.
+    """
     cells: dict[str, Any] = {}
     for name, requests in workloads.items():
         for batch in BATCHES:
-            timings: dict[str, float] = {}
+            seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
             decisions: dict[str, list[tuple[str, float | None]]] = {}
-            for mode in MODES:
-                set_mode(guard, mode)
-                guard.check_many(requests[:batch])  # warm-up (builds the cache entry when on)
-                runs = [check_all(guard, requests, batch) for _ in range(repeats)]
-                timings[mode] = min(seconds for seconds, _ in runs)
-                decisions[mode] = runs[0][1]
+            for round_ in range(rounds):
+                for mode in rotated(list(MODES), round_):
+                    set_mode(guard, mode)
+                    guard.check_many(requests[:batch])  # warm-up (builds the cache entry when on)
+                    took, made = check_all(guard, requests, batch)
+                    seconds[mode].append(took)
+                    decisions.setdefault(mode, made)
             identical, gap = same(decisions["off"], decisions["on"])
             start_identical, start_gap = same(decisions["off"], decisions["start"])
+            speedup = spread([off / on for off, on in zip(seconds["off"], seconds["on"], strict=True)])
+            start_only = spread([off / st for off, st in zip(seconds["off"], seconds["start"], strict=True)])
+            in_batch = spread([st / on for st, on in zip(seconds["start"], seconds["on"], strict=True)])
             cell = {
                 "requests": len(requests),
                 "batch": batch,
-                "checks_per_s_without_reuse": len(requests) / timings["off"],
-                "checks_per_s_start_only": len(requests) / timings["start"],
-                "checks_per_s_with_reuse": len(requests) / timings["on"],
-                "speedup": timings["off"] / timings["on"],
-                "speedup_start_only": timings["off"] / timings["start"],
-                "in_batch_gain": timings["start"] / timings["on"],
+                "rounds": rounds,
+                "checks_per_s_without_reuse": len(requests) / statistics.median(seconds["off"]),
+                "checks_per_s_start_only": len(requests) / statistics.median(seconds["start"]),
+                "checks_per_s_with_reuse": len(requests) / statistics.median(seconds["on"]),
+                "speedup": speedup["median"],
+                "speedup_spread": speedup,
+                "speedup_start_only": start_only["median"],
+                "speedup_start_only_spread": start_only,
+                "in_batch_gain": in_batch["median"],
                 "identical_decisions": identical and start_identical,
                 "largest_score_difference": max(gap, start_gap),
             }
@@ -157,9 +190,9 @@ def measure(guard: Guard, workloads: dict[str, list[Request]], repeats: int) -> 
             print(
                 f"  {name:9s} batch {batch:>2}: off {cell['checks_per_s_without_reuse']:6.2f}, start only "
                 f"{cell['checks_per_s_start_only']:6.2f}, on {cell['checks_per_s_with_reuse']:6.2f} checks/s  "
-                f"{cell['speedup']:.2f}x (start only {cell['speedup_start_only']:.2f}x, in-batch "
-                f"{cell['in_batch_gain']:.2f}x)  identical {cell['identical_decisions']} (max score diff "
-                f"{cell['largest_score_difference']:.1e})",
+                f"{cell['speedup']:.2f}x (rounds {speedup['min']:.2f}-{speedup['max']:.2f}; start only "
+                f"{cell['speedup_start_only']:.2f}x, in-batch {cell['in_batch_gain']:.2f}x)  identical "
+                f"{cell['identical_decisions']} (max score diff {cell['largest_score_difference']:.1e})",
                 flush=True,
             )
     return cells
@@ -186,7 +219,7 @@ def breakdown(guard: Guard, requests: list[Request], batch: int) -> dict[str, di
     return parts
 
 
-def run(guard: Guard, everyday: Path, repeats: int = 2) -> dict[str, Any]:
+def run(guard: Guard, everyday: Path, rounds: int = ROUNDS) -> dict[str, Any]:
     """The whole benchmark on ``guard``; reuse is left on afterwards."""
     texts = everyday_texts(everyday)
     workloads = {
@@ -194,7 +227,7 @@ def run(guard: Guard, everyday: Path, repeats: int = 2) -> dict[str, Any]:
         f"{LONG_TOKENS}-token": [Request(text) for text in long_texts(guard, texts, LONG_TOKENS)],
     }
     print(f"prefix reuse: {len(texts)} requests per workload, views {guard.config.views}", flush=True)
-    cells = measure(guard, workloads, repeats)
+    cells = measure(guard, workloads, rounds)
     parts = {name: breakdown(guard, requests, 16) for name, requests in workloads.items()}
     for name, modes in parts.items():
         for mode, seconds in modes.items():
@@ -221,12 +254,14 @@ def run(guard: Guard, everyday: Path, repeats: int = 2) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("."), help="the project folder of a finished run")
-    parser.add_argument("--repeats", type=int, default=2, help="timings per cell; the best is kept")
+    parser.add_argument(
+        "--rounds", type=int, default=ROUNDS, help="interleaved rounds per cell; ratios are the median over rounds"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "prefix_reuse.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     guard = Guard.from_run(args.run)
-    figures = run(guard, args.run / EVERYDAY, args.repeats)
+    figures = run(guard, args.run / EVERYDAY, args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -283,6 +283,27 @@ def replace_dir_atomic(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(old)
 
 
+def _current_umask() -> int:
+    """The process's umask (read by setting it and putting it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def open_to_umask(folder: str | Path) -> None:
+    """Give every file and folder under ``folder`` (itself included) the permissions the umask allows.
+
+    For folders written by a library that makes some files owner-only (``save_pretrained`` writes
+    its safetensors 0600): on a shared file system a colleague could not read them.
+    """
+    mask = _current_umask()
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _link_or_copy(source: str, target: str) -> None:
     """Hard-link a file (instant, no space), or copy it where the file system has no hard links."""
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.io import replace_dir_atomic, write_json_atomic
+from pipeline.io import open_to_umask, replace_dir_atomic, write_json_atomic
 from pipeline.layout import MODEL_NOTE
 from pipeline.models.embedded import convert_gguf_to_folder
 from stages import run_stage
@@ -27,6 +27,7 @@ def main() -> None:
     # swapped in whole; a failed or killed conversion leaves the previous folder as it was.
     with replace_dir_atomic(target) as staging:
         convert_gguf_to_folder(staging)
+        open_to_umask(staging)  # transformers writes the weights owner-only (0600)
     print(f"converted default model -> {target}")
 
 

@@ -16,6 +16,9 @@ TARGET = Path("data/model/smollm2-135m")
 def fake_conversion(folder: Path) -> Path:
     """What the stage's conversion writes, in miniature (the real one takes seconds and 500 MB)."""
     (folder / "config.json").write_text("{}")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"weights")
+    weights.chmod(0o600)  # as transformers' save_pretrained leaves it
     return folder
 
 
@@ -39,7 +42,11 @@ def test_the_model_folder_is_swapped_in_whole_with_the_umask_s_permissions() -> 
         os.umask(previous)
     # A shared model folder: not mkdtemp's owner-only 0700.
     assert stat.S_IMODE(TARGET.stat().st_mode) == 0o755
-    assert sorted(p.name for p in TARGET.iterdir()) == ["config.json"]
+    # Every file readable by the group and others too, the weights included.
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in TARGET.iterdir()} == {
+        "config.json": 0o644,
+        "model.safetensors": 0o644,
+    }
     assert sorted(p.name for p in TARGET.parent.iterdir()) == ["smollm2-135m"]
 
 
