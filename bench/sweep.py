@@ -55,7 +55,7 @@ def main() -> None:
         start = time.perf_counter()
         scores = sweep_pairs(data, config)
         seconds = time.perf_counter() - start
-        best = best_pair(scores, config.select_by)
+        best = best_pair(scores, config.select_by, config.select_tolerance)
         runs.append({"held_out_pairs": count, "seconds": seconds, "best": asdict(best)})
     base = runs[0]
     for run in runs:

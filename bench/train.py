@@ -83,7 +83,8 @@ def main() -> None:
     train_rows = index.filter(index["split"] == "train").head(args.rows)
     val_rows = index.filter(index["split"] == "val").head(args.val_rows)
     store = ActivationStore.open(STORE)
-    lf, ls = resolve_layers(params.train.fusion_layer, params.train.safety_layer, params.train.select_by, SWEEP)
+    train = params.train
+    lf, ls = resolve_layers(train.fusion_layer, train.safety_layer, train.select_by, SWEEP, train.select_tolerance)
     args.chunk_rows = args.chunk_rows or params.train.chunk_rows
     config = replace(params.train, fusion_layer=lf, safety_layer=ls, epochs=args.epochs, chunk_rows=args.chunk_rows)
 

@@ -45,7 +45,7 @@ def main() -> None:
             from pipeline.detect.cluster_sweep import sweep_pairs_on_cluster
 
             scores = sweep_pairs_on_cluster(client, store, index, params.train)
-    best = best_pair(scores, params.train.select_by)
+    best = best_pair(scores, params.train.select_by, params.train.select_tolerance)
     detectors = score_detectors(data, params.train, best.fusion_layer, best.safety_layer)
     # Built beside data/sweep and swapped in whole (persist: true in dvc.yaml).
     with replace_dir_atomic(OUT) as out:

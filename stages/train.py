@@ -83,9 +83,11 @@ def main() -> None:
     """Train the shipped detector on the train split and write it (LSI: its epochs' history too)."""
     params = load_params()
     cfg = params.train
-    fusion_layer, safety_layer = resolve_layers(cfg.fusion_layer, cfg.safety_layer, cfg.select_by, SWEEP)
+    fusion_layer, safety_layer = resolve_layers(
+        cfg.fusion_layer, cfg.safety_layer, cfg.select_by, SWEEP, cfg.select_tolerance
+    )
     cfg = replace(cfg, fusion_layer=fusion_layer, safety_layer=safety_layer)
-    chosen = choose_detector(read_detector_scores(SWEEP), params.guard.detector)
+    chosen = choose_detector(read_detector_scores(SWEEP), params.guard.detector, cfg.select_tolerance)
     # Refuses a store written under another setup than params.yaml and the model folder say.
     store = open_store(params, STORE)
     if chosen.name != LSI:

@@ -125,6 +125,9 @@ class TrainConfig:
     (the sweep's held-out half, the ``best`` detector and held-out calibration use them).
     ``held_out_pairs``: how many layer pairs get the sweep's held-out half (one fit per held-out
     group each), the pairs with the best in-source validation AUROC; 0 scores every pair.
+    ``select_tolerance``: scores within this much of the best count as tied, for the layer pair
+    and for ``guard.detector: best``; a tie goes to the cheaper pair (shallower deepest block) and
+    to the detector with the fewest inputs, so that float rounding (another CPU) cannot flip them.
     """
 
     fusion_layer: int | str = 12
@@ -143,6 +146,7 @@ class TrainConfig:
     select_by: str = "held_out"
     held_out_by: str = "upstream"
     held_out_pairs: int = 6
+    select_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
         for key in ("fusion_layer", "safety_layer"):
@@ -161,6 +165,7 @@ class TrainConfig:
         choice("train.select_by", self.select_by, ("held_out", "val"))
         choice("train.held_out_by", self.held_out_by, HELD_OUT_BY)
         whole("train.held_out_pairs", self.held_out_pairs)
+        number("train.select_tolerance", self.select_tolerance, 0.0, 1.0, low_open=False, high_open=True)
 
     @property
     def layers_fixed(self) -> bool:

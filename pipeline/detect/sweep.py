@@ -19,7 +19,7 @@ import polars as pl
 from tqdm import tqdm
 
 from pipeline.config import LAYER_CHOICE, TrainConfig
-from pipeline.detect.detector import DETECTORS, LSI, LSIDetector
+from pipeline.detect.detector import DELTA_ONLY, DETECTORS, HS_DELTA, HS_ONLY, LSI, PLAIN, PLAIN_ALL, LSIDetector
 from pipeline.detect.heldout import (
     EvalData,
     GroupFold,
@@ -38,6 +38,12 @@ from pipeline.layout import require
 
 class SweepError(LSIGuardError, ValueError):
     """Layers asked for that the layer sweep's results do not hold."""
+
+
+# The order in which near-tied detectors ship (TrainConfig.select_tolerance): one stored block first
+# (the plain prompt's, then a framing's, then the difference), two blocks next (LSI after the
+# logistic regression on the same inputs, since it adds a trained projector), every block last.
+FEWEST_INPUTS_FIRST: tuple[str, ...] = (PLAIN, HS_ONLY, DELTA_ONLY, HS_DELTA, LSI, PLAIN_ALL)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,18 +115,27 @@ def score_detectors(
     return results
 
 
-def choose_detector(scores: list[DetectorScore], choice: str) -> DetectorScore:
-    """LSI for ``choice`` ``lsi``; for ``best`` the highest mean held-out AUROC (ties and NaN keep LSI)."""
+def choose_detector(scores: list[DetectorScore], choice: str, tolerance: float = 0.0) -> DetectorScore:
+    """LSI for ``choice`` ``lsi``; for ``best`` the detector with the fewest inputs (:data:`FEWEST_INPUTS_FIRST`)
+    among those whose mean held-out AUROC is within ``tolerance`` of the highest (LSI when none has one).
+
+    Detectors this close are not told apart by the validation rows (another CPU's rounding of the
+    same states moves their order), so the simpler one ships: it is cheaper and has less to overfit.
+    """
     by_name = {s.name: s for s in scores}
     if LSI not in by_name:
         raise SweepError("the detector scores hold no LSI entry")
-    if choice == LSI:
+    scored = [s for s in scores if not np.isnan(s.held_out_auroc)]
+    if choice == LSI or not scored:
         return by_name[LSI]
-    best = by_name[LSI]
-    for score in scores:
-        if not np.isnan(score.held_out_auroc) and score.held_out_auroc > np.nan_to_num(best.held_out_auroc, nan=-1):
-            best = score
-    return best
+    top = max(s.held_out_auroc for s in scored)
+    tied = [s for s in scored if s.held_out_auroc >= top - tolerance]
+    return min(tied, key=lambda s: (_inputs_rank(s.name), -s.held_out_auroc))
+
+
+def _inputs_rank(name: str) -> int:
+    """Where ``name`` stands in :data:`FEWEST_INPUTS_FIRST` (a detector it does not name comes last)."""
+    return FEWEST_INPUTS_FIRST.index(name) if name in FEWEST_INPUTS_FIRST else len(FEWEST_INPUTS_FIRST)
 
 
 def read_detector_scores(sweep: Path) -> list[DetectorScore]:
@@ -197,15 +212,26 @@ def _harmful(detector: LSIDetector, data: EvalData, rows: np.ndarray) -> np.ndar
     return detector.predict_proba(detector.inputs(data.states[rows], data.layers))[:, 1]
 
 
-def best_pair(scores: list[PairScore], select_by: str) -> PairScore:
-    """The pair with the highest chosen score (``held_out`` falls back to ``val`` when undefined).
+def best_pair(scores: list[PairScore], select_by: str, tolerance: float = 0.0) -> PairScore:
+    """The cheapest pair among those whose chosen score is within ``tolerance`` of the highest
+    (``held_out`` falls back to ``val`` when undefined).
 
-    Ties go to the first pair in sweep order (shallower fusion, then shallower safety layer).
+    Cheapest means the shallowest deepest block, since a check's forward stops there; among equally
+    cheap pairs the higher score wins, then sweep order (shallower fusion, then safety layer).
     """
     key = "held_out_auroc" if select_by == "held_out" else "val_auroc"
     if all(np.isnan(getattr(s, key)) for s in scores):
         key = "val_auroc"
-    return max(scores, key=lambda s: -np.inf if np.isnan(getattr(s, key)) else getattr(s, key))
+    scored = [s for s in scores if not np.isnan(getattr(s, key))]
+    if not scored:
+        return scores[0]
+    top = max(getattr(s, key) for s in scored)
+
+    def cost_then_score(s: PairScore) -> tuple[int, float]:
+        return max(s.fusion_layer, s.safety_layer), -getattr(s, key)
+
+    # min keeps the first of equal keys, so exact ties still go by sweep order.
+    return min((s for s in scored if getattr(s, key) >= top - tolerance), key=cost_then_score)
 
 
 def score_matrix(scores: list[PairScore], layers: tuple[int, ...], key: str) -> np.ndarray:
@@ -216,8 +242,11 @@ def score_matrix(scores: list[PairScore], layers: tuple[int, ...], key: str) -> 
     return matrix
 
 
-def resolve_layers(fusion_layer: int | str, safety_layer: int | str, select_by: str, sweep: Path) -> tuple[int, int]:
-    """The layers to train at: fixed ones as given, ``best`` ones from the sweep results in ``sweep``.
+def resolve_layers(
+    fusion_layer: int | str, safety_layer: int | str, select_by: str, sweep: Path, tolerance: float = 0.0
+) -> tuple[int, int]:
+    """The layers to train at: fixed ones as given, ``best`` ones from the sweep results in ``sweep``
+    (:func:`best_pair` with ``tolerance``).
 
     A layer fixed beside a ``best`` one restricts the choice to swept pairs that have it.
     """
@@ -235,5 +264,5 @@ def resolve_layers(fusion_layer: int | str, safety_layer: int | str, select_by: 
     ]
     if not allowed:
         raise SweepError(f"{sweep}: no swept pair has fusion layer {fusion_layer} and safety layer {safety_layer}")
-    best = best_pair(allowed, select_by)
+    best = best_pair(allowed, select_by, tolerance)
     return best.fusion_layer, best.safety_layer

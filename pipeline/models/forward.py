@@ -190,8 +190,8 @@ def grouped_states(
     size = len(groups[0].texts)
     if any(len(group.texts) != size for group in groups):
         raise ValueError("every group must hold the same number of texts")
-    if size == 1:
-        return _flat_states(model, groups, layers, reads)
+    if size == 1 and prefix_cache(model) is None:
+        return _flat_states(model, groups, layers, reads)  # reuse off: one plain forward, as before reuse
 
     # One batch per framing: the first also carries the image inputs, used once per group.
     encoded = [_encode(model, [group.requests()[k] for group in groups], MEAN in reads) for k in range(size)]
@@ -205,6 +205,8 @@ def grouped_states(
         member_masks = [_unpadded_masks(batch, mask) for (batch, mask) in encoded]
         masks = [[member_masks[k][g] for k in range(size)] for g in range(len(groups))]
         _check_counts([sum(m) for group in masks for m in group], [t for group in groups for t in group.texts])
+    if size == 1:
+        return _one_text_states(model, groups, sequences, masks, image_inputs, layers, device, reads)
     prefix_lengths = [shared_prefix_length(group) for group in sequences]
     if not all(
         _image_tokens(group[k][length:], model.image_token_ids) == 0
@@ -251,6 +253,36 @@ def grouped_states(
             None if starts is None else starts.select(bucket),
         )
     return out
+
+
+def _one_text_states(
+    model: ForwardModel,
+    groups: Sequence[RequestGroup],
+    sequences: Sequence[Sequence[Sequence[int]]],
+    masks: Masks | None,
+    image_inputs: dict[str, torch.Tensor],
+    layers: list[int],
+    device: torch.device,
+    reads: tuple[str, ...],
+) -> torch.Tensor:
+    """Groups of one text (a detector that reads one framing, such as the plain prompt), with reuse on.
+
+    Each row runs in one forward from the longest start it can reuse: one that rows of the batch
+    share (a long request's views), else the adapter's cached start; with neither, or with image
+    inputs (which a forward behind a start does not take), the plain forward.
+    """
+    if image_inputs:
+        return _flat_states(model, groups, layers, reads)
+    # Starts end before each row's last token, whose state is read.
+    before_last = [len(group[0]) - 1 for group in sequences]
+    starts = _shared_starts(model, groups, sequences, before_last, layers, device, masks)
+    if starts is None:
+        entry = _batch_prefix(model, sequences, before_last, masks, device, lambda: group_masks(model, groups))
+        if entry is None:
+            return _flat_states(model, groups, layers, reads)
+        starts = RowStarts.of_entry(entry, len(groups), max(layers) + 1)
+    # The shared prefix is the start itself: nothing runs before the one forward of every row's rest.
+    return _shared_prefix_states(model, sequences, starts.lengths, {}, layers, device, reads, masks, None, starts)
 
 
 def _flat_states(

@@ -16,6 +16,7 @@ from sklearn.exceptions import NotFittedError
 from pipeline.config import VARIANTS, TrainConfig
 from pipeline.detect.detector import (
     DELTA_ONLY,
+    DETECTORS,
     HS_DELTA,
     LSI,
     PLAIN,
@@ -30,7 +31,7 @@ from pipeline.detect.features import InMemoryFeatures, features_from_states
 from pipeline.detect.logistic import choose_plain_layer, fit_logistic, folded, positive_scores
 from pipeline.detect.probe import LSIProbe, ProbeMeta, train_probe
 from pipeline.detect.shipped import load_detector, save_detector
-from pipeline.detect.sweep import DetectorScore, choose_detector
+from pipeline.detect.sweep import FEWEST_INPUTS_FIRST, DetectorScore, choose_detector
 
 HIDDEN = 6
 LAYERS = (1, 3)
@@ -233,11 +234,34 @@ def test_a_detector_file_that_disagrees_with_its_metadata_is_refused(tmp_path: P
         load_detector(tmp_path / "missing")
 
 
-def test_best_keeps_lsi_unless_another_detector_transfers_better() -> None:
+def test_best_takes_the_highest_held_out_score_and_lsi_is_lsi() -> None:
+    scores = [DetectorScore(LSI, 0.9, {}), DetectorScore(PLAIN, 0.7, {}), DetectorScore(HS_DELTA, float("nan"), {})]
+    assert choose_detector(scores, "best").name == LSI
+    assert choose_detector(scores, "best", tolerance=0.1).name == LSI  # 0.2 behind is no tie
     scores = [DetectorScore(LSI, 0.7, {}), DetectorScore(PLAIN, 0.9, {}), DetectorScore(HS_DELTA, float("nan"), {})]
     assert choose_detector(scores, "best").name == PLAIN
     assert choose_detector(scores, "lsi").name == LSI
-    assert choose_detector([DetectorScore(LSI, 0.8, {}), DetectorScore(PLAIN, 0.8, {})], "best").name == LSI
+    # Nothing scored (every held-out group single-label): the method's own detector.
+    assert (
+        choose_detector([DetectorScore(LSI, float("nan"), {}), DetectorScore(PLAIN, float("nan"), {})], "best").name
+        == LSI
+    )
+
+
+def test_best_ships_the_detector_with_fewest_inputs_among_near_ties() -> None:
+    scores = [
+        DetectorScore(LSI, 0.897, {}),
+        DetectorScore(PLAIN_ALL, 0.893, {}),
+        DetectorScore(HS_DELTA, 0.890, {}),
+        DetectorScore(PLAIN, 0.878, {}),
+    ]
+    assert choose_detector(scores, "best").name == LSI  # no tolerance: the highest
+    assert choose_detector(scores, "best", tolerance=0.005).name == LSI  # two blocks before every block
+    assert choose_detector(scores, "best", tolerance=0.01).name == HS_DELTA  # no projector before LSI's
+    assert choose_detector(scores, "best", tolerance=0.02).name == PLAIN  # one block before two
+    # An exact tie is a tie: the plain probe (one block) ships rather than LSI (two, and a projector).
+    assert choose_detector([DetectorScore(LSI, 0.8, {}), DetectorScore(PLAIN, 0.8, {})], "best").name == PLAIN
+    assert FEWEST_INPUTS_FIRST[0] == PLAIN and set(FEWEST_INPUTS_FIRST) == set(DETECTORS)
 
 
 def _layered(labels: np.ndarray, layers: list[int], signal: dict[int, float], seed: int) -> dict[int, np.ndarray]:

@@ -198,7 +198,7 @@ def test_the_shortlist_ranks_nan_last_and_keeps_sweep_order() -> None:
     assert pairs_for_held_out(pairs, [0.7, float("nan"), 0.9, 0.7], 9) == pairs
 
 
-def test_best_pair_falls_back_to_validation_and_breaks_ties_by_order() -> None:
+def test_best_pair_falls_back_to_validation_and_breaks_exact_ties_by_order() -> None:
     nan = float("nan")
     scores = [
         PairScore(fusion_layer=1, safety_layer=1, val_auroc=0.7, held_out_auroc=nan),
@@ -211,6 +211,23 @@ def test_best_pair_falls_back_to_validation_and_breaks_ties_by_order() -> None:
         PairScore(fusion_layer=2, safety_layer=1, val_auroc=0.7, held_out_auroc=0.8),
     ]
     assert best_pair(scores, "held_out") == scores[1] and best_pair(scores, "val") == scores[0]
+
+
+def test_best_pair_takes_the_cheapest_of_the_near_tied_pairs() -> None:
+    nan = float("nan")
+    scores = [
+        PairScore(fusion_layer=9, safety_layer=15, val_auroc=0.96, held_out_auroc=0.865),
+        PairScore(fusion_layer=15, safety_layer=12, val_auroc=0.96, held_out_auroc=0.876),
+        PairScore(fusion_layer=15, safety_layer=15, val_auroc=0.96, held_out_auroc=0.886),
+        PairScore(fusion_layer=18, safety_layer=12, val_auroc=0.96, held_out_auroc=0.888),
+        PairScore(fusion_layer=3, safety_layer=3, val_auroc=0.90, held_out_auroc=nan),
+    ]
+    assert best_pair(scores, "held_out") == scores[3]  # no tolerance: the highest
+    # Within 0.02: every pair whose deepest block is 15 costs the same, and 15 / 15 scores highest.
+    assert best_pair(scores, "held_out", tolerance=0.02) == scores[2]
+    # 9 / 15 is 0.023 behind: no tie. An unscored pair never takes part, however cheap.
+    assert best_pair(scores[:1] + scores[3:], "held_out", tolerance=0.02) == scores[3]
+    assert best_pair(scores, "held_out", tolerance=0.03) == scores[2]
 
 
 def test_resolve_layers_takes_best_from_the_sweep(tmp_path: Path) -> None:
