@@ -70,7 +70,10 @@ def long_texts(guard: Guard, texts: list[str], tokens: int) -> list[str]:
 
 
 class ForwardClock:
-    """Seconds spent in the model's forwards, split into prefix forwards and the framings' (packed, 4-D mask)."""
+    """Seconds spent in the model's forwards, split into prefix forwards and the framings' (packed, 4-D mask).
+
+    For a detector that reads one prompt, "framings" is each request's rest behind the cached start.
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.seconds = {"prefix": 0.0, "framings": 0.0}
