@@ -56,7 +56,8 @@ from pipeline.config.prompts import PROMPT_POSITIONS
 from pipeline.detect.features import states_for_requests
 from pipeline.layout import INDEX
 from pipeline.models.base import ModelInfo, Request
-from pipeline.models.forward import ForwardModel, shared_prefix_length
+from pipeline.models.forward import ForwardModel
+from pipeline.models.prefix_forward import shared_prefix_length
 from pipeline.models.reference import reference_states
 
 RESULTS = Path("bench/results")

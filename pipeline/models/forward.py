@@ -46,12 +46,14 @@ from pipeline.models.prefix_cache import CachedPrefix, common_start, prefix_cach
 from pipeline.models.prefix_forward import (
     Masks,
     first_one,
+    length_buckets,
     pack_tails,
     packed_attention_mask,
     pad_rows,
     prefix_cache_and_sums,
     prefix_kv_cache,
     prefix_weights,
+    shared_prefix_length,
     tail_positions,
     tail_weights,
 )
@@ -145,18 +147,6 @@ def single_pass_states(model: ForwardModel, requests: Sequence[Request], layers:
     return run_to_layers(forward, model.blocks, layers, mask)
 
 
-def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common token prefix, leaving at least one token in every sequence's tail.
-
-    The last token must run in the tail forward: its state is what is read.
-    """
-    shortest = min(len(sequence) for sequence in sequences)
-    length = 0
-    while length < shortest - 1 and all(sequence[length] == sequences[0][length] for sequence in sequences):
-        length += 1
-    return length
-
-
 def _unpadded(batch: dict[str, torch.Tensor]) -> list[list[int]]:
     """Each row's real tokens, padding dropped."""
     return [
@@ -190,8 +180,12 @@ def grouped_states(
     size = len(groups[0].texts)
     if any(len(group.texts) != size for group in groups):
         raise ValueError("every group must hold the same number of texts")
-    if size == 1 and prefix_cache(model) is None:
-        return _flat_states(model, groups, layers, reads)  # reuse off: one plain forward, as before reuse
+    # One text a group takes one plain forward when reuse is off (as before reuse) or when the batch
+    # sends pixels (a forward behind a cached start takes none): decided before encoding, so the
+    # images are not processed twice.
+    pixels = bool(model.image_token_ids) and any(group.image is not None for group in groups)
+    if size == 1 and (prefix_cache(model) is None or pixels):
+        return _flat_states(model, groups, layers, reads)
 
     # One batch per framing: the first also carries the image inputs, used once per group.
     encoded = [_encode(model, [group.requests()[k] for group in groups], MEAN in reads) for k in range(size)]
@@ -271,7 +265,7 @@ def _one_text_states(
     share (a long request's views), else the adapter's cached start; with neither, or with image
     inputs (which a forward behind a start does not take), the plain forward.
     """
-    if image_inputs:
+    if image_inputs:  # grouped_states sends pixel batches to the plain forward before encoding them
         return _flat_states(model, groups, layers, reads)
     # Starts end before each row's last token, whose state is read.
     before_last = [len(group[0]) - 1 for group in sequences]
@@ -445,19 +439,3 @@ def group_masks(model: ForwardModel, groups: Sequence[RequestGroup]) -> list[lis
     encoded = [_encode(model, [group.requests()[k] for group in groups], True) for k in range(size)]
     members = [_unpadded_masks(batch, mask) for batch, mask in encoded]
     return [[members[k][g] for k in range(size)] for g in range(len(groups))]
-
-
-def length_buckets(lengths: Sequence[int], slack: float = 1.25, extra: int = 8) -> list[list[int]]:
-    """Indices grouped by similar length, so a padded batch wastes little on padding.
-
-    Sorted by length, a bucket grows while a row is at most ``slack`` times (plus ``extra``
-    tokens) as long as the bucket's shortest row.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    buckets: list[list[int]] = []
-    for i in order:
-        if buckets and lengths[i] <= slack * lengths[buckets[-1][0]] + extra:
-            buckets[-1].append(i)
-        else:
-            buckets.append([i])
-    return buckets

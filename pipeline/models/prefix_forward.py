@@ -48,6 +48,34 @@ class StopAfterCaching(DynamicCache):
         return keys_values
 
 
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common token prefix, leaving at least one token in every sequence's tail.
+
+    The last token must run in the tail forward: its state is what is read.
+    """
+    shortest = min(len(sequence) for sequence in sequences)
+    length = 0
+    while length < shortest - 1 and all(sequence[length] == sequences[0][length] for sequence in sequences):
+        length += 1
+    return length
+
+
+def length_buckets(lengths: Sequence[int], slack: float = 1.25, extra: int = 8) -> list[list[int]]:
+    """Indices grouped by similar length, so a padded batch wastes little on padding.
+
+    Sorted by length, a bucket grows while a row is at most ``slack`` times (plus ``extra``
+    tokens) as long as the bucket's shortest row.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets and lengths[i] <= slack * lengths[buckets[-1][0]] + extra:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
+
+
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows padded to one length, with their attention mask."""
     width = max(len(row) for row in rows)

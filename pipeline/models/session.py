@@ -40,7 +40,6 @@ from pipeline.models.forward import (
     _unpadded_masks,
     check_reads,
     image_inputs_of,
-    shared_prefix_length,
 )
 from pipeline.models.hooks import read_layers, run_to_layers, token_reader, weighted_sum_reader
 from pipeline.models.prefix_cache import CachedPrefix, reusable_prefix, template_length
@@ -49,6 +48,7 @@ from pipeline.models.prefix_forward import (
     pack_tails,
     packed_attention_mask,
     prefix_weights,
+    shared_prefix_length,
     tail_positions,
     tail_weights,
 )

@@ -35,9 +35,9 @@ from pipeline.detect.store import ActivationStore
 from pipeline.detect.store_schema import Provenance, StoreError
 from pipeline.models.base import ModelAdapter, Request
 from pipeline.models.embedded import EmbeddedAdapter
-from pipeline.models.forward import shared_prefix_length
 from pipeline.models.hf_vlm import HFVisionLanguageAdapter
 from pipeline.models.ocr import OCRLine
+from pipeline.models.prefix_forward import shared_prefix_length
 from pipeline.models.reference import reference_states
 from pipeline.testing.tiny_embedded import tiny_embedded, tiny_llama
 from tests.paths import PROJECT_ROOT

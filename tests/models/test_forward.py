@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from pipeline.models.base import Request, RequestGroup
-from pipeline.models.forward import length_buckets, shared_prefix_length
 from pipeline.models.hf_vlm import SUPPORTED, HFVisionLanguageAdapter
 from pipeline.models.prefix_cache import set_prefix_reuse
+from pipeline.models.prefix_forward import length_buckets, shared_prefix_length
 from pipeline.models.reference import reference_states
 from pipeline.testing.tiny_models import TINY_FAMILIES
 

@@ -94,6 +94,25 @@ def test_every_family_states_equal_without_reuse(
     states_both_ways(family_adapter, groups, ("last", "mean"), reuse)
 
 
+def test_one_prompt_with_pixels_is_encoded_once_under_reuse(
+    family_adapter: HFVisionLanguageAdapter, picture: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A forward behind a cached start takes no pixel values, so such a batch runs the plain forward;
+    # that is decided before encoding, so the images are processed once, not twice.
+    groups = groups_for("after", picture, True, ("plain",))
+    set_prefix_reuse(family_adapter, True)
+    calls = []
+    encode = family_adapter.encode
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return encode(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(family_adapter, "encode", counted)
+    family_adapter.group_states(groups, LAYERS)
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("names", FRAMINGS, ids=len)
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("with_image", [True, False])
