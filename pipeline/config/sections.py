@@ -224,7 +224,15 @@ class EvaluateConfig:
 
 
 # Wrapper families of the training augmentation (pipeline/data/augment.py).
-AUGMENT_FAMILIES: tuple[str, ...] = ("padding", "roleplay", "hypothetical", "ignore_previous", "framing", "claim")
+AUGMENT_FAMILIES: tuple[str, ...] = (
+    "padding",
+    "roleplay",
+    "hypothetical",
+    "ignore_previous",
+    "framing",
+    "claim",
+    "forged_turn",
+)
 
 
 @dataclass(frozen=True, kw_only=True)

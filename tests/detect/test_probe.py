@@ -15,6 +15,7 @@ from pipeline.detect.features import InMemoryFeatures, LSIFeatures
 from pipeline.detect.probe import (
     LSIProbe,
     ProbeMeta,
+    adam,
     best_epoch,
     class_weights,
     input_stats,
@@ -86,6 +87,34 @@ def test_training_is_reproducible() -> None:
     np.testing.assert_array_equal(a.score(val.features), b.score(val.features))
     c, _ = train_probe(train, val, replace(config, seed=1), progress=False)
     assert not np.array_equal(a.score(val.features), c.score(val.features))
+
+
+def test_fused_adam_is_the_same_update_as_the_per_tensor_loop() -> None:
+    """The fused kernel only reorders rounding: one step from the same weights lands within float error."""
+    config = TrainConfig(lr=1e-2, weight_decay=0.01)
+    torch.manual_seed(0)
+    h_s, delta, y = torch.randn(16, HIDDEN), torch.randn(16, HIDDEN), (torch.rand(16) > 0.5).float()
+    fused, loop = LSIProbe(HIDDEN), LSIProbe(HIDDEN)
+    loop.load_state_dict(fused.state_dict())
+    start = fused.projector.weight.detach().clone()
+    for model, is_fused in ((fused, True), (loop, False)):
+        optimiser = adam(model, config, fused=is_fused)
+        assert optimiser.defaults["fused"] is is_fused
+        for _ in range(3):
+            optimiser.zero_grad()
+            torch.nn.functional.binary_cross_entropy_with_logits(model(h_s, delta), y).backward()
+            optimiser.step()
+    assert not torch.equal(fused.projector.weight.detach(), start)  # the steps did move the weights
+    for name, value in fused.state_dict().items():
+        torch.testing.assert_close(value, loop.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_training_learns_with_either_adam() -> None:
+    train, val = source(256, 0), source(96, 1)
+    config = TrainConfig(lr=5e-3, epochs=15)
+    for fused in (True, False):
+        _, history = train_probe(train, val, config, progress=False, fused=fused)
+        assert best_epoch(history).val_auroc > 0.9, fused
 
 
 def test_save_and_load_safetensors_and_json(tmp_path: Path) -> None:
