@@ -19,7 +19,6 @@ Needs the default pipeline's store (``dvc repro sweep``). Prints a table and wri
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -35,6 +34,7 @@ from pipeline.detect.heldout import EvalData, in_source_setting, load_eval_data
 from pipeline.detect.probe import auroc_or_nan, train_probe
 from pipeline.detect.provenance import open_store
 from pipeline.detect.sweep import resolve_layers
+from pipeline.io import write_json_atomic
 from pipeline.layout import INDEX, STORE, SWEEP
 
 RESULTS = Path("bench/results")
@@ -86,25 +86,10 @@ def main() -> None:
         print(f"{way:16s} median {statistics.median(seconds[way]):6.2f} s  validation AUROC {aurocs[way]:.4f}")
     print(f"fused / per-tensor loop: {summary['median']:.2f}x ({summary['min']:.2f}-{summary['max']:.2f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "machine": platform.machine(),
-                "processor": platform.processor(),
-                "torch_threads": torch.get_num_threads(),
-                "pair": [lf, ls],
-                "train_rows": len(train),
-                "val_rows": len(val),
-                "epochs": params.train.epochs,
-                "seconds": seconds,
-                "val_auroc": aurocs,
-                "speedup": summary,
-            },
-            indent=2,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
+    record = {"machine": platform.machine(), "processor": platform.processor()}
+    record |= {"torch_threads": torch.get_num_threads(), "pair": [lf, ls], "epochs": params.train.epochs}
+    record |= {"train_rows": len(train), "val_rows": len(val), "seconds": seconds, "val_auroc": aurocs}
+    write_json_atomic(args.out, record | {"speedup": summary})
     print(f"wrote {args.out}")
 
 

@@ -11,14 +11,18 @@ the default run (the image, if any, is kept):
 - ``roleplay``: a role-play wrapper around the request (not one of the training wrappers);
 - ``forged_turn``: a closed turn and a forged compliant answer, control strings as plain text.
 
-Each perturbed request is scored under the three ``guard.views`` modes (see
+Each perturbed request is scored under every ``guard.views`` mode (see
 ``pipeline/defend/views.py``): ``whole`` (the request as one text), ``turns`` (also every stretch
-between control strings) and ``ends`` (turns, plus the first and last ``guard.view_words`` words).
+between control strings), ``ends`` (turns, plus the first and last ``guard.view_words`` words) and
+``sentences`` (ends, plus every sentence). A view shared by several requests or modes is scored once.
 Reported per mode, at the run's calibrated tau: the share of harmful requests refused under each
 perturbation (``none`` is the unperturbed baseline), and the share of benign requests flagged,
 unperturbed and padded, which is what a mode costs in false positives.
 
-    python bench/robustness.py            # the default run in this folder; ~5 min on 2 CPU cores
+    python bench/robustness.py                        # the test split of the default run in this folder
+    python bench/robustness.py --split val --limit 60 # a quicker look on validation rows
+
+The test split of the default run (about 190 requests of each label) took 35 minutes on 2 CPU cores.
 
 Prints a table and writes ``bench/results/robustness.json``.
 """

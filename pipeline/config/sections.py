@@ -271,7 +271,7 @@ GUARD_POLICIES: tuple[str, ...] = ("lsi", "ecso", "lsi_then_ecso")
 GUARD_DETECTORS: tuple[str, ...] = ("lsi", "best")
 
 
-GUARD_VIEWS: tuple[str, ...] = ("whole", "turns", "ends")  # see pipeline/defend/views.py
+GUARD_VIEWS: tuple[str, ...] = ("whole", "turns", "ends", "sentences")  # see pipeline/defend/views.py
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -284,8 +284,9 @@ class GuardConfig:
     image) turns into, ``refuse`` or ``answer``; either way it is logged and recorded.
     ``views``: what of a request is scored, the highest score deciding: ``whole`` (the request),
     ``turns`` (also each stretch between the model's control strings, so a forged turn cannot
-    dilute the request) or ``ends`` (turns, plus the first and last ``view_words`` words of a longer
-    request). ``detector``: what the train stage ships, ``lsi`` (the method's probe) or ``best`` (of LSI and
+    dilute the request), ``ends`` (turns, plus the first and last ``view_words`` words of a longer
+    request) or ``sentences`` (ends, plus every sentence of a request of more than one).
+    ``detector``: what the train stage ships, ``lsi`` (the method's probe) or ``best`` (of LSI and
     the linear probes on its states, the one with the highest mean held-out-source validation
     AUROC in the sweep stage).
     """

@@ -8,7 +8,11 @@ between control strings, as the turns the writer meant them to be, and keeps the
 Requests without control strings have one view, so their scores and the calibrated tau are
 untouched. ``ends`` adds the first and the last ``words`` words of a longer request, which
 bounds how far appended or prepended padding can dilute a harmful request, at the price of more
-benign requests flagged (``bench/robustness.py`` measures both).
+benign requests flagged (``bench/robustness.py`` measures both). ``sentences`` adds, to those of
+``ends``, every sentence of a request of more than one, so one neutral sentence beside a short
+request, or a wrapper around it, cannot dilute it either; a check then scores as many views as
+the request has sentences (in one batch), and every sentence is one more chance for a benign
+request to score above tau.
 """
 
 from __future__ import annotations
@@ -37,13 +41,26 @@ def ends(text: str, words: int) -> list[str]:
     return [" ".join(split[:words]), " ".join(split[-words:])]
 
 
+# A sentence ends at ., ! or ? followed by white space, or at a line break. A rule, not a parser: an
+# abbreviation ("e.g. this") splits too, which at worst adds a view.
+SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def sentences(text: str) -> list[str]:
+    """The non-blank sentences of ``text``, stripped, when it has more than one; else ``[]``."""
+    parts = [part.strip() for part in SENTENCE_BREAK.split(text) if part.strip()]
+    return parts if len(parts) > 1 else []
+
+
 def request_views(text: str, mode: str, control_strings: Sequence[str], words: int) -> list[str]:
     """The texts the guard scores for one request under view ``mode``: the whole text first, no repeats."""
     if mode not in VIEWS:
         raise ValueError(f"unknown view mode {mode!r}; choose one of {', '.join(VIEWS)}")
     views = [text]
-    if mode in ("turns", "ends"):
-        views += turns(text, control_strings)
-    if mode == "ends":
+    stretches = turns(text, control_strings) if mode != "whole" else []
+    views += stretches
+    if mode in ("ends", "sentences"):
         views += ends(text, words)
+    if mode == "sentences":
+        views += [sentence for part in stretches or [text] for sentence in sentences(part)]
     return list(dict.fromkeys(views))
