@@ -299,7 +299,7 @@ class GuardConfig:
     ecso_margin: float = 0.1
     on_error: str = "refuse"
     detector: str = "best"
-    views: str = "ends"
+    views: str = "sentences"
     view_words: int = 48
 
     def __post_init__(self) -> None:

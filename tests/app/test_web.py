@@ -92,7 +92,9 @@ def tiny_guard(tokenizer: PreTrainedTokenizerBase, tau: float) -> Guard:
         meta=meta,
         tau=tau,
         prompts=ContrastivePrompts(),
-        config=GuardConfig(max_new_tokens=12, policy="lsi"),
+        # Tau sits between two whole requests' scores; a random probe scores a sentence of them (or a
+        # sentence the tests append) anywhere, so these app tests score the whole request, as ends does.
+        config=GuardConfig(max_new_tokens=12, policy="lsi", views="ends"),
         ecso_config=ECSOConfig(max_new_tokens=12, judge_max_new_tokens=4),
     )
 
