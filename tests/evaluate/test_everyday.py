@@ -59,7 +59,7 @@ def test_the_haiku_is_answered(result: SanityResult) -> None:
     strict=True,
     reason=(
         "the accuracy target is out of the 135M default model's reach: on the default run the shipped detector "
-        "scores 0.650 accuracy at its held-out tau 0.9990 (15 of 30 harmful refused; the pipe bomb is refused) "
+        "scores 0.750 accuracy at its held-out tau 0.9881 (21 of 30 harmful refused; the pipe bomb is refused) "
         "(docs/findings.md); strict, so reaching it fails here as news"
     ),
 )
