@@ -5,7 +5,7 @@ Every layer-sweep pair and every held-out refit trains LSI, so a step's cost is 
 hidden x hidden projector, so the optimiser's update weighs as much as the forward and backward.
 This script trains the same probe (the run's pair from ``data/sweep/sweep.json``, or
 ``--pair``) on the in-source train split, its epoch chosen on the val split, both ways, in
-``--rounds`` rounds whose order alternates, and reports each way's seconds, the median ratio
+``--rounds`` rounds whose order rotates, and reports each way's seconds, the median ratio
 (with its range) and each way's validation AUROC. The two are the same update rounded in
 another order, so their weights drift apart over the steps; the AUROCs show whether that matters.
 
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from prefix_reuse import rotated, spread  # bench/prefix_reuse.py: the interleaved rounds' order and spread
 
 from pipeline.config import load_params
 from pipeline.data.index import read_index
@@ -50,7 +51,7 @@ def main() -> None:
     """Time both optimisers, print and write the figures."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", type=int, nargs=2, metavar=("FUSION", "SAFETY"), help="default: the sweep's pair")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of both ways, order alternating (>= 1)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of both ways, order rotating (>= 1)")
     parser.add_argument("--out", type=Path, default=RESULTS / "optimiser.json")
     args = parser.parse_args()
     if args.rounds < 1:
@@ -68,20 +69,14 @@ def main() -> None:
     seconds: dict[str, list[float]] = {way: [] for way in WAYS}
     aurocs: dict[str, float] = {}
     for round_ in range(args.rounds):
-        order = list(WAYS) if round_ % 2 == 0 else list(reversed(WAYS))
-        for way in order:
+        for way in rotated(list(WAYS), round_):
             start = time.perf_counter()
             probe, _ = train_probe(train, val, params.train, progress=False, fused=WAYS[way])
             seconds[way].append(time.perf_counter() - start)
             aurocs[way] = auroc_or_nan(val.labels, probe.score(val.features))
         print(f"round {round_ + 1}: " + ", ".join(f"{way} {seconds[way][-1]:.2f} s" for way in WAYS))
     ratios = [loop / fused for fused, loop in zip(seconds["fused"], seconds["per-tensor loop"], strict=True)]
-    summary = {
-        "median": statistics.median(ratios),
-        "min": min(ratios),
-        "max": max(ratios),
-        "rounds": ratios,
-    }
+    summary = spread(ratios)
     for way in WAYS:
         print(f"{way:16s} median {statistics.median(seconds[way]):6.2f} s  validation AUROC {aurocs[way]:.4f}")
     print(f"fused / per-tensor loop: {summary['median']:.2f}x ({summary['min']:.2f}-{summary['max']:.2f})")
