@@ -62,3 +62,12 @@ def check_installed(module: str, extra: str, feature: str) -> None:
         raise MissingExtraError(module=module, extra=extra, feature=feature, reason=f"no module named {module!r}")
     if spec.origin is None:
         raise MissingExtraError(module=module, extra=extra, feature=feature, reason=_LEFTOVER.format(module=module))
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be found (and is not a leftover folder), without importing it."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # a parent package that is missing, or a module without a spec
+        return False
+    return spec is not None and spec.origin is not None

@@ -19,7 +19,7 @@ import polars as pl
 from pipeline.config import HELD_OUT_BY, Params, load_params
 from pipeline.data.index import read_index
 from pipeline.detect.calibration import expected_calibration_error, load_calibration, reliability_rows
-from pipeline.detect.cluster_open import open_cluster
+from pipeline.detect.cluster_open import open_cluster, resolve_cluster
 from pipeline.detect.heldout import in_source_setting, load_eval_data, scoreable_groups
 from pipeline.detect.provenance import open_store
 from pipeline.detect.shipped import load_detector
@@ -128,7 +128,7 @@ def main() -> None:
     per_source = per_source_metrics(data, inside, scorers, taus, bootstrap)
     shipped_tau = (shipped.name, calibration.tau)
     held: dict[str, HeldOutResults] = {}
-    with open_cluster(params.cluster) as client:
+    with open_cluster(resolve_cluster(params.cluster, with_model=False)) as client:
         for by in held_out_groupings(params.train.held_out_by):
             groups = scoreable_groups(index, by, split="test")
             if len(groups) < 2:

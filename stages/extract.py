@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pipeline.config import load_params
 from pipeline.data.index import read_index
-from pipeline.detect.cluster_open import open_cluster, require_cluster
+from pipeline.detect.cluster_open import open_cluster, require_cluster, resolve_cluster
 from pipeline.detect.extraction import extract_to_store
 from pipeline.detect.store_swap import partial_path, recover_swap, swap_into_place
 from pipeline.layout import INDEX, STORE
@@ -26,13 +26,14 @@ def main() -> None:
     # An earlier good store is only replaced by a finished one, and a killed run never leaves a
     # store that looks finished under the final name.
     partial = partial_path(STORE)
-    require_cluster(params.cluster)
+    cluster = resolve_cluster(params.cluster, with_model=True)
+    require_cluster(cluster)
     gpus = 0
-    if params.cluster.local_workers:
+    if cluster.local_workers:
         from pipeline.detect.cluster_extraction import gpus_to_pin  # needs the 'cluster' extra, checked above
 
         gpus = gpus_to_pin(params.model)
-    with open_cluster(params.cluster, gpus) as client:
+    with open_cluster(cluster, gpus) as client:
         if client is None:
             adapter = load_adapter(params.model, params.limits.max_request_tokens)
             store = extract_to_store(adapter, index, params.prompts, params.extract, partial)

@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 from pipeline.config import load_params
 from pipeline.data.index import read_index
-from pipeline.detect.cluster_open import open_cluster
+from pipeline.detect.cluster_open import open_cluster, resolve_cluster
 from pipeline.detect.heldout import load_eval_data
 from pipeline.detect.provenance import open_store
 from pipeline.detect.sweep import best_pair, score_detectors, score_matrix, sweep_pairs
@@ -36,7 +36,7 @@ def main() -> None:
     params = load_params()
     index, store = read_index(INDEX), open_store(params, STORE)
     data = load_eval_data(index, store)
-    with open_cluster(params.cluster) as client:
+    with open_cluster(resolve_cluster(params.cluster, with_model=False)) as client:
         if client is None:
             scores = sweep_pairs(data, params.train)
         else:

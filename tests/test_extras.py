@@ -120,9 +120,12 @@ def test_the_stages_run_in_process_without_the_cluster_extra() -> None:
     result = run_without_extras(
         """
         from pipeline.config import ClusterConfig
-        from pipeline.detect.cluster_open import open_cluster
+        from pipeline.detect.cluster_open import open_cluster, resolve_cluster
         import stages.extract, stages.sweep, stages.evaluate, stages.compare
         with open_cluster(ClusterConfig()) as client:
+            assert client is None
+        # auto (the shipped default) falls back to in process when distributed is missing
+        with open_cluster(resolve_cluster(ClusterConfig(address="auto"), with_model=False)) as client:
             assert client is None
         assert "pipeline.detect.cluster" not in sys.modules
         print("ok")

@@ -108,13 +108,15 @@ LOCAL_CLUSTER = re.compile(r"local:(\d+)")
 
 
 def cluster_address(where: str, value: Any) -> None:
-    """Empty (in process), ``local:N`` (N >= 1 worker processes) or a scheduler address such as ``tcp://host:8786``."""
+    """``auto``, empty (in process), ``local:N`` (N >= 1 worker processes) or a scheduler address such as ``tcp://host:8786``."""
     if not isinstance(value, str):
         refuse(where, "text", value)
     local = LOCAL_CLUSTER.fullmatch(value)
-    if value == "" or (local and int(local.group(1)) >= 1) or SCHEDULER_ADDRESS.fullmatch(value):
+    if value in ("", "auto") or (local and int(local.group(1)) >= 1) or SCHEDULER_ADDRESS.fullmatch(value):
         return
-    refuse(where, "'' (in process), 'local:N' with N >= 1, or a scheduler address such as 'tcp://host:8786'", value)
+    refuse(
+        where, "'auto', '' (in process), 'local:N' with N >= 1, or a scheduler address such as 'tcp://host:8786'", value
+    )
 
 
 def mapping(where: str, value: Any) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from tqdm import tqdm
 
 from pipeline.config import ClusterConfig
+from pipeline.detect.cluster_open import available_cores
 from pipeline.errors import LSIGuardError
 
 log = logging.getLogger(__name__)
@@ -34,14 +34,6 @@ TRIM_SETTING = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 
 class ClusterError(LSIGuardError, RuntimeError):
     """A Dask scheduler that does not answer, or one without workers, named by its address."""
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which container limits and ``taskset`` narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def core_share(cores: int, task_threads_on_host: int) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from scipy.stats import sem
 from tqdm import tqdm
 
 from pipeline.config import LAYER_CHOICE, TrainConfig
@@ -117,10 +118,10 @@ def score_detectors(
 
 def choose_detector(scores: list[DetectorScore], choice: str, tolerance: float = 0.0) -> DetectorScore:
     """LSI for ``choice`` ``lsi``; for ``best`` the detector with the fewest inputs (:data:`FEWEST_INPUTS_FIRST`)
-    among those whose mean held-out AUROC is within ``tolerance`` of the highest (LSI when none has one).
+    among those whose mean held-out AUROC is within :func:`tie_margin` of the highest (LSI when none has one).
 
-    Detectors this close are not told apart by the validation rows (another CPU's rounding of the
-    same states moves their order), so the simpler one ships: it is cheaper and has less to overfit.
+    Detectors this close are not told apart by the validation rows, so the simpler one ships: it is
+    cheaper and has less to overfit.
     """
     by_name = {s.name: s for s in scores}
     if LSI not in by_name:
@@ -128,9 +129,23 @@ def choose_detector(scores: list[DetectorScore], choice: str, tolerance: float =
     scored = [s for s in scores if not np.isnan(s.held_out_auroc)]
     if choice == LSI or not scored:
         return by_name[LSI]
-    top = max(s.held_out_auroc for s in scored)
-    tied = [s for s in scored if s.held_out_auroc >= top - tolerance]
+    top = max(scored, key=lambda s: s.held_out_auroc)
+    margin = tie_margin(top, tolerance)
+    tied = [s for s in scored if s.held_out_auroc >= top.held_out_auroc - margin]
     return min(tied, key=lambda s: (_inputs_rank(s.name), -s.held_out_auroc))
+
+
+def tie_margin(top: DetectorScore, tolerance: float) -> float:
+    """How far below ``top`` a detector still ties with it: ``tolerance`` or one standard error, the larger.
+
+    The standard error is that of ``top``'s mean over its held-out groups (the one-standard-error
+    rule): a handful of small validation groups moves a mean by about that much, so a detector
+    within it is not shown to be worse. ``tolerance`` is the floor for float rounding (the same
+    states extracted on another CPU moved a score by 0.019).
+    """
+    groups = [v for v in top.per_group.values() if not np.isnan(v)]
+    error = float(sem(groups)) if len(groups) >= 2 else 0.0
+    return max(tolerance, error)
 
 
 def _inputs_rank(name: str) -> int:

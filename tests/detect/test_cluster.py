@@ -26,8 +26,9 @@ from PIL import Image
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from pipeline.config import CalibrateConfig, ClusterConfig, ConfigError, ContrastivePrompts, ExtractConfig
-from pipeline.detect.cluster import ClusterError, available_cores, cluster_client, core_share
+from pipeline.detect.cluster import ClusterError, cluster_client, core_share
 from pipeline.detect.cluster_extraction import extract_on_cluster
+from pipeline.detect.cluster_open import available_cores
 from pipeline.detect.cluster_sweep import sweep_pairs_on_cluster
 from pipeline.detect.extraction import ExtractionError, extract_to_store
 from pipeline.detect.heldout import load_eval_data
@@ -264,7 +265,7 @@ def test_no_address_means_in_process() -> None:
 
 
 @pytest.mark.parametrize(
-    "address", ["", "local:1", "local:16", "tcp://10.0.0.5:8786", "tls://scheduler", "tcp://[::1]:8786"]
+    "address", ["", "auto", "local:1", "local:16", "tcp://10.0.0.5:8786", "tls://scheduler", "tcp://[::1]:8786"]
 )
 def test_cluster_addresses_accepted(address: str) -> None:
     assert ClusterConfig(address=address).address == address
@@ -274,7 +275,7 @@ def test_cluster_addresses_accepted(address: str) -> None:
     "address", ["local:0", "local", "local:two", "10.0.0.5:8786", "http://h:8786", "tcp://h:8786/x", 3]
 )
 def test_cluster_addresses_refused(address: object) -> None:
-    with pytest.raises(ConfigError, match=r"cluster.address: expected (text|'' \(in process\), 'local:N')"):
+    with pytest.raises(ConfigError, match=r"cluster.address: expected (text|'auto', '' \(in process\), 'local:N')"):
         ClusterConfig(address=address)  # type: ignore[arg-type]
 
 

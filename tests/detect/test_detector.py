@@ -31,7 +31,7 @@ from pipeline.detect.features import InMemoryFeatures, features_from_states
 from pipeline.detect.logistic import choose_plain_layer, fit_logistic, folded, positive_scores
 from pipeline.detect.probe import LSIProbe, ProbeMeta, train_probe
 from pipeline.detect.shipped import load_detector, save_detector
-from pipeline.detect.sweep import FEWEST_INPUTS_FIRST, DetectorScore, choose_detector
+from pipeline.detect.sweep import FEWEST_INPUTS_FIRST, DetectorScore, choose_detector, tie_margin
 
 HIDDEN = 6
 LAYERS = (1, 3)
@@ -262,6 +262,19 @@ def test_best_ships_the_detector_with_fewest_inputs_among_near_ties() -> None:
     # An exact tie is a tie: the plain probe (one block) ships rather than LSI (two, and a projector).
     assert choose_detector([DetectorScore(LSI, 0.8, {}), DetectorScore(PLAIN, 0.8, {})], "best").name == PLAIN
     assert FEWEST_INPUTS_FIRST[0] == PLAIN and set(FEWEST_INPUTS_FIRST) == set(DETECTORS)
+
+
+def test_best_widens_the_tie_to_one_standard_error_of_the_best_over_its_groups() -> None:
+    steady = {"a": 0.90, "b": 0.90, "c": 0.90, "d": 0.90}  # no spread: the tolerance alone
+    noisy = {"a": 0.98, "b": 0.82, "c": 0.96, "d": 0.84}  # mean 0.90, standard error 0.041
+    assert tie_margin(DetectorScore(LSI, 0.90, steady), 0.02) == 0.02
+    assert tie_margin(DetectorScore(LSI, 0.90, noisy), 0.02) == pytest.approx(0.0408, abs=1e-4)
+    assert tie_margin(DetectorScore(LSI, 0.90, {"a": 0.9}), 0.02) == 0.02  # one group: no spread to read
+    behind = DetectorScore(PLAIN, 0.87, {"a": 0.87, "b": 0.87, "c": 0.87, "d": 0.87})
+    assert choose_detector([DetectorScore(LSI, 0.90, steady), behind], "best", tolerance=0.02).name == LSI
+    assert choose_detector([DetectorScore(LSI, 0.90, noisy), behind], "best", tolerance=0.02).name == PLAIN
+    far = DetectorScore(PLAIN, 0.85, {"a": 0.85, "b": 0.85, "c": 0.85, "d": 0.85})
+    assert choose_detector([DetectorScore(LSI, 0.90, noisy), far], "best", tolerance=0.02).name == LSI
 
 
 def _layered(labels: np.ndarray, layers: list[int], signal: dict[int, float], seed: int) -> dict[int, np.ndarray]:
