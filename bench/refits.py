@@ -33,14 +33,16 @@ import torch
 from pipeline.config import HELD_OUT_BY, load_params
 from pipeline.data.index import read_index
 from pipeline.detect.calibration import load_calibration
-from pipeline.detect.cluster_open import available_cores, open_cluster, resolve_cluster
+from pipeline.detect.cluster_open import open_cluster, resolve_cluster
+from pipeline.detect.cores import available_cores
 from pipeline.detect.heldout import load_eval_data, scoreable_groups
 from pipeline.detect.provenance import open_store
 from pipeline.detect.shipped import load_detector
 from pipeline.evaluate.detection import HeldOutResults, held_out_results
 from pipeline.evaluate.intervals import BootstrapSpec
+from pipeline.evaluate.refusal_direction import readout_from_adapter, refusal_scores, store_similarities
 from pipeline.layout import CALIBRATION, INDEX, PROBE_DIR, STORE
-from stages.evaluate import refusal_direction_scores
+from pipeline.models.registry import load_adapter
 
 RESULTS = Path("bench/results")
 
@@ -95,7 +97,10 @@ def main() -> None:
     tau = load_calibration(CALIBRATION).tau
     index = read_index(INDEX)
     store = open_store(params, STORE)
-    refusal = refusal_direction_scores(params, store)
+    # The refusal-direction baseline's scores, as the evaluate stage computes them.
+    readout = readout_from_adapter(load_adapter(params.model), params.evaluate.refusal_words)
+    layers, refusal_layers = list(store.provenance.layers), list(params.evaluate.refusal_layers)
+    refusal = refusal_scores(store_similarities(store, readout), layers, refusal_layers)
     data = load_eval_data(index, store, refusal)
     groups = scoreable_groups(index, by, split="test")
     bootstrap = BootstrapSpec(params.evaluate.bootstrap_resamples, params.evaluate.confidence, seed=params.train.seed)

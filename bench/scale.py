@@ -48,8 +48,8 @@ from threadpoolctl import threadpool_limits
 from pipeline.config import ClusterConfig, ExtractConfig, Params, TrainConfig, load_params
 from pipeline.detect.cluster import cluster_client
 from pipeline.detect.cluster_extraction import extract_on_cluster, model_loader
-from pipeline.detect.cluster_open import available_cores
 from pipeline.detect.cluster_sweep import sweep_pairs_on_cluster
+from pipeline.detect.cores import available_cores
 from pipeline.detect.extraction import extract_to_store
 from pipeline.detect.heldout import load_eval_data
 from pipeline.detect.store import ActivationStore

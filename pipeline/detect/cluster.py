@@ -23,7 +23,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from tqdm import tqdm
 
 from pipeline.config import ClusterConfig
-from pipeline.detect.cluster_open import available_cores
+from pipeline.detect.cores import available_cores
 from pipeline.errors import LSIGuardError
 
 log = logging.getLogger(__name__)

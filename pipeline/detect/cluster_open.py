@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from pipeline.config import ClusterConfig
+from pipeline.detect.cores import available_cores
 from pipeline.extras import installed, require
 
 if TYPE_CHECKING:
@@ -25,14 +25,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which container limits and ``taskset`` narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def auto_address(*, with_model: bool, cores: int, distributed_installed: bool) -> str:

@@ -28,8 +28,8 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from pipeline.config import CalibrateConfig, ClusterConfig, ConfigError, ContrastivePrompts, ExtractConfig
 from pipeline.detect.cluster import ClusterError, cluster_client, core_share
 from pipeline.detect.cluster_extraction import extract_on_cluster
-from pipeline.detect.cluster_open import available_cores
 from pipeline.detect.cluster_sweep import sweep_pairs_on_cluster
+from pipeline.detect.cores import available_cores
 from pipeline.detect.extraction import ExtractionError, extract_to_store
 from pipeline.detect.heldout import load_eval_data
 from pipeline.detect.store import ActivationStore
