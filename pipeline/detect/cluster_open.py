@@ -31,8 +31,11 @@ def auto_address(*, with_model: bool, cores: int, distributed_installed: bool) -
     """What ``cluster.address: auto`` means for one stage: ``local:<cores>`` or ``""`` (in process).
 
     Work without a model (the sweep's pairs, the held-out refits) is many small fits: one worker
-    process per core, each single-threaded, ran ``evaluate`` 2.7x faster than this process with
-    both cores (2 cores), where small BLAS calls spend their time handing work between threads.
+    process per core, each single-threaded, ran ``evaluate``'s refits 2.3-3.1x faster than this
+    process with both cores (``bench/refits.py``, 2 cores), where small BLAS calls spend their
+    time handing work between threads. The fits' sums are rounded in another order there, so a
+    row's score can differ from the in-process one (by up to 0.36 for LSI on the default run;
+    docs/cluster.md).
     A model's forward passes already use every core in one process, and a second copy of the
     model per worker only costs memory, so stages with a model stay in process (``local:N``
     places one worker per GPU). Without ``distributed`` (the 'cluster' extra) or with one core,
