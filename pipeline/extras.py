@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from importlib.machinery import ModuleSpec
 from types import ModuleType
 
 from pipeline.errors import LSIGuardError
@@ -54,10 +55,7 @@ def check_installed(module: str, extra: str, feature: str) -> None:
     For features whose import is deliberately late (gradio takes seconds): the check is a cheap
     look-up, so a missing extra is reported before any other work starts.
     """
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):  # a parent package that is missing, or a module without a spec
-        spec = None
+    spec = _find_spec(module)
     if spec is None:
         raise MissingExtraError(module=module, extra=extra, feature=feature, reason=f"no module named {module!r}")
     if spec.origin is None:
@@ -66,8 +64,13 @@ def check_installed(module: str, extra: str, feature: str) -> None:
 
 def installed(module: str) -> bool:
     """Whether ``module`` can be found (and is not a leftover folder), without importing it."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):  # a parent package that is missing, or a module without a spec
-        return False
+    spec = _find_spec(module)
     return spec is not None and spec.origin is not None
+
+
+def _find_spec(module: str) -> ModuleSpec | None:
+    """``module``'s import spec, or ``None`` when it cannot be found; nothing is imported."""
+    try:
+        return importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # a parent package that is missing, or a module without a spec
+        return None

@@ -22,7 +22,7 @@ from pipeline.config import ClusterConfig
 from pipeline.detect.cluster_open import open_cluster
 from pipeline.errors import LSIGuardError
 from pipeline.evaluate.judges.http_judge import HTTPJudge
-from pipeline.extras import MissingExtraError, check_installed, require
+from pipeline.extras import MissingExtraError, check_installed, installed, require
 from tests.paths import PROJECT_ROOT
 
 # The top-level modules each extra brings that the code imports itself. httpx is the serve
@@ -228,6 +228,15 @@ def test_a_leftover_folder_of_an_uninstalled_extra_is_not_the_extra(
         check_installed("leftover_extra", "demo", "lsi-guard demo")
     with pytest.raises(MissingExtraError, match=leftover):
         require("leftover_extra", "demo", "lsi-guard demo")
+    assert not installed("leftover_extra")
+
+
+def test_installed_finds_a_module_without_importing_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    assert installed("colorsys") and "colorsys" not in sys.modules
+    assert not installed("no_such_module_here") and not installed("no_such_package.child")
+    monkeypatch.setitem(sys.modules, "distributed", None)  # blocked, as when an extra is missing
+    assert not installed("distributed")
 
 
 def test_a_cluster_address_names_the_cluster_extra(monkeypatch: pytest.MonkeyPatch) -> None:
