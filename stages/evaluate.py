@@ -39,7 +39,7 @@ from pipeline.evaluate.markdown import markdown_table
 from pipeline.evaluate.metrics import per_group_metrics, roc_points
 from pipeline.evaluate.paired import held_out_comparison, in_source_paired, paired_markdown, paired_record
 from pipeline.evaluate.plots import plot_reliability, plot_roc
-from pipeline.evaluate.refusal_direction import readout_from_adapter, refusal_scores, store_similarities
+from pipeline.evaluate.refusal_direction import readout_from_adapter, store_refusal_scores
 from pipeline.io import replace_dir_atomic, write_json_atomic
 from pipeline.layout import CALIBRATION, EVAL_DIR, INDEX, PROBE_DIR, STORE
 from pipeline.models.registry import load_adapter
@@ -51,8 +51,7 @@ OUT = EVAL_DIR
 def refusal_direction_scores(params: Params, store: ActivationStore) -> np.ndarray:
     """The training-free HiddenDetect-style score of every store row (plain framing), from the model's head."""
     readout = readout_from_adapter(load_adapter(params.model), params.evaluate.refusal_words)
-    similarities = store_similarities(store, readout)
-    return refusal_scores(similarities, list(store.provenance.layers), list(params.evaluate.refusal_layers))
+    return store_refusal_scores(store, readout, list(params.evaluate.refusal_layers))
 
 
 def _markdown(table: pl.DataFrame) -> str:

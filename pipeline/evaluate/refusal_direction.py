@@ -229,3 +229,9 @@ def store_similarities(store: ActivationStore, readout: RefusalReadout, framing:
             raise ValueError(f"{store.path}: NaN states (unwritten rows) in rows {start}..{end - 1}")
         blocks.append(layer_similarities(block, readout))
     return np.concatenate(blocks, axis=0) if blocks else np.zeros((0, len(layers)))
+
+
+def store_refusal_scores(store: ActivationStore, readout: RefusalReadout, use_layers: Sequence[int]) -> np.ndarray:
+    """The refusal-direction score of every store row (its plain framing): :func:`refusal_scores` of
+    :func:`store_similarities` over ``use_layers`` (empty: every stored layer)."""
+    return refusal_scores(store_similarities(store, readout), list(store.provenance.layers), use_layers)

@@ -21,6 +21,7 @@ from pipeline.evaluate.refusal_direction import (
     readout_from_adapter,
     refusal_scores,
     refusal_token_ids,
+    store_refusal_scores,
     store_similarities,
 )
 from pipeline.models.base import Request
@@ -248,3 +249,6 @@ def test_store_similarities_read_one_framing_shard_by_shard(tmp_path: Path) -> N
         np.testing.assert_allclose(store_similarities(store, readout, framing), expected, rtol=1e-6)
     with pytest.raises(ValueError, match="unknown framing 'other'"):
         store_similarities(store, readout, "other")
+    plain = layer_similarities(states[:, provenance.variants.index("plain")], readout)
+    np.testing.assert_allclose(store_refusal_scores(store, readout, [3]), plain[:, 1], rtol=1e-6)
+    np.testing.assert_allclose(store_refusal_scores(store, readout, []), plain.sum(axis=1), rtol=1e-6)
