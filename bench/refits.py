@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ from pipeline.detect.provenance import open_store
 from pipeline.detect.shipped import load_detector
 from pipeline.evaluate.detection import HeldOutResults, held_out_results
 from pipeline.evaluate.intervals import BootstrapSpec
-from pipeline.evaluate.refusal_direction import readout_from_adapter, refusal_scores, store_similarities
+from pipeline.evaluate.refusal_direction import readout_from_adapter, store_refusal_scores
 from pipeline.layout import CALIBRATION, INDEX, PROBE_DIR, STORE
 from pipeline.models.registry import load_adapter
 
@@ -60,7 +61,7 @@ def numbers(tree: object, path: str = "") -> dict[str, float]:
     return {path: float(tree)} if isinstance(tree, int | float) and not isinstance(tree, bool) else {}
 
 
-def differences(a: HeldOutResults, b: HeldOutResults) -> dict[str, float | bool]:
+def differences(a: HeldOutResults, b: HeldOutResults) -> dict[str, Any]:
     """How far ``b`` is from ``a``: bit-identical scores or not, the largest score and metric gaps."""
     if a.scores.keys() != b.scores.keys() or any(a.scores[g].keys() != b.scores[g].keys() for g in a.scores):
         raise ValueError("the two paths scored different groups or detectors")
@@ -99,8 +100,7 @@ def main() -> None:
     store = open_store(params, STORE)
     # The refusal-direction baseline's scores, as the evaluate stage computes them.
     readout = readout_from_adapter(load_adapter(params.model), params.evaluate.refusal_words)
-    layers, refusal_layers = list(store.provenance.layers), list(params.evaluate.refusal_layers)
-    refusal = refusal_scores(store_similarities(store, readout), layers, refusal_layers)
+    refusal = store_refusal_scores(store, readout, list(params.evaluate.refusal_layers))
     data = load_eval_data(index, store, refusal)
     groups = scoreable_groups(index, by, split="test")
     bootstrap = BootstrapSpec(params.evaluate.bootstrap_resamples, params.evaluate.confidence, seed=params.train.seed)
