@@ -36,6 +36,7 @@ def auto_address(*, with_model: bool, cores: int, distributed_installed: bool) -
     time handing work between threads. The fits' sums are rounded in another order there, so a
     row's score can differ from the in-process one (by up to 0.36 for LSI on the default run;
     docs/cluster.md).
+
     A model's forward passes already use every core in one process, and a second copy of the
     model per worker only costs memory, so stages with a model stay in process (``local:N``
     places one worker per GPU). Without ``distributed`` (the 'cluster' extra) or with one core,
