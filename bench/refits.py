@@ -1,4 +1,5 @@
-"""The held-out refits of ``evaluate`` in this process against ``cluster.address: auto``, in the same run.
+"""The held-out refits of ``evaluate`` (or the ``sweep`` stage's fits) in this process against
+``cluster.address: auto``, in the same run.
 
 ``evaluate`` refits every detector once per held-out group (upstream, presentation, source): many
 small logistic-regression and LSI fits. This script runs one grouping's refits on the pipeline's
@@ -10,10 +11,16 @@ process and its workers spent, and how far the results are from the baseline's: 
 scores are bit for bit the same, the largest score gap and the largest gap in any metric (AUROC,
 TPR, the share flagged: thread counts round the fits differently, which can swap near-tied rows).
 
+``--stage sweep`` does the same for the sweep stage's fits (run ``dvc repro extract`` first): the
+layer pairs in-source and held out, then every detector on each held-out group at the chosen pair.
+It reports the largest pair and detector AUROC gaps and whether both paths choose the same pair
+and shipped detector.
+
     python bench/refits.py                      # the upstream grouping (train.held_out_by), 1 round
     python bench/refits.py --by presentation --rounds 2
+    python bench/refits.py --stage sweep --rounds 2
 
-Writes ``bench/results/refits.json``.
+Writes ``bench/results/refits.json`` (``--stage sweep``: ``refits_sweep.json``).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import HELD_OUT_BY, load_params
+from pipeline.config import HELD_OUT_BY, ClusterConfig, Params, load_params
 from pipeline.data.index import read_index
 from pipeline.detect.calibration import load_calibration
 from pipeline.detect.cluster_open import open_cluster, resolve_cluster
@@ -39,6 +46,7 @@ from pipeline.detect.cores import available_cores
 from pipeline.detect.heldout import load_eval_data, scoreable_groups
 from pipeline.detect.provenance import open_store
 from pipeline.detect.shipped import load_detector
+from pipeline.detect.sweep import SweepResult, choose_detector, sweep
 from pipeline.evaluate.detection import HeldOutResults, held_out_results
 from pipeline.evaluate.intervals import BootstrapSpec
 from pipeline.evaluate.refusal_direction import readout_from_adapter, store_refusal_scores
@@ -46,6 +54,8 @@ from pipeline.layout import CALIBRATION, INDEX, PROBE_DIR, STORE
 from pipeline.models.registry import load_adapter
 
 RESULTS = Path("bench/results")
+# Compares the in-process result (first) with the cluster's (second): JSON-ready figures.
+Compare = Callable[[Any, Any], dict[str, Any]]
 
 
 def cpu_seconds() -> float:
@@ -83,17 +93,40 @@ def differences(a: HeldOutResults, b: HeldOutResults) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    """Time one grouping's refits both ways, print and write the figures."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--by", choices=HELD_OUT_BY, help="held-out grouping (default: train.held_out_by)")
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS / "refits.json")
-    args = parser.parse_args()
-    if args.rounds < 1:
-        parser.error("--rounds: at least 1")
-    params = load_params()
-    by = args.by or params.train.held_out_by
+def sweep_differences(a: SweepResult, b: SweepResult, tolerance: float) -> dict[str, Any]:
+    """How far sweep ``b`` is from ``a``: bit-identical or not, the largest pair and detector AUROC gaps,
+    and whether both choose the same pair and (by ``guard.detector: best`` at ``tolerance``) detector."""
+    if [(p.fusion_layer, p.safety_layer) for p in a.pairs] != [(p.fusion_layer, p.safety_layer) for p in b.pairs]:
+        raise ValueError("the two sweeps scored different layer pairs")
+    if [(d.name, list(d.per_group)) for d in a.detectors] != [(d.name, list(d.per_group)) for d in b.detectors]:
+        raise ValueError("the two sweeps scored different detectors or groups")
+    pair_gaps = [
+        abs(getattr(p, key) - getattr(q, key))
+        for p, q in zip(a.pairs, b.pairs, strict=True)
+        for key in ("val_auroc", "held_out_auroc")
+        if not np.isnan(getattr(p, key) - getattr(q, key))
+    ]
+    detector_gaps = {
+        d.name: _largest_gap(d.per_group, e.per_group) for d, e in zip(a.detectors, b.detectors, strict=True)
+    }
+    chosen = [choose_detector(r.detectors, "best", tolerance).name for r in (a, b)]
+    return {
+        "identical_scores": repr(a) == repr(b),  # repr: every float to the last bit, NaN equal to NaN
+        "max_pair_gap": max(pair_gaps, default=0.0),
+        "max_detector_gap": max(detector_gaps.values(), default=0.0),
+        "max_detector_gap_by_detector": detector_gaps,
+        "same_pair": (a.best.fusion_layer, a.best.safety_layer) == (b.best.fusion_layer, b.best.safety_layer),
+        "same_detector": chosen[0] == chosen[1],
+    }
+
+
+def _largest_gap(a: dict[str, float], b: dict[str, float]) -> float:
+    """The largest gap between two groups-to-AUROC maps' values (NaN on either side skipped)."""
+    return max((abs(v - b[g]) for g, v in a.items() if not np.isnan(v - b[g])), default=0.0)
+
+
+def evaluate_paths(params: Params, by: str, auto: ClusterConfig) -> tuple[str, dict[str, Callable[[], Any]], Compare]:
+    """``evaluate``'s held-out refits for grouping ``by``, in process and on ``auto``'s cluster."""
     shipped, meta = load_detector(PROBE_DIR)
     tau = load_calibration(CALIBRATION).tau
     index = read_index(INDEX)
@@ -104,13 +137,6 @@ def main() -> None:
     data = load_eval_data(index, store, refusal)
     groups = scoreable_groups(index, by, split="test")
     bootstrap = BootstrapSpec(params.evaluate.bootstrap_resamples, params.evaluate.confidence, seed=params.train.seed)
-    auto = resolve_cluster(replace(params.cluster, address="auto"), with_model=False)
-    if not auto.address:
-        raise SystemExit(f"cluster.address auto runs in process here ({available_cores()} core(s)): nothing to compare")
-    print(
-        f"{len(index)} rows, {len(groups)} held-out {by} groups, shipped {shipped.name} (tau {tau:.4f}); "
-        f"in process (torch threads {torch.get_num_threads()}) against auto = {auto.address}"
-    )
     common = (params.train, params.calibrate, meta.fusion_layer, meta.safety_layer, groups, (shipped.name, tau))
 
     def in_process() -> HeldOutResults:
@@ -123,9 +149,54 @@ def main() -> None:
             assert client is not None
             return held_out_results_on_cluster(client, store, index, refusal, *common, bootstrap, by)
 
-    paths: dict[str, Callable[[], HeldOutResults]] = {"in process": in_process, f"auto ({auto.address})": on_cluster}
+    about = f"{len(index)} rows, {len(groups)} held-out {by} groups, shipped {shipped.name} (tau {tau:.4f})"
+    return about, {"in process": in_process, f"auto ({auto.address})": on_cluster}, differences
+
+
+def sweep_paths(params: Params, auto: ClusterConfig) -> tuple[str, dict[str, Callable[[], Any]], Compare]:
+    """The sweep stage's fits (the pairs' two halves, then the detectors), in process and on ``auto``'s cluster."""
+    index = read_index(INDEX)
+    store = open_store(params, STORE)
+    data = load_eval_data(index, store)
+
+    def on_cluster() -> SweepResult:
+        from pipeline.detect.cluster_sweep import sweep_on_cluster  # needs the 'cluster' extra
+
+        with open_cluster(auto) as client:
+            assert client is not None
+            return sweep_on_cluster(client, store, index, params.train, progress=False)
+
+    paths: dict[str, Callable[[], Any]] = {
+        "in process": lambda: sweep(data, params.train, progress=False),
+        f"auto ({auto.address})": on_cluster,
+    }
+    groups = scoreable_groups(index, params.train.held_out_by)
+    about = f"{len(index)} rows, layers {list(data.layers)}, {len(groups)} held-out {params.train.held_out_by} groups"
+    return about, paths, lambda a, b: sweep_differences(a, b, params.train.select_tolerance)
+
+
+def main() -> None:
+    """Time one stage's fits both ways, print and write the figures."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=("evaluate", "sweep"), default="evaluate")
+    parser.add_argument("--by", choices=HELD_OUT_BY, help="evaluate's held-out grouping (default: train.held_out_by)")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--out", type=Path, help="default: bench/results/refits.json (sweep: refits_sweep.json)")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
+    params = load_params()
+    by = args.by or params.train.held_out_by
+    auto = resolve_cluster(replace(params.cluster, address="auto"), with_model=False)
+    if not auto.address:
+        raise SystemExit(f"cluster.address auto runs in process here ({available_cores()} core(s)): nothing to compare")
+    if args.stage == "sweep":
+        about, paths, compare = sweep_paths(params, auto)
+    else:
+        about, paths, compare = evaluate_paths(params, by, auto)
+    print(f"{args.stage}: {about}; in process (torch threads {torch.get_num_threads()}) against auto = {auto.address}")
     rounds: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
-    results: dict[str, HeldOutResults] = {}
+    results: dict[str, Any] = {}
     for _ in range(args.rounds):
         for name, run in paths.items():
             cpu, start = cpu_seconds(), time.perf_counter()
@@ -141,33 +212,32 @@ def main() -> None:
             "seconds": fastest["seconds"],
             "cpu_seconds": fastest["cpu_seconds"],
             "speedup": base / fastest["seconds"],
-            **differences(results[base_name], results[name]),
+            **compare(results[base_name], results[name]),
             "rounds": rounds[name],
         }
         rows.append(row)
         print(
             f"{name:18s} {row['seconds']:7.1f} s  {row['speedup']:5.2f}x  CPU {row['cpu_seconds']:7.1f} s  "
-            f"scores identical to in process: {row['identical_scores']} (largest gap "
-            f"{row['max_score_gap']:.2g}; largest AUROC gap {row['max_auroc_gap']:.3f}, largest metric gap "
-            f"{row['max_metric_gap']:.3f} at {row['max_metric_gap_at'] or '-'})"
+            f"identical to in process: {row['identical_scores']}"
         )
-        print(
-            "  largest score gap per detector: "
-            + ", ".join(f"{d} {gap:.2g}" for d, gap in row["max_score_gap_by_detector"].items())
-        )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+        gaps = {k: v for k, v in row.items() if k.startswith(("max_", "same_")) and not isinstance(v, dict)}
+        print("  " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in gaps.items()))
+        by_detector = row.get("max_score_gap_by_detector") or row.get("max_detector_gap_by_detector") or {}
+        print("  largest gap per detector: " + ", ".join(f"{d} {gap:.2g}" for d, gap in by_detector.items()))
+    out = args.out or RESULTS / ("refits.json" if args.stage == "evaluate" else "refits_sweep.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "machine": platform.machine(),
         "processor": platform.processor(),
         "cores": available_cores(),
         "torch_threads": torch.get_num_threads(),
-        "rows": len(index),
-        "held_out_by": by,
-        "groups": groups,
+        "stage": args.stage,
+        "rows": len(read_index(INDEX)),
+        "held_out_by": by if args.stage == "evaluate" else params.train.held_out_by,
         "paths": rows,
     }
-    args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pipeline.data.index import read_index
 from pipeline.detect.cluster_open import open_cluster, resolve_cluster
 from pipeline.detect.heldout import load_eval_data
 from pipeline.detect.provenance import open_store
-from pipeline.detect.sweep import best_pair, score_detectors, score_matrix, sweep_pairs
+from pipeline.detect.sweep import score_matrix, sweep
 from pipeline.evaluate.plots import plot_heatmap
 from pipeline.io import replace_dir_atomic, write_json_atomic
 from pipeline.layout import INDEX, STORE, SWEEP, SWEEP_DIR, SWEEP_PLOT
@@ -35,25 +35,24 @@ def main() -> None:
     """Sweep, then write the scores, the chosen pair and the heatmaps."""
     params = load_params()
     index, store = read_index(INDEX), open_store(params, STORE)
-    data = load_eval_data(index, store)
     with open_cluster(resolve_cluster(params.cluster, with_model=False)) as client:
         if client is None:
-            scores = sweep_pairs(data, params.train)
+            result = sweep(load_eval_data(index, store), params.train)
         else:
-            # On a cluster each pair is a task, and each worker reads the store itself. Imported only
+            # On a cluster each fit is a task, and each worker reads the store itself. Imported only
             # here: it imports distributed (the 'cluster' extra, which open_cluster checked).
-            from pipeline.detect.cluster_sweep import sweep_pairs_on_cluster
+            from pipeline.detect.cluster_sweep import sweep_on_cluster
 
-            scores = sweep_pairs_on_cluster(client, store, index, params.train)
-    best = best_pair(scores, params.train.select_by, params.train.select_tolerance)
-    detectors = score_detectors(data, params.train, best.fusion_layer, best.safety_layer)
+            result = sweep_on_cluster(client, store, index, params.train)
+    layers = tuple(store.provenance.layers)
+    scores, best, detectors = result.pairs, result.best, result.detectors
     # Built beside data/sweep and swapped in whole (persist: true in dvc.yaml).
     with replace_dir_atomic(OUT) as out:
         for key, title in TITLES.items():
             plot_heatmap(
-                score_matrix(scores, data.layers, key),
-                row_labels=list(data.layers),
-                col_labels=list(data.layers),
+                score_matrix(scores, layers, key),
+                row_labels=list(layers),
+                col_labels=list(layers),
                 path=out / f"{key}.png",
                 title=title,
                 xlabel="safety layer (h_s)",
@@ -62,7 +61,7 @@ def main() -> None:
         write_json_atomic(
             out / SWEEP.name,
             {
-                "layers": list(data.layers),
+                "layers": list(layers),
                 "select_by": params.train.select_by,
                 "held_out_by": params.train.held_out_by,
                 "best": asdict(best),

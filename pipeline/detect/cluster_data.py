@@ -10,6 +10,8 @@ to replace a dead one reads it again, the same way.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,18 @@ def share_eval_data(
 def release_eval_data(client: Client) -> None:
     """Free the workers' copies of the states."""
     client.unregister_worker_plugin(EVAL_DATA_PLUGIN)
+
+
+@contextmanager
+def eval_data_shared(
+    client: Client, store: ActivationStore, index: pl.DataFrame, refusal: np.ndarray | None = None
+) -> Iterator[None]:
+    """:func:`share_eval_data` for the ``with`` block's tasks, released when it ends (on an error too)."""
+    share_eval_data(client, store, index, refusal)
+    try:
+        yield
+    finally:
+        release_eval_data(client)
 
 
 def worker_eval_data() -> EvalData:

@@ -83,15 +83,20 @@ class DetectorScore:
     per_group: dict[str, float]
 
 
-def held_out_settings(data: EvalData, by: str) -> list[Setting]:
+def held_out_settings(index: pl.DataFrame, by: str) -> list[Setting]:
     """:func:`held_out_validation` for every group of column ``by`` whose scored rows, and whose
     complement's training rows, hold both labels.
 
     The folds are scikit-learn's ``LeaveOneGroupOut`` (:func:`~pipeline.detect.heldout.group_folds`).
     """
-    labels, scoreable = data.labels, set(scoreable_groups(data.index, by))
-    settings = [validation_setting(data.index, f) for f in group_folds(data.index, by) if f.group in scoreable]
+    labels, scoreable = index["label"].to_numpy(), set(scoreable_groups(index, by))
+    settings = [validation_setting(index, f) for f in group_folds(index, by) if f.group in scoreable]
     return [s for s in settings if len(np.unique(labels[s.train])) == 2 and len(np.unique(labels[s.test])) == 2]
+
+
+def held_out_group(setting: Setting) -> str:
+    """The group a :func:`validation_setting` holds out (its name after the colon)."""
+    return setting.name.split(":", 1)[1]
 
 
 def score_detectors(
@@ -102,16 +107,26 @@ def score_detectors(
 
     The mean over groups is what the guard's ``best`` detector is chosen by; test rows stay unread.
     """
-    labels, settings = data.labels, held_out_settings(data, config.held_out_by)
+    settings = held_out_settings(data.index, config.held_out_by)
+    aurocs = [
+        [detector_auroc(data, s, name, config, lf, ls) for s in settings]
+        for name in tqdm(names, desc="detectors", disable=not progress)
+    ]
+    return detector_scores(names, [held_out_group(s) for s in settings], aurocs)
+
+
+def detector_auroc(data: EvalData, setting: Setting, name: str, config: TrainConfig, lf: int, ls: int) -> float:
+    """Detector ``name`` fitted on ``setting``'s training rows: its AUROC on the setting's scored rows."""
+    detector = fit_detector(data, setting, name, config, lf, ls)
+    return auroc_or_nan(data.labels[setting.test], data.scores(detector, setting.test))
+
+
+def detector_scores(names: tuple[str, ...], groups: list[str], aurocs: list[list[float]]) -> list[DetectorScore]:
+    """One :class:`DetectorScore` per name from its AUROC per group (``aurocs[detector][group]``)."""
     results = []
-    for name in tqdm(names, desc="detectors", disable=not progress):
-        per_group = {
-            s.name.split(":", 1)[1]: auroc_or_nan(
-                labels[s.test], data.scores(fit_detector(data, s, name, config, lf, ls), s.test)
-            )
-            for s in settings
-        }
-        mean = float(np.mean(list(per_group.values()))) if per_group else float("nan")
+    for name, row in zip(names, aurocs, strict=True):
+        per_group = dict(zip(groups, row, strict=True))
+        mean = float(np.mean(row)) if row else float("nan")
         results.append(DetectorScore(name, mean, per_group))
     return results
 
@@ -174,13 +189,31 @@ def sweep_pairs(data: EvalData, config: TrainConfig, progress: bool = True) -> l
         val_score(data, inside, config, lf, ls)
         for lf, ls in tqdm(pairs, desc="layer sweep, in-source", disable=not progress)
     ]
-    held_out = held_out_settings(data, config.held_out_by)
+    held_out = held_out_settings(data.index, config.held_out_by)
     chosen = pairs_for_held_out(pairs, val, config.held_out_pairs)
     cross = {
         pair: held_out_score(data, held_out, config, *pair)
         for pair in tqdm(chosen, desc="layer sweep, held-out", disable=not progress)
     }
     return pair_scores(pairs, val, cross)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What the sweep stage writes: every pair's scores, the pair chosen from them, and each detector's
+    held-out validation scores at that pair."""
+
+    pairs: list[PairScore]
+    best: PairScore
+    detectors: list[DetectorScore]
+
+
+def sweep(data: EvalData, config: TrainConfig, progress: bool = True) -> SweepResult:
+    """:func:`sweep_pairs`, the :func:`best_pair` by ``config.select_by``, then :func:`score_detectors` there."""
+    pairs = sweep_pairs(data, config, progress)
+    best = best_pair(pairs, config.select_by, config.select_tolerance)
+    detectors = score_detectors(data, config, best.fusion_layer, best.safety_layer, progress=progress)
+    return SweepResult(pairs, best, detectors)
 
 
 def layer_pairs(layers: tuple[int, ...]) -> list[tuple[int, int]]:

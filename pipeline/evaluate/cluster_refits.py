@@ -11,7 +11,7 @@ from distributed import Client
 
 from pipeline.config import CalibrateConfig, TrainConfig
 from pipeline.detect.cluster import gather_with_progress, use_core_share
-from pipeline.detect.cluster_data import release_eval_data, share_eval_data, worker_eval_data
+from pipeline.detect.cluster_data import eval_data_shared, worker_eval_data
 from pipeline.detect.store import ActivationStore
 from pipeline.evaluate.detection import HeldOutResults, group_results, merge_held_out
 from pipeline.evaluate.intervals import BootstrapSpec
@@ -54,9 +54,8 @@ def held_out_results_on_cluster(
     :func:`~pipeline.detect.heldout.load_eval_data` takes it), or ``None``. Same results, same order.
     ``progress``: a progress bar over the groups as their tasks finish.
     """
-    share_eval_data(client, store, index, refusal)
     run = uuid.uuid4().hex[:8]
-    try:
+    with eval_data_shared(client, store, index, refusal):
         futures = [
             client.submit(
                 group_results_task,
@@ -76,5 +75,3 @@ def held_out_results_on_cluster(
         return merge_held_out(
             gather_with_progress(client, futures, desc=f"held out by {by}", progress=progress, unit="group")
         )
-    finally:
-        release_eval_data(client)

@@ -1,10 +1,11 @@
-"""bench/refits.py's comparison of two held-out results: identical scores, and the largest gaps."""
+"""bench/refits.py's comparisons of two held-out results and of two sweeps: identical or not, the largest gaps."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from pipeline.detect.sweep import DetectorScore, PairScore, SweepResult
 from pipeline.evaluate.detection import HeldOutResults
 from tests.bench.test_interleaved_ratios import bench_module
 
@@ -31,3 +32,29 @@ def test_differences_report_identical_scores_and_the_largest_gaps() -> None:
     assert moved["max_auroc_gap"] == pytest.approx(0.05) and moved["max_metric_gap_at"] == "/b/lsi/auroc"
     with pytest.raises(ValueError, match="different groups or detectors"):
         refits.differences(results([0.2, 0.5, 0.7], 0.8), HeldOutResults())
+
+
+def sweep_result(lsi_beta: float, pair_val: float) -> SweepResult:
+    """Two pairs and two detectors over two groups; LSI's 'beta' AUROC and the first pair's as given."""
+    pairs = [PairScore(fusion_layer=1, safety_layer=1, val_auroc=pair_val, held_out_auroc=float("nan"))]
+    pairs.append(PairScore(fusion_layer=1, safety_layer=2, val_auroc=0.7, held_out_auroc=0.8))
+    detectors = [
+        DetectorScore("lsi", (0.9 + lsi_beta) / 2, {"alpha": 0.9, "beta": lsi_beta}),
+        DetectorScore("logreg_plain", 0.8, {"alpha": 0.8, "beta": 0.8}),
+    ]
+    return SweepResult(pairs, pairs[1], detectors)
+
+
+def test_sweep_differences_report_the_gaps_and_whether_the_choices_agree() -> None:
+    refits = bench_module("refits")
+    same = refits.sweep_differences(sweep_result(0.9, 0.6), sweep_result(0.9, 0.6), 0.02)
+    assert same["identical_scores"] and same["max_pair_gap"] == 0.0 and same["max_detector_gap"] == 0.0
+    assert same["same_pair"] and same["same_detector"]
+    # LSI falls from 0.9 to 0.6 on 'beta': the plain probe now ships instead.
+    moved = refits.sweep_differences(sweep_result(0.9, 0.6), sweep_result(0.6, 0.65), 0.02)
+    assert not moved["identical_scores"] and not moved["same_detector"] and moved["same_pair"]
+    assert moved["max_pair_gap"] == pytest.approx(0.05) and moved["max_detector_gap"] == pytest.approx(0.3)
+    assert moved["max_detector_gap_by_detector"] == {"lsi": pytest.approx(0.3), "logreg_plain": 0.0}
+    other = sweep_result(0.9, 0.6)
+    with pytest.raises(ValueError, match="different detectors or groups"):
+        refits.sweep_differences(other, SweepResult(other.pairs, other.best, other.detectors[:1]), 0.02)

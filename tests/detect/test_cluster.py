@@ -27,14 +27,15 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 from pipeline.config import CalibrateConfig, ClusterConfig, ConfigError, ContrastivePrompts, ExtractConfig
 from pipeline.detect.cluster import ClusterError, cluster_client, core_share
+from pipeline.detect.cluster_data import EVAL_DATA_PLUGIN
 from pipeline.detect.cluster_extraction import extract_on_cluster
-from pipeline.detect.cluster_sweep import sweep_pairs_on_cluster
+from pipeline.detect.cluster_sweep import sweep_on_cluster, sweep_pairs_on_cluster
 from pipeline.detect.cores import available_cores
 from pipeline.detect.extraction import ExtractionError, extract_to_store
 from pipeline.detect.heldout import load_eval_data
 from pipeline.detect.store import ActivationStore
 from pipeline.detect.store_schema import Provenance, StoreError
-from pipeline.detect.sweep import sweep_pairs
+from pipeline.detect.sweep import sweep, sweep_pairs
 from pipeline.evaluate.cluster_refits import held_out_results_on_cluster
 from pipeline.evaluate.detection import held_out_results
 from pipeline.evaluate.intervals import BootstrapSpec
@@ -210,6 +211,20 @@ def test_sweep_on_the_cluster_equals_the_in_process_sweep(
     found = sweep_pairs_on_cluster(client, store, index, config, progress=False)
     assert len(found) == len(SYNTHETIC_LAYERS) ** 2
     assert repr(found) == repr(expected)  # repr: every float to the last bit, NaN equal to NaN
+
+
+def test_sweep_and_detector_scores_on_the_cluster_equal_the_in_process_ones(
+    client: Client, synthetic_store: tuple[ActivationStore, pl.DataFrame, np.ndarray]
+) -> None:
+    store, index, _ = synthetic_store
+    config = replace(CONFIG, epochs=3, held_out_pairs=2)
+    with workers_thread_count():
+        expected = sweep(load_eval_data(index, store), config, progress=False)
+    found = sweep_on_cluster(client, store, index, config, progress=False)
+    assert len(found.detectors) == 6 and list(found.detectors[0].per_group) == ["alpha", "beta", "gamma"]
+    assert repr(found) == repr(expected)  # repr: every float to the last bit, NaN equal to NaN
+    holding = client.run(lambda dask_worker: EVAL_DATA_PLUGIN in dask_worker.plugins)
+    assert len(holding) == WORKERS and not any(holding.values())  # the states are released afterwards
 
 
 def test_held_out_refits_on_the_cluster_equal_the_in_process_ones(

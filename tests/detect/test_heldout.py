@@ -110,7 +110,7 @@ def _data(index: pl.DataFrame, seed: int = 0) -> EvalData:
 def test_sweep_settings_and_calibration_scores_follow_the_configured_grouping() -> None:
     index = index_of_upstreams()
     data = _data(index)
-    settings = held_out_settings(data, "upstream")
+    settings = held_out_settings(data.index, "upstream")
     assert sorted(s.name.split(":", 1)[1] for s in settings) == sorted(u for u, _ in UPSTREAMS)
     for s in settings:
         held = s.name.split(":", 1)[1]

@@ -36,11 +36,13 @@ from pipeline.detect.sweep import (
     PairScore,
     SweepError,
     best_pair,
+    detector_auroc,
     held_out_settings,
     held_out_validation,
     pairs_for_held_out,
     resolve_layers,
     score_matrix,
+    sweep,
     sweep_pairs,
 )
 from pipeline.evaluate.detection import (
@@ -173,6 +175,27 @@ def test_sweep_finds_the_planted_pair_and_never_reads_test_rows() -> None:
     matrix = score_matrix(scores, LAYERS, "val_auroc")
     assert matrix.shape == (3, 3) and matrix[2].min() > matrix[0].max()
     assert set(data.index["source"][held_out_validation(data.index, "source", "beta").test]) == {"beta"}
+
+
+def test_sweep_scores_every_detector_on_each_held_out_group_at_the_chosen_pair() -> None:
+    data = synthetic_data(refusal=False)
+    test_rows = np.flatnonzero(data.index["split"].to_numpy() == "test")
+    poisoned = data.states.copy()
+    poisoned[test_rows] = np.nan  # the detectors, like the pairs, never read a test row
+    config = replace(CONFIG, epochs=6, held_out_pairs=3)
+    result = sweep(replace(data, states=poisoned), config, progress=False)
+    assert repr(result.pairs) == repr(sweep_pairs(replace(data, states=poisoned), config, progress=False))
+    assert result.best == best_pair(result.pairs, config.select_by, config.select_tolerance)
+    assert [d.name for d in result.detectors] == list(DETECTORS)
+    lf, ls = result.best.fusion_layer, result.best.safety_layer
+    for d in result.detectors:
+        assert list(d.per_group) == ["alpha", "beta", "gamma"]
+        assert d.held_out_auroc == pytest.approx(np.mean(list(d.per_group.values())))
+    by_name = {d.name: d for d in result.detectors}
+    # The plain request carries the signal at layer 2 and the benign framing carries none.
+    assert by_name[PLAIN].held_out_auroc > 0.9 and by_name["logreg_hs"].held_out_auroc < 0.75
+    setting = held_out_validation(data.index, "source", "beta")
+    assert by_name[LSI].per_group["beta"] == detector_auroc(data, setting, LSI, config, lf, ls)
 
 
 def test_the_held_out_half_scores_only_the_shortlist_of_best_validation_pairs() -> None:
@@ -343,7 +366,7 @@ def test_held_out_settings_are_the_index_splits_of_each_leave_one_source_out_fol
         for role in ("train", "val", "calib"):
             np.testing.assert_array_equal(getattr(setting, role), np.flatnonzero((split == role) & (source != held)))
         np.testing.assert_array_equal(setting.test, np.flatnonzero((split == "test") & (source == held)))
-    validation = held_out_settings(data, "source")
+    validation = held_out_settings(data.index, "source")
     assert [s.name for s in validation] == ["held_out_val:alpha", "held_out_val:beta", "held_out_val:gamma"]
     for setting, held in zip(validation, ("alpha", "beta", "gamma"), strict=True):
         np.testing.assert_array_equal(setting.train, np.flatnonzero((split == "train") & (source != held)))
@@ -351,7 +374,7 @@ def test_held_out_settings_are_the_index_splits_of_each_leave_one_source_out_fol
         np.testing.assert_array_equal(setting.test, np.flatnonzero((split == "val") & (source == held)))
         assert len(setting.calib) == 0
     single = replace(data, index=data.index.with_columns(pl.lit("only").alias("source")))
-    assert held_out_settings(single, "source") == []
+    assert held_out_settings(single.index, "source") == []
     with pytest.raises(HeldOutError, match="no held-out fold for source 'only'"):
         held_out_setting(single.index, "source", "only")
 
