@@ -117,6 +117,8 @@ def sweep_differences(a: SweepResult, b: SweepResult, tolerance: float) -> dict[
         "max_detector_gap_by_detector": detector_gaps,
         "same_pair": (a.best.fusion_layer, a.best.safety_layer) == (b.best.fusion_layer, b.best.safety_layer),
         "same_detector": chosen[0] == chosen[1],
+        "pair": f"fusion {b.best.fusion_layer}, safety {b.best.safety_layer}",
+        "detector": chosen[1],
     }
 
 
@@ -220,7 +222,8 @@ def main() -> None:
             f"{name:18s} {row['seconds']:7.1f} s  {row['speedup']:5.2f}x  CPU {row['cpu_seconds']:7.1f} s  "
             f"identical to in process: {row['identical_scores']}"
         )
-        gaps = {k: v for k, v in row.items() if k.startswith(("max_", "same_")) and not isinstance(v, dict)}
+        gaps = {k: v for k, v in row.items() if k.startswith(("max_", "same_", "pair", "detector"))}
+        gaps = {k: v for k, v in gaps.items() if not isinstance(v, dict)}
         print("  " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in gaps.items()))
         by_detector = row.get("max_score_gap_by_detector") or row.get("max_detector_gap_by_detector") or {}
         print("  largest gap per detector: " + ", ".join(f"{d} {gap:.2g}" for d, gap in by_detector.items()))

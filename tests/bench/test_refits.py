@@ -53,6 +53,7 @@ def test_sweep_differences_report_the_gaps_and_whether_the_choices_agree() -> No
     # LSI falls from 0.9 to 0.6 on 'beta': the plain probe now ships instead.
     moved = refits.sweep_differences(sweep_result(0.9, 0.6), sweep_result(0.6, 0.65), 0.02)
     assert not moved["identical_scores"] and not moved["same_detector"] and moved["same_pair"]
+    assert moved["detector"] == "logreg_plain" and moved["pair"] == "fusion 1, safety 2"
     assert moved["max_pair_gap"] == pytest.approx(0.05) and moved["max_detector_gap"] == pytest.approx(0.3)
     assert moved["max_detector_gap_by_detector"] == {"lsi": pytest.approx(0.3), "logreg_plain": 0.0}
     other = sweep_result(0.9, 0.6)
