@@ -14,13 +14,15 @@ TPR, the share flagged: thread counts round the fits differently, which can swap
 ``--stage sweep`` does the same for the sweep stage's fits (run ``dvc repro extract`` first): the
 layer pairs in-source and held out, then every detector on each held-out group at the chosen pair.
 It reports the largest pair and detector AUROC gaps and whether both paths choose the same pair
-and shipped detector.
+and shipped detector. ``--stage detectors`` times the detectors alone, at the pair the run's sweep
+chose (run ``dvc repro sweep`` first).
 
     python bench/refits.py                      # the upstream grouping (train.held_out_by), 1 round
     python bench/refits.py --by presentation --rounds 2
     python bench/refits.py --stage sweep --rounds 2
+    python bench/refits.py --stage detectors --rounds 3
 
-Writes ``bench/results/refits.json`` (``--stage sweep``: ``refits_sweep.json``).
+Writes ``bench/results/refits.json`` (the other stages: ``refits_<stage>.json``).
 """
 
 from __future__ import annotations
@@ -46,11 +48,11 @@ from pipeline.detect.cores import available_cores
 from pipeline.detect.heldout import load_eval_data, scoreable_groups
 from pipeline.detect.provenance import open_store
 from pipeline.detect.shipped import load_detector
-from pipeline.detect.sweep import SweepResult, choose_detector, sweep
+from pipeline.detect.sweep import DetectorScore, SweepResult, choose_detector, score_detectors, sweep
 from pipeline.evaluate.detection import HeldOutResults, held_out_results
 from pipeline.evaluate.intervals import BootstrapSpec
 from pipeline.evaluate.refusal_direction import readout_from_adapter, store_refusal_scores
-from pipeline.layout import CALIBRATION, INDEX, PROBE_DIR, STORE
+from pipeline.layout import CALIBRATION, INDEX, PROBE_DIR, STORE, SWEEP
 from pipeline.models.registry import load_adapter
 
 RESULTS = Path("bench/results")
@@ -98,26 +100,33 @@ def sweep_differences(a: SweepResult, b: SweepResult, tolerance: float) -> dict[
     and whether both choose the same pair and (by ``guard.detector: best`` at ``tolerance``) detector."""
     if [(p.fusion_layer, p.safety_layer) for p in a.pairs] != [(p.fusion_layer, p.safety_layer) for p in b.pairs]:
         raise ValueError("the two sweeps scored different layer pairs")
-    if [(d.name, list(d.per_group)) for d in a.detectors] != [(d.name, list(d.per_group)) for d in b.detectors]:
-        raise ValueError("the two sweeps scored different detectors or groups")
     pair_gaps = [
         abs(getattr(p, key) - getattr(q, key))
         for p, q in zip(a.pairs, b.pairs, strict=True)
         for key in ("val_auroc", "held_out_auroc")
         if not np.isnan(getattr(p, key) - getattr(q, key))
     ]
-    detector_gaps = {
-        d.name: _largest_gap(d.per_group, e.per_group) for d, e in zip(a.detectors, b.detectors, strict=True)
-    }
-    chosen = [choose_detector(r.detectors, "best", tolerance).name for r in (a, b)]
     return {
+        **detector_differences(a.detectors, b.detectors, tolerance),
         "identical_scores": repr(a) == repr(b),  # repr: every float to the last bit, NaN equal to NaN
         "max_pair_gap": max(pair_gaps, default=0.0),
-        "max_detector_gap": max(detector_gaps.values(), default=0.0),
-        "max_detector_gap_by_detector": detector_gaps,
         "same_pair": (a.best.fusion_layer, a.best.safety_layer) == (b.best.fusion_layer, b.best.safety_layer),
-        "same_detector": chosen[0] == chosen[1],
         "pair": f"fusion {b.best.fusion_layer}, safety {b.best.safety_layer}",
+    }
+
+
+def detector_differences(a: list[DetectorScore], b: list[DetectorScore], tolerance: float) -> dict[str, Any]:
+    """How far detector scores ``b`` are from ``a``: bit-identical or not, the largest AUROC gap per
+    detector, and whether both ship the same detector (``guard.detector: best`` at ``tolerance``)."""
+    if [(d.name, list(d.per_group)) for d in a] != [(d.name, list(d.per_group)) for d in b]:
+        raise ValueError("the two sweeps scored different detectors or groups")
+    gaps = {d.name: _largest_gap(d.per_group, e.per_group) for d, e in zip(a, b, strict=True)}
+    chosen = [choose_detector(scores, "best", tolerance).name for scores in (a, b)]
+    return {
+        "identical_scores": repr(a) == repr(b),
+        "max_detector_gap": max(gaps.values(), default=0.0),
+        "max_detector_gap_by_detector": gaps,
+        "same_detector": chosen[0] == chosen[1],
         "detector": chosen[1],
     }
 
@@ -177,13 +186,38 @@ def sweep_paths(params: Params, auto: ClusterConfig) -> tuple[str, dict[str, Cal
     return about, paths, lambda a, b: sweep_differences(a, b, params.train.select_tolerance)
 
 
+def detector_paths(params: Params, auto: ClusterConfig) -> tuple[str, dict[str, Callable[[], Any]], Compare]:
+    """The sweep stage's detector scores alone, at the pair the run's sweep chose, in process and on ``auto``'s
+    cluster (whose path includes the workers reading the store)."""
+    index = read_index(INDEX)
+    store = open_store(params, STORE)
+    data = load_eval_data(index, store)
+    best = json.loads(SWEEP.read_text(encoding="utf-8"))["best"]
+    lf, ls = best["fusion_layer"], best["safety_layer"]
+
+    def on_cluster() -> list[DetectorScore]:
+        from pipeline.detect.cluster_sweep import score_detectors_on_cluster  # needs the 'cluster' extra
+
+        with open_cluster(auto) as client:
+            assert client is not None
+            return score_detectors_on_cluster(client, store, index, params.train, lf, ls, progress=False)
+
+    paths: dict[str, Callable[[], Any]] = {
+        "in process": lambda: score_detectors(data, params.train, lf, ls, progress=False),
+        f"auto ({auto.address})": on_cluster,
+    }
+    groups = scoreable_groups(index, params.train.held_out_by)
+    about = f"{len(index)} rows, fusion {lf} / safety {ls}, {len(groups)} held-out {params.train.held_out_by} groups"
+    return about, paths, lambda a, b: detector_differences(a, b, params.train.select_tolerance)
+
+
 def main() -> None:
     """Time one stage's fits both ways, print and write the figures."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=("evaluate", "sweep"), default="evaluate")
+    parser.add_argument("--stage", choices=("evaluate", "sweep", "detectors"), default="evaluate")
     parser.add_argument("--by", choices=HELD_OUT_BY, help="evaluate's held-out grouping (default: train.held_out_by)")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--out", type=Path, help="default: bench/results/refits.json (sweep: refits_sweep.json)")
+    parser.add_argument("--out", type=Path, help="default: bench/results/refits.json (others: refits_<stage>.json)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds: at least 1")
@@ -194,6 +228,8 @@ def main() -> None:
         raise SystemExit(f"cluster.address auto runs in process here ({available_cores()} core(s)): nothing to compare")
     if args.stage == "sweep":
         about, paths, compare = sweep_paths(params, auto)
+    elif args.stage == "detectors":
+        about, paths, compare = detector_paths(params, auto)
     else:
         about, paths, compare = evaluate_paths(params, by, auto)
     print(f"{args.stage}: {about}; in process (torch threads {torch.get_num_threads()}) against auto = {auto.address}")
@@ -227,7 +263,7 @@ def main() -> None:
         print("  " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in gaps.items()))
         by_detector = row.get("max_score_gap_by_detector") or row.get("max_detector_gap_by_detector") or {}
         print("  largest gap per detector: " + ", ".join(f"{d} {gap:.2g}" for d, gap in by_detector.items()))
-    out = args.out or RESULTS / ("refits.json" if args.stage == "evaluate" else "refits_sweep.json")
+    out = args.out or RESULTS / ("refits.json" if args.stage == "evaluate" else f"refits_{args.stage}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "machine": platform.machine(),

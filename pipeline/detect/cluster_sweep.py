@@ -81,6 +81,21 @@ def sweep_pairs_on_cluster(
         return _sweep_pairs(client, store, index, config, progress)
 
 
+def score_detectors_on_cluster(
+    client: Client,
+    store: ActivationStore,
+    index: pl.DataFrame,
+    config: TrainConfig,
+    lf: int,
+    ls: int,
+    names: tuple[str, ...] = DETECTORS,
+    progress: bool = True,
+) -> list[DetectorScore]:
+    """:func:`~pipeline.detect.sweep.score_detectors` with the fits run by the cluster's workers: same scores."""
+    with eval_data_shared(client, store, index):
+        return _score_detectors(client, index, config, lf, ls, names, progress)
+
+
 def _sweep_pairs(
     client: Client, store: ActivationStore, index: pl.DataFrame, config: TrainConfig, progress: bool
 ) -> list[PairScore]:

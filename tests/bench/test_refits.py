@@ -59,3 +59,12 @@ def test_sweep_differences_report_the_gaps_and_whether_the_choices_agree() -> No
     other = sweep_result(0.9, 0.6)
     with pytest.raises(ValueError, match="different detectors or groups"):
         refits.sweep_differences(other, SweepResult(other.pairs, other.best, other.detectors[:1]), 0.02)
+
+
+def test_detector_differences_compare_the_detector_half_alone() -> None:
+    refits = bench_module("refits")
+    a, b = sweep_result(0.9, 0.6).detectors, sweep_result(0.6, 0.6).detectors
+    moved = refits.detector_differences(a, b, 0.02)
+    assert moved["max_detector_gap"] == pytest.approx(0.3) and moved["detector"] == "logreg_plain"
+    assert not moved["same_detector"] and not moved["identical_scores"]
+    assert refits.detector_differences(a, a, 0.02)["identical_scores"]

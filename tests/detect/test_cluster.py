@@ -29,7 +29,7 @@ from pipeline.config import CalibrateConfig, ClusterConfig, ConfigError, Contras
 from pipeline.detect.cluster import ClusterError, cluster_client, core_share
 from pipeline.detect.cluster_data import EVAL_DATA_PLUGIN
 from pipeline.detect.cluster_extraction import extract_on_cluster
-from pipeline.detect.cluster_sweep import sweep_on_cluster, sweep_pairs_on_cluster
+from pipeline.detect.cluster_sweep import score_detectors_on_cluster, sweep_on_cluster, sweep_pairs_on_cluster
 from pipeline.detect.cores import available_cores
 from pipeline.detect.extraction import ExtractionError, extract_to_store
 from pipeline.detect.heldout import load_eval_data
@@ -223,6 +223,9 @@ def test_sweep_and_detector_scores_on_the_cluster_equal_the_in_process_ones(
     found = sweep_on_cluster(client, store, index, config, progress=False)
     assert len(found.detectors) == 6 and list(found.detectors[0].per_group) == ["alpha", "beta", "gamma"]
     assert repr(found) == repr(expected)  # repr: every float to the last bit, NaN equal to NaN
+    lf, ls = found.best.fusion_layer, found.best.safety_layer
+    alone = score_detectors_on_cluster(client, store, index, config, lf, ls, ("lsi", "logreg_plain"), progress=False)
+    assert repr(alone) == repr(found.detectors[:2])
     holding = client.run(lambda dask_worker: EVAL_DATA_PLUGIN in dask_worker.plugins)
     assert len(holding) == WORKERS and not any(holding.values())  # the states are released afterwards
 
