@@ -12,7 +12,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 
 import stages.sweep as sweep_stage
-from pipeline.config import Params
+from pipeline.config import ClusterConfig, Params
 from pipeline.data.index import INDEX_COLUMNS
 from pipeline.detect.provenance import expected_provenance
 from stages import run_stage
@@ -163,6 +163,8 @@ CASES = [
     ),
     Case("no-store", lambda store: shutil.rmtree(store), ("store.zarr: no activation store here",)),
 ]
+# Damage that only a read of the states finds, checked on the cluster path too.
+ON_CLUSTER = ("bit-flip-in-chunk", "row-id-file-missing")
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +212,32 @@ def test_a_bad_store_stops_the_stage_naming_what_is_wrong_and_changes_nothing(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     params, source = sound
+    stage_stops_naming_the_damage(case, params, source, tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ON_CLUSTER], ids=lambda case: case.name)
+def test_on_a_cluster_the_workers_reading_a_bad_store_stop_the_stage_the_same_way(
+    case: Case,
+    sound: tuple[Params, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # With a cluster (params.yaml's auto on a multi-core machine) the workers read the store, not this process.
+    params, source = sound
+    params = replace(params, cluster=ClusterConfig(address="local:2", connect_timeout_s=120))
+    stage_stops_naming_the_damage(case, params, source, tmp_path, monkeypatch, capsys)
+
+
+def stage_stops_naming_the_damage(
+    case: Case,
+    params: Params,
+    source: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Run the sweep stage on a damaged copy of ``source``: one ``error:`` line naming the damage, no file changed."""
     run = Path(shutil.copytree(source, tmp_path / "run"))
     case.damage(run / "store.zarr")
     monkeypatch.setattr(sweep_stage, "load_params", lambda: params)
