@@ -38,17 +38,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import torch
 
-from pipeline.config import HELD_OUT_BY, ClusterConfig, Params, load_params
+from pipeline.config import HELD_OUT_BY, LAYER_CHOICE, ClusterConfig, Params, load_params
 from pipeline.data.index import read_index
 from pipeline.detect.calibration import load_calibration
 from pipeline.detect.cluster_open import open_cluster, resolve_cluster
 from pipeline.detect.cores import available_cores
-from pipeline.detect.heldout import load_eval_data, scoreable_groups
+from pipeline.detect.heldout import EvalData, load_eval_data, scoreable_groups
 from pipeline.detect.provenance import open_store
 from pipeline.detect.shipped import load_detector
-from pipeline.detect.sweep import DetectorScore, SweepResult, choose_detector, score_detectors, sweep
+from pipeline.detect.store import ActivationStore
+from pipeline.detect.sweep import (
+    DetectorScore,
+    SweepResult,
+    choose_detector,
+    resolve_layers,
+    score_detectors,
+    sweep,
+)
 from pipeline.evaluate.detection import HeldOutResults, held_out_results
 from pipeline.evaluate.intervals import BootstrapSpec
 from pipeline.evaluate.refusal_direction import readout_from_adapter, store_refusal_scores
@@ -166,9 +175,7 @@ def evaluate_paths(params: Params, by: str, auto: ClusterConfig) -> tuple[str, d
 
 def sweep_paths(params: Params, auto: ClusterConfig) -> tuple[str, dict[str, Callable[[], Any]], Compare]:
     """The sweep stage's fits (the pairs' two halves, then the detectors), in process and on ``auto``'s cluster."""
-    index = read_index(INDEX)
-    store = open_store(params, STORE)
-    data = load_eval_data(index, store)
+    index, store, data = _store_states(params)
 
     def on_cluster() -> SweepResult:
         from pipeline.detect.cluster_sweep import sweep_on_cluster  # needs the 'cluster' extra
@@ -189,11 +196,9 @@ def sweep_paths(params: Params, auto: ClusterConfig) -> tuple[str, dict[str, Cal
 def detector_paths(params: Params, auto: ClusterConfig) -> tuple[str, dict[str, Callable[[], Any]], Compare]:
     """The sweep stage's detector scores alone, at the pair the run's sweep chose, in process and on ``auto``'s
     cluster (whose path includes the workers reading the store)."""
-    index = read_index(INDEX)
-    store = open_store(params, STORE)
-    data = load_eval_data(index, store)
-    best = json.loads(SWEEP.read_text(encoding="utf-8"))["best"]
-    lf, ls = best["fusion_layer"], best["safety_layer"]
+    index, store, data = _store_states(params)
+    train = params.train
+    lf, ls = resolve_layers(LAYER_CHOICE, LAYER_CHOICE, train.select_by, SWEEP, train.select_tolerance)
 
     def on_cluster() -> list[DetectorScore]:
         from pipeline.detect.cluster_sweep import score_detectors_on_cluster  # needs the 'cluster' extra
@@ -209,6 +214,13 @@ def detector_paths(params: Params, auto: ClusterConfig) -> tuple[str, dict[str, 
     groups = scoreable_groups(index, params.train.held_out_by)
     about = f"{len(index)} rows, fusion {lf} / safety {ls}, {len(groups)} held-out {params.train.held_out_by} groups"
     return about, paths, lambda a, b: detector_differences(a, b, params.train.select_tolerance)
+
+
+def _store_states(params: Params) -> tuple[pl.DataFrame, ActivationStore, EvalData]:
+    """The run's index, its checked store and every index row's states (what both sweep paths start from)."""
+    index = read_index(INDEX)
+    store = open_store(params, STORE)
+    return index, store, load_eval_data(index, store)
 
 
 def main() -> None:
