@@ -17,12 +17,13 @@ from tqdm import tqdm
 
 from pipeline.config import ContrastivePrompts, ExtractConfig
 from pipeline.config.pooling import LAST
+from pipeline.detect.cores import available_cores
 from pipeline.detect.features import states_for_requests
 from pipeline.detect.provenance import provenance_for
 from pipeline.detect.store import ActivationStore, delete_store
 from pipeline.detect.store_schema import Provenance, StoreError
 from pipeline.errors import LSIGuardError
-from pipeline.models.base import ModelAdapter, Request
+from pipeline.models.base import ModelAdapter, ReadsImagesAhead, Request
 
 
 class ExtractionError(LSIGuardError, ValueError):
@@ -161,6 +162,9 @@ def extract_to_store(
         return store
     missing = store.missing_row_blocks()
     done = len(requests) - sum(end - start for start, end in missing)
+    if isinstance(adapter, ReadsImagesAhead):
+        images = [r.image for start, end in missing for r in requests[start:end] if r.image is not None]
+        adapter.read_images_ahead(images, available_cores(), progress)
     # The context manager ends the progress line even on error, so the error starts on its own line.
     with tqdm(total=len(requests), initial=done, desc="extract", unit="req", disable=not progress) as bar:
         for start, end in missing:

@@ -43,6 +43,7 @@ from pipeline.models.literal import (
     split_prompt,
 )
 from pipeline.models.ocr import ImageReader
+from pipeline.models.ocr_prefetch import read_images_ahead
 from pipeline.models.request_tokens import ids_and_request_mask
 from pipeline.models.smollm2_files import find_smollm2_gguf
 
@@ -140,6 +141,13 @@ class EmbeddedAdapter:
             info=info,
             max_request_tokens=max_request_tokens,
         )
+
+    def read_images_ahead(self, images: Sequence[Path], workers: int, progress: bool = True) -> int:
+        """OCR the uncached ``images``, ``workers`` processes at once, into the reader's cache
+        (:mod:`pipeline.models.ocr_prefetch`)."""
+        if not isinstance(self.reader, ImageReader):  # a stand-in reader (tests) has nothing to gain
+            return 0
+        return read_images_ahead(self.reader, images, workers, progress)
 
     def user_content(self, request: Request) -> str:
         """The user turn's text: the image's text (if any) first, where an image would sit, then the request."""

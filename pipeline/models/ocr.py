@@ -178,11 +178,19 @@ class ImageReader:
     """
 
     def __init__(
-        self, cache_dir: Path | None = None, min_score: float = 0.5, max_pixels: int = DEFAULT_LIMITS.max_image_pixels
+        self,
+        cache_dir: Path | None = None,
+        min_score: float = 0.5,
+        max_pixels: int = DEFAULT_LIMITS.max_image_pixels,
+        *,
+        engine_threads: int | None = None,
     ) -> None:
+        """``engine_threads``: the OCR engine's intra-op threads (None: its default, every core); one per
+        process is what :mod:`pipeline.models.ocr_prefetch` runs, several processes side by side."""
         self.cache_dir = cache_dir
         self.min_score = min_score
         self.max_pixels = max_pixels
+        self.engine_threads = engine_threads
         self._engine: Any = None
         self._lock = threading.Lock()
 
@@ -193,7 +201,10 @@ class ImageReader:
                     RapidOCR,  # heavy import, only when an image is read
                 )
 
-                self._engine = RapidOCR(params={"Global.log_level": "error"})
+                params: dict[str, Any] = {"Global.log_level": "error"}
+                if self.engine_threads is not None:
+                    params["EngineConfig.onnxruntime.intra_op_num_threads"] = self.engine_threads
+                self._engine = RapidOCR(params=params)
             return self._engine
 
     def _run_engine(self, bgr: Any) -> Any:
@@ -209,6 +220,15 @@ class ImageReader:
             except (IndexError, ValueError):
                 # RapidOCR's word-box pass can misalign lines it could not box; the text is still good.
                 return engine(bgr, return_word_box=False)
+
+    def is_cached(self, path: Path) -> bool:
+        """Whether a reading of the image at ``path`` is in the cache (False without a cache or a readable file)."""
+        if self.cache_dir is None:
+            return False
+        try:
+            return self._cache_get(_file_sha256(Path(path))) is not None
+        except UnreadableImage:
+            return False
 
     def read(self, path: Path) -> OCRResult:
         """Text lines, with their words, found in the image at ``path``.
