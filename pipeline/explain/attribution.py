@@ -86,7 +86,8 @@ def intent_attribution(
         raise TypeError(f"no attribution for adapter type {type(adapter).__name__}")
     # Gradients are taken w.r.t. the inputs only; the model's weights stay frozen.
     with torch.enable_grad():
-        attribution = run(adapter, request, prompts, IGSettings(target, steps, internal_batch_size))  # type: ignore[arg-type]
+        settings = IGSettings(target=target, steps=steps, internal_batch_size=internal_batch_size)
+        attribution = run(adapter, request, prompts, settings)  # type: ignore[arg-type]
     change = attribution.signal - attribution.baseline_signal
     if abs(attribution.convergence_delta) > GAP_WARNING * abs(change) + 1e-6:
         logger.warning(

@@ -8,6 +8,7 @@ its score.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,17 @@ def _ocr_fields(ocr: OCRResult, framing: Framing | None, scores: list[float]) ->
     return fields
 
 
+def embedded_framings(
+    adapter: EmbeddedAdapter, request: Request, prompts: ContrastivePrompts, variants: Sequence[str]
+) -> tuple[OCRResult | None, dict[str, Framing]]:
+    """The image's OCR reading (None without an image) and one :class:`Framing` per variant, read once."""
+    ocr = adapter.reader.read(Path(request.image)) if request.image is not None else None
+    # One OCR reading serves every framing (without an OCR cache the reader would run again).
+    reader = _FixedReader(ocr) if ocr is not None else adapter.reader
+    view = EmbeddedAdapter(model=adapter.model, tokenizer=adapter.tokenizer, reader=reader, info=adapter.info)  # type: ignore[arg-type]
+    return ocr, {v: _embedded_framing(view, request, prompts, v, ocr) for v in variants}
+
+
 def embedded_attribution(
     adapter: EmbeddedAdapter,
     request: Request,
@@ -94,12 +106,8 @@ def embedded_attribution(
     settings: IGSettings,
 ) -> Attribution:
     """IG over the request tokens and the OCR text tokens; OCR lines scored by their tokens."""
-    ocr = adapter.reader.read(Path(request.image)) if request.image is not None else None
-    # One OCR reading serves every framing (without an OCR cache the reader would run again).
-    reader = _FixedReader(ocr) if ocr is not None else adapter.reader
-    view = EmbeddedAdapter(model=adapter.model, tokenizer=adapter.tokenizer, reader=reader, info=adapter.info)  # type: ignore[arg-type]
     variants = settings.target.variants
-    framings = {v: _embedded_framing(view, request, prompts, v, ocr) for v in variants}
+    ocr, framings = embedded_framings(adapter, request, prompts, variants)
     reference = framings[variants[0]]
     names = list(reference.spans)  # "request", then "ocr" when the image has text
     base = adapter.model.model
