@@ -16,7 +16,7 @@ from pipeline.detect.heldout import (
     held_out_scores,
     scoreable_groups,
 )
-from pipeline.detect.sweep import held_out_settings
+from pipeline.detect.sweep import held_out_group, held_out_settings
 
 SPLITS = ("train", "val", "calib", "test")
 # (upstream, label): two harmful-only upstreams, two benign-only ones, one of both labels.
@@ -111,9 +111,9 @@ def test_sweep_settings_and_calibration_scores_follow_the_configured_grouping() 
     index = index_of_upstreams()
     data = _data(index)
     settings = held_out_settings(data.index, "upstream")
-    assert sorted(s.name.split(":", 1)[1] for s in settings) == sorted(u for u, _ in UPSTREAMS)
+    assert sorted(held_out_group(s) for s in settings) == sorted(u for u, _ in UPSTREAMS)
     for s in settings:
-        held = s.name.split(":", 1)[1]
+        held = held_out_group(s)
         assert held not in set(index["upstream"].to_numpy()[s.train])
         assert set(index["split"].to_numpy()[s.test]) == {"val"}
     rows = np.flatnonzero(index["split"].to_numpy() == "calib")
