@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.models.ocr import ImageReader, UnreadableImage
+from pipeline.models.ocr import ImageReader
 
 # Fewer uncached images than this are read in process. A spawned worker imports the calling
 # stage's modules again (torch, transformers) and the OCR engine: ~5-8 s before its first image,
@@ -38,8 +38,10 @@ def _read_in_worker(path: Path) -> None:
     assert _worker_reader is not None, "the worker's reader is built by its initializer"
     try:
         _worker_reader.read(path)
-    except UnreadableImage:
-        pass  # the forward pass reads it again and reports it, naming its rows
+    except Exception:  # noqa: BLE001
+        # Whatever stopped this reading (an unreadable file, the engine failing on it), the forward
+        # pass reads the image again and reports the error, naming its rows; reading ahead only saves time.
+        pass
 
 
 def read_images_ahead(
