@@ -122,24 +122,34 @@ class LayerRunner:
         steps = embeds.shape[0]
         tail = embeds[:, self.prefix_len :]
         if self.prefix_kv:
-            # A fresh cache per call: the forward appends the tail's keys and values to it.
-            extra["cache"] = DynamicCache(
-                [(k.expand(steps, -1, -1, -1), v.expand(steps, -1, -1, -1)) for k, v in self.prefix_kv]
-            )
+            extra["cache"] = self._prefix_cache(steps)
         mask = torch.ones(steps, tail.shape[1], dtype=torch.long)
         forward = lambda: self.model(inputs_embeds=tail, use_cache=bool(self.prefix_kv), **extra)  # noqa: E731
         if tuple(reads) == (LAST,):
             return {LAST: run_to_layers(forward, self.blocks, self.layers, mask)}
         if not mean_positions or min(mean_positions) < self.prefix_len:
             raise ValueError("a mean read needs the request's positions, all after the cached prefix")
-        weights = torch.zeros(steps, 1, tail.shape[1])
-        weights[:, 0, [p - self.prefix_len for p in mean_positions]] = 1.0 / len(mean_positions)
+        weights = self._mean_weights(steps, tail.shape[1], mean_positions)
         readers = {
             LAST: token_reader(torch.arange(steps), torch.full((steps,), tail.shape[1] - 1)),
             MEAN: weighted_sum_reader(weights),
         }
         kept = read_layers(forward, self.blocks, self.layers, [readers[r] for r in reads])
         return dict(zip(reads, kept, strict=True))
+
+    def _prefix_cache(self, steps: int) -> DynamicCache:
+        """A fresh cache holding the prefix's keys and values for ``steps`` rows (empty without a prefix);
+        fresh per forward, since the forward appends its own tokens' keys and values to it."""
+        if not self.prefix_kv:
+            return DynamicCache()
+        return DynamicCache([(k.expand(steps, -1, -1, -1), v.expand(steps, -1, -1, -1)) for k, v in self.prefix_kv])
+
+    def _mean_weights(self, steps: int, length: int, mean_positions: Sequence[int]) -> torch.Tensor:
+        """Weights ``(steps, 1, length)`` over a forward's tokens (those after the cached prefix) that
+        average the prompt positions ``mean_positions``."""
+        weights = torch.zeros(steps, 1, length)
+        weights[:, 0, [p - self.prefix_len for p in mean_positions]] = 1.0 / len(mean_positions)
+        return weights
 
     def shared_then_tails(
         self, shared: torch.Tensor, tails: Sequence[torch.Tensor], reads: Sequence[str], mean_positions: Sequence[int]
@@ -154,14 +164,12 @@ class LayerRunner:
         """
         steps, deepest = shared.shape[0], max(self.layers)
         body = shared[:, self.prefix_len :]
-        kv = [(k.expand(steps, -1, -1, -1), v.expand(steps, -1, -1, -1)) for k, v in self.prefix_kv]
-        cache = DynamicCache(kv) if kv else DynamicCache()
+        cache = self._prefix_cache(steps)
         forward = lambda: self.model(inputs_embeds=body, cache=cache, use_cache=True)  # noqa: E731
         if MEAN in reads:
             if not mean_positions or min(mean_positions) < self.prefix_len or max(mean_positions) >= shared.shape[1]:
                 raise ValueError("a mean read over a shared start needs the request's positions inside it")
-            weights = torch.zeros(steps, 1, body.shape[1])
-            weights[:, 0, [p - self.prefix_len for p in mean_positions]] = 1.0 / len(mean_positions)
+            weights = self._mean_weights(steps, body.shape[1], mean_positions)
             mean = read_layers(forward, self.blocks, self.layers, [weighted_sum_reader(weights)])[0]
         else:
             # Run the common part for its cache alone, stopping after the deepest block as ever.
@@ -199,9 +207,7 @@ def shared_start(framings: Sequence[Framing], cached: int) -> int:
         return 0
     ids = [framing.input_ids for framing in framings]
     limit = min(len(x) for x in ids) - 1
-    length = 0
-    while length < limit and all(x[length] == ids[0][length] for x in ids[1:]):
-        length += 1
+    length = min(shared_prefix_length(ids[0], other, limit) for other in ids[1:])
     end = max(stop for _, stop in framings[0].spans.values())
     return length if length > cached and end <= length else 0
 

@@ -55,8 +55,7 @@ def read_images_ahead(
     how many it read (an unreadable one among them, its error left to the forward pass).
 
     Without a cache, with one worker or with fewer than ``min_images`` uncached images this does
-    nothing: the forward passes read them as they come. An unreadable image is left for the
-    forward pass, which names its rows.
+    nothing: the forward passes read them as they come.
     """
     if reader.cache_dir is None or workers < 2:
         return 0
