@@ -33,7 +33,7 @@ import platform
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,17 @@ def _largest_gap(a: dict[str, float], b: dict[str, float]) -> float:
     return max((abs(v - b[g]) for g, v in a.items() if not np.isnan(v - b[g])), default=0.0)
 
 
-def evaluate_paths(params: Params, by: str, auto: ClusterConfig) -> tuple[str, dict[str, Callable[[], Any]], Compare]:
+@dataclass(frozen=True)
+class StagePaths:
+    """One stage's fits both ways: what they run on (``about``, ``rows`` of the index), each path, the comparison."""
+
+    about: str
+    rows: int
+    paths: dict[str, Callable[[], Any]]
+    compare: Compare
+
+
+def evaluate_paths(params: Params, by: str, auto: ClusterConfig) -> StagePaths:
     """``evaluate``'s held-out refits for grouping ``by``, in process and on ``auto``'s cluster."""
     shipped, meta = load_detector(PROBE_DIR)
     tau = load_calibration(CALIBRATION).tau
@@ -170,10 +180,10 @@ def evaluate_paths(params: Params, by: str, auto: ClusterConfig) -> tuple[str, d
             return held_out_results_on_cluster(client, store, index, refusal, *common, bootstrap, by)
 
     about = f"{len(index)} rows, {len(groups)} held-out {by} groups, shipped {shipped.name} (tau {tau:.4f})"
-    return about, {"in process": in_process, f"auto ({auto.address})": on_cluster}, differences
+    return StagePaths(about, len(index), {"in process": in_process, f"auto ({auto.address})": on_cluster}, differences)
 
 
-def sweep_paths(params: Params, auto: ClusterConfig) -> tuple[str, dict[str, Callable[[], Any]], Compare]:
+def sweep_paths(params: Params, auto: ClusterConfig) -> StagePaths:
     """The sweep stage's fits (the pairs' two halves, then the detectors), in process and on ``auto``'s cluster."""
     index, store, data = _store_states(params)
 
@@ -190,10 +200,10 @@ def sweep_paths(params: Params, auto: ClusterConfig) -> tuple[str, dict[str, Cal
     }
     groups = scoreable_groups(index, params.train.held_out_by)
     about = f"{len(index)} rows, layers {list(data.layers)}, {len(groups)} held-out {params.train.held_out_by} groups"
-    return about, paths, lambda a, b: sweep_differences(a, b, params.train.select_tolerance)
+    return StagePaths(about, len(index), paths, lambda a, b: sweep_differences(a, b, params.train.select_tolerance))
 
 
-def detector_paths(params: Params, auto: ClusterConfig) -> tuple[str, dict[str, Callable[[], Any]], Compare]:
+def detector_paths(params: Params, auto: ClusterConfig) -> StagePaths:
     """The sweep stage's detector scores alone, at the pair the run's sweep chose, in process and on ``auto``'s
     cluster (whose path includes the workers reading the store)."""
     index, store, data = _store_states(params)
@@ -213,7 +223,7 @@ def detector_paths(params: Params, auto: ClusterConfig) -> tuple[str, dict[str, 
     }
     groups = scoreable_groups(index, params.train.held_out_by)
     about = f"{len(index)} rows, fusion {lf} / safety {ls}, {len(groups)} held-out {params.train.held_out_by} groups"
-    return about, paths, lambda a, b: detector_differences(a, b, params.train.select_tolerance)
+    return StagePaths(about, len(index), paths, lambda a, b: detector_differences(a, b, params.train.select_tolerance))
 
 
 def _store_states(params: Params) -> tuple[pl.DataFrame, ActivationStore, EvalData]:
@@ -239,11 +249,12 @@ def main() -> None:
     if not auto.address:
         raise SystemExit(f"cluster.address auto runs in process here ({available_cores()} core(s)): nothing to compare")
     if args.stage == "sweep":
-        about, paths, compare = sweep_paths(params, auto)
+        stage = sweep_paths(params, auto)
     elif args.stage == "detectors":
-        about, paths, compare = detector_paths(params, auto)
+        stage = detector_paths(params, auto)
     else:
-        about, paths, compare = evaluate_paths(params, by, auto)
+        stage = evaluate_paths(params, by, auto)
+    about, paths, compare = stage.about, stage.paths, stage.compare
     print(f"{args.stage}: {about}; in process (torch threads {torch.get_num_threads()}) against auto = {auto.address}")
     rounds: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
     results: dict[str, Any] = {}
@@ -283,7 +294,7 @@ def main() -> None:
         "cores": available_cores(),
         "torch_threads": torch.get_num_threads(),
         "stage": args.stage,
-        "rows": len(read_index(INDEX)),
+        "rows": stage.rows,
         "held_out_by": by if args.stage == "evaluate" else params.train.held_out_by,
         "paths": rows,
     }

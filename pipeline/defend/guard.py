@@ -47,13 +47,18 @@ from pipeline.defend.bundle import BundleSettings, resolve_source
 from pipeline.defend.deadline import Deadline, bounded
 from pipeline.defend.decisions import GuardDecision, GuardedResponse, decide, ecso_decision, failed_decision
 from pipeline.defend.ecso import ECSO
-from pipeline.defend.loading import checked_detector, load_run_pieces, run_model_config, run_params
+from pipeline.defend.loading import (
+    checked_detector,
+    load_run_pieces,
+    overridden_guard_config,
+    run_model_config,
+    run_params,
+)
 from pipeline.defend.pretrained import (
     BundleContents,
-    BundleWriteError,
     ModelChoice,
     bundle_adapter,
-    default_run_record,
+    guard_contents,
     read_bundle,
     save_and_push,
     write_bundle,
@@ -128,7 +133,7 @@ class Guard:
         """
         run = Path(run_dir)
         params = run_params(run)
-        config = _overridden(params.guard, policy, on_error, ecso_margin, max_new_tokens)
+        config = overridden_guard_config(params.guard, policy, on_error, ecso_margin, max_new_tokens)
         pieces = load_run_pieces(run, params, adapter)
         return cls(
             adapter=pieces.adapter,
@@ -183,7 +188,7 @@ class Guard:
             meta=bundle.meta,
             tau=settings.tau,
             prompts=settings.prompts,
-            config=_overridden(settings.guard, policy, on_error, ecso_margin, max_new_tokens),
+            config=overridden_guard_config(settings.guard, policy, on_error, ecso_margin, max_new_tokens),
             ecso_config=settings.ecso,
             calibration=bundle.calibration,
             limits=settings.limits,
@@ -191,23 +196,17 @@ class Guard:
         )
 
     def _bundle_contents(self, model: ModelConfig | None, run: Mapping[str, Any] | None) -> BundleContents:
-        model_config = model or self.model_config
-        if model_config is None:
-            raise BundleWriteError(
-                "this guard does not know the model's kind and folder (it was not loaded by from_run or "
-                "from_pretrained); pass model=ModelConfig(kind=..., path=...) describing its adapter"
-            )
         settings = BundleSettings(
             tau=self.tau, prompts=self.prompts, guard=self.config, ecso=self.ecso_config, limits=self.limits
         )
-        return BundleContents(
+        return guard_contents(
             detector=self.detector,
             meta=self.meta,
             calibration=self.calibration,
             settings=settings,
-            model=model_config,
+            model=model or self.model_config,
             info=self.adapter.info,
-            run=run if run is not None else default_run_record(self.adapter.info),
+            run=run,
         )
 
     def save_pretrained(
@@ -443,15 +442,3 @@ class Guard:
         self.admit(request)
         chosen = attribution_target(target, self.detector, self.meta.fusion_layer)
         return intent_attribution(self.adapter, request, self.prompts, chosen, steps)
-
-
-def _overridden(
-    config: GuardConfig,
-    policy: str | None,
-    on_error: str | None,
-    ecso_margin: float | None,
-    max_new_tokens: int | None,
-) -> GuardConfig:
-    """``config`` with the given settings replaced (None keeps the saved one); the section's checks apply."""
-    overrides = {"policy": policy, "on_error": on_error, "ecso_margin": ecso_margin, "max_new_tokens": max_new_tokens}
-    return replace(config, **{key: value for key, value in overrides.items() if value is not None})

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.config import ContrastivePrompts, ModelConfig, Params, load_params
+from pipeline.config import ContrastivePrompts, GuardConfig, ModelConfig, Params, load_params
 from pipeline.config.pooling import LAST
 from pipeline.defend.load_errors import GuardLoadError
 from pipeline.detect.calibration import Calibration, load_calibration
@@ -155,3 +155,15 @@ def load_run_pieces(run: Path, params: Params, adapter: ModelAdapter | None = No
         except (FileNotFoundError, ModelLoadError) as exc:
             raise GuardLoadError(f"cannot load the run's model: {exc}") from None
     return RunPieces(detector=detector, meta=meta, calibration=calibration, adapter=adapter)
+
+
+def overridden_guard_config(
+    config: GuardConfig,
+    policy: str | None,
+    on_error: str | None,
+    ecso_margin: float | None,
+    max_new_tokens: int | None,
+) -> GuardConfig:
+    """``config`` with the given settings replaced (None keeps the saved one); the section's checks apply."""
+    overrides = {"policy": policy, "on_error": on_error, "ecso_margin": ecso_margin, "max_new_tokens": max_new_tokens}
+    return replace(config, **{key: value for key, value in overrides.items() if value is not None})

@@ -98,6 +98,34 @@ def default_run_record(info: ModelInfo, root: str | Path = ".") -> dict[str, Any
     )
 
 
+def guard_contents(
+    *,
+    detector: Detector,
+    meta: ProbeMeta,
+    calibration: Calibration | None,
+    settings: BundleSettings,
+    model: ModelConfig | None,
+    info: ModelInfo,
+    run: Mapping[str, Any] | None,
+) -> BundleContents:
+    """What a loaded guard saves: its parts, the model params section it runs (refused when unknown),
+    and ``run`` or, without one, :func:`default_run_record`."""
+    if model is None:
+        raise BundleWriteError(
+            "this guard does not know the model's kind and folder (it was not loaded by from_run or "
+            "from_pretrained); pass model=ModelConfig(kind=..., path=...) describing its adapter"
+        )
+    return BundleContents(
+        detector=detector,
+        meta=meta,
+        calibration=calibration,
+        settings=settings,
+        model=model,
+        info=info,
+        run=run if run is not None else default_run_record(info),
+    )
+
+
 def write_bundle(contents: BundleContents, directory: str | Path) -> Path:
     """Write ``contents`` as a saved guard in ``directory``, whole or not at all; return the folder.
 

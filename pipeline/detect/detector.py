@@ -23,8 +23,7 @@ scikit-learn object, and nothing is pickled.
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +36,7 @@ from pipeline.config import VARIANTS, TrainConfig, pooling_reads
 from pipeline.config.pooling import LAST
 from pipeline.detect.features import FeatureSource, InMemoryFeatures, LSIFeatures
 from pipeline.detect.logistic import fit_logistic, folded
+from pipeline.detect.pieces import Piece, StateGetter, getter_from_states, piece_inputs
 from pipeline.detect.probe import LSIProbe, train_probe
 
 LSI = "lsi"
@@ -44,53 +44,6 @@ PLAIN, PLAIN_ALL = "logreg_plain", "logreg_plain_all"
 HS_DELTA, HS_ONLY, DELTA_ONLY = "logreg_hs_delta", "logreg_hs", "logreg_delta"
 LINEAR_DETECTORS: tuple[str, ...] = (PLAIN, PLAIN_ALL, HS_DELTA, HS_ONLY, DELTA_ONLY)
 DETECTORS: tuple[str, ...] = (LSI, *LINEAR_DETECTORS)
-# A piece of a linear detector's input: a framing's state, or the malicious-minus-benign difference.
-PARTS: tuple[str, ...] = (*VARIANTS, "delta")
-
-# ``get(part, layer)``: the ``(n, hidden)`` states of one framing (or ``delta``) at one layer.
-StateGetter = Callable[[str, int], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One block of a linear detector's input: ``part`` (a framing or ``delta``) at ``layer``."""
-
-    part: str
-    layer: int
-
-    def __post_init__(self) -> None:
-        if self.part not in PARTS:
-            raise ValueError(f"unknown state part {self.part!r}; expected one of {', '.join(PARTS)}")
-
-    def label(self) -> str:
-        return f"{self.part}@{self.layer}"
-
-    @classmethod
-    def parse(cls, text: str) -> Piece:
-        """``"plain@9"`` -> ``Piece("plain", 9)``."""
-        part, sep, layer = text.partition("@")
-        if not sep or not layer.isdigit():
-            raise ValueError(f"expected a state piece like 'plain@9', got {text!r}")
-        return cls(part, int(layer))
-
-
-def getter_from_states(states: np.ndarray, layers: Sequence[int], variants: Sequence[str] = VARIANTS) -> StateGetter:
-    """A :data:`StateGetter` over states ``(n, framings, layers, hidden)``; ``variants`` names the framings axis."""
-    layers, variants = list(layers), list(variants)
-    array = torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32))
-
-    def get(part: str, layer: int) -> torch.Tensor:
-        at = layers.index(layer)
-        if part == "delta":
-            return array[:, variants.index("malicious"), at] - array[:, variants.index("benign"), at]
-        return array[:, variants.index(part), at]
-
-    return get
-
-
-def piece_inputs(pieces: Sequence[Piece], get: StateGetter) -> torch.Tensor:
-    """The pieces' states side by side, ``(n, sum of widths)``."""
-    return torch.cat([get(p.part, p.layer) for p in pieces], dim=1)
 
 
 class BinaryDetector(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.detect.detector import LSI, Detector, LinearDetector, LSIDetector, Piece
+from pipeline.detect.detector import LSI, Detector, LinearDetector, LSIDetector
+from pipeline.detect.pieces import Piece
 from pipeline.detect.probe import META_FILE, WEIGHTS_FILE, ProbeMeta, load_probe, read_meta, save_probe, write_meta
 
 

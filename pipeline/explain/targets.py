@@ -19,7 +19,8 @@ import torch
 
 from pipeline.config import ATTRIBUTE_TARGETS, VARIANTS
 from pipeline.config.pooling import LAST, POOLINGS
-from pipeline.detect.detector import Detector, StateGetter
+from pipeline.detect.detector import Detector
+from pipeline.detect.pieces import StateGetter
 
 DETECTOR, CONTRAST = ATTRIBUTE_TARGETS
 

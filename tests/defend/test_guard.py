@@ -31,8 +31,9 @@ from pipeline.defend.guard import Guard
 from pipeline.defend.loading import GuardLoadError
 from pipeline.defend.records import guard_summary
 from pipeline.detect.calibration import Calibration, save_calibration
-from pipeline.detect.detector import Detector, LinearDetector, Piece
+from pipeline.detect.detector import Detector, LinearDetector
 from pipeline.detect.extraction import row_request
+from pipeline.detect.pieces import Piece
 from pipeline.detect.probe import LSIProbe, ProbeMeta, save_probe
 from pipeline.images import ImageTooLarge
 from pipeline.io import write_json_atomic, write_jsonl_atomic

@@ -23,12 +23,11 @@ from pipeline.detect.detector import (
     PLAIN_ALL,
     LinearDetector,
     LSIDetector,
-    Piece,
-    getter_from_states,
     pieces_for,
 )
 from pipeline.detect.features import InMemoryFeatures, features_from_states
 from pipeline.detect.logistic import choose_plain_layer, fit_logistic, folded, positive_scores
+from pipeline.detect.pieces import Piece, getter_from_states
 from pipeline.detect.probe import LSIProbe, ProbeMeta, train_probe
 from pipeline.detect.shipped import load_detector, save_detector
 from pipeline.detect.sweep import FEWEST_INPUTS_FIRST, DetectorScore, choose_detector, tie_margin
@@ -66,20 +65,9 @@ def test_pieces_name_the_states_each_detector_reads() -> None:
         pieces_for(PLAIN, LAYERS, 3, 1)
     with pytest.raises(ValueError, match="unknown linear detector"):
         pieces_for("logreg_nothing", LAYERS, 3, 1)
-    assert Piece.parse("delta@3") == Piece("delta", 3)
-    with pytest.raises(ValueError, match="like 'plain@9'"):
-        Piece.parse("plain")
-    with pytest.raises(ValueError, match="unknown state part"):
-        Piece.parse("image@2")
 
 
-def test_delta_is_malicious_minus_benign_and_variants_name_the_framing_axis() -> None:
-    states, _ = _states(n=4)
-    get = getter_from_states(states, LAYERS)
-    expected = states[:, VARIANTS.index("malicious"), 1] - states[:, VARIANTS.index("benign"), 1]
-    np.testing.assert_allclose(get("delta", 3).numpy(), expected)
-    only_plain = getter_from_states(states[:, [VARIANTS.index("plain")]], LAYERS, ("plain",))
-    np.testing.assert_array_equal(only_plain("plain", 1).numpy(), states[:, VARIANTS.index("plain"), 0])
+def test_a_delta_detector_reads_the_benign_and_malicious_framings() -> None:
     detector = LinearDetector.from_weights(DELTA_ONLY, [Piece("delta", 3)], np.ones(HIDDEN), 0.0)
     assert detector.variants == ("benign", "malicious")
 
@@ -234,47 +222,49 @@ def test_a_detector_file_that_disagrees_with_its_metadata_is_refused(tmp_path: P
         load_detector(tmp_path / "missing")
 
 
+def _score(name: str, auroc: float, per_group: dict[str, float]) -> DetectorScore:
+    """A detector's held-out validation score, as the sweep writes it."""
+    return DetectorScore(name=name, held_out_auroc=auroc, per_group=per_group)
+
+
 def test_best_takes_the_highest_held_out_score_and_lsi_is_lsi() -> None:
-    scores = [DetectorScore(LSI, 0.9, {}), DetectorScore(PLAIN, 0.7, {}), DetectorScore(HS_DELTA, float("nan"), {})]
+    scores = [_score(LSI, 0.9, {}), _score(PLAIN, 0.7, {}), _score(HS_DELTA, float("nan"), {})]
     assert choose_detector(scores, "best").name == LSI
     assert choose_detector(scores, "best", tolerance=0.1).name == LSI  # 0.2 behind is no tie
-    scores = [DetectorScore(LSI, 0.7, {}), DetectorScore(PLAIN, 0.9, {}), DetectorScore(HS_DELTA, float("nan"), {})]
+    scores = [_score(LSI, 0.7, {}), _score(PLAIN, 0.9, {}), _score(HS_DELTA, float("nan"), {})]
     assert choose_detector(scores, "best").name == PLAIN
     assert choose_detector(scores, "lsi").name == LSI
     # Nothing scored (every held-out group single-label): the method's own detector.
-    assert (
-        choose_detector([DetectorScore(LSI, float("nan"), {}), DetectorScore(PLAIN, float("nan"), {})], "best").name
-        == LSI
-    )
+    assert choose_detector([_score(LSI, float("nan"), {}), _score(PLAIN, float("nan"), {})], "best").name == LSI
 
 
 def test_best_ships_the_detector_with_fewest_inputs_among_near_ties() -> None:
     scores = [
-        DetectorScore(LSI, 0.897, {}),
-        DetectorScore(PLAIN_ALL, 0.893, {}),
-        DetectorScore(HS_DELTA, 0.890, {}),
-        DetectorScore(PLAIN, 0.878, {}),
+        _score(LSI, 0.897, {}),
+        _score(PLAIN_ALL, 0.893, {}),
+        _score(HS_DELTA, 0.890, {}),
+        _score(PLAIN, 0.878, {}),
     ]
     assert choose_detector(scores, "best").name == LSI  # no tolerance: the highest
     assert choose_detector(scores, "best", tolerance=0.005).name == LSI  # two blocks before every block
     assert choose_detector(scores, "best", tolerance=0.01).name == HS_DELTA  # no projector before LSI's
     assert choose_detector(scores, "best", tolerance=0.02).name == PLAIN  # one block before two
     # An exact tie is a tie: the plain probe (one block) ships rather than LSI (two, and a projector).
-    assert choose_detector([DetectorScore(LSI, 0.8, {}), DetectorScore(PLAIN, 0.8, {})], "best").name == PLAIN
+    assert choose_detector([_score(LSI, 0.8, {}), _score(PLAIN, 0.8, {})], "best").name == PLAIN
     assert FEWEST_INPUTS_FIRST[0] == PLAIN and set(FEWEST_INPUTS_FIRST) == set(DETECTORS)
 
 
 def test_best_widens_the_tie_to_one_standard_error_of_the_best_over_its_groups() -> None:
     steady = {"a": 0.90, "b": 0.90, "c": 0.90, "d": 0.90}  # no spread: the tolerance alone
     noisy = {"a": 0.98, "b": 0.82, "c": 0.96, "d": 0.84}  # mean 0.90, standard error 0.041
-    assert tie_margin(DetectorScore(LSI, 0.90, steady), 0.02) == 0.02
-    assert tie_margin(DetectorScore(LSI, 0.90, noisy), 0.02) == pytest.approx(0.0408, abs=1e-4)
-    assert tie_margin(DetectorScore(LSI, 0.90, {"a": 0.9}), 0.02) == 0.02  # one group: no spread to read
-    behind = DetectorScore(PLAIN, 0.87, {"a": 0.87, "b": 0.87, "c": 0.87, "d": 0.87})
-    assert choose_detector([DetectorScore(LSI, 0.90, steady), behind], "best", tolerance=0.02).name == LSI
-    assert choose_detector([DetectorScore(LSI, 0.90, noisy), behind], "best", tolerance=0.02).name == PLAIN
-    far = DetectorScore(PLAIN, 0.85, {"a": 0.85, "b": 0.85, "c": 0.85, "d": 0.85})
-    assert choose_detector([DetectorScore(LSI, 0.90, noisy), far], "best", tolerance=0.02).name == LSI
+    assert tie_margin(_score(LSI, 0.90, steady), 0.02) == 0.02
+    assert tie_margin(_score(LSI, 0.90, noisy), 0.02) == pytest.approx(0.0408, abs=1e-4)
+    assert tie_margin(_score(LSI, 0.90, {"a": 0.9}), 0.02) == 0.02  # one group: no spread to read
+    behind = _score(PLAIN, 0.87, {"a": 0.87, "b": 0.87, "c": 0.87, "d": 0.87})
+    assert choose_detector([_score(LSI, 0.90, steady), behind], "best", tolerance=0.02).name == LSI
+    assert choose_detector([_score(LSI, 0.90, noisy), behind], "best", tolerance=0.02).name == PLAIN
+    far = _score(PLAIN, 0.85, {"a": 0.85, "b": 0.85, "c": 0.85, "d": 0.85})
+    assert choose_detector([_score(LSI, 0.90, noisy), far], "best", tolerance=0.02).name == LSI
 
 
 def _layered(labels: np.ndarray, layers: list[int], signal: dict[int, float], seed: int) -> dict[int, np.ndarray]:

@@ -11,10 +11,11 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import VARIANTS, ContrastivePrompts, ExtractConfig, TrainConfig, pooled_variants
-from pipeline.detect.detector import HS_DELTA, LSI, PLAIN, LinearDetector, LSIDetector, Piece
+from pipeline.detect.detector import HS_DELTA, LSI, PLAIN, LinearDetector, LSIDetector
 from pipeline.detect.extraction import extract_to_store, requests_from_index, store_provenance
 from pipeline.detect.features import StoreFeatures, feature_view, pooled_features, states_for_requests
 from pipeline.detect.heldout import fit_detector, in_source_setting, load_eval_data
+from pipeline.detect.pieces import Piece
 from pipeline.detect.probe import LSIProbe, ProbeMeta
 from pipeline.detect.shipped import load_detector, save_detector
 from pipeline.detect.store import ActivationStore

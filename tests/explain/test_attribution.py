@@ -15,8 +15,9 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from pipeline.config import PLACEHOLDER, ContrastivePrompts
 from pipeline.data.rows import pick_examples
-from pipeline.detect.detector import Detector, LinearDetector, LSIDetector, Piece, getter_from_states
+from pipeline.detect.detector import Detector, LinearDetector, LSIDetector
 from pipeline.detect.features import variant_groups
+from pipeline.detect.pieces import Piece, getter_from_states
 from pipeline.explain import attribution as attribution_module
 from pipeline.explain.attribution import (
     Attribution,

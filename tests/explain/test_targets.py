@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.detect.detector import LinearDetector, LSIDetector, Piece, getter_from_states
+from pipeline.detect.detector import LinearDetector, LSIDetector
+from pipeline.detect.pieces import Piece, getter_from_states
 from pipeline.explain.targets import Target, attribution_target, contrast_target, detector_target
 from pipeline.testing.tiny_embedded import HIDDEN, tiny_probe
 
