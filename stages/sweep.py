@@ -86,7 +86,8 @@ def main() -> None:
     print(f"held-out-{params.train.held_out_by} validation AUROC per detector at that pair (mean, then per group):")
     for d in detectors:
         cells = "  ".join(f"{group} {auroc:.3f}" for group, auroc in d.per_group.items())
-        print(f"  {d.name:18s} {d.held_out_auroc:.3f}   {cells}")
+        seeds = f" (mean of {d.seeds} seeds)" if d.seeds > 1 else ""
+        print(f"  {d.name:18s} {d.held_out_auroc:.3f}   {cells}{seeds}")
 
 
 if __name__ == "__main__":

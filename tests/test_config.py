@@ -49,6 +49,7 @@ def test_probe_layers_must_be_stored() -> None:
         ({"train": {"class_weight": "inverse"}}, "train.class_weight"),
         ({"train": {"weight_decay": -0.1}}, "train.weight_decay"),
         ({"train": {"select_by": "test"}}, "train.select_by"),
+        ({"train": {"selection_seeds": 0}}, "train.selection_seeds"),
         ({"calibrate": {"method": "youden"}}, "calibrate.method"),
         ({"calibrate": {"scaling": "isotonic"}}, "calibrate.scaling"),
         ({"build": {"per_source": 0}}, "build.per_source"),

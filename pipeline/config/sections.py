@@ -128,6 +128,10 @@ class TrainConfig:
     ``select_tolerance``: scores within this much of the best count as tied, for the layer pair
     and for ``guard.detector: best``; a tie goes to the cheaper pair (shallower deepest block) and
     to the detector with the fewest inputs, so that float rounding (another CPU) cannot flip them.
+    ``selection_seeds``: how many seeds (``seed``, ``seed + 1``, ...) LSI is trained with when the
+    sweep scores the detectors for ``guard.detector: best``; its held-out AUROC is their mean. One
+    seed's score moved by up to 0.02 with the seed or the CPU, enough to change which detector
+    ships; the logistic regressions are convex fits, scored once.
     """
 
     fusion_layer: int | str = 12
@@ -147,6 +151,7 @@ class TrainConfig:
     held_out_by: str = "upstream"
     held_out_pairs: int = 6
     select_tolerance: float = 0.02
+    selection_seeds: int = 3
 
     def __post_init__(self) -> None:
         for key in ("fusion_layer", "safety_layer"):
@@ -166,6 +171,7 @@ class TrainConfig:
         choice("train.held_out_by", self.held_out_by, HELD_OUT_BY)
         whole("train.held_out_pairs", self.held_out_pairs)
         number("train.select_tolerance", self.select_tolerance, 0.0, 1.0, low_open=False, high_open=True)
+        whole("train.selection_seeds", self.selection_seeds, 1)
 
     @property
     def layers_fixed(self) -> bool:

@@ -129,7 +129,8 @@ def _score_detectors(
         for g, group in enumerate(groups)
     ]
     flat = gather_with_progress(client, futures, desc="detectors", progress=progress, unit="fit")
-    return detector_scores(names, groups, [flat[i * len(groups) : (i + 1) * len(groups)] for i in range(len(names))])
+    per_detector = [flat[i * len(groups) : (i + 1) * len(groups)] for i in range(len(names))]
+    return detector_scores(names, groups, per_detector, config)
 
 
 def _run_tasks(

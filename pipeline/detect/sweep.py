@@ -10,7 +10,7 @@ they stay untouched for the evaluation.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 from pathlib import Path
 
@@ -74,13 +74,15 @@ def held_out_validation(index: pl.DataFrame, by: str, group: str) -> Setting:
     return validation_setting(index, group_fold(index, by, group))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DetectorScore:
-    """One detector's held-out validation AUROC per held-out group, and their mean."""
+    """One detector's held-out validation AUROC per held-out group, and their mean; ``seeds``: how many
+    trainings each group's AUROC averages (:func:`selection_seeds`)."""
 
     name: str
     held_out_auroc: float
     per_group: dict[str, float]
+    seeds: int = 1
 
 
 def held_out_settings(index: pl.DataFrame, by: str) -> list[Setting]:
@@ -112,22 +114,38 @@ def score_detectors(
         [detector_auroc(data, s, name, config, lf, ls) for s in settings]
         for name in tqdm(names, desc="detectors", disable=not progress)
     ]
-    return detector_scores(names, [held_out_group(s) for s in settings], aurocs)
+    return detector_scores(names, [held_out_group(s) for s in settings], aurocs, config)
+
+
+def selection_seeds(name: str, config: TrainConfig) -> tuple[int, ...]:
+    """The seeds detector ``name`` is trained with when the sweep scores it: ``config.selection_seeds`` of
+    them from ``config.seed`` for LSI, whose training is stochastic; ``config.seed`` alone for the
+    logistic regressions, whose convex fits do not depend on it."""
+    count = config.selection_seeds if name == LSI else 1
+    return tuple(config.seed + i for i in range(count))
 
 
 def detector_auroc(data: EvalData, setting: Setting, name: str, config: TrainConfig, lf: int, ls: int) -> float:
-    """Detector ``name`` fitted on ``setting``'s training rows: its AUROC on the setting's scored rows."""
-    detector = fit_detector(data, setting, name, config, lf, ls)
-    return auroc_or_nan(data.labels[setting.test], data.scores(detector, setting.test))
+    """Detector ``name`` fitted on ``setting``'s training rows: its AUROC on the setting's scored rows,
+    the mean over its :func:`selection_seeds` (one training per seed)."""
+    aurocs = []
+    for seed in selection_seeds(name, config):
+        detector = fit_detector(data, setting, name, replace(config, seed=seed), lf, ls)
+        aurocs.append(auroc_or_nan(data.labels[setting.test], data.scores(detector, setting.test)))
+    return float(np.mean(aurocs))
 
 
-def detector_scores(names: tuple[str, ...], groups: list[str], aurocs: list[list[float]]) -> list[DetectorScore]:
+def detector_scores(
+    names: tuple[str, ...], groups: list[str], aurocs: list[list[float]], config: TrainConfig
+) -> list[DetectorScore]:
     """One :class:`DetectorScore` per name from its AUROC per group (``aurocs[detector][group]``)."""
     results = []
     for name, row in zip(names, aurocs, strict=True):
         per_group = dict(zip(groups, row, strict=True))
         mean = float(np.mean(row)) if row else float("nan")
-        results.append(DetectorScore(name, mean, per_group))
+        results.append(
+            DetectorScore(name=name, held_out_auroc=mean, per_group=per_group, seeds=len(selection_seeds(name, config)))
+        )
     return results
 
 

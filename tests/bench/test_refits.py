@@ -39,8 +39,8 @@ def sweep_result(lsi_beta: float, pair_val: float) -> SweepResult:
     pairs = [PairScore(fusion_layer=1, safety_layer=1, val_auroc=pair_val, held_out_auroc=float("nan"))]
     pairs.append(PairScore(fusion_layer=1, safety_layer=2, val_auroc=0.7, held_out_auroc=0.8))
     detectors = [
-        DetectorScore("lsi", (0.9 + lsi_beta) / 2, {"alpha": 0.9, "beta": lsi_beta}),
-        DetectorScore("logreg_plain", 0.8, {"alpha": 0.8, "beta": 0.8}),
+        DetectorScore(name="lsi", held_out_auroc=(0.9 + lsi_beta) / 2, per_group={"alpha": 0.9, "beta": lsi_beta}),
+        DetectorScore(name="logreg_plain", held_out_auroc=0.8, per_group={"alpha": 0.8, "beta": 0.8}),
     ]
     return SweepResult(pairs, pairs[1], detectors)
 

@@ -41,7 +41,9 @@ from pipeline.detect.sweep import (
     held_out_validation,
     pairs_for_held_out,
     resolve_layers,
+    score_detectors,
     score_matrix,
+    selection_seeds,
     sweep,
     sweep_pairs,
 )
@@ -196,6 +198,21 @@ def test_sweep_scores_every_detector_on_each_held_out_group_at_the_chosen_pair()
     assert by_name[PLAIN].held_out_auroc > 0.9 and by_name["logreg_hs"].held_out_auroc < 0.75
     setting = held_out_validation(data.index, "source", "beta")
     assert by_name[LSI].per_group["beta"] == detector_auroc(data, setting, LSI, config, lf, ls)
+
+
+def test_lsi_is_scored_by_the_mean_over_its_selection_seeds_and_each_regression_once() -> None:
+    data = synthetic_data(refusal=False)
+    config = replace(CONFIG, epochs=3, seed=5, selection_seeds=3)
+    setting = held_out_validation(data.index, "source", "beta")
+    assert selection_seeds(LSI, config) == (5, 6, 7) and selection_seeds(PLAIN, config) == (5,)
+    one = [detector_auroc(data, setting, LSI, replace(config, seed=s, selection_seeds=1), 3, 1) for s in (5, 6, 7)]
+    assert len(set(one)) > 1  # the seeds train differently, so the mean below is a real average
+    assert detector_auroc(data, setting, LSI, config, 3, 1) == pytest.approx(np.mean(one))
+    plain_once = detector_auroc(data, setting, PLAIN, replace(config, selection_seeds=1), 3, 1)
+    assert detector_auroc(data, setting, PLAIN, config, 3, 1) == plain_once
+    scores = score_detectors(data, config, 3, 1, names=(LSI, PLAIN), progress=False)
+    assert [d.seeds for d in scores] == [3, 1]
+    assert scores[0].per_group["beta"] == pytest.approx(np.mean(one))
 
 
 def test_the_held_out_half_scores_only_the_shortlist_of_best_validation_pairs() -> None:
