@@ -126,7 +126,8 @@ def sweep_differences(a: SweepResult, b: SweepResult, tolerance: float) -> dict[
 
 def detector_differences(a: list[DetectorScore], b: list[DetectorScore], tolerance: float) -> dict[str, Any]:
     """How far detector scores ``b`` are from ``a``: bit-identical or not, the largest AUROC gap per
-    detector, and whether both ship the same detector (``guard.detector: best`` at ``tolerance``)."""
+    detector, ``b``'s mean per detector, and whether both ship the same detector (``guard.detector:
+    best`` at ``tolerance``)."""
     if [(d.name, list(d.per_group)) for d in a] != [(d.name, list(d.per_group)) for d in b]:
         raise ValueError("the two sweeps scored different detectors or groups")
     gaps = {d.name: _largest_gap(d.per_group, e.per_group) for d, e in zip(a, b, strict=True)}
@@ -135,6 +136,7 @@ def detector_differences(a: list[DetectorScore], b: list[DetectorScore], toleran
         "identical_scores": repr(a) == repr(b),
         "max_detector_gap": max(gaps.values(), default=0.0),
         "max_detector_gap_by_detector": gaps,
+        "mean_auroc_by_detector": {d.name: d.held_out_auroc for d in b},
         "same_detector": chosen[0] == chosen[1],
         "detector": chosen[1],
     }
@@ -286,6 +288,8 @@ def main() -> None:
         print("  " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in gaps.items()))
         by_detector = row.get("max_score_gap_by_detector") or row.get("max_detector_gap_by_detector") or {}
         print("  largest gap per detector: " + ", ".join(f"{d} {gap:.2g}" for d, gap in by_detector.items()))
+        if means := row.get("mean_auroc_by_detector"):
+            print("  mean held-out AUROC per detector: " + ", ".join(f"{d} {m:.3f}" for d, m in means.items()))
     out = args.out or RESULTS / ("refits.json" if args.stage == "evaluate" else f"refits_{args.stage}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {

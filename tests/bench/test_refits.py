@@ -67,4 +67,5 @@ def test_detector_differences_compare_the_detector_half_alone() -> None:
     moved = refits.detector_differences(a, b, 0.02)
     assert moved["max_detector_gap"] == pytest.approx(0.3) and moved["detector"] == "logreg_plain"
     assert not moved["same_detector"] and not moved["identical_scores"]
+    assert moved["mean_auroc_by_detector"] == {"lsi": pytest.approx(0.75), "logreg_plain": pytest.approx(0.8)}
     assert refits.detector_differences(a, a, 0.02)["identical_scores"]
