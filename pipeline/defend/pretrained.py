@@ -107,9 +107,10 @@ def guard_contents(
     model: ModelConfig | None,
     info: ModelInfo,
     run: Mapping[str, Any] | None,
+    root: str | Path = ".",
 ) -> BundleContents:
-    """What a loaded guard saves: its parts, the model params section it runs (refused when unknown),
-    and ``run`` or, without one, :func:`default_run_record`."""
+    """What a guard saves: its parts, the model params section it runs (refused when unknown), and
+    ``run`` or, without one, :func:`default_run_record` of the checkout at ``root``."""
     if model is None:
         raise BundleWriteError(
             "this guard does not know the model's kind and folder (it was not loaded by from_run or "
@@ -122,7 +123,7 @@ def guard_contents(
         settings=settings,
         model=model,
         info=info,
-        run=run if run is not None else default_run_record(info),
+        run=run if run is not None else default_run_record(info, root),
     )
 
 
@@ -207,14 +208,15 @@ def bundle_from_run(run_dir: str | Path = ".", run: Mapping[str, Any] | None = N
     settings = BundleSettings(
         tau=calibration.tau, prompts=params.prompts, guard=params.guard, ecso=params.ecso, limits=params.limits
     )
-    return BundleContents(
+    return guard_contents(
         detector=detector,
         meta=meta,
         calibration=calibration,
         settings=settings,
         model=config,
         info=info,
-        run=run if run is not None else default_run_record(info, folder),
+        run=run,
+        root=folder,
     )
 
 
