@@ -5,7 +5,7 @@
 - ``contrast``: the method's contrast signal ``||h_m - h_b||`` at the fusion layer, whatever
   detector ships.
 
-Both take the same :data:`~pipeline.detect.detector.StateGetter` the detectors take, so the
+Both take the same :data:`~pipeline.detect.pieces.StateGetter` the detectors take, so the
 integrated-gradients machinery runs either one unchanged.
 """
 
