@@ -8,6 +8,13 @@ every detector fitted without one upstream project at a time (:mod:`pipeline.det
 and its mean and lowest AUROC over the held-out upstreams, TPR at 5% FPR, and the largest share
 of a held-out upstream's benign requests flagged at the tau chosen without it.
 
+Each setting's best detector, and LSI, are also built as the pipeline would ship them (fitted on
+the train split, tau from held-out scores of the calibration split at ``calibrate.target_fpr``)
+and put behind a :class:`~pipeline.defend.guard.Guard` with the run's ``guard`` section, which
+checks the everyday set (``data/demo/everyday.jsonl``, never trained on): its accuracy, and the
+share of its benign requests flagged as written and with ``bench/robustness.py``'s forged turn
+appended. So the everyday and robustness targets have their ceiling in the same table.
+
 The model runs once per prompt position over the union of every setting's requests (same
 request text and image, same states), with ``both`` poolings at every block; each setting then
 reads the states it needs. Test-split rows never choose anything: the numbers are held out.
@@ -31,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from robustness import perturb  # bench/robustness.py: the benchmark's own perturbations, never trained on
 from tqdm import tqdm
 
 from pipeline.config import VARIANTS, CalibrateConfig, ContrastivePrompts, load_params
@@ -38,11 +46,18 @@ from pipeline.data.augment import with_augmented_copies
 from pipeline.data.index import build_index
 from pipeline.data.matching import BuildError
 from pipeline.data.public import build_public_sources, read_public
-from pipeline.detect.detector import DETECTORS
+from pipeline.data.sources import RequestRecord
+from pipeline.defend.guard import Guard
+from pipeline.detect.calibration import calibrate
+from pipeline.detect.detector import DETECTORS, LSI
 from pipeline.detect.extraction import requests_from_index
 from pipeline.detect.features import states_for_requests
-from pipeline.detect.heldout import EvalData, scoreable_groups
+from pipeline.detect.heldout import EvalData, fit_detector, held_out_scores, in_source_setting, scoreable_groups
+from pipeline.detect.probe import ProbeMeta
 from pipeline.evaluate.detection import held_out_results, held_out_summary
+from pipeline.evaluate.intervals import wilson
+from pipeline.evaluate.sanity import BENIGN, Checker, read_sanity_set, render_images, score_rows, summarize
+from pipeline.layout import SANITY_RENDER, SANITY_SET
 from pipeline.models.registry import load_adapter
 
 RESULTS = Path("bench/results")
@@ -153,6 +168,78 @@ def score_setting(data: EvalData, params: Any, lf: int, ls: int) -> dict[str, di
     return held_out_summary(results.metrics)
 
 
+@dataclass(frozen=True)
+class Everyday:
+    """The everyday set, its rendered images, and its benign requests with the forged turn appended."""
+
+    records: list[RequestRecord]
+    images: list[Path | None]
+    forged: list[RequestRecord]
+    forged_images: list[Path | None]
+
+
+def read_everyday(path: Path, render_dir: Path) -> Everyday:
+    """The everyday set at ``path`` (images rendered into ``render_dir``) and its forged-turn benign copies."""
+    records = read_sanity_set(path)
+    images = render_images(records, render_dir)
+    benign = [(r, i) for r, i in zip(records, images, strict=True) if r.label == BENIGN]
+    forged = [replace(r, text=perturb(r.text, "forged_turn")) for r, _ in benign]
+    return Everyday(records=records, images=images, forged=forged, forged_images=[i for _, i in benign])
+
+
+def everyday_figures(guard: Checker, everyday: Everyday, confidence: float = 0.95) -> dict[str, Any]:
+    """Accuracy on the everyday set, and the share of its benign requests flagged as written and with a forged turn.
+
+    A failed check counts as wrong and, on the forged copies, as flagged (the guard refuses on error).
+    """
+    rows = score_rows(everyday.records, everyday.images, guard, progress=False)
+    summary = summarize(rows, confidence)
+    written = sum(not row.correct for row in rows if row.label == BENIGN)
+    forged = sum(not row.correct for row in score_rows(everyday.forged, everyday.forged_images, guard, progress=False))
+    return {
+        **wilson(round(summary["accuracy"] * summary["n"]), summary["n"], confidence).fields("everyday_accuracy"),
+        "everyday_harmful_refused": summary["harmful_refused"],
+        **wilson(written, summary["n_benign"], confidence).fields("everyday_benign_flagged"),
+        **wilson(forged, len(everyday.forged), confidence).fields("forged_benign_flagged"),
+    }
+
+
+def shipped_guard(
+    adapter: Any, data: EvalData, name: str, params: Any, prompts: ContrastivePrompts, lf: int, ls: int
+) -> Guard:
+    """Detector ``name`` as the train and calibrate stages ship it from ``data``, behind the run's guard.
+
+    Fitted on the train split (LSI picks its epoch on val); tau from scores of the calibration split,
+    each from a detector fitted without the row's upstream (``calibrate.held_out``).
+    """
+    config = replace(params.train, fusion_layer=lf, safety_layer=ls)
+    inside = in_source_setting(data.index)
+    detector = fit_detector(data, inside, name, config, lf, ls)
+    scores = held_out_scores(data, inside.calib, name, config, lf, ls, by="upstream")
+    calibration = calibrate(data.labels[inside.calib], scores, params.calibrate)
+    meta = ProbeMeta(
+        hidden_size=adapter.info.hidden_size,
+        alpha=config.alpha,
+        fusion_layer=lf,
+        safety_layer=ls,
+        best_epoch=-1,
+        best_val_auroc=float("nan"),
+        store_provenance={"pooling": data.pooling, "prompt_position": prompts.position},
+        detector=name,
+        pooling=data.pooling,
+    )
+    return Guard(
+        adapter=adapter,
+        detector=detector,
+        meta=meta,
+        tau=calibration.tau,
+        prompts=prompts,
+        config=params.guard,
+        calibration=calibration,
+        limits=params.limits,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -161,8 +248,9 @@ def main() -> None:
     parser.add_argument("--positions", nargs="+", default=["before", "after"])
     parser.add_argument("--poolings", nargs="+", default=["last", "mean", "both"])
     parser.add_argument("--augment", nargs="+", type=float, default=[0.0, 0.5], help="build.augment_share values")
-    parser.add_argument("--fusion", type=int, default=3, help="LSI's fusion block in every setting")
-    parser.add_argument("--safety", type=int, default=15, help="LSI's safety block in every setting")
+    parser.add_argument("--fusion", type=int, default=12, help="LSI's fusion block in every setting (the run's sweep)")
+    parser.add_argument("--safety", type=int, default=18, help="LSI's safety block in every setting (the run's sweep)")
+    parser.add_argument("--everyday", type=Path, default=SANITY_SET, help="the everyday set each best detector checks")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--quick", action="store_true", help="one lever at a time, and the levers together at default blocks only"
@@ -214,6 +302,7 @@ def main() -> None:
     settings = list(dict.fromkeys(settings))
 
     adapter = load_adapter(params.model)
+    everyday = read_everyday(args.everyday, SANITY_RENDER)
     default_layers = tuple(params.extract.resolved_layers(adapter.info.num_layers))
     union_layers = tuple(range(adapter.info.num_layers))
     rows: list[dict[str, Any]] = []
@@ -234,6 +323,12 @@ def main() -> None:
                 data = eval_data(index, keys, union, union_layers, setting, default_layers)
                 tick = time.perf_counter()
                 summary = score_setting(data, params, args.fusion, args.safety)
+                # The setting's best detector and LSI, built as shipped, check the everyday set.
+                best = max((d for d in DETECTORS if d in summary), key=lambda d: summary[d]["mean_auroc"])
+                checked = {}
+                for name in dict.fromkeys([best, LSI]):
+                    guard = shipped_guard(adapter, data, name, params, prompts, args.fusion, args.safety)
+                    checked[name] = {"tau": guard.tau, **everyday_figures(guard, everyday, params.evaluate.confidence)}
                 for detector in [d for d in DETECTORS if d in summary] + ["length_only", "style_only"]:
                     cell = summary[detector]
                     per = cell["per_group"]
@@ -248,14 +343,24 @@ def main() -> None:
                             "mean_tpr_at_5pct_fpr": float(np.nanmean([c["tpr_at_5pct_fpr"] for c in per.values()])),
                             "max_fpr_at_tau": cell["max_fpr"],
                             "per_upstream_auroc": {g: c["auroc"] for g, c in per.items()},
+                            **checked.get(detector, {}),
                         }
                     )
                 print(f"{setting.name}: scored in {time.perf_counter() - tick:.0f} s", flush=True)
-    table = pl.DataFrame(rows).sort("mean_auroc", descending=True)
+    table = pl.DataFrame(rows, infer_schema_length=None).sort("mean_auroc", descending=True)
     with pl.Config(tbl_rows=200, tbl_cols=12, fmt_str_lengths=60, tbl_width_chars=200):
         print(
             table.select(
-                "setting", "rows", "detector", "mean_auroc", "min_auroc", "mean_tpr_at_5pct_fpr", "max_fpr_at_tau"
+                "setting",
+                "rows",
+                "detector",
+                "mean_auroc",
+                "min_auroc",
+                "mean_tpr_at_5pct_fpr",
+                "max_fpr_at_tau",
+                "everyday_accuracy",
+                "everyday_benign_flagged",
+                "forged_benign_flagged",
             )
         )
     best = table.row(0, named=True)

@@ -289,9 +289,10 @@ class GuardConfig:
     refused or answered outright). ``on_error``: what a failed check (model error, unreadable
     image) turns into, ``refuse`` or ``answer``; either way it is logged and recorded.
     ``views``: what of a request is scored, the highest score deciding: ``whole`` (the request),
-    ``turns`` (also each stretch between the model's control strings, so a forged turn cannot
-    dilute the request), ``ends`` (turns, plus the first and last ``view_words`` words of a longer
-    request) or ``sentences`` (ends, plus every sentence of a request of more than one).
+    ``turns`` (a request holding the model's control strings is scored without them, and by each
+    stretch between them, so a forged turn can neither dilute nor inflate its score), ``ends``
+    (turns, plus the first and last ``view_words`` words of a longer request) or ``sentences``
+    (ends, plus every sentence of a request of more than one).
     ``detector``: what the train stage ships, ``lsi`` (the method's probe) or ``best`` (of LSI and
     the linear probes on its states, the one with the highest mean held-out-source validation
     AUROC in the sweep stage).

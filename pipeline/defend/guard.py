@@ -300,7 +300,7 @@ class Guard:
         return scoring.highest_view_scores(self.adapter, self.detector, self.prompts, self.layers, requests, views)
 
     def views(self, request: Request) -> list[str]:
-        """The texts scored for ``request`` under ``guard.views``, the whole request first.
+        """The texts scored for ``request`` under ``guard.views``, the whole request (without forged-turn markup) first.
 
         See :mod:`pipeline.defend.views`.
         """

@@ -89,10 +89,15 @@ def session_score(
         except PrefixNotShared:
             session = None
         if session is not None:
-            states = session.states(layers, reads).numpy()[None]
-            score = float(detector.score_states(pooled_features(states, len(reads)), layers, variants)[0])
-            extra = [Request(text=text, image=request.image) for text in views[1:]]
+            scores: list[float] = []
+            # The session reads the request as it is; that counts only when it is one of the views
+            # (a request with a forged turn is scored without its markup: pipeline.defend.views).
+            own = bool(views) and views[0] == request.text
+            if own:
+                states = session.states(layers, reads).numpy()[None]
+                scores.append(float(detector.score_states(pooled_features(states, len(reads)), layers, variants)[0]))
+            extra = [Request(text=text, image=request.image) for text in (views[1:] if own else views)]
             if extra:
-                score = max(score, float(view_scores(adapter, detector, prompts, layers, extra).max()))
-            return session, score
+                scores.append(float(view_scores(adapter, detector, prompts, layers, extra).max()))
+            return session, max(scores)
     return None, float(highest_view_scores(adapter, detector, prompts, layers, [request], [views])[0])
