@@ -55,7 +55,7 @@ from pipeline.detect.features import states_for_requests
 from pipeline.detect.heldout import EvalData, fit_detector, held_out_scores, in_source_setting, scoreable_groups
 from pipeline.detect.probe import ProbeMeta
 from pipeline.evaluate.detection import held_out_results, held_out_summary
-from pipeline.evaluate.intervals import wilson
+from pipeline.evaluate.intervals import interval_of, wilson
 from pipeline.evaluate.sanity import BENIGN, Checker, read_sanity_set, render_images, score_rows, summarize
 from pipeline.layout import SANITY_RENDER, SANITY_SET
 from pipeline.models.registry import load_adapter
@@ -197,7 +197,7 @@ def everyday_figures(guard: Checker, everyday: Everyday, confidence: float = 0.9
     written = sum(not row.correct for row in rows if row.label == BENIGN)
     forged = sum(not row.correct for row in score_rows(everyday.forged, everyday.forged_images, guard, progress=False))
     return {
-        **wilson(round(summary["accuracy"] * summary["n"]), summary["n"], confidence).fields("everyday_accuracy"),
+        **interval_of(summary, "accuracy").fields("everyday_accuracy"),  # summarize's own Wilson interval
         "everyday_harmful_refused": summary["harmful_refused"],
         **wilson(written, summary["n_benign"], confidence).fields("everyday_benign_flagged"),
         **wilson(forged, len(everyday.forged), confidence).fields("forged_benign_flagged"),
